@@ -1,0 +1,1 @@
+"""Prefect 3 integration for the JourneyAPI image API."""

@@ -1,0 +1,25 @@
+"""A local JourneyAPI emulator that follows the documented contract.
+
+Start it with ``prefect-journey emulator --port 8765`` or, in Python, with
+:class:`EmulatorServer`. See the README's "Emulator" section.
+"""
+
+from prefect_journey.emulator.app import EmulatorState, create_app
+from prefect_journey.emulator.config import (
+    DEFAULT_API_KEY,
+    EmulatorConfig,
+    FaultPlan,
+    LatencyModel,
+)
+from prefect_journey.emulator.server import EmulatorServer, serve_forever
+
+__all__ = [
+    "DEFAULT_API_KEY",
+    "EmulatorConfig",
+    "EmulatorServer",
+    "EmulatorState",
+    "FaultPlan",
+    "LatencyModel",
+    "create_app",
+    "serve_forever",
+]

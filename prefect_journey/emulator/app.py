@@ -1,0 +1,375 @@
+"""The JourneyAPI emulator as an ASGI app (starlette).
+
+Endpoints follow the documented contract:
+
+- ``POST /api/v1/imagine``: synchronous generation, 4 credits, ``{task_id, status, image_url}``
+- ``POST /api/v1/fetch``: ``{"task_id": ...}`` -> the task
+- ``GET /api/v1/account``: ``{email, credits, total_images, plan}``
+- ``GET /cdn/{task_id}.png``: the image, no auth (as a CDN URL)
+
+Bad key: 401 ``{}``. Bad body: 400 ``{"errors": [{"msg": ...}]}``. Out of credits: 402.
+
+Admin endpoints for tests and operators (no auth; the emulator binds to loopback):
+
+- ``GET /_emulator/ledger``: calls received, credits charged, webhooks sent, images served
+- ``POST /_emulator/reset``: forget tasks and the ledger, restore credits
+- ``POST /_emulator/faults``: replace the fault plan (``rates``, ``queue``, ``seed``, ...)
+- ``POST /_emulator/config``: change latency, credits or the JPEG-under-PNG rate at run time
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from prefect_journey.emulator.config import EmulatorConfig, FaultPlan
+from prefect_journey.emulator.images import render_image
+from prefect_journey.errors import JourneyValidationError
+from prefect_journey.models import CREDITS_PER_IMAGE, ImagineRequest, request_from_payload
+
+logger = logging.getLogger("prefect_journey.emulator")
+
+CDN_CHUNK = 64 * 1024
+WEBHOOK_TIMEOUT = 10.0
+
+
+@dataclass
+class _Task:
+    task_id: str
+    request: ImagineRequest
+    status: str = "processing"
+    error: str | None = None
+    image_url: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "task_id": self.task_id,
+            "status": self.status,
+            "percentage": "100" if self.status in ("finished", "failed") else "50",
+        }
+        if self.image_url:
+            body["image_url"] = self.image_url
+        if self.error:
+            body["error"] = self.error
+        return body
+
+
+@dataclass
+class EmulatorState:
+    config: EmulatorConfig
+    credits: int = 0
+    tasks: dict[str, _Task] = field(default_factory=dict)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    webhooks: list[dict[str, Any]] = field(default_factory=list)
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.credits = self.config.credits
+        self.tasks.clear()
+        self.calls.clear()
+        self.webhooks.clear()
+        self.images.clear()
+        self.in_flight = self.peak_in_flight = 0
+        self.rng = random.Random(self.config.faults.seed)
+
+    def record(self, endpoint: str, status: int, **extra: Any) -> None:
+        self.calls.append({"endpoint": endpoint, "status": status, "at": time.time(), **extra})
+
+    def ledger(self) -> dict[str, Any]:
+        by_endpoint: dict[str, int] = {}
+        for call in self.calls:
+            by_endpoint[call["endpoint"]] = by_endpoint.get(call["endpoint"], 0) + 1
+        api_calls = [c for c in self.calls if c["endpoint"] != "cdn"]
+        return {
+            "calls_total": len(api_calls),
+            "calls": by_endpoint,
+            "credits_charged": sum(c.get("credits", 0) for c in self.calls),
+            "credits_remaining": self.credits,
+            "billed_tasks": [c["task_id"] for c in self.calls if c.get("credits")],
+            "peak_concurrency": self.peak_in_flight,
+            "webhooks_sent": len(self.webhooks),
+            "webhooks": list(self.webhooks),
+            "images": dict(self.images),
+            "log": list(self.calls),
+        }
+
+
+def _errors(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"errors": [{"msg": message}]}, status_code=status, headers=headers)
+
+
+class _CutShortResponse(Response):
+    """Announces ``length`` bytes, sends ``body`` (fewer), then returns: the server closes
+    the connection and the client sees a dropped connection mid-response."""
+
+    def __init__(self, body: bytes, length: int, media_type: str) -> None:
+        super().__init__(content=body, media_type=media_type)
+        self.headers["content-length"] = str(length)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+
+
+def _authorised(state: EmulatorState, request: Request) -> bool:
+    return request.headers.get("authorization", "") in state.config.api_keys
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise JourneyValidationError("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise JourneyValidationError("body must be a JSON object")
+    return body
+
+
+def create_app(config: EmulatorConfig | None = None) -> Starlette:
+    """Build the emulator app; its :class:`EmulatorState` is ``app.state.emulator``."""
+    state = EmulatorState(config or EmulatorConfig())
+
+    async def imagine(request: Request) -> Response:
+        if not _authorised(state, request):
+            state.record("imagine", 401)
+            return JSONResponse({}, status_code=401)
+        try:
+            task_request = request_from_payload(await _json_body(request))
+        except JourneyValidationError as exc:
+            state.record("imagine", 400)
+            return _errors(400, exc.message)
+        fault = state.config.faults.draw("api")
+        if fault in ("429", "503"):
+            state.record("imagine", int(fault), fault=fault)
+            retry_after = f"{state.config.faults.retry_after:g}"
+            message = "Too many requests" if fault == "429" else "Service unavailable"
+            return _errors(int(fault), message, {"Retry-After": retry_after})
+        if state.credits < CREDITS_PER_IMAGE:
+            state.record("imagine", 402)
+            return _errors(402, f"Insufficient credits: {state.credits} left, 4 needed")
+
+        task = _Task(task_id=str(uuid.uuid4()), request=task_request)
+        state.tasks[task.task_id] = task
+        state.credits -= CREDITS_PER_IMAGE
+        charged = CREDITS_PER_IMAGE
+        state.in_flight += 1
+        state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+        try:
+            await asyncio.sleep(
+                state.config.latency.seconds(
+                    len(task_request.image_urls), task_request.resolution, state.rng
+                )
+            )
+            if fault == "slow":
+                await asyncio.sleep(state.config.faults.slow_seconds)
+        finally:
+            state.in_flight -= 1
+
+        if fault == "failed":
+            # A refusal (content policy) is not billed.
+            state.credits += CREDITS_PER_IMAGE
+            charged = 0
+            task.status, task.error = "failed", "Content policy violation"
+        else:
+            task.status = "finished"
+            task.image_url = str(request.url_for("cdn", name=f"{task.task_id}.png"))
+        state.record(
+            "imagine",
+            200 if fault != "500" else 500,
+            task_id=task.task_id,
+            credits=charged,
+            fault=fault,
+        )
+        background = _webhook_task(state, task)
+        if fault == "500":
+            return JSONResponse({}, status_code=500, background=background)
+        if fault == "malformed":
+            return Response(
+                "<html>upstream error</html>", media_type="text/html", background=background
+            )
+        body: dict[str, Any] = {"task_id": task.task_id, "status": task.status}
+        if fault == "failed":
+            body["error"] = task.error
+        else:
+            body["image_url"] = task.image_url
+        if fault == "drop":
+            raw = bytes(JSONResponse(body).body)
+            return _CutShortResponse(raw[: len(raw) // 2], len(raw), "application/json")
+        return JSONResponse(body, background=background)
+
+    async def fetch(request: Request) -> Response:
+        if not _authorised(state, request):
+            state.record("fetch", 401)
+            return JSONResponse({}, status_code=401)
+        try:
+            body = await _json_body(request)
+        except JourneyValidationError as exc:
+            state.record("fetch", 400)
+            return _errors(400, exc.message)
+        task_id = body.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            state.record("fetch", 400)
+            return _errors(400, "task_id is required")
+        task = state.tasks.get(task_id)
+        if task is None:
+            state.record("fetch", 404)
+            return _errors(404, "Task not found")
+        state.record("fetch", 200, task_id=task_id)
+        return JSONResponse(task.as_json())
+
+    async def account(request: Request) -> Response:
+        if not _authorised(state, request):
+            state.record("account", 401)
+            return JSONResponse({}, status_code=401)
+        state.record("account", 200)
+        return JSONResponse(
+            {
+                "email": state.config.email,
+                "credits": state.credits,
+                "total_images": sum(1 for t in state.tasks.values() if t.status == "finished"),
+                "plan": state.config.plan,
+            }
+        )
+
+    async def cdn(request: Request) -> Response:
+        name = request.path_params["name"]
+        task = state.tasks.get(name.removesuffix(".png"))
+        if task is None or task.status != "finished":
+            state.record("cdn", 404)
+            return Response("not found", status_code=404, media_type="text/plain")
+        data = await _image_bytes(state, task)
+        fault = state.config.faults.draw("cdn")
+        state.record("cdn", 200, task_id=task.task_id, fault=fault)
+        if fault == "truncate":
+            # Sent without a length, then ended early and cleanly: only the content can tell.
+            return _streamed(data[: len(data) // 2], announce_length=False)
+        if fault == "corrupt":
+            data = _corrupt(data, state.rng)
+        return _streamed(data)
+
+    async def ledger(request: Request) -> Response:
+        return JSONResponse(state.ledger())
+
+    async def reset(request: Request) -> Response:
+        state.reset()
+        return JSONResponse({"reset": True})
+
+    async def faults(request: Request) -> Response:
+        body = await request.json()
+        try:
+            state.config.faults = FaultPlan(**body)
+        except (TypeError, ValueError) as exc:
+            return _errors(400, str(exc))
+        return JSONResponse({"faults": sorted(body)})
+
+    async def configure(request: Request) -> Response:
+        body = await request.json()
+        latency = state.config.latency
+        for key in ("time_scale", "fixed", "per_reference", "jitter"):
+            if key in body:
+                setattr(latency, key, body[key])
+        if "credits" in body:
+            state.credits = state.config.credits = int(body["credits"])
+        for key in ("jpeg_as_png_rate", "realistic_sizes"):
+            if key in body:
+                setattr(state.config, key, body[key])
+        return JSONResponse({"configured": sorted(body)})
+
+    app = Starlette(
+        routes=[
+            Route("/api/v1/imagine", imagine, methods=["POST"]),
+            Route("/api/v1/fetch", fetch, methods=["POST"]),
+            Route("/api/v1/account", account, methods=["GET"]),
+            Route("/cdn/{name}", cdn, methods=["GET"], name="cdn"),
+            Route("/_emulator/ledger", ledger, methods=["GET"]),
+            Route("/_emulator/reset", reset, methods=["POST"]),
+            Route("/_emulator/faults", faults, methods=["POST"]),
+            Route("/_emulator/config", configure, methods=["POST"]),
+        ]
+    )
+    app.state.emulator = state
+    return app
+
+
+async def _image_bytes(state: EmulatorState, task: _Task) -> bytes:
+    """Render once per task; the ledger keeps each image's sha256 for later checks."""
+    known = state.images.get(task.task_id)
+    encode_as = "png"
+    if known is None and state.rng.random() < state.config.jpeg_as_png_rate:
+        encode_as = "jpeg"
+    elif known is not None:
+        encode_as = known["format"]
+    data = await asyncio.to_thread(
+        render_image,
+        task.request.prompt,
+        task.task_id,
+        task.request.output_size,
+        encode_as=encode_as,  # type: ignore[arg-type]
+        noise=state.config.realistic_sizes,
+    )
+    state.images[task.task_id] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "format": encode_as,
+        "width": task.request.output_size[0],
+        "height": task.request.output_size[1],
+    }
+    return data
+
+
+def _corrupt(data: bytes, rng: random.Random) -> bytes:
+    """Garble a span in the middle and drop a JPEG's end marker, keeping the length."""
+    middle = len(data) // 2
+    garbage = bytes(rng.getrandbits(8) for _ in range(64))
+    data = data[:middle] + garbage + data[middle + 64 :]
+    return data[:-2] + b"\x00\x00"
+
+
+def _streamed(data: bytes, *, announce_length: bool = True) -> Response:
+    async def chunks() -> Any:
+        for start in range(0, len(data), CDN_CHUNK):
+            yield data[start : start + CDN_CHUNK]
+
+    headers = {"content-length": str(len(data))} if announce_length else None
+    # The real CDN answers image/png whatever the bytes are.
+    return StreamingResponse(chunks(), media_type="image/png", headers=headers)
+
+
+def _webhook_task(state: EmulatorState, task: _Task) -> BackgroundTask | None:
+    url = task.request.webhook_url
+    if url is None:
+        return None
+    secret = task.request.webhook_secret
+
+    async def deliver() -> None:
+        headers = {"x-webhook-secret": secret.get_secret_value()} if secret else {}
+        entry: dict[str, Any] = {"task_id": task.task_id, "url": url, "signed": bool(secret)}
+        try:
+            async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as client:
+                response = await client.post(url, json=task.as_json(), headers=headers)
+            entry["status_code"] = response.status_code
+        except httpx.HTTPError as exc:
+            entry["error"] = type(exc).__name__
+        state.webhooks.append(entry)
+
+    return BackgroundTask(deliver)

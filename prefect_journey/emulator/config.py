@@ -1,0 +1,98 @@
+"""Emulator settings: accepted keys, credits, the latency model and the fault plan."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Faults of the API endpoints. Billing mirrors what a caller must assume: a refusal before
+# work (429, 503) and a content refusal ("failed") are free; every other fault happens after
+# the image was made and is billed.
+API_FAULTS = ("429", "503", "500", "drop", "slow", "failed", "malformed")
+# Faults of the CDN download.
+CDN_FAULTS = ("truncate", "corrupt")
+FAULT_KINDS = API_FAULTS + CDN_FAULTS
+FaultFamily = Literal["api", "cdn"]
+
+DEFAULT_API_KEY = "journey-emulator-key"
+DEFAULT_CREDITS = 10_000
+
+
+@dataclass
+class LatencyModel:
+    """Generation time: ``base[resolution] + per_reference x references``, +/- jitter.
+
+    Defaults follow public reports: a bare 1K image in ~8 s, 14 references at 1K in
+    30-60 s. ``time_scale`` multiplies everything (0.01 makes tests fast); ``fixed`` replaces
+    the model with one constant (benchmarks).
+    """
+
+    base: dict[str, float] = field(default_factory=lambda: {"1K": 8.0, "2K": 12.0, "4K": 20.0})
+    per_reference: float = 2.5
+    jitter: float = 0.2
+    time_scale: float = 1.0
+    fixed: float | None = None
+
+    def seconds(self, reference_count: int, resolution: str | None, rng: random.Random) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        nominal = self.base[resolution or "1K"] + self.per_reference * reference_count
+        spread = 1 + self.jitter * (2 * rng.random() - 1)
+        return nominal * spread * self.time_scale
+
+
+@dataclass
+class FaultPlan:
+    """Which faults to inject: random at ``rates`` (seeded) and/or forced from ``queue``.
+
+    Forced faults are taken first, in order, one per request of their family, which lets a
+    test script an exact sequence ("429 then 503 then succeed").
+    """
+
+    rates: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    retry_after: float = 1.0
+    # "Slower than the client's timeout": the default is past any computed read timeout.
+    slow_seconds: float = 300.0
+    queue: dict[str, deque[str]] = field(default_factory=lambda: {"api": deque(), "cdn": deque()})
+
+    def __post_init__(self) -> None:
+        for kind, rate in self.rates.items():
+            if kind not in FAULT_KINDS:
+                raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+            if not 0 <= rate <= 1:
+                raise ValueError(f"fault rate for {kind!r} must be within 0..1")
+        self.queue = {family: deque(self.queue.get(family, ())) for family in ("api", "cdn")}
+        for family in ("api", "cdn"):
+            allowed = API_FAULTS if family == "api" else CDN_FAULTS
+            for kind in self.queue[family]:
+                if kind not in allowed:
+                    raise ValueError(f"fault {kind!r} cannot be queued for {family}")
+        self._rng = random.Random(self.seed)
+
+    def draw(self, family: FaultFamily) -> str | None:
+        if self.queue[family]:
+            return self.queue[family].popleft()
+        kinds = API_FAULTS if family == "api" else CDN_FAULTS
+        roll = self._rng.random()
+        for kind in kinds:
+            roll -= self.rates.get(kind, 0.0)
+            if roll < 0:
+                return kind
+        return None
+
+
+@dataclass
+class EmulatorConfig:
+    api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
+    credits: int = DEFAULT_CREDITS
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    # Fraction of images served as JPEG bytes under their ``.png`` URL, as the real CDN does.
+    jpeg_as_png_rate: float = 0.0
+    # Photo-like grain so PNG sizes match real outputs (slower to render).
+    realistic_sizes: bool = False
+    email: str = "emulator@example.com"
+    plan: str = "emulator"
