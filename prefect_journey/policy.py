@@ -73,7 +73,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Jittered exponential backoff before retry number ``attempt`` (0-based)."""
-    base = min(BACKOFF_INITIAL * 2**attempt, BACKOFF_MAX)
+    base = min(BACKOFF_INITIAL * 2.0**attempt, BACKOFF_MAX)
     jitter: float = (rng or random).random()
     return base * (1 - BACKOFF_JITTER * jitter)
 

@@ -92,8 +92,11 @@ class EmulatorState:
         self.in_flight = self.peak_in_flight = 0
         self.rng = random.Random(self.config.faults.seed)
 
-    def record(self, endpoint: str, status: int, **extra: Any) -> None:
-        self.calls.append({"endpoint": endpoint, "status": status, "at": time.time(), **extra})
+    def record(self, endpoint: str, status: int | None, **extra: Any) -> dict[str, Any]:
+        """Log a call as it arrives; the returned entry is updated as the call proceeds."""
+        entry = {"endpoint": endpoint, "status": status, "at": time.time(), **extra}
+        self.calls.append(entry)
+        return entry
 
     def ledger(self) -> dict[str, Any]:
         by_endpoint: dict[str, int] = {}
@@ -150,28 +153,29 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
     state = EmulatorState(config or EmulatorConfig())
 
     async def imagine(request: Request) -> Response:
+        entry = state.record("imagine", None)
         if not _authorised(state, request):
-            state.record("imagine", 401)
+            entry["status"] = 401
             return JSONResponse({}, status_code=401)
         try:
             task_request = request_from_payload(await _json_body(request))
         except JourneyValidationError as exc:
-            state.record("imagine", 400)
+            entry["status"] = 400
             return _errors(400, exc.message)
-        fault = state.config.faults.draw("api")
+        fault = entry["fault"] = state.config.faults.draw("api")
         if fault in ("429", "503"):
-            state.record("imagine", int(fault), fault=fault)
+            entry["status"] = int(fault)
             retry_after = f"{state.config.faults.retry_after:g}"
             message = "Too many requests" if fault == "429" else "Service unavailable"
             return _errors(int(fault), message, {"Retry-After": retry_after})
         if state.credits < CREDITS_PER_IMAGE:
-            state.record("imagine", 402)
+            entry["status"] = 402
             return _errors(402, f"Insufficient credits: {state.credits} left, 4 needed")
 
         task = _Task(task_id=str(uuid.uuid4()), request=task_request)
         state.tasks[task.task_id] = task
         state.credits -= CREDITS_PER_IMAGE
-        charged = CREDITS_PER_IMAGE
+        entry.update(task_id=task.task_id, credits=CREDITS_PER_IMAGE)
         state.in_flight += 1
         state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
         try:
@@ -185,21 +189,15 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         finally:
             state.in_flight -= 1
 
+        entry["status"] = 500 if fault == "500" else 200
         if fault == "failed":
             # A refusal (content policy) is not billed.
             state.credits += CREDITS_PER_IMAGE
-            charged = 0
+            entry["credits"] = 0
             task.status, task.error = "failed", "Content policy violation"
         else:
             task.status = "finished"
             task.image_url = str(request.url_for("cdn", name=f"{task.task_id}.png"))
-        state.record(
-            "imagine",
-            200 if fault != "500" else 500,
-            task_id=task.task_id,
-            credits=charged,
-            fault=fault,
-        )
         background = _webhook_task(state, task)
         if fault == "500":
             return JSONResponse({}, status_code=500, background=background)

@@ -1,0 +1,180 @@
+"""The emulator as a product: CLI start-up, latency model, seeded faults, webhooks, ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+from prefect_journey.client import JourneyClient
+from prefect_journey.emulator import EmulatorServer, FaultPlan, LatencyModel
+from prefect_journey.imageformat import inspect_bytes
+
+from .conftest import free_port
+
+
+def test_cli_emulator_answers_the_contract_curl() -> None:
+    port = free_port()
+    env = {**os.environ, "JOURNEY_API_KEY": "cli-key"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect_journey.cli",
+            "emulator",
+            "--port",
+            str(port),
+            "--time-scale",
+            "0.01",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{base}/_emulator/ledger")
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "emulator did not start"
+                time.sleep(0.1)
+        # The request from the model page, byte for byte.
+        response = httpx.post(
+            f"{base}/api/v1/imagine",
+            headers={"Authorization": "cli-key", "Content-Type": "application/json"},
+            content=json.dumps(
+                {
+                    "model": "nano-banana-2",
+                    "prompt": "the character in a cozy coffee shop, watercolor style",
+                    "image_url": "https://example.com/character-ref.jpg",
+                    "resolution": "2K",
+                    "aspect_ratio": "3:4",
+                }
+            ),
+        )
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "finished"
+        assert set(body) == {"task_id", "status", "image_url"}
+        image = inspect_bytes(httpx.get(body["image_url"]).content)
+        assert (image.width, image.height) == (1792, 2400)
+        unauthorised = httpx.post(
+            f"{base}/api/v1/imagine", headers={"Authorization": "nope"}, json={}
+        )
+        assert (unauthorised.status_code, unauthorised.json()) == (401, {})
+        invalid = httpx.post(
+            f"{base}/api/v1/imagine",
+            headers={"Authorization": "cli-key"},
+            json={"prompt": "x", "resolution": "8K"},
+        )
+        assert invalid.status_code == 400 and invalid.json()["errors"][0]["msg"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_default_latency_is_realistic() -> None:
+    model = LatencyModel()
+    rng = random.Random(0)
+    samples = [model.seconds(14, "1K", rng) for _ in range(200)]
+    assert min(samples) >= 30 and max(samples) <= 60
+    assert model.seconds(0, "4K", rng) > model.seconds(0, "1K", rng)
+    assert LatencyModel(time_scale=0.01).seconds(14, "1K", rng) < 0.6
+    assert LatencyModel(fixed=2.0).seconds(14, "4K", rng) == 2.0
+
+
+def test_fault_plan_is_seeded_and_reproducible() -> None:
+    rates = {"429": 0.1, "500": 0.1, "drop": 0.05, "truncate": 0.1}
+    plan_a, plan_b = FaultPlan(rates=rates, seed=7), FaultPlan(rates=rates, seed=7)
+    draws_a = [plan_a.draw("api") for _ in range(500)]
+    draws_b = [plan_b.draw("api") for _ in range(500)]
+    assert draws_a == draws_b
+    share = sum(d is not None for d in draws_a) / 500
+    assert 0.15 < share < 0.35
+    with pytest.raises(ValueError, match="unknown fault"):
+        FaultPlan(rates={"teapot": 0.1})
+
+
+def test_cdn_faults_are_caught_by_verification(emulator: EmulatorServer) -> None:
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        result = client.imagine(prompt="p")
+    emulator.admin("faults", {"queue": {"cdn": ["truncate", "corrupt"]}})
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            inspect_bytes(httpx.get(result.image_url).content)
+    assert inspect_bytes(httpx.get(result.image_url).content).format == "png"
+    assert emulator.ledger()["images"][result.task_id]["format"] == "png"
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        self.received.append(
+            {
+                "secret": self.headers.get("x-webhook-secret"),
+                "body": json.loads(self.rfile.read(length)),
+            }
+        )
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hook_url() -> Iterator[str]:
+    _Hook.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def test_webhook_is_delivered_with_the_secret(emulator: EmulatorServer, hook_url: str) -> None:
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        result = client.imagine(prompt="p", webhook_url=hook_url, webhook_secret="whsec-1")
+    deadline = time.monotonic() + 10
+    while not _Hook.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [delivery] = _Hook.received
+    assert delivery["secret"] == "whsec-1"
+    assert delivery["body"]["task_id"] == result.task_id
+    assert (
+        delivery["body"]["status"] == "finished"
+        and delivery["body"]["image_url"] == result.image_url
+    )
+    ledger = emulator.ledger()
+    assert ledger["webhooks_sent"] == 1 and ledger["webhooks"][0]["status_code"] == 204
+    assert "whsec-1" not in json.dumps(ledger)
+
+
+def test_ledger_tracks_peak_concurrency_and_reset(emulator: EmulatorServer) -> None:
+    emulator.admin("config", {"fixed": 0.3})
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        threads = [
+            threading.Thread(target=client.imagine, kwargs={"prompt": f"p{i}"}) for i in range(5)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    ledger = emulator.ledger()
+    assert ledger["peak_concurrency"] == 5 and ledger["credits_charged"] == 20
+    emulator.admin("reset")
+    assert emulator.ledger()["calls_total"] == 0
