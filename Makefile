@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint demo emulator clean
 
+# Offline by default: no telemetry calls from the ephemeral Prefect server.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -21,6 +24,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m flows.demo
 
 emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765

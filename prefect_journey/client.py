@@ -84,7 +84,8 @@ def _resolve_api_key(api_key: str | SecretStr | None) -> SecretStr:
     return SecretStr(api_key)
 
 
-def _resolve_base_url(base_url: str | None) -> str:
+def resolve_base_url(base_url: str | None) -> str:
+    """The API root from the argument, ``$JOURNEY_BASE_URL`` or the default; checked."""
     url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
     try:
         # The key travels with every request: refuse plain http beyond this machine.
@@ -214,7 +215,7 @@ class _ClientCore:
         if max_connections < 1:
             raise ConfigurationError("max_connections must be >= 1")
         self._api_key = _resolve_api_key(api_key)
-        self.base_url = _resolve_base_url(base_url)
+        self.base_url = resolve_base_url(base_url)
         self.max_retries = max_retries
         self.read_timeout = read_timeout
         self.max_connections = max_connections

@@ -38,10 +38,14 @@ class JourneyError(Exception):
     retryable: bool = False
     possibly_billed: bool = False
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retryable: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        if retryable is not None:
+            self.retryable = retryable
 
     def __str__(self) -> str:
         hints = []
@@ -150,8 +154,22 @@ class TaskFailedError(JourneyError):
 
 
 class DownloadError(JourneyError):
-    """The image could not be fetched, or its bytes are truncated, corrupt or too large."""
+    """The image could not be fetched, or its bytes are truncated or corrupt.
+
+    Downloads cost no credits, so these are retryable unless marked otherwise (an unsafe URL
+    or an image above the size cap will not improve on a retry).
+    """
+
+    retryable = True
 
 
 class StorageError(JourneyError):
-    """The destination refused the object, or the destination is not usable."""
+    """The destination failed while writing (retryable) or is not usable (not retryable)."""
+
+    retryable = True
+
+
+class ObjectConflictError(StorageError):
+    """A different object already exists at the key; it is never overwritten silently."""
+
+    retryable = False

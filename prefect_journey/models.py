@@ -271,6 +271,10 @@ class ImagineResult(_Model):
     elapsed_seconds: float = Field(description="Wall time of the call, retries included.")
     credits_charged: int = Field(description="Credits this call cost (0 if it failed).")
     attempts: int = Field(default=1, description="HTTP attempts made, including retries.")
+    possibly_billed_attempts: int = Field(
+        default=0,
+        description="Earlier attempts whose outcome was unknown and which may have been billed.",
+    )
 
 
 class TaskStatus(BaseModel):

@@ -1,0 +1,35 @@
+"""``make demo``: generate_and_store end to end against the local emulator.
+
+With ``JOURNEY_API_KEY`` set, the real API is used instead (and ``JOURNEY_DESTINATION``, e.g.
+``s3://my-bucket/demo``, replaces ``./outputs``).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+
+from flows.generate_and_store import generate_and_store
+from prefect_journey.emulator import EmulatorConfig, EmulatorServer, LatencyModel
+
+PROMPT = "a lighthouse on a cliff at dusk, watercolor, warm light"
+
+
+def main() -> None:
+    with ExitStack() as stack:
+        if not os.environ.get("JOURNEY_API_KEY"):
+            # A tenth of the realistic latency: about a second for this image.
+            emulator = stack.enter_context(
+                EmulatorServer(EmulatorConfig(latency=LatencyModel(time_scale=0.1)))
+            )
+            os.environ["JOURNEY_API_KEY"] = emulator.api_key
+            os.environ["JOURNEY_BASE_URL"] = emulator.url
+            print(f"JourneyAPI emulator running on {emulator.url}")
+        stored = generate_and_store(PROMPT, aspect_ratio="16:9", resolution="2K")
+    print(f"\nImage: {stored.uri}")
+    print(f"  {stored.width}x{stored.height} {stored.format}, {stored.bytes} bytes")
+    print(f"  sha256 {stored.sha256}")
+
+
+if __name__ == "__main__":
+    main()

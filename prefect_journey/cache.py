@@ -1,0 +1,150 @@
+"""Cache policies: what makes two imagine calls "the same image", so the second is free.
+
+Prefect's default policy (inputs + task source + run id) never hits across flow runs, and a
+policy over all inputs would hash credentials. These policies hash exactly the fields that
+define the result, and nothing secret:
+
+- imagine: the API host, model, prompt, references (with any presigning query parameters
+  removed, since those change on every run), aspect ratio, resolution, and an explicit
+  ``variant`` string. Not the key, not webhook fields, not the task's source code: a
+  library upgrade must not re-bill everyone.
+- store: the task id of the image, the destination URL and endpoint, the key template and
+  fields, and the overwrite flag. Not the storage credentials.
+
+A scheduled flow that wants a fresh image each day passes its scheduled date as
+``variant``; re-running the same day then costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+
+from prefect_journey.client import resolve_base_url
+from prefect_journey.models import ImagineRequest
+
+# Output URLs expire after 14 days; a cached result must never outlive its image.
+DEFAULT_CACHE_EXPIRATION = timedelta(days=7)
+# Query parameters that sign a URL (S3 v2/v4, GCS, Azure SAS) rather than name the object.
+_SIGNING_PARAMETERS = frozenset(
+    {
+        "awsaccesskeyid",
+        "signature",
+        "expires",
+        "x-amz-algorithm",
+        "x-amz-credential",
+        "x-amz-date",
+        "x-amz-expires",
+        "x-amz-signedheaders",
+        "x-amz-signature",
+        "x-amz-security-token",
+        "x-goog-algorithm",
+        "x-goog-credential",
+        "x-goog-date",
+        "x-goog-expires",
+        "x-goog-signedheaders",
+        "x-goog-signature",
+        "sv",
+        "se",
+        "st",
+        "sr",
+        "sp",
+        "sig",
+        "spr",
+        "skoid",
+        "sktid",
+        "skt",
+        "ske",
+        "sks",
+        "skv",
+    }
+)
+
+
+def canonical_reference(url: str) -> str:
+    """The reference URL without presigning parameters: the same object, the same key."""
+    parts = urlsplit(url)
+    kept = [
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if k.lower() not in _SIGNING_PARAMETERS
+    ]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
+def _digest(prefix: str, identity: dict[str, Any]) -> str:
+    encoded = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    return f"{prefix}-{hashlib.sha256(encoded).hexdigest()}"
+
+
+def imagine_cache_key(request: ImagineRequest, variant: str, base_url: str) -> str:
+    """The cache key of one image; exposed so tools (budgets, dry runs) can predict hits."""
+    return _digest(
+        "journey-imagine",
+        {
+            "api": urlsplit(base_url).netloc,
+            "model": request.model,
+            "prompt": request.prompt,
+            "references": [canonical_reference(url) for url in request.image_urls],
+            "aspect_ratio": request.aspect_ratio,
+            "resolution": request.resolution,
+            "variant": variant,
+        },
+    )
+
+
+@dataclass
+class ImagineCachePolicy(CachePolicy):
+    """Cache key of the ``imagine`` tasks (see the module docstring)."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        request = inputs["request"]
+        if not isinstance(request, ImagineRequest):
+            request = ImagineRequest(**request)
+        credentials = inputs.get("credentials")
+        base_url = resolve_base_url(getattr(credentials, "base_url", None))
+        return imagine_cache_key(request, str(inputs.get("variant") or ""), base_url)
+
+
+@dataclass
+class StoreCachePolicy(CachePolicy):
+    """Cache key of the ``store_image`` tasks (see the module docstring)."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        from prefect_journey.destinations import resolve_destination
+
+        destination = resolve_destination(inputs["destination"], inputs.get("storage_options"))
+        return _digest(
+            "journey-store",
+            {
+                "task_id": inputs["result"].task_id,
+                "destination": destination.canonical_url,
+                "endpoint": destination.endpoint,
+                "key_template": inputs.get("key_template"),
+                "key_fields": {k: str(v) for k, v in (inputs.get("key_fields") or {}).items()},
+                "overwrite": bool(inputs.get("overwrite")),
+            },
+        )
+
+
+IMAGINE_CACHE_POLICY = ImagineCachePolicy()
+STORE_CACHE_POLICY = StoreCachePolicy()

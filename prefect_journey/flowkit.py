@@ -1,0 +1,116 @@
+"""Building blocks the example flows share: loading blocks by name, image artifacts, summaries.
+
+Flow parameters are stored by the Prefect API in clear, so flows take *names* of saved
+blocks (``credentials_block``, ``destination_block``) rather than keys or storage options.
+Without them, the client reads ``$JOURNEY_API_KEY`` and the destination defaults to
+``$JOURNEY_DESTINATION`` or ``./outputs``; s3fs reads the usual ``AWS_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.futures import PrefectFuture
+
+from prefect_journey.credentials import JourneyCredentials
+from prefect_journey.destinations import ImageDestination, resolve_destination
+from prefect_journey.errors import JourneyError, StorageError
+from prefect_journey.models import ImagineResult
+from prefect_journey.storage import Destination, StoredImage, presign
+
+DESTINATION_ENV = "JOURNEY_DESTINATION"
+DEFAULT_DESTINATION = "./outputs"
+
+
+def load_credentials(block_name: str | None) -> JourneyCredentials | None:
+    """The named ``JourneyCredentials`` block, or None to use ``$JOURNEY_API_KEY``."""
+    return JourneyCredentials.load(block_name) if block_name else None  # type: ignore[return-value]
+
+
+def load_destination(url: str | None, block_name: str | None) -> Destination:
+    """A saved ``ImageDestination`` by name, else ``url``, else ``$JOURNEY_DESTINATION``,
+    else ``./outputs``."""
+    if block_name:
+        block: ImageDestination = ImageDestination.load(block_name)  # type: ignore[assignment]
+        return block.as_destination()
+    return resolve_destination(url or os.environ.get(DESTINATION_ENV) or DEFAULT_DESTINATION)
+
+
+def browser_url(stored: StoredImage, destination: Destination, result: ImagineResult) -> str:
+    """A URL the Prefect UI can display: a presigned link to the stored object when the
+    store can sign, else the provider's CDN URL (valid for 14 days)."""
+    if not stored.uri.startswith("file://"):
+        try:
+            return presign(stored.uri, destination.storage_options)
+        except (StorageError, NotImplementedError, ValueError):
+            pass
+    return result.image_url
+
+
+def report_image(
+    stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
+) -> None:
+    """An image artifact for one stored image."""
+    create_image_artifact(
+        image_url=browser_url(stored, destination, result),
+        description=(
+            f"{prompt[:200]}\n\n{stored.uri} ({stored.width}x{stored.height} {stored.format})"
+        ),
+    )
+
+
+def summary_table(rows: Iterable[dict[str, Any]]) -> str:
+    """Render rows (dicts with the same keys) as a markdown table."""
+    rows = list(rows)
+    if not rows:
+        return "_nothing to report_"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = (
+            str(row.get(column, "")).replace("|", "\\|").replace("\n", " ") for column in columns
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def image_row(prompt: str, result: ImagineResult, stored: StoredImage) -> dict[str, Any]:
+    return {
+        "prompt": prompt[:80],
+        "task_id": result.task_id,
+        "latency_s": f"{result.elapsed_seconds:.1f}",
+        "credits": result.credits_charged,
+        "uri": stored.uri,
+        "size": f"{stored.width}x{stored.height}",
+        "format": stored.format,
+        "sha256": stored.sha256[:16],
+    }
+
+
+def publish_summary(
+    title: str, rows: Sequence[dict[str, Any]], failures: Sequence[str] = (), key: str | None = None
+) -> None:
+    """A markdown artifact with a table of images and a list of failures."""
+    body = [f"# {title}", "", summary_table(rows)]
+    if failures:
+        body += ["", "## Failed", "", *(f"- {failure}" for failure in failures)]
+    create_markdown_artifact("\n".join(body), key=key, description=title)
+    get_run_logger().info("%s: %d stored, %d failed", title, len(rows), len(failures))
+
+
+def failure_reason(future: PrefectFuture[Any]) -> str | None:
+    """None if the future completed, else a one-line reason (the error's own message)."""
+    state = future.state
+    if state.is_completed():
+        return None
+    try:
+        future.result()
+    except JourneyError as error:
+        return f"{type(error).__name__}: {error}"
+    except BaseException as error:
+        return f"{type(error).__name__}: {error}"
+    return state.message or state.type.value

@@ -1,0 +1,513 @@
+"""Stream a generated image from its URL into any fsspec destination, verified or not at all.
+
+The guarantees, in the order they are applied:
+
+1. The download goes through its own HTTP client, with no ``Authorization`` header: the
+   API key is never sent to the CDN. Only https is accepted for non-loopback hosts, on
+   every redirect hop, and at most :data:`MAX_REDIRECTS` hops are followed.
+2. Bytes are streamed in :data:`DOWNLOAD_CHUNK` pieces, never held whole; a
+   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer.
+3. The format comes from the bytes (PNG, JPEG, WebP), not the URL, and names the object's
+   extension; width and height come from the header; sha256 is computed on the way.
+4. The object is written with ``autocommit=False`` and only committed once the whole image
+   is verified (see :mod:`prefect_journey.imageformat`); anything else discards it, so no
+   partial object ever appears. (An exception inside a plain ``with fs.open(..., "wb")``
+   would have committed the truncated bytes.)
+5. Objects are never overwritten by default: the write uses mode ``"xb"`` where the store
+   supports it. If the object already exists with the same sha256 (a retry or a re-run),
+   that is success, reported with ``created=False``; a different object is an error.
+
+This module does not import Prefect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import string
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import httpx
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict
+
+from prefect_journey.errors import (
+    DownloadError,
+    JourneyValidationError,
+    ObjectConflictError,
+    StorageError,
+)
+from prefect_journey.imageformat import ImageFormatError, ImageInfo, ImageVerifier, detect_format
+from prefect_journey.models import check_http_url
+
+logger = logging.getLogger("prefect_journey.storage")
+
+# The API's images are 2-10 MB, a 4K PNG ~25 MB; 100 MB means something is wrong.
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+# Download piece size: large enough to keep syscalls rare, small against memory.
+DOWNLOAD_CHUNK = 1024 * 1024
+# S3's minimum multipart part; s3fs holds one part in memory before uploading it.
+UPLOAD_PART_SIZE = 5 * 1024 * 1024
+# A CDN redirects once or twice; more is a loop or an attack.
+MAX_REDIRECTS = 5
+# The CDN answers at once; ``read`` is the longest gap between two chunks.
+DOWNLOAD_TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=30.0, pool=30.0)
+# Object stores cap keys at 1024 bytes (S3, GCS).
+MAX_KEY_BYTES = 1024
+DEFAULT_KEY_TEMPLATE = "{task_id}.{ext}"
+# Presigned links for artifacts and references: long enough for a run and a look in the UI.
+DEFAULT_PRESIGN_SECONDS = 24 * 3600
+
+# Stores whose ``autocommit=False`` files honour mode "xb" at commit (s3fs sends
+# If-None-Match), closing the race between our existence check and the commit. Elsewhere
+# a concurrent writer of the same key wins last; both write the same verified bytes.
+EXCLUSIVE_CREATE_PROTOCOLS = frozenset({"s3", "s3a"})
+
+_SAFE_KEY_CHARS = re.compile(r"^[A-Za-z0-9._\-/=+@,:~]+$")
+
+
+class StoredImage(BaseModel):
+    """An image committed to its destination."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str
+    sha256: str
+    bytes: int
+    format: str
+    width: int
+    height: int
+    task_id: str
+    created: bool = True
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where images go: an fsspec URL (``s3://bucket/prefix``, ``./outputs``, ...) and the
+    options its filesystem needs (``endpoint_url``, ``key``/``secret``, ...)."""
+
+    url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise JourneyValidationError("destination must be a non-empty URL or path")
+        if not isinstance(self.storage_options, Mapping):
+            raise JourneyValidationError("storage_options must be a mapping")
+
+    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The filesystem and the root path inside it."""
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **dict(self.storage_options))
+        except (ValueError, ImportError, TypeError) as exc:
+            raise StorageError(
+                f"destination {self.url!r} is not usable: {exc}", retryable=False
+            ) from None
+        return fs, root.rstrip("/")
+
+    @property
+    def canonical_url(self) -> str:
+        """The root as an absolute URL (``file:///abs/outputs``, ``s3://bucket/prefix``)."""
+        fs, root = self.filesystem()
+        return str(fs.unstrip_protocol(root))
+
+    @property
+    def endpoint(self) -> str | None:
+        """The custom endpoint, if any (part of an object's identity, unlike credentials)."""
+        options = dict(self.storage_options)
+        client_kwargs = options.get("client_kwargs") or {}
+        endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
+        return str(endpoint) if endpoint else None
+
+
+def check_object_key(key: str) -> str:
+    """Refuse keys that could escape their prefix or that stores treat differently."""
+    if not key or not key.strip():
+        raise JourneyValidationError("object key is empty")
+    problems = []
+    if key.startswith("/"):
+        problems.append("starts with '/'")
+    if "\\" in key:
+        problems.append("contains a backslash")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        problems.append("has an empty, '.' or '..' path segment")
+    if not _SAFE_KEY_CHARS.match(key):
+        problems.append("has characters outside letters, digits and ._-/=+@,:~")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        problems.append(f"is longer than {MAX_KEY_BYTES} bytes")
+    if problems:
+        raise JourneyValidationError(f"object key {key!r} " + "; ".join(problems))
+    return key
+
+
+def check_key_template(template: str) -> list[str]:
+    """Return the field names of a key template; refuse attribute or index access."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise JourneyValidationError(f"key template {template!r} is malformed: {exc}") from None
+    names = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise JourneyValidationError(
+                f"key template {template!r}: field {{{name}}} must be a plain name"
+            )
+        names.append(name)
+    if "ext" not in names:
+        raise JourneyValidationError(f"key template {template!r} must contain {{ext}}")
+    return names
+
+
+def render_key(template: str, fields: Mapping[str, Any]) -> str:
+    """Fill a key template and check the result."""
+    missing = [name for name in check_key_template(template) if name not in fields]
+    if missing:
+        raise JourneyValidationError(f"key template {template!r} needs {', '.join(missing)}")
+    return check_object_key(template.format_map(fields))
+
+
+def slugify(text: str, max_length: int = 60) -> str:
+    """A lowercase ASCII slug safe in any object key (``a-cat-in-a-hat``)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "image"
+
+
+def _check_download_url(request: httpx.Request) -> None:
+    try:
+        check_http_url(str(request.url), what="image URL", https_only_remote=True)
+    except ValueError as exc:
+        raise DownloadError(f"refusing to download: {exc}", retryable=False) from None
+
+
+def _hop_check(request: httpx.Request) -> None:
+    _check_download_url(request)
+
+
+async def _async_hop_check(request: httpx.Request) -> None:
+    _check_download_url(request)
+
+
+def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Client:
+    """An HTTP client for CDN downloads: no credentials, checked redirects."""
+    return httpx.Client(
+        transport=transport,
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        timeout=DOWNLOAD_TIMEOUT,
+        event_hooks={"request": [_hop_check]},
+    )
+
+
+def async_download_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """Async twin of :func:`download_client`."""
+    return httpx.AsyncClient(
+        transport=transport,
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        timeout=DOWNLOAD_TIMEOUT,
+        event_hooks={"request": [_async_hop_check]},
+    )
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    protocol = fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+class _LocalAtomicFile:
+    """A local file written beside its final name and published by one atomic link/rename.
+
+    fsspec's local ``autocommit=False`` writes to the system temp folder and *moves* the file,
+    which is a copy (not atomic) across devices, and its mode "xb" ignores ``autocommit``.
+    Here the partial file is ``.<name>.<random>.part`` in the same folder; ``commit`` uses
+    ``os.link`` (fails if the name exists) or ``os.replace`` when overwriting.
+    """
+
+    def __init__(self, path: str, *, overwrite: bool) -> None:
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        self.path = path
+        self.overwrite = overwrite
+        self.temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part")
+        self._handle = open(self.temp, "xb")  # noqa: SIM115 - closed by close()
+
+    def write(self, data: bytes) -> int:
+        return self._handle.write(data)
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+
+    def commit(self) -> None:
+        self.close()
+        if self.overwrite:
+            os.replace(self.temp, self.path)
+            return
+        try:
+            os.link(self.temp, self.path)
+        finally:
+            os.unlink(self.temp)
+
+    def discard(self) -> None:
+        self.close()
+        if os.path.exists(self.temp):
+            os.unlink(self.temp)
+
+
+class _ObjectWriter:
+    """Receives a download chunk by chunk and commits it only when it is a whole image."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        *,
+        task_id: str,
+        key_template: str,
+        key_fields: Mapping[str, Any],
+        max_bytes: int,
+        overwrite: bool,
+    ) -> None:
+        self.destination = destination
+        self.task_id = task_id
+        self.key_template = key_template
+        self.key_fields = {"task_id": task_id, **key_fields}
+        self.max_bytes = max_bytes
+        self.overwrite = overwrite
+        self.verifier = ImageVerifier()
+        self.sha256 = hashlib.sha256()
+        self.fs, self.root = destination.filesystem()
+        self.path: str | None = None
+        self._file: Any = None
+        self._head = b""
+        self._existing = False
+
+    def check_length(self, response: httpx.Response) -> None:
+        if response.status_code != 200:
+            raise DownloadError(
+                f"image download answered {response.status_code}",
+                status_code=response.status_code,
+            )
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise DownloadError(
+                f"image is {declared} bytes, above the {self.max_bytes} cap", retryable=False
+            )
+
+    def write(self, chunk: bytes) -> None:
+        if self.verifier.total + len(chunk) > self.max_bytes:
+            raise DownloadError(f"image exceeds the {self.max_bytes}-byte cap", retryable=False)
+        try:
+            self.verifier.feed(chunk)
+        except ImageFormatError as exc:
+            raise DownloadError(f"image is not valid: {exc}") from None
+        self.sha256.update(chunk)
+        if self._file is None and not self._existing:
+            self._head += chunk
+            image_format = detect_format(self._head)
+            if image_format is None:
+                return  # fewer than 12 bytes so far
+            self._open(image_format)
+            chunk, self._head = self._head, b""
+        if self._file is not None:
+            self._file.write(chunk)
+
+    def _open(self, image_format: str) -> None:
+        ext = ImageInfo(image_format, 1, 1).extension  # type: ignore[arg-type]
+        key = render_key(self.key_template, {**self.key_fields, "ext": ext})
+        self.path = f"{self.root}/{key}" if self.root else key
+        try:
+            if not self.overwrite and self.fs.exists(self.path):
+                self._existing = True
+                return
+            if isinstance(self.fs, LocalFileSystem):
+                self._file = _LocalAtomicFile(self.path, overwrite=self.overwrite)
+                return
+            exclusive = not self.overwrite and _protocols(self.fs) & EXCLUSIVE_CREATE_PROTOCOLS
+            self._file = self.fs.open(
+                self.path,
+                "xb" if exclusive else "wb",
+                autocommit=False,
+                block_size=UPLOAD_PART_SIZE,
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot write {self._uri()}: {exc}") from None
+
+    def _uri(self) -> str:
+        return str(self.fs.unstrip_protocol(self.path)) if self.path else self.destination.url
+
+    def finish(self) -> StoredImage:
+        try:
+            info = self.verifier.finish()
+        except ImageFormatError as exc:
+            raise DownloadError(f"image is not valid: {exc}") from None
+        digest = self.sha256.hexdigest()
+        created = True
+        if self._file is not None:
+            try:
+                self._file.close()
+                self._file.commit()
+            except FileExistsError:
+                self._existing = True  # created by someone else while we streamed
+            except OSError as exc:
+                raise StorageError(f"cannot commit {self._uri()}: {exc}") from None
+            self._file = None
+        if self._existing:
+            created = False
+            self._check_existing(digest)
+        return StoredImage(
+            uri=self._uri(),
+            sha256=digest,
+            bytes=self.verifier.total,
+            format=info.format,
+            width=info.width,
+            height=info.height,
+            task_id=self.task_id,
+            created=created,
+        )
+
+    def _check_existing(self, digest: str) -> None:
+        existing = hashlib.sha256()
+        with self.fs.open(self.path, "rb", block_size=UPLOAD_PART_SIZE) as stored:
+            while block := stored.read(DOWNLOAD_CHUNK):
+                existing.update(block)
+        if existing.hexdigest() != digest:
+            raise ObjectConflictError(
+                f"{self._uri()} already exists with different content; refusing to overwrite "
+                "(pass overwrite=True or change the key)"
+            )
+
+    def abort(self) -> None:
+        """Discard whatever was written; never raises (the original error matters)."""
+        file, self._file = self._file, None
+        if file is None:
+            return
+        for step in (file.close, file.discard):
+            try:
+                step()
+            except Exception as exc:
+                logger.warning("cleanup of %s: %s failed: %s", self._uri(), step.__name__, exc)
+
+
+def store_image(
+    image_url: str,
+    destination: Destination | str,
+    *,
+    task_id: str,
+    key_template: str = DEFAULT_KEY_TEMPLATE,
+    key_fields: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    overwrite: bool = False,
+    http: httpx.Client | None = None,
+) -> StoredImage:
+    """Stream ``image_url`` into ``destination`` under ``key_template`` (``{task_id}``,
+    ``{ext}`` and any ``key_fields``). See the module docstring for the guarantees."""
+    writer = _prepare(
+        image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
+    )
+    client = http or download_client()
+    try:
+        with client.stream("GET", image_url) as response:
+            writer.check_length(response)
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                writer.write(chunk)
+        return writer.finish()
+    except httpx.HTTPError as exc:
+        writer.abort()
+        raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from None
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if http is None:
+            client.close()
+
+
+async def astore_image(
+    image_url: str,
+    destination: Destination | str,
+    *,
+    task_id: str,
+    key_template: str = DEFAULT_KEY_TEMPLATE,
+    key_fields: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    overwrite: bool = False,
+    http: httpx.AsyncClient | None = None,
+) -> StoredImage:
+    """Async twin of :func:`store_image`; store writes run in a worker thread."""
+    writer = _prepare(
+        image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
+    )
+    client = http or async_download_client()
+    try:
+        async with client.stream("GET", image_url) as response:
+            writer.check_length(response)
+            async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                await asyncio.to_thread(writer.write, chunk)
+        return await asyncio.to_thread(writer.finish)
+    except httpx.HTTPError as exc:
+        await asyncio.to_thread(writer.abort)
+        raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from None
+    except BaseException:
+        await asyncio.to_thread(writer.abort)
+        raise
+    finally:
+        if http is None:
+            await client.aclose()
+
+
+def _prepare(
+    image_url: str,
+    destination: Destination | str,
+    task_id: str,
+    key_template: str,
+    key_fields: Mapping[str, Any] | None,
+    max_bytes: int,
+    overwrite: bool,
+) -> _ObjectWriter:
+    """Check everything that can be checked before the first byte moves."""
+    try:
+        check_http_url(image_url, what="image_url", https_only_remote=True)
+    except ValueError as exc:
+        raise DownloadError(f"refusing to download: {exc}", retryable=False) from None
+    if max_bytes <= 0:
+        raise JourneyValidationError("max_bytes must be positive")
+    fields = {"task_id": task_id, "ext": "png", **(key_fields or {})}
+    render_key(key_template, fields)  # fail on a bad template before downloading
+    if isinstance(destination, str):
+        destination = Destination(destination)
+    return _ObjectWriter(
+        destination,
+        task_id=task_id,
+        key_template=key_template,
+        key_fields=key_fields or {},
+        max_bytes=max_bytes,
+        overwrite=overwrite,
+    )
+
+
+def presign(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    expires_in: int = DEFAULT_PRESIGN_SECONDS,
+) -> str:
+    """An https(s) URL for ``url``: http(s) passes through, ``s3://`` (or any store whose
+    filesystem can ``sign``) becomes a time-limited presigned URL."""
+    if url.startswith(("http://", "https://")):
+        return url
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    try:
+        signed = fs.sign(path, expiration=expires_in)
+    except NotImplementedError:
+        raise StorageError(f"{url}: this store cannot presign URLs", retryable=False) from None
+    return str(signed)

@@ -1,0 +1,364 @@
+"""Prefect tasks over the plain client and storage: orchestration only.
+
+- :func:`imagine` / :func:`aimagine`: one generation. Prefect retries what the client marks
+  retryable (nothing was billed) or possibly billed (counted on the result); a 400, 401 or
+  402 fails at once. ``Retry-After`` is honoured by sleeping inside the failed attempt,
+  because Prefect's retry delay cannot read it. Cached across runs by
+  :class:`~prefect_journey.cache.ImagineCachePolicy`.
+- :func:`store_image` / :func:`astore_image`: stream the result into a destination.
+- :func:`presign_references`: ``s3://`` character sheets to https URLs the API can fetch.
+- :func:`declare_asset`: record a stored object as a Prefect asset.
+
+The task timeout is a safety net only: a sync task on a worker thread cannot be interrupted,
+so the HTTP client's own timeouts are what stop a call. The task timeout is set just above
+them (:func:`attempt_timeout`) so the HTTP layer always fails first, with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from textwrap import shorten
+from typing import Any
+from uuid import UUID
+
+from prefect import get_run_logger, task
+from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import task_run as current_task_run
+from prefect.tasks import Task, exponential_backoff
+
+from prefect_journey import policy
+from prefect_journey.cache import (
+    DEFAULT_CACHE_EXPIRATION,
+    IMAGINE_CACHE_POLICY,
+    STORE_CACHE_POLICY,
+)
+from prefect_journey.client import AsyncJourneyClient, JourneyClient
+from prefect_journey.credentials import JourneyCredentials
+from prefect_journey.destinations import resolve_destination
+from prefect_journey.errors import JourneyError, JourneyValidationError, RateLimitedError
+from prefect_journey.models import DEFAULT_MODEL, MAX_REFERENCES, ImagineRequest, ImagineResult
+from prefect_journey.storage import (
+    DEFAULT_KEY_TEMPLATE,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_PRESIGN_SECONDS,
+    StoredImage,
+    presign,
+)
+from prefect_journey.storage import astore_image as _astore_image
+from prefect_journey.storage import store_image as _store_image
+
+TAGS = ["journey", DEFAULT_MODEL]
+# 5 retries at 2, 4, 8, 16, 32 s (+/- 50 % jitter): a 25 % fault rate fails an item with
+# probability 0.25**6 = 0.02 %, and the whole ladder stays within a minute.
+IMAGINE_RETRIES = 5
+IMAGINE_RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+RETRY_JITTER_FACTOR = 0.5
+# How far above the HTTP deadline the task timeout sits, so the HTTP layer fails first.
+TASK_TIMEOUT_MARGIN = 15.0
+# Downloads are free: retry them briskly.
+STORE_RETRIES = 3
+STORE_RETRY_DELAYS = [1, 5, 15]
+# 100 MB (the size cap) at a slow 1 MB/s, plus commit time.
+STORE_TIMEOUT = 180.0
+# A variant is a label (a date, "v2"), not a payload.
+MAX_VARIANT_CHARS = 200
+
+# Possibly-billed failures per task run, counted by the retry condition and reported on the
+# result. Retries run in the same process as the first attempt, so a module dict suffices.
+_possibly_billed: dict[UUID, int] = {}
+_possibly_billed_lock = threading.Lock()
+
+
+def attempt_timeout(request: ImagineRequest) -> float:
+    """Per-attempt task timeout: connect + the request's read timeout + a margin."""
+    read = policy.read_timeout_for(len(request.image_urls), request.resolution)
+    return policy.CONNECT_TIMEOUT + read + TASK_TIMEOUT_MARGIN
+
+
+def _worst_case_timeout() -> float:
+    worst = ImagineRequest(
+        prompt="x",
+        resolution="4K",
+        image_urls=[f"https://x.invalid/{i}" for i in range(MAX_REFERENCES)],
+    )
+    return attempt_timeout(worst)
+
+
+def _failure(state: State[Any]) -> BaseException | None:
+    data = state.data
+    return data if isinstance(data, BaseException) else None
+
+
+def retry_safe_or_possibly_billed(
+    task: Task[..., Any], task_run: TaskRun, state: State[Any]
+) -> bool:
+    """Default retry condition of :func:`imagine`: retry what cannot have been billed and,
+    counting it, what may have been. Never retries bad input, auth, credits or timeouts of
+    the task itself (its thread may still be running the call)."""
+    error = _failure(state)
+    if not isinstance(error, JourneyError):
+        return False
+    if error.possibly_billed:
+        with _possibly_billed_lock:
+            _possibly_billed[task_run.id] = _possibly_billed.get(task_run.id, 0) + 1
+        return True
+    return error.retryable
+
+
+def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Stricter retry condition: never risk paying twice. Use with
+    ``imagine.with_options(retry_condition_fn=retry_safe_only)``."""
+    error = _failure(state)
+    return isinstance(error, JourneyError) and error.retryable and not error.possibly_billed
+
+
+def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry condition of the storage tasks (downloads and writes cost no credits)."""
+    error = _failure(state)
+    return isinstance(error, JourneyError) and error.retryable
+
+
+def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
+    """Accept a request or its fields (as a deployment parameter would pass them)."""
+    if isinstance(request, ImagineRequest):
+        return request
+    if isinstance(request, Mapping):
+        return ImagineRequest(**request)
+    raise JourneyValidationError(
+        f"request must be an ImagineRequest or a mapping, not {type(request).__name__}"
+    )
+
+
+def _check_variant(variant: str) -> str:
+    if not isinstance(variant, str) or len(variant) > MAX_VARIANT_CHARS:
+        raise JourneyValidationError(
+            f"variant must be a string of at most {MAX_VARIANT_CHARS} characters"
+        )
+    return variant
+
+
+def _imagine_run_name() -> str:
+    request = current_task_run.parameters.get("request")
+    prompt = getattr(request, "prompt", None) or (request or {}).get("prompt", "?")
+    return "imagine: " + shorten(str(prompt), width=50, placeholder="...")
+
+
+def _client_options() -> dict[str, Any]:
+    # One retry mechanism per layer: Prefect retries, so every attempt shows in the UI.
+    return {"max_retries": 0}
+
+
+def _note_failure(
+    logger: logging.LoggerAdapter[Any] | logging.Logger, error: JourneyError
+) -> float:
+    """Log a failed attempt; return how long Retry-After asks us to wait (capped)."""
+    logger.warning("imagine attempt failed: %s", error)
+    if isinstance(error, RateLimitedError) and error.retry_after:
+        return min(error.retry_after, policy.RETRY_AFTER_CAP)
+    return 0.0
+
+
+def _finish(
+    result: ImagineResult, logger: logging.LoggerAdapter[Any] | logging.Logger
+) -> ImagineResult:
+    run_id = current_task_run.id
+    with _possibly_billed_lock:
+        possibly_billed = _possibly_billed.pop(UUID(run_id), 0) if run_id else 0
+    result = result.model_copy(update={"possibly_billed_attempts": possibly_billed})
+    logger.info(
+        "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d",
+        result.task_id,
+        result.elapsed_seconds,
+        result.credits_charged,
+        current_task_run.run_count,
+        possibly_billed,
+    )
+    return result
+
+
+_IMAGINE_OPTIONS: dict[str, Any] = {
+    "retries": IMAGINE_RETRIES,
+    "retry_delay_seconds": IMAGINE_RETRY_DELAYS,
+    "retry_jitter_factor": RETRY_JITTER_FACTOR,
+    "retry_condition_fn": retry_safe_or_possibly_billed,
+    "cache_policy": IMAGINE_CACHE_POLICY,
+    "cache_expiration": DEFAULT_CACHE_EXPIRATION,
+    "persist_result": True,
+    "timeout_seconds": _worst_case_timeout(),
+    "tags": TAGS,
+    "task_run_name": _imagine_run_name,
+}
+
+
+@task(name="journey-imagine", **_IMAGINE_OPTIONS)
+def imagine(
+    request: ImagineRequest | Mapping[str, Any],
+    credentials: JourneyCredentials | None = None,
+    variant: str = "",
+) -> ImagineResult:
+    """Generate one image. ``credentials`` default to ``$JOURNEY_API_KEY``;
+    ``variant`` is part of the cache key only (see :mod:`prefect_journey.cache`)."""
+    request, variant = as_request(request), _check_variant(variant)
+    logger = get_run_logger()
+    options = _client_options()
+    client = credentials.get_client(**options) if credentials else JourneyClient(**options)
+    with client:
+        try:
+            result = client.imagine(request)
+        except JourneyError as error:
+            time.sleep(_note_failure(logger, error))
+            raise
+    return _finish(result, logger)
+
+
+@task(name="journey-aimagine", **_IMAGINE_OPTIONS)
+async def aimagine(
+    request: ImagineRequest | Mapping[str, Any],
+    credentials: JourneyCredentials | None = None,
+    variant: str = "",
+) -> ImagineResult:
+    """Async twin of :func:`imagine`."""
+    request, variant = as_request(request), _check_variant(variant)
+    logger = get_run_logger()
+    options = _client_options()
+    client = (
+        credentials.get_async_client(**options) if credentials else AsyncJourneyClient(**options)
+    )
+    async with client:
+        try:
+            result = await client.imagine(request)
+        except JourneyError as error:
+            await asyncio.sleep(_note_failure(logger, error))
+            raise
+    return _finish(result, logger)
+
+
+def _store_run_name() -> str:
+    result = current_task_run.parameters.get("result")
+    return f"store: {getattr(result, 'task_id', '?')}"
+
+
+_STORE_OPTIONS: dict[str, Any] = {
+    "retries": STORE_RETRIES,
+    "retry_delay_seconds": STORE_RETRY_DELAYS,
+    "retry_jitter_factor": RETRY_JITTER_FACTOR,
+    "retry_condition_fn": retry_if_retryable,
+    "cache_policy": STORE_CACHE_POLICY,
+    "cache_expiration": DEFAULT_CACHE_EXPIRATION,
+    "persist_result": True,
+    "timeout_seconds": STORE_TIMEOUT,
+    "tags": ["journey"],
+    "task_run_name": _store_run_name,
+}
+
+
+def _log_stored(stored: StoredImage) -> None:
+    get_run_logger().info(
+        "stored task_id=%s at %s (%s %dx%d, %d bytes, sha256 %s%s)",
+        stored.task_id,
+        stored.uri,
+        stored.format,
+        stored.width,
+        stored.height,
+        stored.bytes,
+        stored.sha256[:12],
+        "" if stored.created else ", already there",
+    )
+
+
+@task(name="journey-store-image", **_STORE_OPTIONS)
+def store_image(
+    result: ImagineResult,
+    destination: Any = "./outputs",
+    storage_options: Mapping[str, Any] | None = None,
+    key_template: str = DEFAULT_KEY_TEMPLATE,
+    key_fields: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    overwrite: bool = False,
+) -> StoredImage:
+    """Stream ``result.image_url`` into ``destination`` (an fsspec URL, an
+    ``ImageDestination``, a ``RemoteFileSystem`` or an ``S3Bucket`` block)."""
+    stored = _store_image(
+        result.image_url,
+        resolve_destination(destination, storage_options),
+        task_id=result.task_id,
+        key_template=key_template,
+        key_fields=key_fields,
+        max_bytes=max_bytes,
+        overwrite=overwrite,
+    )
+    _log_stored(stored)
+    return stored
+
+
+@task(name="journey-astore-image", **_STORE_OPTIONS)
+async def astore_image(
+    result: ImagineResult,
+    destination: Any = "./outputs",
+    storage_options: Mapping[str, Any] | None = None,
+    key_template: str = DEFAULT_KEY_TEMPLATE,
+    key_fields: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    overwrite: bool = False,
+) -> StoredImage:
+    """Async twin of :func:`store_image`."""
+    stored = await _astore_image(
+        result.image_url,
+        resolve_destination(destination, storage_options),
+        task_id=result.task_id,
+        key_template=key_template,
+        key_fields=key_fields,
+        max_bytes=max_bytes,
+        overwrite=overwrite,
+    )
+    _log_stored(stored)
+    return stored
+
+
+@task(name="journey-presign-references", tags=["journey"], retries=2, retry_delay_seconds=1)
+def presign_references(
+    urls: Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    expires_in: int = DEFAULT_PRESIGN_SECONDS,
+) -> list[str]:
+    """Turn ``s3://`` references into time-limited https URLs; http(s) URLs pass through."""
+    if len(urls) > MAX_REFERENCES:
+        raise JourneyValidationError(f"at most {MAX_REFERENCES} references, got {len(urls)}")
+    return [presign(url, storage_options, expires_in) for url in urls]
+
+
+def declare_asset(stored: StoredImage, prompt: str = "") -> None:
+    """Declare ``stored`` as a Prefect asset materialized by the current flow run.
+
+    The object's key is only known after the bytes arrive (the extension comes from them),
+    so the materializing task is built here, per object, rather than decorated in advance.
+    A URI that is not a valid asset key (a local path with spaces) is logged and skipped.
+    """
+    name = stored.uri.rsplit("/", 1)[-1]
+    try:
+        asset = Asset(
+            key=stored.uri,
+            properties=AssetProperties(
+                name=name,
+                description=shorten(prompt, width=200, placeholder="...") if prompt else None,
+            ),
+        )
+    except ValueError as exc:
+        get_run_logger().warning("not declaring %s as an asset: %s", stored.uri, exc)
+        return
+
+    def record() -> None:
+        add_asset_metadata(asset, stored.model_dump(exclude={"uri"}))
+
+    materialize(
+        asset,
+        by="prefect-journey",
+        name="journey-declare-asset",
+        task_run_name=f"asset: {name}",
+        tags=["journey"],
+    )(record)()
