@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KIND=RATE",
-        help="inject a fault at a rate in 0..1; kinds: 429 503 500 drop slow failed "
+        help="inject a fault at a rate in 0..1; kinds: 400 429 503 500 drop slow failed "
         "malformed truncate corrupt (repeatable)",
     )
     emulator.add_argument("--seed", type=int, default=0, help="seed of the fault dice")

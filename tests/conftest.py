@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 
 from prefect_journey.emulator import EmulatorConfig, EmulatorServer, FaultPlan, LatencyModel
+
+# No cloud metadata lookups, no telemetry: the tests never leave loopback.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Generation latency in tests: 1 % of the realistic model (a bare 1K image in ~80 ms).
 TEST_TIME_SCALE = 0.01
@@ -41,3 +51,76 @@ def emulator(emulator_server: EmulatorServer) -> Iterator[EmulatorServer]:
     state.config.latency.fixed = None
     emulator_server.admin("reset")
     yield emulator_server
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real (subprocess) Prefect server with a temporary database, and a private folder
+    for persisted results and cache keys. Yields that folder."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness():
+        yield storage
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on a loopback port (s3fs cannot see moto's in-process mock)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass
+class Bucket:
+    name: str
+    endpoint: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.name}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return {"key": "testing", "secret": "testing", "endpoint_url": self.endpoint}
+
+    def fs(self) -> Any:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+        return fs
+
+    def objects(self) -> list[str]:
+        """Every committed object key in the bucket."""
+        return sorted(path.split("/", 1)[1] for path in self.fs().find(self.name))
+
+    def pending_uploads(self) -> int:
+        """Multipart uploads begun and neither completed nor aborted."""
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        return len(client.list_multipart_uploads(Bucket=self.name).get("Uploads", []))
+
+
+@pytest.fixture
+def bucket(moto_server: str) -> Bucket:
+    """A fresh, empty bucket on the moto server."""
+    name = f"journey-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)
+    return Bucket(name, moto_server)

@@ -162,7 +162,11 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         except JourneyValidationError as exc:
             entry["status"] = 400
             return _errors(400, exc.message)
+        entry["references"] = list(task_request.image_urls)
         fault = entry["fault"] = state.config.faults.draw("api")
+        if fault == "400":
+            entry["status"] = 400
+            return _errors(400, "Invalid request")
         if fault in ("429", "503"):
             entry["status"] = int(fault)
             retry_after = f"{state.config.faults.retry_after:g}"
@@ -257,7 +261,14 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             return Response("not found", status_code=404, media_type="text/plain")
         data = await _image_bytes(state, task)
         fault = state.config.faults.draw("cdn")
-        state.record("cdn", 200, task_id=task.task_id, fault=fault)
+        # Recorded so tests can prove the API key never travels to the CDN.
+        state.record(
+            "cdn",
+            200,
+            task_id=task.task_id,
+            fault=fault,
+            authorization="authorization" in request.headers,
+        )
         if fault == "truncate":
             # Sent without a length, then ended early and cleanly: only the content can tell.
             return _streamed(data[: len(data) // 2], announce_length=False)

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # Faults of the API endpoints. Billing mirrors what a caller must assume: a refusal before
-# work (429, 503) and a content refusal ("failed") are free; every other fault happens after
-# the image was made and is billed.
-API_FAULTS = ("429", "503", "500", "drop", "slow", "failed", "malformed")
+# work (400, 429, 503) and a content refusal ("failed") are free; every other fault happens
+# after the image was made and is billed. "400" stands for a rule the server enforces and
+# the client does not know about.
+API_FAULTS = ("400", "429", "503", "500", "drop", "slow", "failed", "malformed")
 # Faults of the CDN download.
 CDN_FAULTS = ("truncate", "corrupt")
 FAULT_KINDS = API_FAULTS + CDN_FAULTS

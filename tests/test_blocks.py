@@ -1,0 +1,141 @@
+"""Blocks: Prefect's block standards, secrets, destinations, and collection registration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from prefect.blocks.core import Block
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from pydantic import SecretStr
+
+import prefect_journey
+from prefect_journey import ImageDestination, JourneyCredentials
+from prefect_journey.destinations import resolve_destination
+from prefect_journey.emulator import EmulatorServer
+from prefect_journey.errors import JourneyValidationError
+from prefect_journey.storage import Destination
+
+from .conftest import SENTINEL_KEY
+
+LOGO = Path(prefect_journey.__file__).parent / "assets" / "logo.png"
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+class _OfflineLogoSuite(BlockStandardTestSuite):
+    def test_has_a_valid_image(self, block: type[Block]) -> None:
+        # The suite downloads the logo; tests are offline, so check the shipped file
+        # that the URL serves from the repository.
+        assert str(block._logo_url).endswith("prefect_journey/assets/logo.png")
+        with Image.open(LOGO) as logo:
+            assert logo.width == logo.height and 45 < logo.width < 1000
+
+
+class TestJourneyCredentialsStandards(_OfflineLogoSuite):
+    @pytest.fixture
+    def block(self) -> type[Block]:
+        return JourneyCredentials
+
+
+class TestImageDestinationStandards(_OfflineLogoSuite):
+    @pytest.fixture
+    def block(self) -> type[Block]:
+        return ImageDestination
+
+
+def test_credentials_build_clients_and_keep_the_key_secret(emulator: EmulatorServer) -> None:
+    credentials = JourneyCredentials(api_key=SENTINEL_KEY, base_url=emulator.url)
+    with credentials.get_client() as client:
+        assert client.account().credits > 0
+    for text in (repr(credentials), str(credentials), str(credentials.model_dump())):
+        assert SENTINEL_KEY not in text
+    credentials.save("sentinel-credentials", overwrite=True)
+    loaded = JourneyCredentials.load("sentinel-credentials")
+    assert loaded.api_key.get_secret_value() == SENTINEL_KEY
+
+
+def test_async_client_from_credentials(emulator: EmulatorServer) -> None:
+    import asyncio
+
+    async def account() -> int:
+        async with JourneyCredentials(
+            api_key=emulator.api_key, base_url=emulator.url
+        ).get_async_client() as client:
+            return (await client.account()).credits
+
+    assert asyncio.run(account()) > 0
+
+
+def test_destinations_from_every_supported_form(tmp_path: Path) -> None:
+    assert resolve_destination(str(tmp_path)) == Destination(str(tmp_path))
+    options = {"key": "k", "secret": "s3cr3t-value", "endpoint_url": "http://127.0.0.1:9"}
+    saved = ImageDestination(url="s3://b/p", storage_options=options)
+    assert resolve_destination(saved) == Destination("s3://b/p", options)
+    assert "s3cr3t-value" not in repr(saved) + str(saved.model_dump())
+    remote = RemoteFileSystem(basepath="s3://b/remote", settings=options)
+    assert resolve_destination(remote) == Destination("s3://b/remote", options)
+    assert resolve_destination(LocalFileSystem(basepath=str(tmp_path))).url == str(tmp_path)
+    with pytest.raises(JourneyValidationError, match="unsupported destination"):
+        resolve_destination(42)
+
+
+class _AwsCredentialsLike(Block):
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+
+class _S3BucketLike(Block):
+    """Shaped like prefect-aws ``S3Bucket`` (not installed here), read duck-typed."""
+
+    bucket_name: str
+    bucket_folder: str = ""
+    credentials: Any = None
+
+
+def test_s3_bucket_block_is_read_duck_typed() -> None:
+    block = _S3BucketLike(
+        bucket_name="brand",
+        bucket_folder="/images/",
+        credentials=_AwsCredentialsLike(
+            aws_access_key_id="AKIA", aws_secret_access_key=SecretStr("s")
+        ),
+    )
+    assert resolve_destination(block) == Destination(
+        "s3://brand/images", {"key": "AKIA", "secret": "s"}
+    )
+
+
+def test_collection_registers_against_a_real_prefect_server() -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    prefect = [sys.executable, "-m", "prefect"]
+    registered = subprocess.run(
+        [*prefect, "block", "register", "-m", "prefect_journey"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    listing = subprocess.run(
+        [*prefect, "block", "type", "ls"],
+        env={**env, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "journeyapi-credentials" in listing.stdout
+    assert "journeyapi-image-destination" in listing.stdout
+
+
+def test_collection_entry_point_is_declared() -> None:
+    from importlib.metadata import entry_points
+
+    assert any(ep.value == "prefect_journey" for ep in entry_points(group="prefect.collections"))

@@ -1,0 +1,340 @@
+"""The Prefect layer end to end: flows and tasks under a real Prefect server (the test
+harness), against the emulator over HTTP and a moto S3 server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from flows.character_series import character_series
+from flows.generate_and_store import generate_and_store
+from prefect_journey import ImageDestination, JourneyCredentials
+from prefect_journey.emulator import EmulatorServer
+from prefect_journey.models import ImagineRequest, ImagineResult
+from prefect_journey.storage import StoredImage
+from prefect_journey.tasks import (
+    aimagine,
+    astore_image,
+    attempt_timeout,
+    imagine,
+    store_image,
+)
+
+from . import prefect_api
+from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket
+from .test_storage import local_files
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+# Retries without the production back-off, for tests that exercise several attempts.
+fast_imagine = imagine.with_options(retry_delay_seconds=0)
+fast_store = store_image.with_options(retry_delay_seconds=0)
+
+
+@pytest.fixture
+def journey_env(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
+    monkeypatch.setenv("JOURNEY_API_KEY", emulator.api_key)
+    monkeypatch.setenv("JOURNEY_BASE_URL", emulator.url)
+    return emulator
+
+
+def calls(emulator: EmulatorServer, endpoint: str = "imagine") -> int:
+    return int(emulator.ledger()["calls"].get(endpoint, 0))
+
+
+def unique(prompt: str) -> str:
+    """Prompts are part of the cache key; each test asks for images nobody asked for yet."""
+    import uuid
+
+    return f"{prompt} #{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def s3_destination(bucket: Bucket) -> str:
+    name = f"dest-{bucket.name}"
+    ImageDestination(url=f"{bucket.url}/out", storage_options=bucket.storage_options).save(
+        name, overwrite=True
+    )
+    return name
+
+
+def test_generate_and_store_to_a_local_folder(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    prompt = unique("a lighthouse at dusk")
+    state = generate_and_store(
+        prompt, destination=str(tmp_path), aspect_ratio="16:9", return_state=True
+    )
+    stored: StoredImage = state.result()
+    assert stored.uri == (tmp_path / f"{stored.task_id}.png").as_uri()
+    assert (stored.width, stored.height) == (1376, 768)
+    assert hashlib.sha256(Path(stored.uri[7:]).read_bytes()).hexdigest() == stored.sha256
+    run_id = prefect_api.flow_run_id(state)
+    kinds = sorted(a.type for a in prefect_api.artifacts([run_id]))
+    assert kinds == ["image", "markdown"]
+    image = next(a for a in prefect_api.artifacts([run_id]) if a.type == "image")
+    assert image.data.startswith("http")  # a URL a browser can open
+    names = {run.name for run in prefect_api.task_runs([run_id])}
+    assert any(name.startswith("imagine: a lighthouse at dusk") for name in names)
+    assert f"asset: {stored.task_id}.png" in names
+    messages = prefect_api.logs([run_id])
+    assert any(
+        f"task_id={stored.task_id}" in m and "latency=" in m and "credits=4" in m for m in messages
+    )
+
+
+def test_generate_and_store_to_s3(
+    journey_env: EmulatorServer, bucket: Bucket, s3_destination: str
+) -> None:
+    state = generate_and_store(
+        unique("a red fox"), destination_block=s3_destination, return_state=True
+    )
+    stored = state.result()
+    assert bucket.objects() == [f"out/{stored.task_id}.png"]
+    image = next(
+        a for a in prefect_api.artifacts([prefect_api.flow_run_id(state)]) if a.type == "image"
+    )
+    assert image.data.startswith(bucket.endpoint) and "Signature=" in image.data  # presigned
+
+
+def test_tasks_are_tagged_and_time_limited(journey_env: EmulatorServer) -> None:
+    request = ImagineRequest(
+        prompt="x", resolution="4K", image_urls=[f"https://a.example/{i}" for i in range(14)]
+    )
+    assert imagine.timeout_seconds == attempt_timeout(request) > 192
+    assert attempt_timeout(ImagineRequest(prompt="x")) < imagine.timeout_seconds
+    assert set(imagine.tags) == {"journey", "nano-banana-2"}
+
+
+def test_safe_failures_are_retried_by_prefect(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    journey_env.admin("faults", {"queue": {"api": ["429", "503"]}, "retry_after": 0.05})
+
+    @flow
+    def one() -> ImagineResult:
+        return fast_imagine(ImagineRequest(prompt=unique("retry me")))
+
+    result = one()
+    assert result.status == "finished" and result.possibly_billed_attempts == 0
+    assert calls(journey_env) == 3
+    assert journey_env.ledger()["credits_charged"] == 4
+
+
+def test_the_real_flow_retries_a_429(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    journey_env.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 0.05})
+    stored = generate_and_store(unique("retry in the flow"), destination=str(tmp_path))
+    assert local_files(tmp_path) == [f"{stored.task_id}.png"] and calls(journey_env) == 2
+
+
+def test_possibly_billed_retry_is_counted(journey_env: EmulatorServer) -> None:
+    journey_env.admin("faults", {"queue": {"api": ["500"]}})
+
+    @flow
+    def one() -> ImagineResult:
+        return fast_imagine(ImagineRequest(prompt=unique("ambiguous")))
+
+    result = one()
+    assert result.possibly_billed_attempts == 1
+    assert calls(journey_env) == 2 and journey_env.ledger()["credits_charged"] == 8
+
+
+@pytest.mark.parametrize("case", ["400", "401", "402"])
+def test_client_errors_fail_at_once_without_retry(
+    journey_env: EmulatorServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, case: str
+) -> None:
+    if case == "400":
+        journey_env.admin("faults", {"queue": {"api": ["400"]}})
+    elif case == "401":
+        monkeypatch.setenv("JOURNEY_API_KEY", "wrong-key")
+    else:
+        journey_env.admin("config", {"credits": 0})
+    state = generate_and_store(unique("no retry"), destination=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert calls(journey_env) == 1
+    [imagine_run] = [
+        r
+        for r in prefect_api.task_runs([prefect_api.flow_run_id(state)])
+        if r.name.startswith("imagine")
+    ]
+    assert imagine_run.run_count == 1 and imagine_run.state.is_failed()
+    assert local_files(tmp_path) == []
+    journey_env.admin("config", {"credits": 10_000})
+
+
+def test_cached_rerun_is_free_and_a_new_variant_is_not(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    prompt = unique("a daily postcard")
+    first = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-25")
+    journey_env.admin("reset")
+    again = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-25")
+    assert again == first
+    assert journey_env.ledger()["calls_total"] == 0 and calls(journey_env, "cdn") == 0
+    tomorrow = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-26")
+    assert calls(journey_env) == 1 and tomorrow.task_id != first.task_id
+    assert len(local_files(tmp_path)) == 2
+
+
+def test_cache_ignores_credentials_and_webhook_fields(journey_env: EmulatorServer) -> None:
+    prompt = unique("same image, other key")
+
+    @flow
+    def twice() -> tuple[ImagineResult, ImagineResult]:
+        plain = fast_imagine(ImagineRequest(prompt=prompt))
+        other = JourneyCredentials(api_key=SENTINEL_KEY, base_url=journey_env.url)
+        hooked = ImagineRequest(
+            prompt=prompt, webhook_url="https://hooks.example.com/x", webhook_secret="s"
+        )
+        return plain, fast_imagine(hooked, other)
+
+    plain, hooked = twice()
+    assert plain == hooked and calls(journey_env) == 1
+
+
+@pytest.mark.parametrize("fault", ["truncate", "corrupt"])
+def test_bad_download_leaves_no_object_in_the_bucket(
+    journey_env: EmulatorServer, bucket: Bucket, fault: str
+) -> None:
+    journey_env.admin("faults", {"queue": {"cdn": [fault]}})
+
+    @flow
+    def store_once() -> StoredImage:
+        result = fast_imagine(ImagineRequest(prompt=unique("fragile")))
+        return store_image.with_options(retries=0)(result, bucket.url, bucket.storage_options)
+
+    assert store_once(return_state=True).is_failed()
+    assert bucket.objects() == [] and bucket.pending_uploads() == 0
+
+
+def test_bad_download_is_retried_into_exactly_one_object(
+    journey_env: EmulatorServer, bucket: Bucket
+) -> None:
+    journey_env.admin("faults", {"queue": {"cdn": ["truncate", "corrupt"]}})
+
+    @flow
+    def store_with_retries() -> StoredImage:
+        result = fast_imagine(ImagineRequest(prompt=unique("fragile")))
+        return fast_store(result, bucket.url, bucket.storage_options)
+
+    stored = store_with_retries()
+    assert bucket.objects() == [f"{stored.task_id}.png"]
+    assert calls(journey_env, "cdn") == 3
+
+
+def test_jpeg_bytes_are_stored_as_jpg(
+    journey_env: EmulatorServer, bucket: Bucket, s3_destination: str
+) -> None:
+    journey_env.admin("config", {"jpeg_as_png_rate": 1.0})
+    stored = generate_and_store(unique("jpeg in disguise"), destination_block=s3_destination)
+    assert stored.format == "jpeg" and bucket.objects() == [f"out/{stored.task_id}.jpg"]
+
+
+def test_character_series_presigns_once_and_reruns_free(
+    journey_env: EmulatorServer, bucket: Bucket, s3_destination: str
+) -> None:
+    fs = bucket.fs()
+    for name in ("ana", "bo"):
+        fs.pipe(f"{bucket.name}/characters/{name}.png", name.encode())
+    refs = [f"{bucket.url}/characters/ana.png", f"{bucket.url}/characters/bo.png"]
+    scenes = [
+        unique("Ana and Bo at the market"),
+        unique("Ana and Bo on a train"),
+        unique("Ana and Bo at night"),
+    ]
+    stored = character_series(refs, scenes, destination_block=s3_destination, series="Autumn Trip")
+    assert [s.uri.rsplit("/", 1)[-1][:3] for s in stored] == ["00-", "01-", "02-"]
+    assert all(s.uri.startswith(f"s3://{bucket.name}/out/autumn-trip/") for s in stored)
+    assert len(bucket.objects()) == 2 + 3
+    sent = [c["references"] for c in journey_env.ledger()["log"] if c["endpoint"] == "imagine"]
+    assert len(sent) == 3 and all(
+        len(refs_sent) == 2 and "Signature=" in refs_sent[0] for refs_sent in sent
+    )
+    journey_env.admin("reset")
+    again = character_series(refs, scenes, destination_block=s3_destination, series="Autumn Trip")
+    assert again == stored and journey_env.ledger()["calls_total"] == 0
+
+
+def test_character_series_stores_the_rest_when_one_scene_fails(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    journey_env.admin("faults", {"queue": {"api": ["failed"]}})
+    state = character_series(
+        ["https://example.com/ana.png"],
+        [unique("refused"), unique("fine")],
+        destination=str(tmp_path),
+        return_state=True,
+    )
+    assert state.is_failed() and "1 of 2 scenes failed" in str(state.message)
+    assert len(local_files(tmp_path)) == 1
+
+
+def test_async_tasks(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    @flow
+    async def both() -> list[StoredImage]:
+        requests = [ImagineRequest(prompt=unique(f"async {i}")) for i in range(3)]
+        results = await asyncio.gather(*(aimagine(r) for r in requests))
+        return list(await asyncio.gather(*(astore_image(r, str(tmp_path)) for r in results)))
+
+    stored = asyncio.run(both())
+    assert len(local_files(tmp_path)) == 3 and {s.format for s in stored} == {"png"}
+
+
+def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
+    journey_env: EmulatorServer, tmp_path: Path, prefect_harness: Path
+) -> None:
+    JourneyCredentials(api_key=SENTINEL_KEY, base_url=journey_env.url).save(
+        "sentinel", overwrite=True
+    )
+    states = []
+    journey_env.admin("faults", {"queue": {"api": ["500", "429"]}, "retry_after": 0.05})
+    states.append(
+        generate_and_store(
+            unique("sentinel one"),
+            destination=str(tmp_path),
+            credentials_block="sentinel",
+            return_state=True,
+        )
+    )
+    journey_env.admin("faults", {"queue": {"api": ["failed"]}})
+    states.append(
+        generate_and_store(
+            unique("sentinel two"),
+            destination=str(tmp_path),
+            credentials_block="sentinel",
+            return_state=True,
+        )
+    )
+
+    @flow
+    def with_webhook() -> ImagineResult:
+        credentials = JourneyCredentials.load("sentinel")
+        request = ImagineRequest(
+            prompt=unique("sentinel hook"),
+            webhook_url="http://127.0.0.1:9/hook",
+            webhook_secret=SENTINEL_WEBHOOK_SECRET,
+        )
+        return fast_imagine(request, credentials)
+
+    states.append(with_webhook(return_state=True))
+    assert [s.is_completed() for s in states] == [True, False, True]
+    run_ids = [prefect_api.flow_run_id(s) for s in states]
+
+    seen: list[str] = prefect_api.logs(run_ids)
+    seen += [json.dumps(a.model_dump(mode="json")) for a in prefect_api.artifacts(run_ids)]
+    for run in prefect_api.task_runs(run_ids) + prefect_api.flow_runs(run_ids):
+        seen.append(json.dumps(run.state.model_dump(mode="json", exclude={"data"})))
+        seen.append(str(run.state.message))
+        seen.append(json.dumps(run.model_dump(mode="json", exclude={"state"})))
+    try:
+        states[1].result()
+    except Exception as error:  # the failed run's exception, as a caller sees it
+        seen.append(repr(error) + str(error))
+    persisted = [p for p in prefect_harness.rglob("*") if p.is_file()]
+    assert persisted, "results and cache keys are persisted"
+    seen += [p.read_bytes().decode("latin-1") for p in persisted]
+    assert len(seen) > 20
+    for text in seen:
+        assert SENTINEL_KEY not in text
+        assert SENTINEL_WEBHOOK_SECRET not in text

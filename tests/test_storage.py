@@ -1,0 +1,252 @@
+"""Streaming storage against the emulator's CDN, a local folder and a moto S3 server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from prefect_journey.client import JourneyClient
+from prefect_journey.emulator import EmulatorServer
+from prefect_journey.errors import DownloadError, JourneyValidationError, ObjectConflictError
+from prefect_journey.models import ImagineResult
+from prefect_journey.storage import (
+    Destination,
+    astore_image,
+    check_object_key,
+    presign,
+    render_key,
+    slugify,
+    store_image,
+)
+
+from .conftest import Bucket
+
+
+def generate(emulator: EmulatorServer, **fields: object) -> ImagineResult:
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        return client.imagine(prompt=str(fields.pop("prompt", "a red fox")), **fields)  # type: ignore[arg-type]
+
+
+def served_sha256(emulator: EmulatorServer, task_id: str) -> str:
+    return str(emulator.ledger()["images"][task_id]["sha256"])
+
+
+def local_files(folder: Path) -> list[str]:
+    """Every file under ``folder``, hidden ones (partial writes) included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_store_to_local_folder(emulator: EmulatorServer, tmp_path: Path) -> None:
+    result = generate(emulator, aspect_ratio="4:3", resolution="2K")
+    stored = store_image(result.image_url, str(tmp_path), task_id=result.task_id)
+    path = tmp_path / f"{result.task_id}.png"
+    assert stored.uri == path.as_uri()
+    assert local_files(tmp_path) == [path.name]
+    assert (stored.format, stored.width, stored.height) == ("png", 2400, 1792)
+    assert (
+        stored.sha256
+        == hashlib.sha256(path.read_bytes()).hexdigest()
+        == served_sha256(emulator, result.task_id)
+    )
+    assert stored.bytes == path.stat().st_size and stored.created
+
+
+def test_store_to_s3(emulator: EmulatorServer, bucket: Bucket) -> None:
+    result = generate(emulator)
+    destination = Destination(f"{bucket.url}/campaign", bucket.storage_options)
+    stored = store_image(result.image_url, destination, task_id=result.task_id)
+    assert stored.uri == f"s3://{bucket.name}/campaign/{result.task_id}.png"
+    assert bucket.objects() == [f"campaign/{result.task_id}.png"]
+    data = bucket.fs().cat(stored.uri)
+    assert (
+        hashlib.sha256(data).hexdigest() == stored.sha256 == served_sha256(emulator, result.task_id)
+    )
+
+
+def test_api_key_is_not_sent_to_the_cdn(emulator: EmulatorServer, tmp_path: Path) -> None:
+    result = generate(emulator)
+    store_image(result.image_url, str(tmp_path), task_id=result.task_id)
+    downloads = [c for c in emulator.ledger()["log"] if c["endpoint"] == "cdn"]
+    assert downloads and not any(c["authorization"] for c in downloads)
+
+
+def test_jpeg_bytes_under_png_url_are_stored_as_jpg(
+    emulator: EmulatorServer, bucket: Bucket
+) -> None:
+    emulator.admin("config", {"jpeg_as_png_rate": 1.0})
+    result = generate(emulator, aspect_ratio="2:3")
+    stored = store_image(
+        result.image_url, Destination(bucket.url, bucket.storage_options), task_id=result.task_id
+    )
+    assert result.image_url.endswith(".png")
+    assert stored.uri.endswith(".jpg") and stored.format == "jpeg" and stored.width == 848
+    assert bucket.objects() == [f"{result.task_id}.jpg"]
+
+
+@pytest.mark.parametrize("fault", ["truncate", "corrupt"])
+def test_bad_download_leaves_nothing_locally(
+    emulator: EmulatorServer, tmp_path: Path, fault: str
+) -> None:
+    result = generate(emulator)
+    emulator.admin("faults", {"queue": {"cdn": [fault]}})
+    with pytest.raises(DownloadError) as caught:
+        store_image(result.image_url, str(tmp_path), task_id=result.task_id)
+    assert caught.value.retryable
+    assert local_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", ["truncate", "corrupt"])
+def test_bad_download_leaves_nothing_in_the_bucket(
+    emulator: EmulatorServer, bucket: Bucket, fault: str
+) -> None:
+    emulator.admin("config", {"realistic_sizes": True})  # several MB: a real multipart upload
+    result = generate(emulator, resolution="2K")
+    emulator.admin("faults", {"queue": {"cdn": [fault]}})
+    with pytest.raises(DownloadError):
+        store_image(
+            result.image_url,
+            Destination(bucket.url, bucket.storage_options),
+            task_id=result.task_id,
+        )
+    assert bucket.objects() == []
+    assert bucket.pending_uploads() == 0
+    emulator.admin("config", {"realistic_sizes": False})
+
+
+def test_restoring_the_same_image_is_idempotent(
+    emulator: EmulatorServer, bucket: Bucket, tmp_path: Path
+) -> None:
+    result = generate(emulator)
+    for destination in (
+        Destination(bucket.url, bucket.storage_options),
+        Destination(str(tmp_path)),
+    ):
+        first = store_image(result.image_url, destination, task_id=result.task_id)
+        second = store_image(result.image_url, destination, task_id=result.task_id)
+        assert first.created and not second.created
+        assert first.uri == second.uri and first.sha256 == second.sha256
+    assert len(bucket.objects()) == 1 and len(local_files(tmp_path)) == 1
+
+
+def test_different_object_at_the_key_is_never_overwritten(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    one, two = generate(emulator, prompt="one"), generate(emulator, prompt="two")
+    fixed = {"key_template": "fixed.{ext}"}
+    store_image(one.image_url, str(tmp_path), task_id=one.task_id, **fixed)
+    with pytest.raises(ObjectConflictError):
+        store_image(two.image_url, str(tmp_path), task_id=two.task_id, **fixed)
+    assert hashlib.sha256((tmp_path / "fixed.png").read_bytes()).hexdigest() == served_sha256(
+        emulator, one.task_id
+    )
+    replaced = store_image(
+        two.image_url, str(tmp_path), task_id=two.task_id, overwrite=True, **fixed
+    )
+    assert replaced.sha256 == served_sha256(emulator, two.task_id)
+    assert local_files(tmp_path) == ["fixed.png"]
+
+
+def test_size_cap_aborts_without_an_object(emulator: EmulatorServer, tmp_path: Path) -> None:
+    result = generate(emulator)
+    with pytest.raises(DownloadError, match="cap") as caught:
+        store_image(result.image_url, str(tmp_path), task_id=result.task_id, max_bytes=10_000)
+    assert not caught.value.retryable
+    assert local_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "image_url",
+    [
+        "ftp://cdn.example.com/a.png",
+        "http://cdn.example.com/a.png",
+        "file:///etc/passwd",
+        "not a url",
+    ],
+)
+def test_unsafe_image_urls_are_refused_before_any_request(image_url: str, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="refusing"):
+        store_image(image_url, str(tmp_path), task_id="t")
+
+
+def test_redirects_are_checked_and_bounded(tmp_path: Path) -> None:
+    def to_plain_http(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": "http://evil.example.com/x.png"})
+
+    from prefect_journey.storage import download_client
+
+    with download_client(httpx.MockTransport(to_plain_http)) as http:
+        with pytest.raises(DownloadError, match="https"):
+            store_image("https://cdn.example.com/a.png", str(tmp_path), task_id="t", http=http)
+
+    hops = []
+
+    def loop(request: httpx.Request) -> httpx.Response:
+        hops.append(request.url)
+        return httpx.Response(302, headers={"Location": f"https://cdn.example.com/{len(hops)}.png"})
+
+    with download_client(httpx.MockTransport(loop)) as http:
+        with pytest.raises(DownloadError, match="TooManyRedirects"):
+            store_image("https://cdn.example.com/a.png", str(tmp_path), task_id="t", http=http)
+    assert len(hops) == 6 and local_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "../{task_id}.{ext}",
+        "/abs/{task_id}.{ext}",
+        "a//{task_id}.{ext}",
+        "a\\\\{task_id}.{ext}",
+        "{task_id.__class__}.{ext}",
+        "{task_id}",
+        "{missing}.{ext}",
+        "a/./{task_id}.{ext}",
+        "{task_id} x.{ext}",
+    ],
+)
+def test_unsafe_keys_are_refused_before_download(
+    emulator: EmulatorServer, tmp_path: Path, template: str
+) -> None:
+    result = generate(emulator)
+    with pytest.raises(JourneyValidationError):
+        store_image(result.image_url, str(tmp_path), task_id=result.task_id, key_template=template)
+    assert emulator.ledger()["calls"].get("cdn", 0) == 0
+    assert local_files(tmp_path) == []
+
+
+def test_key_helpers() -> None:
+    assert slugify("A Cat, in a Hat!  ") == "a-cat-in-a-hat"
+    assert slugify("../../etc/passwd") == "etc-passwd"
+    assert slugify("¿¿??") == "image"
+    key = render_key(
+        "{campaign}/{index:04d}-{slug}.{ext}",
+        {"campaign": "x", "index": 7, "slug": "s", "ext": "png"},
+    )
+    assert key == "x/0007-s.png"
+    with pytest.raises(JourneyValidationError):
+        check_object_key("x/../../y.png")
+
+
+def test_presigned_s3_reference_downloads(bucket: Bucket) -> None:
+    bucket.fs().pipe(f"{bucket.name}/characters/ana.png", b"sheet")
+    url = presign(f"{bucket.url}/characters/ana.png", bucket.storage_options, expires_in=300)
+    assert url.startswith(bucket.endpoint) and "Signature" in url
+    assert httpx.get(url).content == b"sheet"
+    assert presign("https://example.com/a.png") == "https://example.com/a.png"
+
+
+def test_async_store(emulator: EmulatorServer, bucket: Bucket) -> None:
+    result = generate(emulator, resolution="2K")
+    stored = asyncio.run(
+        astore_image(
+            result.image_url,
+            Destination(bucket.url, bucket.storage_options),
+            task_id=result.task_id,
+        )
+    )
+    assert stored.sha256 == served_sha256(emulator, result.task_id)
+    assert bucket.objects() == [f"{result.task_id}.png"]
