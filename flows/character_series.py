@@ -17,6 +17,7 @@ from prefect_journey.flowkit import (
     load_destination,
     publish_summary,
     report_image,
+    resolve_variant,
 )
 from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import StoredImage, slugify
@@ -46,6 +47,7 @@ def character_series(
     after every other scene is stored."""
     if not scenes:
         raise JourneyError("character_series needs at least one scene")
+    variant = resolve_variant(variant)
     target = load_destination(destination, destination_block)
     credentials = load_credentials(credentials_block)
     references = presign_references(character_refs, target.storage_options)

@@ -16,6 +16,7 @@ from prefect_journey.flowkit import (
     load_destination,
     publish_summary,
     report_image,
+    resolve_variant,
 )
 from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import StoredImage
@@ -42,9 +43,10 @@ def generate_and_store(
     """imagine -> store, with an image artifact, a summary and the object as an asset.
 
     ``references`` may be https URLs or ``s3://`` objects (presigned for this run).
-    ``variant`` goes into the cache key only: pass the scheduled date to get a new image
-    each day while a re-run of the same day costs nothing.
+    ``variant`` goes into the cache key only: ``"{scheduled_date}"`` (the run's scheduled
+    date) gives a new image each day while a re-run of the same day costs nothing.
     """
+    variant = resolve_variant(variant)
     target = load_destination(destination, destination_block)
     credentials = load_credentials(credentials_block)
     reference_urls = presign_references(references, target.storage_options) if references else []

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from datetime import UTC
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import ImageDestination, resolve_destination
@@ -24,6 +26,17 @@ from prefect_journey.storage import Destination, StoredImage, presign
 
 DESTINATION_ENV = "JOURNEY_DESTINATION"
 DEFAULT_DESTINATION = "./outputs"
+# A deployment's parameters are fixed, yet a daily schedule wants a new image per day: this
+# placeholder becomes the run's scheduled date, so a re-run of the same day hits the cache.
+SCHEDULED_DATE = "{scheduled_date}"
+
+
+def resolve_variant(variant: str) -> str:
+    """``variant`` with :data:`SCHEDULED_DATE` replaced by the run's scheduled date (UTC)."""
+    if SCHEDULED_DATE not in variant:
+        return variant
+    scheduled = flow_run.scheduled_start_time.astimezone(UTC).date().isoformat()
+    return variant.replace(SCHEDULED_DATE, scheduled)
 
 
 def load_credentials(block_name: str | None) -> JourneyCredentials | None:

@@ -1,0 +1,52 @@
+"""Serve the deployments of ``prefect.yaml`` from this process, with the same schedules.
+
+    python deployments/serve.py
+
+The deployments are read from ``prefect.yaml`` (not restated here), so the two cannot drift:
+each entry's flow is imported from its entrypoint and served with its schedules,
+parameters, tags and description. Needs ``PREFECT_API_URL`` pointing at a Prefect server.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import serve
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import RunnerDeployment
+from prefect.flows import load_flow_from_entrypoint
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PREFECT_YAML = HERE / "prefect.yaml"
+
+
+def load_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
+    """One served deployment per entry of ``prefect.yaml``."""
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    deployments = []
+    for entry in config["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / entry["entrypoint"]))
+        schedules = [
+            CronSchedule(cron=item["cron"], timezone=item.get("timezone"))
+            for item in entry.get("schedules", [])
+            if item.get("active", True)
+        ]
+        deployments.append(
+            flow.to_deployment(
+                name=entry["name"],
+                schedules=schedules,
+                parameters=entry.get("parameters", {}),
+                tags=entry.get("tags", []),
+                description=entry.get("description"),
+            )
+        )
+    return deployments
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    serve(*load_deployments())
