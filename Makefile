@@ -25,11 +25,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# The demo keeps its Prefect database, results and cache in the checkout, so it neither
+# depends on nor alters ~/.prefect (whose database another Prefect version may own).
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/python -m flows.demo
 
 emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outputs
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outputs .prefect

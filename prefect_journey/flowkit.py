@@ -15,12 +15,16 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import ImageDestination, resolve_destination
-from prefect_journey.errors import JourneyError, StorageError
+from prefect_journey.errors import JourneyError, JourneyValidationError, StorageError
 from prefect_journey.models import ImagineResult
 from prefect_journey.storage import Destination, StoredImage, presign
 
@@ -51,6 +55,73 @@ def load_destination(url: str | None, block_name: str | None) -> Destination:
         block: ImageDestination = ImageDestination.load(block_name)  # type: ignore[assignment]
         return block.as_destination()
     return resolve_destination(url or os.environ.get(DESTINATION_ENV) or DEFAULT_DESTINATION)
+
+
+TASK_RUNNER_ENV = "JOURNEY_TASK_RUNNER"
+DASK_ADDRESS_ENV = "JOURNEY_DASK_ADDRESS"
+DASK_WORKERS_ENV = "JOURNEY_DASK_WORKERS"
+# Two worker processes: one per core of a small machine; more on bigger ones via the env var.
+DEFAULT_DASK_WORKERS = 2
+
+
+def make_task_runner(kind: str | None, max_concurrency: int) -> TaskRunner[Any]:
+    """``"thread"`` (default, or ``$JOURNEY_TASK_RUNNER``): a thread pool of
+    ``max_concurrency``. ``"dask"``: prefect-dask on ``$JOURNEY_DASK_ADDRESS`` or a local
+    cluster of ``$JOURNEY_DASK_WORKERS`` processes sharing ``max_concurrency`` threads."""
+    kind = (kind or os.environ.get(TASK_RUNNER_ENV) or "thread").lower()
+    if max_concurrency < 1:
+        raise JourneyValidationError("max_concurrency must be at least 1")
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=max_concurrency)
+    if kind != "dask":
+        raise JourneyValidationError(f"task_runner must be 'thread' or 'dask', not {kind!r}")
+    try:
+        from prefect_dask.task_runners import DaskTaskRunner
+    except ImportError:
+        raise JourneyValidationError(
+            "task_runner='dask' needs prefect-dask: pip install 'prefect-journey[dask]'"
+        ) from None
+    address = os.environ.get(DASK_ADDRESS_ENV)
+    if address:
+        return DaskTaskRunner(address=address)
+    workers = min(int(os.environ.get(DASK_WORKERS_ENV, DEFAULT_DASK_WORKERS)), max_concurrency)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "processes": True,
+            # Never more threads in all than max_concurrency.
+            "threads_per_worker": max_concurrency // workers,
+            "dashboard_address": None,
+        }
+    )
+
+
+def concurrency_limit_exists(name: str | None) -> bool:
+    """Whether a Prefect global concurrency limit called ``name`` exists."""
+    if not name:
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+def emit_stored_event(stored: StoredImage, prompt: str, campaign: str | None = None) -> None:
+    """``journey.image.stored`` with the image's task id as resource, for automations."""
+    emit_event(
+        "journey.image.stored",
+        resource={
+            "prefect.resource.id": f"journey.image.{stored.task_id}",
+            "prefect.resource.name": stored.uri,
+        },
+        payload={
+            **stored.model_dump(),
+            "prompt": prompt[:500],
+            "campaign": campaign,
+        },
+    )
 
 
 def browser_url(stored: StoredImage, destination: Destination, result: ImagineResult) -> str:
@@ -117,6 +188,7 @@ def publish_summary(
 
 def failure_reason(future: PrefectFuture[Any]) -> str | None:
     """None if the future completed, else a one-line reason (the error's own message)."""
+    future.wait()  # pins the final state; reading .state before can see a stale one
     state = future.state
     if state.is_completed():
         return None

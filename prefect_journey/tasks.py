@@ -18,26 +18,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from textwrap import shorten
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.concurrency.asyncio import concurrency as aconcurrency
+from prefect.concurrency.sync import concurrency
+from prefect.results import ResultStore, get_result_store
 from prefect.runtime import task_run as current_task_run
 from prefect.tasks import Task, exponential_backoff
 
 from prefect_journey import policy
+from prefect_journey.budget import CreditBudget
 from prefect_journey.cache import (
     DEFAULT_CACHE_EXPIRATION,
     IMAGINE_CACHE_POLICY,
     STORE_CACHE_POLICY,
+    imagine_cache_key,
 )
-from prefect_journey.client import AsyncJourneyClient, JourneyClient
+from prefect_journey.client import AsyncJourneyClient, JourneyClient, resolve_base_url
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError, RateLimitedError
@@ -142,6 +150,24 @@ def _check_variant(variant: str) -> str:
     return variant
 
 
+def is_cached(
+    request: ImagineRequest, credentials: JourneyCredentials | None = None, variant: str = ""
+) -> bool:
+    """Whether :func:`imagine` would answer ``request`` from its cache (no call, no credit).
+
+    Reads the same result store, with the same key storage, as the task engine would.
+    """
+    base_url = resolve_base_url(credentials.base_url if credentials else None)
+    key = imagine_cache_key(request, variant, base_url)
+    # `_sync=True` is how Prefect's own task engine asks its async-dispatching API for the
+    # sync variant; the stubs do not declare it.
+    store = cast(
+        ResultStore,
+        get_result_store().update_for_task(imagine, _sync=True),  # type: ignore[call-arg]
+    )
+    return store.exists(key)
+
+
 def _imagine_run_name() -> str:
     request = current_task_run.parameters.get("request")
     prompt = getattr(request, "prompt", None) or (request or {}).get("prompt", "?")
@@ -169,14 +195,23 @@ def _finish(
     run_id = current_task_run.id
     with _possibly_billed_lock:
         possibly_billed = _possibly_billed.pop(UUID(run_id), 0) if run_id else 0
-    result = result.model_copy(update={"possibly_billed_attempts": possibly_billed})
+    # Inside a task the client makes one HTTP attempt per Prefect attempt.
+    result = result.model_copy(
+        update={
+            "possibly_billed_attempts": possibly_billed,
+            "attempts": current_task_run.run_count,
+        }
+    )
+    # Host and pid say which worker made the call when a batch is spread over processes.
     logger.info(
-        "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d",
+        "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d worker=%s/%d",
         result.task_id,
         result.elapsed_seconds,
         result.credits_charged,
         current_task_run.run_count,
         possibly_billed,
+        socket.gethostname(),
+        os.getpid(),
     )
     return result
 
@@ -195,21 +230,53 @@ _IMAGINE_OPTIONS: dict[str, Any] = {
 }
 
 
+@contextmanager
+def _paid_attempt(budget: CreditBudget | None, concurrency_limit: str | None) -> Iterator[None]:
+    # The slot is taken before the credits are reserved, so waiting for a slot does not
+    # hold budget that running calls could use.
+    with ExitStack() as stack:
+        if concurrency_limit:
+            stack.enter_context(concurrency(concurrency_limit, occupy=1, strict=True))
+        if budget is not None:
+            stack.enter_context(budget.attempt())
+        yield
+
+
+@asynccontextmanager
+async def _apaid_attempt(
+    budget: CreditBudget | None, concurrency_limit: str | None
+) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        if concurrency_limit:
+            await stack.enter_async_context(aconcurrency(concurrency_limit, occupy=1, strict=True))
+        if budget is not None:
+            stack.enter_context(budget.attempt())
+        yield
+
+
 @task(name="journey-imagine", **_IMAGINE_OPTIONS)
 def imagine(
     request: ImagineRequest | Mapping[str, Any],
     credentials: JourneyCredentials | None = None,
     variant: str = "",
+    budget: CreditBudget | None = None,
+    concurrency_limit: str | None = None,
 ) -> ImagineResult:
-    """Generate one image. ``credentials`` default to ``$JOURNEY_API_KEY``;
-    ``variant`` is part of the cache key only (see :mod:`prefect_journey.cache`)."""
+    """Generate one image.
+
+    ``credentials`` default to ``$JOURNEY_API_KEY``. ``variant`` is part of the cache key
+    only (see :mod:`prefect_journey.cache`). ``budget`` gates every attempt on a shared
+    :class:`~prefect_journey.budget.CreditBudget`; ``concurrency_limit`` names a Prefect
+    global concurrency limit held for the duration of each attempt.
+    """
     request, variant = as_request(request), _check_variant(variant)
     logger = get_run_logger()
     options = _client_options()
     client = credentials.get_client(**options) if credentials else JourneyClient(**options)
     with client:
         try:
-            result = client.imagine(request)
+            with _paid_attempt(budget, concurrency_limit):
+                result = client.imagine(request)
         except JourneyError as error:
             time.sleep(_note_failure(logger, error))
             raise
@@ -221,6 +288,8 @@ async def aimagine(
     request: ImagineRequest | Mapping[str, Any],
     credentials: JourneyCredentials | None = None,
     variant: str = "",
+    budget: CreditBudget | None = None,
+    concurrency_limit: str | None = None,
 ) -> ImagineResult:
     """Async twin of :func:`imagine`."""
     request, variant = as_request(request), _check_variant(variant)
@@ -231,7 +300,8 @@ async def aimagine(
     )
     async with client:
         try:
-            result = await client.imagine(request)
+            async with _apaid_attempt(budget, concurrency_limit):
+                result = await client.imagine(request)
         except JourneyError as error:
             await asyncio.sleep(_note_failure(logger, error))
             raise

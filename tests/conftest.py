@@ -53,6 +53,14 @@ def emulator(emulator_server: EmulatorServer) -> Iterator[EmulatorServer]:
     yield emulator_server
 
 
+@pytest.fixture
+def journey_env(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
+    """The emulator, with ``JOURNEY_API_KEY`` and ``JOURNEY_BASE_URL`` pointing at it."""
+    monkeypatch.setenv("JOURNEY_API_KEY", emulator.api_key)
+    monkeypatch.setenv("JOURNEY_BASE_URL", emulator.url)
+    return emulator
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real (subprocess) Prefect server with a temporary database, and a private folder

@@ -36,13 +36,6 @@ fast_imagine = imagine.with_options(retry_delay_seconds=0)
 fast_store = store_image.with_options(retry_delay_seconds=0)
 
 
-@pytest.fixture
-def journey_env(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
-    monkeypatch.setenv("JOURNEY_API_KEY", emulator.api_key)
-    monkeypatch.setenv("JOURNEY_BASE_URL", emulator.url)
-    return emulator
-
-
 def calls(emulator: EmulatorServer, endpoint: str = "imagine") -> int:
     return int(emulator.ledger()["calls"].get(endpoint, 0))
 

@@ -1,0 +1,332 @@
+"""A campaign: hundreds of prompts, fanned out under a concurrency limit and a credit budget.
+
+Everything that can be checked is checked before the first call: every row (with its row
+number), every object key, what the batch can cost (cache hits excluded) against
+``max_credits`` and the account's balance. During the run no call starts once spent plus
+in-flight credits would pass ``max_credits`` (retries count). One failed item never stops
+the others; re-running the campaign redoes only what failed, the rest are cache hits.
+
+    python flows/batch_campaign.py campaign.csv --campaign spring --max-credits 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from prefect_journey.budget import BudgetExceededError, CreditBudget
+from prefect_journey.campaign import DEFAULT_KEY_TEMPLATE, CampaignItem, plan_items, read_items
+from prefect_journey.client import JourneyClient
+from prefect_journey.errors import InsufficientCreditsError, JourneyError, JourneyValidationError
+from prefect_journey.flowkit import (
+    concurrency_limit_exists,
+    emit_stored_event,
+    failure_reason,
+    load_credentials,
+    load_destination,
+    make_task_runner,
+    report_image,
+    resolve_variant,
+)
+from prefect_journey.models import CREDITS_PER_IMAGE
+from prefect_journey.storage import slugify
+from prefect_journey.tasks import attempt_timeout, declare_asset, imagine, is_cached, store_image
+
+DEFAULT_CONCURRENCY_LIMIT = "journey-imagine"
+BUDGET_DIR_ENV = "JOURNEY_BUDGET_DIR"
+
+Status = Literal["stored", "failed", "skipped"]
+
+
+class ItemOutcome(BaseModel):
+    row: int
+    prompt: str
+    status: Status
+    task_id: str = ""
+    latency_s: float = 0.0
+    credits: int = 0
+    attempts: int = 0
+    cached: bool = False
+    uri: str = ""
+    sha256: str = ""
+    reason: str = ""
+
+
+class CampaignReport(BaseModel):
+    campaign: str
+    items: int
+    stored: int
+    failed: int
+    skipped: int
+    cache_hits: int
+    calls: int
+    credits_charged: int
+    possibly_billed_retries: int
+    outcomes: list[ItemOutcome]
+
+    def ledger_line(self) -> str:
+        return (
+            f"items={self.items} stored={self.stored} failed={self.failed} skipped={self.skipped} "
+            f"cache_hits={self.cache_hits} calls={self.calls} "
+            f"credits_charged={self.credits_charged} "
+            f"possibly_billed_retries={self.possibly_billed_retries}"
+        )
+
+
+class CampaignFailedError(JourneyError):
+    """Some items failed (see the summary artifact); the stored ones are kept."""
+
+
+def _budget_path() -> Path:
+    default = Path(tempfile.gettempdir()) / "prefect-journey"
+    folder = Path(os.environ.get(BUDGET_DIR_ENV) or default)
+    return folder / f"budget-{flow_run.id or 'local'}.json"
+
+
+def _preflight(
+    plan: list[CampaignItem],
+    *,
+    credentials_block: str | None,
+    variant: str,
+    max_credits: int | None,
+    partial_budget: bool,
+) -> int:
+    """Credits the batch can cost; raise if that is over the budget or the balance."""
+    credentials = load_credentials(credentials_block)
+    uncached = [item for item in plan if not is_cached(item.request, credentials, variant)]
+    cost = CREDITS_PER_IMAGE * len(uncached)
+    logger = get_run_logger()
+    logger.info(
+        "%d items, %d cache hits expected, up to %d credits",
+        len(plan),
+        len(plan) - len(uncached),
+        cost,
+    )
+    if cost == 0:
+        return 0
+    if max_credits is not None and cost > max_credits and not partial_budget:
+        raise BudgetExceededError(
+            f"the batch can cost {cost} credits ({len(uncached)} uncached items x "
+            f"{CREDITS_PER_IMAGE}), above max_credits={max_credits}; "
+            "raise max_credits or pass partial_budget=True"
+        )
+    needed = min(cost, max_credits) if max_credits is not None else cost
+    with credentials.get_client() if credentials else JourneyClient() as api:
+        balance = api.account().credits
+    if needed > balance:
+        raise InsufficientCreditsError(
+            f"the batch needs up to {needed} credits and the account has {balance}: top up first"
+        )
+    return cost
+
+
+@flow(name="batch-campaign-fan-out", validate_parameters=False)
+def fan_out(
+    plan: list[CampaignItem],
+    campaign: str,
+    key_template: str,
+    destination: str | None,
+    destination_block: str | None,
+    credentials_block: str | None,
+    variant: str,
+    budget: CreditBudget,
+    concurrency_limit: str | None,
+) -> list[ItemOutcome]:
+    """Submit every item, report each as it finishes. Parameters hold names, never secrets:
+    the blocks are loaded here."""
+    target = load_destination(destination, destination_block)
+    credentials = load_credentials(credentials_block)
+    worst = max(attempt_timeout(item.request) for item in plan)
+    generate = imagine.with_options(timeout_seconds=worst)
+    items = {item.row: item for item in plan}
+    # Workers only announce what finished; this thread submits and reports. A store is
+    # submitted once its image exists, so it never holds a worker while waiting for it.
+    finished: queue.Queue[tuple[str, int]] = queue.Queue()
+    results: dict[int, PrefectFuture[Any]] = {}
+    stores: dict[int, PrefectFuture[Any]] = {}
+    for row, item in items.items():
+        results[row] = generate.submit(
+            item.request, credentials, variant, budget, concurrency_limit
+        )
+        results[row].add_done_callback(partial(_announce, finished, "generated", row))
+    slug = slugify(campaign)
+    progress = create_progress_artifact(
+        0.0, key=f"{slug}-progress", description=f"campaign {campaign}"
+    )
+    remaining = len(items)
+    while remaining:
+        stage, row = finished.get()
+        item = items[row]
+        if stage == "generated":
+            results[row].wait()  # pins the final state; the API may still report it running
+            if results[row].state.is_completed():
+                stores[row] = store_image.submit(
+                    results[row], target, key_template=key_template, key_fields=item.key_fields
+                )
+                stores[row].add_done_callback(partial(_announce, finished, "stored", row))
+                continue
+        else:
+            stores[row].wait()
+            if stores[row].state.is_completed():
+                stored = stores[row].result()
+                declare_asset(stored, item.request.prompt)
+                report_image(stored, results[row].result(), target, item.request.prompt)
+                emit_stored_event(stored, item.request.prompt, campaign)
+        remaining -= 1
+        update_progress_artifact(progress, 100.0 * (len(items) - remaining) / len(items))
+    return [_outcome(items[row], results[row], stores.get(row)) for row in sorted(items)]
+
+
+def _announce(finished: queue.Queue[tuple[str, int]], stage: str, row: int, _: Any) -> None:
+    finished.put((stage, row))
+
+
+def _outcome(
+    item: CampaignItem, result: PrefectFuture[Any], store: PrefectFuture[Any]
+) -> ItemOutcome:
+    base = {"row": item.row, "prompt": item.request.prompt[:120]}
+    reason = failure_reason(result)
+    if reason:
+        skipped = "BudgetExceededError" in reason
+        return ItemOutcome(**base, status="skipped" if skipped else "failed", reason=reason)
+    generated = result.result()
+    cached = result.state.name == "Cached"
+    common = {
+        **base,
+        "task_id": generated.task_id,
+        "latency_s": round(generated.elapsed_seconds, 2),
+        "credits": 0 if cached else generated.credits_charged,
+        "attempts": 0 if cached else generated.attempts,
+        "cached": cached,
+    }
+    assert store is not None  # submitted for every generated image
+    reason = failure_reason(store)
+    if reason:
+        return ItemOutcome(**common, status="failed", reason=reason)
+    stored = store.result()
+    return ItemOutcome(**common, status="stored", uri=stored.uri, sha256=stored.sha256)
+
+
+@flow(name="batch-campaign")
+def batch_campaign(
+    items: list[dict[str, Any]] | None = None,
+    source: str | None = None,
+    campaign: str = "campaign",
+    key_template: str = DEFAULT_KEY_TEMPLATE,
+    destination: str | None = None,
+    destination_block: str | None = None,
+    credentials_block: str | None = None,
+    variant: str = "",
+    max_concurrency: int = 8,
+    concurrency_limit: str | None = DEFAULT_CONCURRENCY_LIMIT,
+    max_credits: int | None = None,
+    partial_budget: bool = False,
+    allow_failures: bool = False,
+    task_runner: str | None = None,
+) -> CampaignReport:
+    """Generate and store every item of a campaign.
+
+    ``items`` (a list of mappings) or ``source`` (a CSV/JSONL path or fsspec URL).
+    ``concurrency_limit``: a Prefect global concurrency limit shared with other flows, used
+    when it exists; ``max_concurrency`` bounds the run either way. ``max_credits``: the
+    run's budget (``partial_budget=True`` runs until it is spent instead of refusing to
+    start). ``task_runner``: ``"thread"`` or ``"dask"`` (default ``$JOURNEY_TASK_RUNNER``).
+    The run fails if any item failed, unless ``allow_failures``.
+    """
+    if (items is None) == (source is None):
+        raise JourneyValidationError("pass either items or source")
+    rows = items if items is not None else read_items(source or "")
+    plan = plan_items(rows, campaign=campaign, key_template=key_template)
+    variant = resolve_variant(variant)
+    runner = make_task_runner(task_runner, max_concurrency)
+    load_destination(destination, destination_block)  # a bad destination fails before spending
+    _preflight(
+        plan,
+        credentials_block=credentials_block,
+        variant=variant,
+        max_credits=max_credits,
+        partial_budget=partial_budget,
+    )
+    limit = concurrency_limit if concurrency_limit_exists(concurrency_limit) else None
+    logger = get_run_logger()
+    if concurrency_limit and limit is None:
+        logger.info(
+            "no global concurrency limit %r: bounded by max_concurrency=%d",
+            concurrency_limit,
+            max_concurrency,
+        )
+    budget = CreditBudget.create(_budget_path(), max_credits)
+    outcomes = fan_out.with_options(task_runner=runner)(
+        plan,
+        campaign,
+        key_template,
+        destination,
+        destination_block,
+        credentials_block,
+        variant,
+        budget,
+        limit,
+    )
+    ledger = budget.snapshot()
+    report = CampaignReport(
+        campaign=campaign,
+        items=len(plan),
+        stored=sum(o.status == "stored" for o in outcomes),
+        failed=sum(o.status == "failed" for o in outcomes),
+        skipped=sum(o.status == "skipped" for o in outcomes),
+        cache_hits=sum(o.cached for o in outcomes),
+        calls=ledger["calls"],
+        credits_charged=ledger["spent"],
+        possibly_billed_retries=ledger["possibly_billed"],
+        outcomes=outcomes,
+    )
+    create_table_artifact(
+        [o.model_dump() for o in outcomes],
+        key=f"{slugify(campaign)}-summary",
+        description=f"campaign {campaign}: {report.ledger_line()}",
+    )
+    logger.info("campaign %s: %s", campaign, report.ledger_line())
+    not_stored = [o for o in outcomes if o.status != "stored"]
+    if not_stored and not allow_failures:
+        reasons = "; ".join(f"row {o.row}: {o.reason}" for o in not_stored[:10])
+        raise CampaignFailedError(f"{len(not_stored)} of {len(plan)} items not stored: {reasons}")
+    return report
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a .csv or .jsonl file (local path or fsspec URL)")
+    parser.add_argument("--campaign", default="campaign")
+    parser.add_argument("--destination")
+    parser.add_argument("--max-credits", type=int)
+    parser.add_argument("--max-concurrency", type=int, default=8)
+    parser.add_argument("--task-runner", choices=["thread", "dask"])
+    args = parser.parse_args()
+    report = batch_campaign(
+        source=args.source,
+        campaign=args.campaign,
+        destination=args.destination,
+        max_credits=args.max_credits,
+        max_concurrency=args.max_concurrency,
+        task_runner=args.task_runner,
+    )
+    print(report.ledger_line())
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,109 @@
+"""A credit budget shared by every attempt of a run, across threads and processes.
+
+Each paid attempt :meth:`~CreditBudget.reserve` s the price of one image before it starts and
+:meth:`~CreditBudget.settle` s afterwards: a success or a possibly-billed failure is counted
+as spent, a failure that cannot have been billed gives the reservation back. No attempt
+starts once ``spent + in flight + price`` would pass the limit, so retries count too.
+
+The state is a small JSON file guarded by ``flock``: threads, Dask worker processes and
+several flows on one machine share it by sharing the path (the object pickles as its path).
+On several machines, put the file on a filesystem they share.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect_journey.errors import JourneyError
+from prefect_journey.models import CREDITS_PER_IMAGE
+
+_EMPTY = {"in_flight": 0, "spent": 0, "calls": 0, "possibly_billed": 0, "refused": 0}
+
+
+class BudgetExceededError(JourneyError):
+    """Starting this call could take the run past its credit budget."""
+
+
+@dataclass(frozen=True)
+class CreditBudget:
+    """``limit`` credits (None: unlimited, counting only) tracked in the file at ``path``."""
+
+    path: str
+    limit: int | None = None
+    price: int = CREDITS_PER_IMAGE
+
+    @classmethod
+    def create(cls, path: str | Path, limit: int | None = None) -> CreditBudget:
+        """A fresh budget (the file is reset)."""
+        if limit is not None and limit < 0:
+            raise ValueError("a credit budget cannot be negative")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(_EMPTY))
+        return cls(str(path), limit)
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, int]]:
+        with _THREAD_LOCK, open(self.path, "r+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            state = {**_EMPTY, **json.loads(handle.read() or "{}")}
+            yield state
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps(state))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def reserve(self) -> None:
+        """Reserve one call's price or raise :class:`BudgetExceededError`."""
+        with self._locked() as state:
+            committed = state["spent"] + state["in_flight"]
+            refused = self.limit is not None and committed + self.price > self.limit
+            if refused:
+                state["refused"] += 1
+                spent, in_flight = state["spent"], state["in_flight"]
+            else:
+                state["in_flight"] += self.price
+                state["calls"] += 1
+        if refused:
+            raise BudgetExceededError(
+                f"credit budget reached: {spent} spent and {in_flight} in flight of "
+                f"max_credits={self.limit}; not starting another call"
+            )
+
+    def settle(self, error: BaseException | None) -> None:
+        """Close a reservation: spent unless ``error`` is one of ours that proves nothing
+        was billed (an unknown failure, or an interruption, may have been billed)."""
+        not_billed = isinstance(error, JourneyError) and not error.possibly_billed
+        with self._locked() as state:
+            state["in_flight"] -= self.price
+            if not not_billed:
+                state["spent"] += self.price
+            if error is not None and not not_billed:
+                state["possibly_billed"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Calls started, credits spent (possibly-billed counted), in flight, refusals."""
+        with self._locked() as state:
+            return {**state, "limit": self.limit}
+
+    @contextmanager
+    def attempt(self) -> Iterator[None]:
+        """Reserve around one paid call and settle by how it ended."""
+        self.reserve()
+        try:
+            yield
+        except BaseException as error:
+            self.settle(error)
+            raise
+        self.settle(None)
+
+
+_THREAD_LOCK = threading.Lock()

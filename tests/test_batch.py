@@ -1,0 +1,237 @@
+"""batch_campaign: fan-out, limits, budgets, reporting and Dask, under a real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.settings import PREFECT_API_URL
+
+from flows.batch_campaign import CampaignReport, batch_campaign
+from prefect_journey import ImageDestination
+from prefect_journey.emulator import EmulatorServer
+
+from . import prefect_api
+from .conftest import Bucket
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def items(n: int, tag: str | None = None) -> list[dict[str, Any]]:
+    tag = tag or uuid.uuid4().hex[:8]
+    return [
+        {"prompt": f"product {i} on a white background #{tag}", "sku": f"sku-{i}"}
+        for i in range(1, n + 1)
+    ]
+
+
+def imagine_calls(emulator: EmulatorServer) -> int:
+    return int(emulator.ledger()["calls"].get("imagine", 0))
+
+
+@pytest.fixture
+def destination_block(bucket: Bucket) -> str:
+    name = f"batch-{bucket.name}"
+    ImageDestination(url=bucket.url, storage_options=bucket.storage_options).save(
+        name, overwrite=True
+    )
+    return name
+
+
+def test_hundred_items_stored_exactly_once_and_reported(
+    journey_env: EmulatorServer, bucket: Bucket, destination_block: str
+) -> None:
+    state = batch_campaign(
+        items=items(100),
+        campaign="Spring 100",
+        destination_block=destination_block,
+        max_concurrency=8,
+        return_state=True,
+    )
+    report: CampaignReport = state.result()
+    assert (report.stored, report.failed, report.calls, report.credits_charged) == (
+        100,
+        0,
+        100,
+        400,
+    )
+    objects = bucket.objects()
+    assert len(objects) == 100 and all(o.startswith("spring-100/") for o in objects)
+    assert sorted(o.uri.removeprefix(f"s3://{bucket.name}/") for o in report.outcomes) == objects
+    ledger = journey_env.ledger()
+    assert ledger["credits_charged"] == 400 and ledger["peak_concurrency"] <= 8
+
+    run_ids = [prefect_api.flow_run_id(state)]
+    run_ids += [r.id for r in prefect_api.flow_runs_of_parent(run_ids[0])]
+    artifacts = prefect_api.artifacts(run_ids)
+    [table] = [a for a in artifacts if a.type == "table"]
+    rows = table.data if isinstance(table.data, list) else __import__("json").loads(table.data)
+    assert sorted(r["uri"].removeprefix(f"s3://{bucket.name}/") for r in rows) == objects
+    assert {r["status"] for r in rows} == {"stored"}
+    assert sum(a.type == "image" for a in artifacts) == 100
+    [progress] = [a for a in artifacts if a.type == "progress"]
+    assert float(progress.data) == 100.0
+    stored_ids = {f"journey.image.{o.task_id}" for o in report.outcomes}
+
+    def all_events_arrived() -> bool:
+        events = prefect_api.events("journey.image.stored")
+        return stored_ids <= {e["resource"]["prefect.resource.id"] for e in events}
+
+    deadline = time.monotonic() + 30  # events are delivered asynchronously
+    while not all_events_arrived():
+        assert time.monotonic() < deadline, "journey.image.stored events missing"
+        time.sleep(0.5)
+
+
+def test_over_budget_or_balance_fails_before_any_call(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    over_budget = batch_campaign(
+        items=items(10), destination=str(tmp_path), max_credits=39, return_state=True
+    )
+    assert over_budget.is_failed() and "above max_credits=39" in str(over_budget.message)
+    journey_env.admin("config", {"credits": 20})
+    over_balance = batch_campaign(items=items(10), destination=str(tmp_path), return_state=True)
+    assert over_balance.is_failed() and "account has 20" in str(over_balance.message)
+    assert imagine_calls(journey_env) == 0 and list(tmp_path.iterdir()) == []
+    journey_env.admin("config", {"credits": 10_000})
+
+
+def test_half_budget_stops_new_calls_at_the_limit(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    journey_env.admin("config", {"fixed": 0.2})
+    report = batch_campaign(
+        items=items(10),
+        destination=str(tmp_path),
+        max_credits=20,
+        partial_budget=True,
+        allow_failures=True,
+        max_concurrency=4,
+    )
+    assert (report.calls, report.credits_charged, report.stored, report.skipped) == (5, 20, 5, 5)
+    assert journey_env.ledger()["credits_charged"] == 20 and imagine_calls(journey_env) == 5
+    assert all("budget" in o.reason for o in report.outcomes if o.status == "skipped")
+
+
+def test_retries_count_against_the_budget(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    journey_env.admin("faults", {"queue": {"api": ["500"]}})
+    from flows import batch_campaign as module
+
+    state = module.batch_campaign(
+        items=items(3),
+        destination=str(tmp_path),
+        max_credits=12,
+        max_concurrency=1,
+        return_state=True,
+    )
+    # 3 items fit the budget, but the possibly-billed retry of the first used a share of it.
+    assert state.is_failed()
+    ledger = journey_env.ledger()
+    assert ledger["credits_charged"] == 12 and imagine_calls(journey_env) == 3
+
+
+def test_concurrency_never_exceeds_max_concurrency(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    journey_env.admin("config", {"fixed": 0.3})
+    batch_campaign(
+        items=items(12), destination=str(tmp_path), max_concurrency=3, concurrency_limit=None
+    )
+    assert journey_env.ledger()["peak_concurrency"] == 3
+
+
+def test_global_concurrency_limit_is_shared(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    name = f"journey-imagine-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
+    journey_env.admin("config", {"fixed": 0.3})
+    batch_campaign(
+        items=items(8), destination=str(tmp_path), max_concurrency=8, concurrency_limit=name
+    )
+    assert journey_env.ledger()["peak_concurrency"] == 2
+
+
+def test_failed_items_do_not_stop_the_batch_and_rerun_redoes_only_them(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    batch = items(6)
+    journey_env.admin("faults", {"queue": {"api": ["failed"]}})
+    state = batch_campaign(
+        items=batch, destination=str(tmp_path), max_concurrency=1, return_state=True
+    )
+    assert state.is_failed() and "1 of 6 items not stored" in str(state.message)
+    assert "Content policy violation" in str(state.message)
+    assert len(list(tmp_path.rglob("*.png"))) == 5
+    journey_env.admin("reset")
+    report = batch_campaign(items=batch, destination=str(tmp_path))
+    assert (report.stored, report.cache_hits, report.calls) == (6, 5, 1)
+    assert imagine_calls(journey_env) == 1 and len(list(tmp_path.rglob("*.png"))) == 6
+
+
+def test_bad_campaign_input_is_reported_before_any_call(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    batch = items(60)
+    batch[56]["aspect_ratio"] = "5:4"
+    state = batch_campaign(items=batch, destination=str(tmp_path), return_state=True)
+    assert state.is_failed() and "row 57: aspect_ratio" in str(state.message)
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_text("text\nhello\n")
+    state = batch_campaign(source=str(csv_file), destination=str(tmp_path), return_state=True)
+    assert state.is_failed() and "no 'prompt' column" in str(state.message)
+    state = batch_campaign(
+        items=items(2),
+        key_template="../x-{index}.{ext}",
+        destination=str(tmp_path),
+        return_state=True,
+    )
+    assert state.is_failed() and "row 1" in str(state.message) and "'..'" in str(state.message)
+    assert journey_env.ledger()["calls_total"] == 0
+
+
+def test_campaign_from_a_file_in_a_bucket(
+    journey_env: EmulatorServer, bucket: Bucket, destination_block: str
+) -> None:
+    lines = "\n".join(f'{{"prompt": "jsonl item {i} {uuid.uuid4().hex[:6]}"}}' for i in range(3))
+    bucket.fs().pipe(f"{bucket.name}/input/c.jsonl", lines.encode())
+    # The campaign file is read with the same s3fs options as the env would give.
+    os.environ["AWS_ENDPOINT_URL_S3"] = bucket.endpoint
+    os.environ["AWS_ACCESS_KEY_ID"] = os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+    try:
+        report = batch_campaign(
+            source=f"{bucket.url}/input/c.jsonl", destination_block=destination_block
+        )
+    finally:
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.pop(var)
+    assert (
+        report.stored == 3 and len([o for o in bucket.objects() if o.startswith("campaign/")]) == 3
+    )
+
+
+def test_batch_on_a_local_dask_cluster(
+    journey_env: EmulatorServer,
+    bucket: Bucket,
+    destination_block: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("JOURNEY_TASK_RUNNER", "dask")
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+    state = batch_campaign(
+        items=items(8), destination_block=destination_block, max_concurrency=4, return_state=True
+    )
+    report = state.result()
+    assert report.stored == 8 and len(bucket.objects()) == 8
+    assert journey_env.ledger()["peak_concurrency"] <= 4
+    parent = prefect_api.flow_run_id(state)
+    runs = [parent, *(r.id for r in prefect_api.flow_runs_of_parent(parent))]
+    workers = {m.rsplit("worker=", 1)[1] for m in prefect_api.logs(runs) if "worker=" in m}
+    pids = {int(w.rsplit("/", 1)[1]) for w in workers}
+    assert pids and os.getpid() not in pids  # the calls ran in Dask worker processes
