@@ -3,8 +3,8 @@
     python deployments/serve.py
 
 The deployments are read from ``prefect.yaml`` (not restated here), so the two cannot drift:
-each entry's flow is imported from its entrypoint and served with its schedules,
-parameters, tags and description. Needs ``PREFECT_API_URL`` pointing at a Prefect server.
+each entry's flow is imported from its entrypoint and served with its schedules, event
+triggers, parameters, tags and description. Needs ``PREFECT_API_URL`` pointing at a Prefect server.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
 
 HERE = Path(__file__).resolve().parent
@@ -35,10 +36,16 @@ def load_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
             for item in entry.get("schedules", [])
             if item.get("active", True)
         ]
+        triggers = [
+            DeploymentEventTrigger.model_validate({k: v for k, v in item.items() if k != "type"})
+            for item in entry.get("triggers", [])
+            if item.get("type", "event") == "event"
+        ]
         deployments.append(
             flow.to_deployment(
                 name=entry["name"],
                 schedules=schedules,
+                triggers=triggers,
                 parameters=entry.get("parameters", {}),
                 tags=entry.get("tags", []),
                 description=entry.get("description"),

@@ -6,6 +6,7 @@ prefect-journey emulator --port 8765 [--time-scale 0.1] [--fault 429=0.1] ...
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -67,7 +68,62 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--realistic-sizes", action="store_true", help="photo-like grain: multi-MB PNGs"
     )
+
+    imagine = commands.add_parser(
+        "imagine", help="generate one image (key from $JOURNEY_API_KEY) and optionally store it"
+    )
+    imagine.add_argument("--prompt", required=True)
+    imagine.add_argument("--reference", action="append", default=[], help="repeatable, max 14")
+    imagine.add_argument("--aspect-ratio", default="1:1")
+    imagine.add_argument("--resolution")
+    imagine.add_argument("--destination", help="fsspec URL or folder to store the image in")
+    imagine.add_argument("--key-template", default="{task_id}.{ext}")
+
+    webhooks = commands.add_parser(
+        "webhooks", help="receive JourneyAPI webhooks and emit Prefect events"
+    )
+    webhooks.add_argument("--host", default="127.0.0.1")
+    webhooks.add_argument("--port", type=int, default=8780)
     return parser
+
+
+def _run_imagine(args: argparse.Namespace) -> int:
+    from prefect_journey.client import JourneyClient
+    from prefect_journey.models import ImagineRequest
+    from prefect_journey.storage import store_image
+
+    request = ImagineRequest(
+        prompt=args.prompt,
+        image_urls=args.reference,
+        aspect_ratio=args.aspect_ratio,
+        resolution=args.resolution,
+    )
+    with JourneyClient() as client:
+        result = client.imagine(request)
+    output: dict[str, object] = {"result": result.model_dump()}
+    if args.destination:
+        stored = store_image(
+            result.image_url,
+            args.destination,
+            task_id=result.task_id,
+            key_template=args.key_template,
+        )
+        output["stored"] = stored.model_dump()
+    print(json.dumps(output, indent=2))
+    return 0
+
+
+def _run_webhooks(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from prefect_journey.webhooks import WEBHOOK_PATH, WEBHOOK_SECRET_ENV, create_webhook_app
+
+    app = create_webhook_app(os.environ.get(WEBHOOK_SECRET_ENV, ""))
+    print(
+        f"JourneyAPI webhook receiver on http://{args.host}:{args.port}{WEBHOOK_PATH}", flush=True
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _run_emulator(args: argparse.Namespace) -> int:
@@ -103,12 +159,21 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS = {"emulator": _run_emulator, "imagine": _run_imagine, "webhooks": _run_webhooks}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 1 the API or the store failed, 2 bad input or configuration."""
+    from prefect_journey.errors import JourneyError
+
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "emulator":
-            return _run_emulator(args)
+        return _COMMANDS[args.command](args)
+    except JourneyError as exc:
+        # Our messages never carry secrets; the traceback is not needed to act on them.
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
     except ValueError as exc:
         parser.error(str(exc))
     return 2

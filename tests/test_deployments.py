@@ -99,20 +99,20 @@ def expected() -> dict[str, Any]:
     config = yaml.safe_load(PREFECT_YAML.read_text())
     return {
         entry["name"]: {
-            "crons": sorted((s["cron"], s["timezone"]) for s in entry["schedules"]),
+            "crons": sorted((s["cron"], s["timezone"]) for s in entry.get("schedules", [])),
             "parameters": entry["parameters"],
         }
         for entry in config["deployments"]
     }
 
 
-def wait_for(condition: Any, timeout: float = 90) -> Any:
+def wait_for(condition: Any, describe: Any, timeout: float = 120) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out; last seen: {describe()}"
         time.sleep(1)
 
 
@@ -139,25 +139,34 @@ def test_prefect_yaml_deploys_with_its_schedules(prefect_server: dict[str, str])
 
     def all_scheduled() -> dict[str, Any] | None:
         found = read_deployments(prefect_server)
-        return (
-            found
-            if set(found) == set(wanted) and all(d["scheduled"] for d in found.values())
-            else None
-        )
+        scheduled = all(found[name]["scheduled"] for name in wanted if wanted[name]["crons"])
+        return found if set(found) == set(wanted) and scheduled else None
 
-    found = wait_for(all_scheduled)
+    found = wait_for(all_scheduled, lambda: read_deployments(prefect_server))
     for name, want in wanted.items():
         assert found[name]["crons"] == want["crons"]
         assert found[name]["pool"] == "journey-pool"
         assert found[name]["parameters"] == want["parameters"]
-        [(cron, timezone)] = want["crons"]
-        assert all(matches_cron(start, cron, timezone) for start in found[name]["scheduled"])
+        for cron, timezone in want["crons"]:
+            assert all(matches_cron(start, cron, timezone) for start in found[name]["scheduled"])
+    assert webhook_triggers(prefect_server) == ["journey.task.finished"]
+
+
+def webhook_triggers(env: dict[str, str]) -> list[str]:
+    """Events expected by the automations that `prefect deploy` made from the triggers."""
+    automations = httpx.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}).json()
+    return sorted(event for a in automations for event in a["trigger"].get("expect", []))
 
 
 def test_serve_script_serves_the_same_schedules(prefect_server: dict[str, str]) -> None:
     api = prefect_server["PREFECT_API_URL"]
     for deployment in httpx.post(f"{api}/deployments/filter", json={}).json():
-        httpx.delete(f"{api}/deployments/{deployment['id']}").raise_for_status()
+        # SQLite answers 503 while the scheduler holds its write lock: try again.
+        wait_for(
+            lambda d=deployment: httpx.delete(f"{api}/deployments/{d['id']}").status_code < 500,
+            lambda: "deleting deployments",
+            timeout=60,
+        )
     served = subprocess.Popen(
         [sys.executable, str(ROOT / "deployments" / "serve.py")],
         env=prefect_server,
@@ -172,7 +181,7 @@ def test_serve_script_serves_the_same_schedules(prefect_server: dict[str, str]) 
             found = read_deployments(prefect_server)
             return found if set(found) == set(wanted) else None
 
-        found = wait_for(served_by_the_script)
+        found = wait_for(served_by_the_script, lambda: read_deployments(prefect_server))
         for name, want in wanted.items():
             assert found[name]["crons"] == want["crons"]
             assert found[name]["parameters"] == want["parameters"]

@@ -11,10 +11,11 @@ from prefect_journey.emulator.config import (
     FaultPlan,
     LatencyModel,
 )
-from prefect_journey.emulator.server import EmulatorServer, serve_forever
+from prefect_journey.emulator.server import BackgroundServer, EmulatorServer, serve_forever
 
 __all__ = [
     "DEFAULT_API_KEY",
+    "BackgroundServer",
     "EmulatorConfig",
     "EmulatorServer",
     "EmulatorState",
