@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo emulator clean
+.PHONY: test lint demo soak emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -29,6 +29,10 @@ test: lint
 # depends on nor alters ~/.prefect (whose database another Prefect version may own).
 demo: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/python -m flows.demo
+
+# 500 items through 25 % injected faults (API, CDN, S3); prints one line, fails if anything is lost.
+soak: $(STAMP)
+	$(BIN)/python -m reliability.soak --items 500
 
 emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765

@@ -13,6 +13,14 @@ define the result, and nothing secret:
 
 A scheduled flow that wants a fresh image each day passes its scheduled date as
 ``variant``; re-running the same day then costs nothing.
+
+The imagine policy runs under SERIALIZABLE isolation with a lease-based file lock manager
+(:mod:`prefect_journey.locking`): concurrent identical requests on one machine are billed
+once. For several machines, swap in a shared lock manager::
+
+    from prefect_redis.locking import RedisLockManager
+    policy = IMAGINE_CACHE_POLICY.configure(lock_manager=RedisLockManager(host="redis"))
+    imagine = imagine.with_options(cache_policy=policy)
 """
 
 from __future__ import annotations
@@ -21,13 +29,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.settings import PREFECT_HOME
 
 from prefect_journey.client import resolve_base_url
+from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.models import ImagineRequest
 
 # Output URLs expire after 14 days; a cached result must never outlive its image.
@@ -146,5 +157,14 @@ class StoreCachePolicy(CachePolicy):
         )
 
 
-IMAGINE_CACHE_POLICY = ImagineCachePolicy()
+def default_lock_manager() -> LeasedFileSystemLockManager:
+    """Lock files under ``$PREFECT_HOME/locks/journey`` (one machine)."""
+    return LeasedFileSystemLockManager(Path(PREFECT_HOME.value()) / "locks" / "journey")
+
+
+# SERIALIZABLE: a second run asking for the same image waits for the first and reads its
+# result instead of paying again.
+IMAGINE_CACHE_POLICY = ImagineCachePolicy().configure(
+    isolation_level="SERIALIZABLE", lock_manager=default_lock_manager()
+)
 STORE_CACHE_POLICY = StoreCachePolicy()

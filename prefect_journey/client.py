@@ -51,6 +51,8 @@ from prefect_journey.models import (
 
 API_KEY_ENV = "JOURNEY_API_KEY"
 BASE_URL_ENV = "JOURNEY_BASE_URL"
+# Overrides the read-timeout formula for every client that is not given one explicitly.
+READ_TIMEOUT_ENV = "JOURNEY_READ_TIMEOUT"
 DEFAULT_BASE_URL = "https://api.journeyapi.com"
 API_PREFIX = "/api/v1"
 # Enough for a batch of 32 concurrent generations; raise it with the caller's concurrency.
@@ -210,6 +212,13 @@ class _ClientCore:
     ) -> None:
         if max_retries < 0:
             raise ConfigurationError("max_retries must be >= 0")
+        if read_timeout is None and os.environ.get(READ_TIMEOUT_ENV):
+            try:
+                read_timeout = float(os.environ[READ_TIMEOUT_ENV])
+            except ValueError:
+                raise ConfigurationError(
+                    f"{READ_TIMEOUT_ENV} must be a number of seconds"
+                ) from None
         if read_timeout is not None and read_timeout <= 0:
             raise ConfigurationError("read_timeout must be a positive number of seconds")
         if max_connections < 1:

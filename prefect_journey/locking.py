@@ -1,0 +1,107 @@
+"""Cache locks that a killed process cannot leave behind.
+
+Two runs asking for the same image at the same moment must pay once: the ``imagine`` cache
+policy runs under ``SERIALIZABLE`` isolation, so the second waits for the first's lock and
+then reads its cached result. Prefect's ``FileSystemLockManager`` holds a lock forever
+unless given a hold timeout, and Prefect asks for none; after a ``kill -9`` the next run of
+that image would wait for ever. A fixed timeout long enough for a slow call with retries
+(~25 minutes) would stall a resumed campaign just as badly.
+
+:class:`LeasedFileSystemLockManager` holds each lock as a short lease (60 s) that a daemon
+thread renews while the holder's process lives. A dead process stops renewing, and its
+locks lapse within one lease. One machine only (the lock files are local); for several,
+configure prefect-redis's ``RedisLockManager`` instead (see the README).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydantic_core
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.types._datetime import now
+
+DEFAULT_LEASE_SECONDS = 60.0
+
+
+class LeasedFileSystemLockManager(FileSystemLockManager):
+    """File locks held as leases of ``lease_seconds``, renewed while the process lives."""
+
+    def __init__(self, lock_files_directory: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        super().__init__(lock_files_directory)
+        self.lease_seconds = lease_seconds
+        self._held: dict[str, str] = {}
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses process boundaries (Dask workers) as its settings; threads stay behind.
+        return (type(self), (self.lock_files_directory, self.lease_seconds))
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        acquired = super().acquire_lock(
+            key, holder, acquire_timeout, hold_timeout or self.lease_seconds
+        )
+        if acquired:
+            self._track(key, holder)
+        return acquired
+
+    async def aacquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        acquired = await super().aacquire_lock(
+            key, holder, acquire_timeout, hold_timeout or self.lease_seconds
+        )
+        if acquired:
+            self._track(key, holder)
+        return acquired
+
+    def release_lock(self, key: str, holder: str) -> None:
+        with self._held_lock:
+            self._held.pop(key, None)
+        super().release_lock(key, holder)
+
+    def _track(self, key: str, holder: str) -> None:
+        with self._held_lock:
+            self._held[key] = holder
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=self._renew_forever, name="journey-lock-renewer", daemon=True
+                )
+                self._renewer.start()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.lease_seconds / 3)
+            with self._held_lock:
+                held = dict(self._held)
+            for key, holder in held.items():
+                self._renew(key, holder)
+
+    def _renew(self, key: str, holder: str) -> None:
+        path = self._lock_path_for_key(key)
+        try:
+            current = pydantic_core.from_json(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return
+        if current.get("holder") != holder:
+            return
+        expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
+        path.write_bytes(pydantic_core.to_json({"holder": holder, "expiration": str(expiration)}))
+        cached = self._locks.get(key)
+        if cached is not None:
+            cached["expiration"] = expiration

@@ -1,0 +1,202 @@
+"""Fault soak: a campaign through every fault the emulator knows, plus S3 failing mid-upload.
+
+    make soak            # 500 items, 25 % faults; prints one line; exit 1 if anything is lost
+
+Nothing may be lost: every item is either stored exactly once, with the bytes the emulator
+made for its task (sha256 checked against the emulator's ledger), or reported failed with a
+reason; no other object is in the bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+# Faults per request kind, 25 % in all for each of the API, the CDN and S3 writes.
+API_FAULTS = {
+    "429": 0.05,
+    "503": 0.04,
+    "500": 0.04,
+    "drop": 0.04,
+    "slow": 0.03,
+    "malformed": 0.03,
+    "failed": 0.02,
+}
+CDN_FAULTS = {"truncate": 0.125, "corrupt": 0.125}
+S3_FAULT_RATE = 0.25
+# "slow" answers after SLOW_SECONDS; the client gives up after READ_TIMEOUT.
+SLOW_SECONDS = 3.0
+READ_TIMEOUT = 1.5
+
+
+@dataclass
+class SoakResult:
+    items: int
+    stored: int
+    stored_once: int
+    corrupt: int
+    orphans: int
+    calls: int
+    credits_charged: int
+    emulator_credits: int
+    possibly_billed: int
+    failures: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def nothing_lost(self) -> bool:
+        reported = sum(self.failures.values())
+        return (
+            self.stored == self.stored_once
+            and self.corrupt == 0
+            and self.orphans == 0
+            and self.stored + reported == self.items
+        )
+
+    def line(self) -> str:
+        failures = (
+            ",".join(f"{name}:{count}" for name, count in sorted(self.failures.items())) or "none"
+        )
+        return (
+            f"soak items={self.items} stored={self.stored} stored_exactly_once={self.stored_once} "
+            f"corrupt_objects={self.corrupt} orphan_objects={self.orphans} calls={self.calls} "
+            f"credits_charged={self.credits_charged} emulator_charged={self.emulator_credits} "
+            f"possibly_billed_retries={self.possibly_billed} failures={failures} "
+            f"nothing_lost={'yes' if self.nothing_lost else 'NO'}"
+        )
+
+
+def configure_faults(emulator: Any, seed: int) -> None:
+    emulator.admin(
+        "faults",
+        {
+            "rates": {**API_FAULTS, **CDN_FAULTS},
+            "seed": seed,
+            "retry_after": 0.2,
+            "slow_seconds": SLOW_SECONDS,
+        },
+    )
+
+
+def run_soak(
+    n_items: int, *, emulator: Any, bucket: str, s3_fs: Any, concurrency: int = 16
+) -> SoakResult:
+    """Run the campaign (faults already configured) and audit the bucket through ``s3_fs``,
+    which must read the store directly (not through the faulty proxy)."""
+    from flows.batch_campaign import batch_campaign
+
+    tag = uuid.uuid4().hex[:8]
+    items = [
+        {"prompt": f"soak item {i} #{tag}", "aspect_ratio": ["1:1", "16:9", "3:4"][i % 3]}
+        for i in range(n_items)
+    ]
+    report = batch_campaign(
+        items=items,
+        campaign=f"soak-{tag}",
+        destination=f"s3://{bucket}",
+        max_concurrency=concurrency,
+        concurrency_limit=None,
+        allow_failures=True,
+    )
+    ledger = emulator.ledger()
+    served = ledger["images"]
+    s3_fs.invalidate_cache()
+    objects = {path.split("/", 1)[1] for path in s3_fs.find(f"{bucket}/soak-{tag}")}
+    stored = [o for o in report.outcomes if o.status == "stored"]
+    stored_once = corrupt = 0
+    for outcome in stored:
+        key = outcome.uri.removeprefix(f"s3://{bucket}/")
+        if key not in objects:
+            continue
+        digest = hashlib.sha256(s3_fs.cat(f"{bucket}/{key}")).hexdigest()
+        if digest == outcome.sha256 == served[outcome.task_id]["sha256"]:
+            stored_once += 1
+        else:
+            corrupt += 1
+    expected_keys = {o.uri.removeprefix(f"s3://{bucket}/") for o in stored}
+    failures = Counter(o.reason.split(":", 1)[0] for o in report.outcomes if o.status != "stored")
+    return SoakResult(
+        items=n_items,
+        stored=len(stored),
+        stored_once=stored_once,
+        corrupt=corrupt,
+        orphans=len(objects - expected_keys),
+        calls=report.calls,
+        credits_charged=report.credits_charged,
+        emulator_credits=ledger["credits_charged"],
+        possibly_billed=report.possibly_billed_retries,
+        failures=failures,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="fault soak of batch_campaign")
+    parser.add_argument("--items", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    home = tempfile.mkdtemp(prefix="journey-soak-")
+    os.environ.update(
+        {
+            "PREFECT_HOME": home,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ACCESS_KEY_ID": "soak",
+            "AWS_SECRET_ACCESS_KEY": "soak",
+            "JOURNEY_READ_TIMEOUT": str(READ_TIMEOUT),
+        }
+    )
+    import logging
+
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from prefect_journey.emulator import (
+        BackgroundServer,
+        EmulatorConfig,
+        EmulatorServer,
+        LatencyModel,
+    )
+    from reliability.faulty_s3 import create_proxy
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    direct = f"http://{host}:{port}"
+    bucket = "journey-soak"
+    boto3.client("s3", endpoint_url=direct, region_name="us-east-1").create_bucket(Bucket=bucket)
+    proxy_app, s3_counters = create_proxy(direct, S3_FAULT_RATE, seed=args.seed)
+    emulator_config = EmulatorConfig(latency=LatencyModel(time_scale=0.01), credits=10**7)
+    with EmulatorServer(emulator_config) as emulator, BackgroundServer(proxy_app) as proxy:
+        os.environ.update(
+            {
+                "JOURNEY_API_KEY": emulator.api_key,
+                "JOURNEY_BASE_URL": emulator.url,
+                "AWS_ENDPOINT_URL_S3": proxy.url,
+            }
+        )
+        configure_faults(emulator, args.seed)
+        result = run_soak(
+            args.items,
+            emulator=emulator,
+            bucket=bucket,
+            s3_fs=s3fs.S3FileSystem(endpoint_url=direct, skip_instance_cache=True),
+            concurrency=args.concurrency,
+        )
+    moto.stop()
+    print(f"{result.line()} s3_writes={s3_counters['writes']} s3_faults={s3_counters['faults']}")
+    return 0 if result.nothing_lost else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

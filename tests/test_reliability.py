@@ -1,0 +1,173 @@
+"""Reliability: concurrent duplicates billed once, locks that outlive no process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flows.generate_and_store import generate_and_store
+from prefect_journey.emulator import BackgroundServer, EmulatorServer
+from prefect_journey.locking import LeasedFileSystemLockManager
+from prefect_journey.storage import StoredImage
+from reliability.faulty_s3 import create_proxy
+from reliability.soak import READ_TIMEOUT, S3_FAULT_RATE, configure_faults, run_soak
+
+from .conftest import Bucket
+
+
+def _hold_and_die(directory: str, key: str) -> None:
+    LeasedFileSystemLockManager(Path(directory), lease_seconds=1.0).acquire_lock(key, holder="dead")
+    os._exit(0)  # killed: no release, no renewal
+
+
+def test_a_dead_holders_lock_lapses_and_a_live_one_is_renewed(tmp_path: Path) -> None:
+    process = multiprocessing.get_context("spawn").Process(
+        target=_hold_and_die, args=(str(tmp_path), "k")
+    )
+    process.start()
+    process.join()
+    manager = LeasedFileSystemLockManager(tmp_path, lease_seconds=1.0)
+    assert manager.is_locked("k")
+    assert manager.wait_for_lock("k", timeout=5)  # lapsed within a lease
+    assert manager.acquire_lock("k", holder="alive")
+    time.sleep(2.5)  # more than two leases: renewed meanwhile
+    other = LeasedFileSystemLockManager(tmp_path, lease_seconds=1.0)
+    assert other.is_locked("k") and not other.is_lock_holder("k", "someone-else")
+    manager.release_lock("k", holder="alive")
+    assert not other.is_locked("k")
+
+
+def test_lock_manager_pickles_as_its_settings(tmp_path: Path) -> None:
+    import pickle
+
+    manager = LeasedFileSystemLockManager(tmp_path, lease_seconds=7)
+    manager.acquire_lock("k", holder="h")
+    copy = pickle.loads(pickle.dumps(manager))
+    assert (copy.lock_files_directory, copy.lease_seconds) == (manager.lock_files_directory, 7)
+    manager.release_lock("k", holder="h")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_concurrent_identical_runs_are_billed_once(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    journey_env.admin("config", {"fixed": 1.0})
+    prompt = f"the same image, twice at once #{uuid.uuid4().hex[:8]}"
+    results: list[StoredImage] = []
+
+    def run() -> None:
+        results.append(generate_and_store(prompt, destination=str(tmp_path)))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0].task_id == results[1].task_id
+    ledger = journey_env.ledger()
+    assert ledger["calls"]["imagine"] == 1 and ledger["credits_charged"] == 4
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture
+def faulty_bucket(bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Bucket, str]]:
+    """The bucket behind a proxy that fails 25 % of writes; s3fs reaches it through env."""
+    app, _ = create_proxy(bucket.endpoint, S3_FAULT_RATE, seed=3)
+    with BackgroundServer(app) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        yield bucket, proxy.url
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_soak_60_items_loses_nothing(
+    journey_env: EmulatorServer, faulty_bucket: tuple[Bucket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket, _ = faulty_bucket
+    monkeypatch.setenv("JOURNEY_READ_TIMEOUT", str(READ_TIMEOUT))
+    configure_faults(journey_env, seed=11)
+    result = run_soak(
+        60, emulator=journey_env, bucket=bucket.name, s3_fs=bucket.fs(), concurrency=8
+    )
+    print(result.line())
+    assert result.nothing_lost, result.line()
+    assert result.stored >= 50  # retries recover almost everything
+    assert result.credits_charged == result.emulator_credits  # our ledger matches the bill
+    assert sum(result.failures.values()) == 60 - result.stored
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_killed_campaign_resumes_without_rebilling_or_duplicates(
+    journey_env: EmulatorServer, bucket: Bucket, prefect_harness: Path, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    journey_env.admin("config", {"fixed": 0.5})
+    tag = uuid.uuid4().hex[:8]
+    source = tmp_path / "campaign.jsonl"
+    source.write_text(
+        "\n".join(json.dumps({"prompt": f"resume item {i} #{tag}"}) for i in range(16))
+    )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_LOCAL_STORAGE_PATH": str(prefect_harness),
+        "AWS_ENDPOINT_URL_S3": bucket.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    command = [
+        sys.executable,
+        "flows/batch_campaign.py",
+        str(source),
+        "--campaign",
+        tag,
+        "--destination",
+        bucket.url,
+        "--max-concurrency",
+        "2",
+    ]
+    root = Path(__file__).resolve().parent.parent
+    first = subprocess.Popen(
+        command, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(bucket.objects()) < 5:
+        assert first.poll() is None and time.monotonic() < deadline, "campaign did not get going"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)  # not a clean cancel
+    first.wait()
+    stored_before = {key: bucket.fs().cat(f"{bucket.name}/{key}") for key in bucket.objects()}
+    billed_before = list(journey_env.ledger()["billed_tasks"])
+    assert 5 <= len(stored_before) < 16
+
+    second = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "stored=16" in second.stdout
+    objects = bucket.objects()
+    assert len(objects) == 16 and len(set(objects)) == 16
+    for key, data in stored_before.items():  # finished items untouched
+        assert bucket.fs().cat(f"{bucket.name}/{key}") == data
+    billed_after = journey_env.ledger()["billed_tasks"]
+    rebilled = len(billed_after) - len(billed_before)
+    # Only items not finished at the kill are generated again: at most the 16 - stored,
+    # plus the (at most 2) calls that were in flight when the process died.
+    assert rebilled <= 16 - len(stored_before) + 2
+    served = journey_env.ledger()["images"]
+    final_shas = {
+        hashlib.sha256(bucket.fs().cat(f"{bucket.name}/{key}")).hexdigest() for key in objects
+    }
+    assert final_shas <= {image["sha256"] for image in served.values()}
