@@ -175,8 +175,14 @@ def fan_out(
         if stage == "generated":
             results[row].wait()  # pins the final state; the API may still report it running
             if results[row].state.is_completed():
+                # The value, not the future: the run is named after it; wait_for keeps the
+                # dependency in the UI.
                 stores[row] = store_image.submit(
-                    results[row], target, key_template=key_template, key_fields=item.key_fields
+                    results[row].result(),
+                    target,
+                    key_template=key_template,
+                    key_fields=item.key_fields,
+                    wait_for=[results[row]],
                 )
                 stores[row].add_done_callback(partial(_announce, finished, "stored", row))
                 continue

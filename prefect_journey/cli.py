@@ -90,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
 def _run_imagine(args: argparse.Namespace) -> int:
     from prefect_journey.client import JourneyClient
     from prefect_journey.models import ImagineRequest
-    from prefect_journey.storage import store_image
+    from prefect_journey.storage import Destination, render_key, store_image
 
+    if args.destination:  # a bad destination or key must fail before a credit is spent
+        Destination(args.destination).filesystem()
+        render_key(args.key_template, {"task_id": "task", "ext": "png"})
     request = ImagineRequest(
         prompt=args.prompt,
         image_urls=args.reference,

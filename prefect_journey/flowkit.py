@@ -50,11 +50,16 @@ def load_credentials(block_name: str | None) -> JourneyCredentials | None:
 
 def load_destination(url: str | None, block_name: str | None) -> Destination:
     """A saved ``ImageDestination`` by name, else ``url``, else ``$JOURNEY_DESTINATION``,
-    else ``./outputs``."""
+    else ``./outputs``; checked reachable, so a bad one fails before any credit is spent."""
     if block_name:
         block: ImageDestination = ImageDestination.load(block_name)  # type: ignore[assignment]
-        return block.as_destination()
-    return resolve_destination(url or os.environ.get(DESTINATION_ENV) or DEFAULT_DESTINATION)
+        destination = block.as_destination()
+    else:
+        destination = resolve_destination(
+            url or os.environ.get(DESTINATION_ENV) or DEFAULT_DESTINATION
+        )
+    destination.check()
+    return destination
 
 
 TASK_RUNNER_ENV = "JOURNEY_TASK_RUNNER"

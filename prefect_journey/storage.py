@@ -112,6 +112,25 @@ class Destination:
             ) from None
         return fs, root.rstrip("/")
 
+    def check(self) -> None:
+        """Fail now, before any credit is spent, if the destination cannot be reached:
+        bad options, unknown bucket, refused credentials, unreachable endpoint."""
+        fs, root = self.filesystem()
+        try:
+            if isinstance(fs, LocalFileSystem):
+                os.makedirs(root, exist_ok=True)
+                if not os.access(root, os.W_OK):
+                    raise PermissionError(f"{root} is not writable")
+                return
+            container = root.split("/", 1)[0]
+            if not fs.exists(container):
+                raise FileNotFoundError(f"{container!r} does not exist")
+        except Exception as exc:
+            raise StorageError(
+                f"destination {self.url!r} is not reachable: {type(exc).__name__}: {exc}",
+                retryable=False,
+            ) from None
+
     @property
     def canonical_url(self) -> str:
         """The root as an absolute URL (``file:///abs/outputs``, ``s3://bucket/prefix``)."""
