@@ -53,6 +53,15 @@ def emulator(emulator_server: EmulatorServer) -> Iterator[EmulatorServer]:
     yield emulator_server
 
 
+@pytest.fixture(autouse=True)
+def _fresh_s3_filesystems() -> None:
+    """s3fs caches filesystem instances by their arguments and reads AWS_* variables only
+    when it builds one; tests change those variables, so each test starts uncached."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture
 def journey_env(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> EmulatorServer:
     """The emulator, with ``JOURNEY_API_KEY`` and ``JOURNEY_BASE_URL`` pointing at it."""
