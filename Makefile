@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo soak emulator clean
+.PHONY: test lint demo soak bench emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -33,6 +33,10 @@ demo: $(STAMP)
 # 500 items through 25 % injected faults (API, CDN, S3); prints one line, fails if anything is lost.
 soak: $(STAMP)
 	$(BIN)/python -m reliability.soak --items 500
+
+# Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
 
 emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765

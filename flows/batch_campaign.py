@@ -15,11 +15,12 @@ import argparse
 import os
 import queue
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -43,11 +44,20 @@ from prefect_journey.flowkit import (
     report_image,
     resolve_variant,
 )
-from prefect_journey.models import CREDITS_PER_IMAGE
-from prefect_journey.storage import slugify
-from prefect_journey.tasks import attempt_timeout, declare_asset, imagine, is_cached, store_image
+from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult
+from prefect_journey.storage import Destination, StoredImage, slugify
+from prefect_journey.tasks import (
+    STORE_OPTIONS,
+    attempt_timeout,
+    declare_assets,
+    imagine,
+    is_cached,
+    store_image,
+)
 
 DEFAULT_CONCURRENCY_LIMIT = "journey-imagine"
+# Progress is one API call per update: at most one a second, whatever the batch size.
+PROGRESS_INTERVAL = 1.0
 BUDGET_DIR_ENV = "JOURNEY_BUDGET_DIR"
 
 Status = Literal["stored", "failed", "skipped"]
@@ -168,6 +178,8 @@ def fan_out(
     progress = create_progress_artifact(
         0.0, key=f"{slug}-progress", description=f"campaign {campaign}"
     )
+    last_progress = time.monotonic()
+    new_objects: list[tuple[StoredImage, str]] = []
     remaining = len(items)
     while remaining:
         stage, row = finished.get()
@@ -177,29 +189,51 @@ def fan_out(
             if results[row].state.is_completed():
                 # The value, not the future: the run is named after it; wait_for keeps the
                 # dependency in the UI.
-                stores[row] = store_image.submit(
+                stores[row] = store_and_publish.submit(
                     results[row].result(),
                     target,
                     key_template=key_template,
                     key_fields=item.key_fields,
+                    prompt=item.request.prompt,
+                    campaign=campaign,
                     wait_for=[results[row]],
                 )
                 stores[row].add_done_callback(partial(_announce, finished, "stored", row))
                 continue
         else:
             stores[row].wait()
-            if stores[row].state.is_completed():
-                stored = stores[row].result()
-                declare_asset(stored, item.request.prompt)
-                report_image(stored, results[row].result(), target, item.request.prompt)
-                emit_stored_event(stored, item.request.prompt, campaign)
+            # A cached store was declared by the run that made it.
+            if stores[row].state.is_completed() and stores[row].state.name != "Cached":
+                new_objects.append((stores[row].result(), item.request.prompt))
         remaining -= 1
-        update_progress_artifact(progress, 100.0 * (len(items) - remaining) / len(items))
+        if time.monotonic() - last_progress > PROGRESS_INTERVAL or not remaining:
+            update_progress_artifact(progress, 100.0 * (len(items) - remaining) / len(items))
+            last_progress = time.monotonic()
+    declare_assets(new_objects)  # one task run for the whole batch
     return [_outcome(items[row], results[row], stores.get(row)) for row in sorted(items)]
 
 
 def _announce(finished: queue.Queue[tuple[str, int]], stage: str, row: int, _: Any) -> None:
     finished.put((stage, row))
+
+
+@task(name="journey-store-and-publish", **STORE_OPTIONS)
+def store_and_publish(
+    result: ImagineResult,
+    destination: Destination,
+    key_template: str,
+    key_fields: dict[str, Any],
+    prompt: str,
+    campaign: str,
+) -> StoredImage:
+    """``store_image`` plus the image artifact and the ``journey.image.stored`` event, in
+    one task run: a cached re-run skips all three, and publishing never waits on the thread
+    that submits the work. (Same cache key as ``store_image``; prompt and campaign are not
+    part of it.)"""
+    stored = store_image.fn(result, destination, key_template=key_template, key_fields=key_fields)
+    report_image(stored, result, destination, prompt)
+    emit_stored_event(stored, prompt, campaign)
+    return stored
 
 
 def _outcome(

@@ -23,7 +23,7 @@ from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import StoredImage, slugify
 from prefect_journey.tasks import (
     attempt_timeout,
-    declare_asset,
+    declare_assets,
     imagine,
     presign_references,
     store_image,
@@ -76,10 +76,12 @@ def character_series(
             failures.append(f"{scene[:60]}: {reason}")
             continue
         stored = store.result()
-        declare_asset(stored, scene)
         report_image(stored, result.result(), target, scene)
         rows.append(image_row(scene, result.result(), stored))
         stored_images.append(stored)
+    declare_assets(
+        [(stored, row["prompt"]) for stored, row in zip(stored_images, rows, strict=True)]
+    )
     publish_summary(f"character-series {series}", rows, failures)
     if failures:
         raise JourneyError(

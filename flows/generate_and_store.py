@@ -22,7 +22,7 @@ from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import (
     attempt_timeout,
-    declare_asset,
+    declare_assets,
     imagine,
     presign_references,
     store_image,
@@ -58,7 +58,7 @@ def generate_and_store(
         request, credentials, variant
     )
     stored = store_image(result, target)
-    declare_asset(stored, prompt)
+    declare_assets([(stored, prompt)])
     report_image(stored, result, target, prompt)
     publish_summary("generate-and-store", [image_row(prompt, result, stored)])
     print(f"image stored at {stored.uri}")

@@ -11,7 +11,7 @@ from prefect import flow
 from prefect_journey.flowkit import image_row, load_destination, publish_summary, report_image
 from prefect_journey.models import ImagineResult
 from prefect_journey.storage import StoredImage
-from prefect_journey.tasks import declare_asset, store_image
+from prefect_journey.tasks import declare_assets, store_image
 
 
 @flow(name="store-finished-task")
@@ -33,7 +33,7 @@ def store_finished_task(
         credits_charged=0,
     )
     stored = store_image(result, target)
-    declare_asset(stored)
+    declare_assets([(stored, f"task {task_id}")])
     report_image(stored, result, target, f"task {task_id}")
     publish_summary("store-finished-task", [image_row(f"task {task_id}", result, stored)])
     return stored

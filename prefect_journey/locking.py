@@ -15,6 +15,7 @@ configure prefect-redis's ``RedisLockManager`` instead (see the README).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -26,6 +27,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.types._datetime import now
 
 DEFAULT_LEASE_SECONDS = 60.0
+_TORN_READ_RETRIES = 50
 
 
 class LeasedFileSystemLockManager(FileSystemLockManager):
@@ -71,9 +73,20 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
         return acquired
 
     def release_lock(self, key: str, holder: str) -> None:
+        # Under the same lock as renewals, so a renewal cannot recreate a released lock.
         with self._held_lock:
             self._held.pop(key, None)
-        super().release_lock(key, holder)
+            super().release_lock(key, holder)
+
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        # Prefect writes a lock file in two steps (create, then fill), so a reader can see
+        # it empty for an instant; read again rather than fail the task run.
+        for _ in range(_TORN_READ_RETRIES):
+            try:
+                return super()._get_lock_info(key, use_cache)
+            except ValueError:
+                time.sleep(0.01)
+        return super()._get_lock_info(key, use_cache)
 
     def _track(self, key: str, holder: str) -> None:
         with self._held_lock:
@@ -88,9 +101,8 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
         while True:
             time.sleep(self.lease_seconds / 3)
             with self._held_lock:
-                held = dict(self._held)
-            for key, holder in held.items():
-                self._renew(key, holder)
+                for key, holder in list(self._held.items()):
+                    self._renew(key, holder)
 
     def _renew(self, key: str, holder: str) -> None:
         path = self._lock_path_for_key(key)
@@ -101,7 +113,11 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
         if current.get("holder") != holder:
             return
         expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
-        path.write_bytes(pydantic_core.to_json({"holder": holder, "expiration": str(expiration)}))
+        renewed = path.with_name(f".{path.name}.{os.getpid()}.renew")
+        renewed.write_bytes(
+            pydantic_core.to_json({"holder": holder, "expiration": str(expiration)})
+        )
+        os.replace(renewed, path)  # readers see the old lease or the new one, never half
         cached = self._locks.get(key)
         if cached is not None:
             cached["expiration"] = expiration

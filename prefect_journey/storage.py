@@ -38,6 +38,7 @@ import httpx
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
+from prefect_journey.client import shared_ssl_context
 from prefect_journey.errors import (
     DownloadError,
     JourneyValidationError,
@@ -222,6 +223,7 @@ def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Clien
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         timeout=DOWNLOAD_TIMEOUT,
+        verify=shared_ssl_context(),
         event_hooks={"request": [_hop_check]},
     )
 
@@ -233,6 +235,7 @@ def async_download_client(transport: httpx.AsyncBaseTransport | None = None) -> 
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         timeout=DOWNLOAD_TIMEOUT,
+        verify=shared_ssl_context(),
         event_hooks={"request": [_async_hop_check]},
     )
 

@@ -7,7 +7,7 @@
   :class:`~prefect_journey.cache.ImagineCachePolicy`.
 - :func:`store_image` / :func:`astore_image`: stream the result into a destination.
 - :func:`presign_references`: ``s3://`` character sheets to https URLs the API can fetch.
-- :func:`declare_asset`: record a stored object as a Prefect asset.
+- :func:`declare_assets`: record stored objects as Prefect assets (one task run).
 
 The task timeout is a safety net only: a sync task on a worker thread cannot be interrupted,
 so the HTTP client's own timeouts are what stop a call. The task timeout is set just above
@@ -313,7 +313,7 @@ def _store_run_name() -> str:
     return f"store: {getattr(result, 'task_id', '?')}"
 
 
-_STORE_OPTIONS: dict[str, Any] = {
+STORE_OPTIONS: dict[str, Any] = {
     "retries": STORE_RETRIES,
     "retry_delay_seconds": STORE_RETRY_DELAYS,
     "retry_jitter_factor": RETRY_JITTER_FACTOR,
@@ -341,7 +341,7 @@ def _log_stored(stored: StoredImage) -> None:
     )
 
 
-@task(name="journey-store-image", **_STORE_OPTIONS)
+@task(name="journey-store-image", **STORE_OPTIONS)
 def store_image(
     result: ImagineResult,
     destination: Any = "./outputs",
@@ -366,7 +366,7 @@ def store_image(
     return stored
 
 
-@task(name="journey-astore-image", **_STORE_OPTIONS)
+@task(name="journey-astore-image", **STORE_OPTIONS)
 async def astore_image(
     result: ImagineResult,
     destination: Any = "./outputs",
@@ -402,33 +402,41 @@ def presign_references(
     return [presign(url, storage_options, expires_in) for url in urls]
 
 
-def declare_asset(stored: StoredImage, prompt: str = "") -> None:
-    """Declare ``stored`` as a Prefect asset materialized by the current flow run.
+def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:
+    """Declare stored objects (with their prompts) as Prefect assets materialized by the
+    current flow run, all in one task run.
 
-    The object's key is only known after the bytes arrive (the extension comes from them),
-    so the materializing task is built here, per object, rather than decorated in advance.
-    A URI that is not a valid asset key (a local path with spaces) is logged and skipped.
+    An object's key is only known after its bytes arrive (the extension comes from them),
+    so the materializing task is built here rather than decorated in advance. A URI that
+    is not a valid asset key (a local path with spaces) is logged and skipped.
     """
-    name = stored.uri.rsplit("/", 1)[-1]
-    try:
-        asset = Asset(
-            key=stored.uri,
-            properties=AssetProperties(
-                name=name,
-                description=shorten(prompt, width=200, placeholder="...") if prompt else None,
-            ),
-        )
-    except ValueError as exc:
-        get_run_logger().warning("not declaring %s as an asset: %s", stored.uri, exc)
+    assets: list[tuple[Asset, StoredImage]] = []
+    for stored, prompt in images:
+        try:
+            asset = Asset(
+                key=stored.uri,
+                properties=AssetProperties(
+                    name=stored.uri.rsplit("/", 1)[-1],
+                    description=shorten(prompt, width=200, placeholder="...") if prompt else None,
+                ),
+            )
+        except ValueError as exc:
+            get_run_logger().warning("not declaring %s as an asset: %s", stored.uri, exc)
+            continue
+        assets.append((asset, stored))
+    if not assets:
         return
 
     def record() -> None:
-        add_asset_metadata(asset, stored.model_dump(exclude={"uri"}))
+        for asset, stored in assets:
+            add_asset_metadata(asset, stored.model_dump(exclude={"uri"}))
 
+    first = assets[0][0].properties
+    more = f" and {len(assets) - 1} more" if len(assets) > 1 else ""
     materialize(
-        asset,
+        *(asset for asset, _ in assets),
         by="prefect-journey",
-        name="journey-declare-asset",
-        task_run_name=f"asset: {name}",
+        name="journey-declare-assets",
+        task_run_name=f"assets: {first.name if first else '?'}{more}",
         tags=["journey"],
     )(record)()

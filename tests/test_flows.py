@@ -72,7 +72,7 @@ def test_generate_and_store_to_a_local_folder(journey_env: EmulatorServer, tmp_p
     assert image.data.startswith("http")  # a URL a browser can open
     names = {run.name for run in prefect_api.task_runs([run_id])}
     assert any(name.startswith("imagine: a lighthouse at dusk") for name in names)
-    assert f"asset: {stored.task_id}.png" in names
+    assert f"assets: {stored.task_id}.png" in names
     messages = prefect_api.logs([run_id])
     assert any(
         f"task_id={stored.task_id}" in m and "latency=" in m and "credits=4" in m for m in messages

@@ -1,0 +1,92 @@
+"""What every benchmark shares: an emulator in its own process, medians, ratios."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+RUNS = 3  # every figure is the median of at least this many runs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def emulator_process(*args: str) -> Iterator[str]:
+    """``prefect-journey emulator`` in a separate process (so its work is not ours);
+    yields its URL once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect_journey.cli",
+            "emulator",
+            "--port",
+            str(port),
+            "--credits",
+            str(10**8),
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "JOURNEY_API_KEY": "bench-key"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_until_up(url: str, timeout: float = 60) -> float:
+    """Seconds until ``url`` answers its ledger."""
+    started = time.monotonic()
+    while True:
+        try:
+            httpx.get(f"{url}/_emulator/ledger", timeout=1)
+            return time.monotonic() - started
+        except httpx.HTTPError:
+            if time.monotonic() - started > timeout:
+                raise
+            time.sleep(0.01)
+
+
+@dataclass
+class Figure:
+    """One measured quantity against its baseline, both medians of ``RUNS`` runs."""
+
+    name: str
+    value: float
+    baseline: float
+    unit: str
+    baseline_name: str
+    target: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline
+
+    def row(self) -> str:
+        return (
+            f"| {self.name} | {self.value:.3f} {self.unit} | {self.baseline_name}: "
+            f"{self.baseline:.3f} {self.unit} | **{self.ratio:.3f}** | {self.target} |"
+        )
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))

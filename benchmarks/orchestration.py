@@ -1,0 +1,184 @@
+"""Orchestration efficiency and re-run cost of ``batch_campaign``.
+
+Against an emulator process whose every generation takes exactly L = 2 s, N images at
+concurrency C = 25 are measured three ways in the same run:
+
+- ``batch_campaign`` (Prefect thread pool, local folder destination);
+- the hand-written baseline a user would write: asyncio + httpx, a semaphore of C, the same
+  calls and the same local writes;
+- Prefect's own floor: a flow of N tasks that only sleep L, at C workers.
+
+The ideal makespan is ceil(N/C) * L.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import RUNS, Figure, emulator_process, median
+
+LATENCY = 2.0
+CONCURRENCY = 25
+KEY = "bench-key"
+
+
+def _prompts(n: int) -> list[str]:
+    tag = uuid.uuid4().hex[:8]  # never a cache hit across runs
+    return [f"bench image {i} #{tag}" for i in range(n)]
+
+
+async def _handwritten(url: str, prompts: list[str], folder: Path) -> None:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    async with (
+        httpx.AsyncClient(
+            base_url=url, headers={"Authorization": KEY}, timeout=120, limits=limits
+        ) as api,
+        httpx.AsyncClient(timeout=60, limits=limits) as cdn,
+    ):
+
+        async def one(index: int, prompt: str) -> None:
+            async with limit:
+                answer = await api.post(
+                    "/api/v1/imagine",
+                    json={"model": "nano-banana-2", "prompt": prompt, "aspect_ratio": "1:1"},
+                )
+                async with cdn.stream("GET", answer.json()["image_url"]) as image:
+                    with open(folder / f"{index}.png", "wb") as out:
+                        async for chunk in image.aiter_bytes(1024 * 1024):
+                            out.write(chunk)
+
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def handwritten(url: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        asyncio.run(_handwritten(url, _prompts(n), Path(folder)))
+        return time.perf_counter() - started
+
+
+def ours(n: int, folder: str | None = None, prompts: list[str] | None = None) -> float:
+    from flows.batch_campaign import batch_campaign
+
+    items = [{"prompt": p} for p in prompts or _prompts(n)]
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        batch_campaign(
+            items=items,
+            destination=folder or scratch,
+            max_concurrency=CONCURRENCY,
+            concurrency_limit=None,
+        )
+        return time.perf_counter() - started
+
+
+def prefect_floor(n: int) -> float:
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    @task
+    def sleep() -> None:
+        time.sleep(LATENCY)
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENCY))
+    def sleeps() -> None:
+        for future in [sleep.submit() for _ in range(n)]:
+            future.wait()
+
+    started = time.perf_counter()
+    sleeps()
+    return time.perf_counter() - started
+
+
+def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -> dict[str, Any]:
+    """Makespans by N (medians), with ratios to the ideal and the hand-written script."""
+    import os
+
+    results: dict[str, Any] = {"by_n": {}}
+    with emulator_process("--fixed-latency", str(LATENCY)) as url:
+        os.environ.update({"JOURNEY_API_KEY": KEY, "JOURNEY_BASE_URL": url})
+        for n in sizes:
+            runs = RUNS if n <= 200 else runs_for_large
+            ideal = math.ceil(n / CONCURRENCY) * LATENCY
+            mine = median([ours(n) for _ in range(runs)])
+            base = median([handwritten(url, n) for _ in range(runs)])
+            floor = median([prefect_floor(n) for _ in range(runs)])
+            results["by_n"][n] = {
+                "runs": runs,
+                "ideal": ideal,
+                "ours": mine,
+                "handwritten": base,
+                "prefect_floor": floor,
+                "overhead_ms_per_image": 1000 * (mine - base) / n,
+            }
+        results["rerun"] = rerun(url)
+    return results
+
+
+def rerun(url: str, n: int = 200) -> dict[str, float]:
+    """The same campaign twice: the second run's credits and its wall time / the first's."""
+    firsts, seconds, credits = [], [], []
+    for _ in range(RUNS):
+        prompts = _prompts(n)
+        with tempfile.TemporaryDirectory() as folder:
+            firsts.append(ours(n, folder, prompts))
+            before = httpx.get(f"{url}/_emulator/ledger").json()["credits_charged"]
+            seconds.append(ours(n, folder, prompts))
+            credits.append(httpx.get(f"{url}/_emulator/ledger").json()["credits_charged"] - before)
+    return {"first": median(firsts), "second": median(seconds), "second_run_credits": max(credits)}
+
+
+def figures(results: dict[str, Any]) -> list[Figure]:
+    rows = []
+    for n, r in results["by_n"].items():
+        note = f"median of {r['runs']}"
+        rows.append(
+            Figure(
+                f"batch_campaign N={n} vs ideal ({note})",
+                r["ours"],
+                r["ideal"],
+                "s",
+                "ceil(N/C)*L",
+                "<= 1.05" if n == 200 else "",
+            )
+        )
+        rows.append(
+            Figure(
+                f"batch_campaign N={n} vs hand-written ({note})",
+                r["ours"],
+                r["handwritten"],
+                "s",
+                "asyncio+httpx",
+                "<= 1.02" if n == 200 else "",
+            )
+        )
+        rows.append(
+            Figure(
+                f"Prefect floor N={n}: sleep tasks vs ideal ({note})",
+                r["prefect_floor"],
+                r["ideal"],
+                "s",
+                "ceil(N/C)*L",
+            )
+        )
+    rerun_result = results["rerun"]
+    rows.append(
+        Figure(
+            "re-run of a 200-image campaign: wall time (median of 3)",
+            rerun_result["second"],
+            rerun_result["first"],
+            "s",
+            "first run",
+            "<= 0.05",
+        )
+    )
+    return rows

@@ -1,0 +1,172 @@
+"""Transfer throughput and memory: ``store_image`` against a plain ``httpx.stream`` copy.
+
+Sources: a 4K PNG made by the emulator with photo-like grain (~28 MB) and a 200 MB PNG
+served as a static file. Destinations: a local folder and moto S3 (over loopback). Each
+transfer runs in a fresh subprocess that reports its wall time and the growth of its peak
+RSS during the transfer (``ru_maxrss`` after minus RSS before), so memory is measured per
+transfer, not per benchmark process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RUNS, Figure, median
+
+MIB = 1024 * 1024
+
+
+def _child(mode: str, url: str, destination: str, options: dict[str, Any]) -> dict[str, float]:
+    """Run in the subprocess: one transfer, timed, with its memory growth."""
+    import resource
+    import time
+
+    import httpx
+
+    from prefect_journey.storage import DOWNLOAD_CHUNK, UPLOAD_PART_SIZE, Destination, store_image
+
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    fs, root = Destination(destination, options).filesystem()  # warm imports and clients
+    before = rss()
+    started = time.perf_counter()
+    if mode == "ours":
+        stored = store_image(
+            url,
+            Destination(destination, options),
+            task_id=os.urandom(6).hex(),
+            max_bytes=1024 * MIB,
+        )
+        size = stored.bytes
+    else:
+        size = 0
+        with (
+            httpx.stream("GET", url, timeout=60) as response,
+            fs.open(f"{root}/{os.urandom(6).hex()}.png", "wb", block_size=UPLOAD_PART_SIZE) as out,
+        ):
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                out.write(chunk)
+                size += len(chunk)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "bytes": size, "growth": max(0, peak - before)}
+
+
+def _run_child(mode: str, url: str, destination: str, options: dict[str, Any]) -> dict[str, float]:
+    code = (
+        "import json, sys; from benchmarks.transfer import _child; "
+        "print(json.dumps(_child(*json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([mode, url, destination, options])],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _big_png(path: Path, megabytes: int) -> None:
+    from PIL import Image
+
+    side = int((megabytes * MIB / 3) ** 0.5)
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(path, compress_level=0)
+
+
+def measure() -> dict[str, Any]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from starlette.applications import Starlette
+    from starlette.staticfiles import StaticFiles
+
+    from benchmarks.common import emulator_process
+    from prefect_journey.client import JourneyClient
+    from prefect_journey.emulator import BackgroundServer
+
+    results: dict[str, Any] = {}
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="b",
+        aws_secret_access_key="b",
+    ).create_bucket(Bucket="bench")
+    s3 = ("s3://bench", {"endpoint_url": endpoint, "key": "b", "secret": "b"})
+    with tempfile.TemporaryDirectory() as files, tempfile.TemporaryDirectory() as out:
+        _big_png(Path(files) / "big.png", 200)
+        static = Starlette()
+        static.mount("/", StaticFiles(directory=files))
+        with (
+            BackgroundServer(static) as server,
+            emulator_process("--realistic-sizes", "--time-scale", "0.01") as emu,
+        ):
+            with JourneyClient("bench-key", base_url=emu) as client:
+                four_k = client.imagine(
+                    prompt="a 4K benchmark image", resolution="4K", aspect_ratio="16:9"
+                )
+            sources = {"4K PNG": four_k.image_url, "200 MB PNG": f"{server.url}/big.png"}
+            for source, url in sources.items():
+                for dest_name, (dest, options) in {"local": (out, {}), "S3": s3}.items():
+                    runs = {
+                        mode: [_run_child(mode, url, dest, options) for _ in range(RUNS)]
+                        for mode in ("ours", "plain")
+                    }
+                    results[f"{source} -> {dest_name}"] = {
+                        mode: {
+                            "mb_per_s": median([r["bytes"] / r["seconds"] / MIB for r in rs]),
+                            "growth_mib": median([r["growth"] / MIB for r in rs]),
+                            "bytes": rs[0]["bytes"],
+                        }
+                        for mode, rs in runs.items()
+                    }
+    moto.stop()
+    return results
+
+
+def figures(results: dict[str, Any]) -> list[Figure]:
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            Figure(
+                f"{name}: throughput (median of 3)",
+                r["ours"]["mb_per_s"],
+                r["plain"]["mb_per_s"],
+                "MiB/s",
+                "httpx.stream copy",
+                ">= 0.9",
+            )
+        )
+    return rows
+
+
+def memory_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| transfer | size | store_image peak RSS growth | plain copy peak RSS growth |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['ours']['bytes'] / MIB:.0f} MiB | {r['ours']['growth_mib']:.1f} MiB "
+            f"| {r['plain']['growth_mib']:.1f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(), indent=2))
