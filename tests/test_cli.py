@@ -1,0 +1,63 @@
+"""The command line: a real generation, and secrets kept out of its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect_journey.emulator import EmulatorServer
+
+from .conftest import SENTINEL_KEY
+
+
+def run(emulator: EmulatorServer, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "JOURNEY_API_KEY": SENTINEL_KEY, "JOURNEY_BASE_URL": emulator.url}
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_journey.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_path: Path) -> None:
+    done = run(
+        emulator,
+        "imagine",
+        "--prompt",
+        "a kite",
+        "--aspect-ratio",
+        "16:9",
+        "--destination",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    output = json.loads(done.stdout)
+    assert output["result"]["credits_charged"] == 4
+    assert output["stored"]["width"] == 1376 and Path(output["stored"]["uri"][7:]).exists()
+    assert SENTINEL_KEY not in done.stdout + done.stderr
+
+
+def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
+    for fault in ["500", "drop", "malformed", "failed"]:
+        emulator.admin("faults", {"queue": {"api": [fault]}})
+        done = run(emulator, "imagine", "--prompt", "p")
+        assert done.returncode == 1 and done.stderr.startswith("error: ")
+        assert SENTINEL_KEY not in done.stdout + done.stderr
+    wrong = subprocess.run(
+        [sys.executable, "-m", "prefect_journey.cli", "imagine", "--prompt", "p"],
+        env={
+            **os.environ,
+            "JOURNEY_API_KEY": "wrong-" + SENTINEL_KEY,
+            "JOURNEY_BASE_URL": emulator.url,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 1 and "AuthenticationError" in wrong.stderr
+    assert SENTINEL_KEY not in wrong.stdout + wrong.stderr
