@@ -121,23 +121,28 @@ class _PngChunkChecker:
         self.ended = False
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
-        while self._buffer:
+        # Chunk data is checked straight from the caller's bytes (a memoryview, no copy);
+        # only the few bytes of signatures, headers and CRCs are buffered.
+        view = memoryview(data)
+        while view:
             if self.ended:
                 raise ImageFormatError("PNG has data after its IEND chunk")
             if self._state == "data":
-                part = bytes(self._buffer[: self._remaining])
-                del self._buffer[: len(part)]
+                part = view[: self._remaining]
                 self._crc = zlib.crc32(part, self._crc)
                 self._remaining -= len(part)
+                view = view[len(part) :]
                 if self._remaining == 0:
                     self._state = "crc"
                 continue
             needed = {"signature": 8, "header": 8, "crc": 4}[self._state]
+            missing = needed - len(self._buffer)
+            self._buffer += view[:missing]
+            view = view[missing:]
             if len(self._buffer) < needed:
                 return
-            field = bytes(self._buffer[:needed])
-            del self._buffer[:needed]
+            field = bytes(self._buffer)
+            self._buffer.clear()
             self._take(field)
 
     def _take(self, field: bytes) -> None:
