@@ -24,7 +24,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import ImageDestination, resolve_destination
-from prefect_journey.errors import JourneyError, JourneyValidationError, StorageError
+from prefect_journey.errors import JourneyValidationError, StorageError
 from prefect_journey.models import ImagineResult
 from prefect_journey.storage import Destination, StoredImage, presign
 
@@ -199,8 +199,6 @@ def failure_reason(future: PrefectFuture[Any]) -> str | None:
         return None
     try:
         future.result()
-    except JourneyError as error:
-        return f"{type(error).__name__}: {error}"
-    except BaseException as error:
+    except Exception as error:
         return f"{type(error).__name__}: {error}"
     return state.message or state.type.value
