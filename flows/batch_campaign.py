@@ -16,6 +16,7 @@ import os
 import queue
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +32,10 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from prefect_journey.budget import BudgetExceededError, CreditBudget
+from prefect_journey.cache import store_cache_key
 from prefect_journey.campaign import DEFAULT_KEY_TEMPLATE, CampaignItem, plan_items, read_items
 from prefect_journey.client import JourneyClient
+from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.errors import InsufficientCreditsError, JourneyError, JourneyValidationError
 from prefect_journey.flowkit import (
     concurrency_limit_exists,
@@ -49,9 +52,10 @@ from prefect_journey.storage import Destination, StoredImage, slugify
 from prefect_journey.tasks import (
     STORE_OPTIONS,
     attempt_timeout,
+    cached_imagine,
+    cached_result,
     declare_assets,
     imagine,
-    is_cached,
     store_image,
 )
 
@@ -59,6 +63,9 @@ DEFAULT_CONCURRENCY_LIMIT = "journey-imagine"
 # Progress is one API call per update: at most one a second, whatever the batch size.
 PROGRESS_INTERVAL = 1.0
 BUDGET_DIR_ENV = "JOURNEY_BUDGET_DIR"
+# Metadata reads in parallel when looking for objects an earlier run stored (one HEAD each
+# on S3).
+OBJECT_CHECKS = 16
 
 Status = Literal["stored", "failed", "skipped"]
 
@@ -108,21 +115,51 @@ def _budget_path() -> Path:
     return folder / f"budget-{flow_run.id or 'local'}.json"
 
 
+def _finished_items(
+    plan: list[CampaignItem],
+    generated: dict[int, ImagineResult | None],
+    target: Destination,
+    key_template: str,
+) -> tuple[dict[int, ItemOutcome], set[int]]:
+    """Items a previous run finished: their image and their store are both cached and the
+    object is still in place. They are reported without a task run, so re-running a
+    finished campaign costs seconds, not a task run per item. Also returns the rows whose
+    store is cached but whose object is gone: those are stored again."""
+    cached: dict[int, tuple[ImagineResult, StoredImage]] = {}
+    for item in plan:
+        result = generated[item.row]
+        if result is None:
+            continue
+        key = store_cache_key(result.task_id, target, key_template, item.key_fields)
+        stored = cached_result(store_and_publish, key)
+        if isinstance(stored, StoredImage):
+            cached[item.row] = (result, stored)
+    with ThreadPoolExecutor(OBJECT_CHECKS) as pool:
+        present = list(pool.map(target.holds, (stored for _, stored in cached.values())))
+    items = {item.row: item for item in plan}
+    finished = {
+        row: _stored_outcome(items[row], result, stored, cached=True)
+        for (row, (result, stored)), there in zip(cached.items(), present, strict=True)
+        if there
+    }
+    return finished, set(cached) - set(finished)
+
+
 def _preflight(
     plan: list[CampaignItem],
+    generated: dict[int, ImagineResult | None],
     *,
-    credentials_block: str | None,
-    variant: str,
+    credentials: JourneyCredentials | None,
     max_credits: int | None,
     partial_budget: bool,
 ) -> int:
-    """Credits the batch can cost; raise if that is over the budget or the balance."""
-    credentials = load_credentials(credentials_block)
-    uncached = [item for item in plan if not is_cached(item.request, credentials, variant)]
+    """Credits the items in ``plan`` can cost; raise if that is over the budget or the
+    balance."""
+    uncached = [item for item in plan if generated[item.row] is None]
     cost = CREDITS_PER_IMAGE * len(uncached)
     logger = get_run_logger()
     logger.info(
-        "%d items, %d cache hits expected, up to %d credits",
+        "%d items to run, %d cache hits expected, up to %d credits",
         len(plan),
         len(plan) - len(uncached),
         cost,
@@ -156,24 +193,37 @@ def fan_out(
     variant: str,
     budget: CreditBudget,
     concurrency_limit: str | None,
+    max_concurrency: int,
+    restore: set[int],
 ) -> list[ItemOutcome]:
     """Submit every item, report each as it finishes. Parameters hold names, never secrets:
-    the blocks are loaded here."""
+    the blocks are loaded here. ``restore``: rows whose store is cached but whose object
+    is gone, stored again."""
     target = load_destination(destination, destination_block)
     credentials = load_credentials(credentials_block)
     worst = max(attempt_timeout(item.request) for item in plan)
     generate = imagine.with_options(timeout_seconds=worst)
     items = {item.row: item for item in plan}
-    # Workers only announce what finished; this thread submits and reports. A store is
-    # submitted once its image exists, so it never holds a worker while waiting for it.
+    # Workers only announce what finished; this thread submits and reports. Generations are
+    # submitted through a window of max_concurrency (the run's bound on calls in flight), so
+    # the pool's queue never holds a backlog of them and a finished image's store starts at
+    # once instead of waiting behind every generation not yet started.
     finished: queue.Queue[tuple[str, int]] = queue.Queue()
     results: dict[int, PrefectFuture[Any]] = {}
     stores: dict[int, PrefectFuture[Any]] = {}
-    for row, item in items.items():
-        results[row] = generate.submit(
+    waiting = iter(plan)
+
+    def submit_next_generation() -> None:
+        item = next(waiting, None)
+        if item is None:
+            return
+        results[item.row] = generate.submit(
             item.request, credentials, variant, budget, concurrency_limit
         )
-        results[row].add_done_callback(partial(_announce, finished, "generated", row))
+        results[item.row].add_done_callback(partial(_announce, finished, "generated", item.row))
+
+    for _ in range(max_concurrency):
+        submit_next_generation()
     slug = slugify(campaign)
     progress = create_progress_artifact(
         0.0, key=f"{slug}-progress", description=f"campaign {campaign}"
@@ -186,10 +236,12 @@ def fan_out(
         item = items[row]
         if stage == "generated":
             results[row].wait()  # pins the final state; the API may still report it running
+            submit_next_generation()
             if results[row].state.is_completed():
                 # The value, not the future: the run is named after it; wait_for keeps the
                 # dependency in the UI.
-                stores[row] = store_and_publish.submit(
+                store = store_and_publish.with_options(refresh_cache=row in restore)
+                stores[row] = store.submit(
                     results[row].result(),
                     target,
                     key_template=key_template,
@@ -236,30 +288,47 @@ def store_and_publish(
     return stored
 
 
+def _stored_outcome(
+    item: CampaignItem, generated: ImagineResult, stored: StoredImage, *, cached: bool
+) -> ItemOutcome:
+    return ItemOutcome(
+        row=item.row,
+        prompt=item.request.prompt[:120],
+        status="stored",
+        task_id=generated.task_id,
+        latency_s=round(generated.elapsed_seconds, 2),
+        credits=0 if cached else generated.credits_charged,
+        attempts=0 if cached else generated.attempts,
+        cached=cached,
+        uri=stored.uri,
+        sha256=stored.sha256,
+    )
+
+
 def _outcome(
-    item: CampaignItem, result: PrefectFuture[Any], store: PrefectFuture[Any]
+    item: CampaignItem, result: PrefectFuture[Any], store: PrefectFuture[Any] | None
 ) -> ItemOutcome:
     base = {"row": item.row, "prompt": item.request.prompt[:120]}
     reason = failure_reason(result)
     if reason:
         skipped = "BudgetExceededError" in reason
         return ItemOutcome(**base, status="skipped" if skipped else "failed", reason=reason)
-    generated = result.result()
+    generated: ImagineResult = result.result()
     cached = result.state.name == "Cached"
-    common = {
-        **base,
-        "task_id": generated.task_id,
-        "latency_s": round(generated.elapsed_seconds, 2),
-        "credits": 0 if cached else generated.credits_charged,
-        "attempts": 0 if cached else generated.attempts,
-        "cached": cached,
-    }
     assert store is not None  # submitted for every generated image
     reason = failure_reason(store)
     if reason:
-        return ItemOutcome(**common, status="failed", reason=reason)
-    stored = store.result()
-    return ItemOutcome(**common, status="stored", uri=stored.uri, sha256=stored.sha256)
+        return ItemOutcome(
+            **base,
+            status="failed",
+            task_id=generated.task_id,
+            latency_s=round(generated.elapsed_seconds, 2),
+            credits=0 if cached else generated.credits_charged,
+            attempts=0 if cached else generated.attempts,
+            cached=cached,
+            reason=reason,
+        )
+    return _stored_outcome(item, generated, store.result(), cached=cached)
 
 
 @flow(name="batch-campaign")
@@ -293,35 +362,50 @@ def batch_campaign(
     rows = items if items is not None else read_items(source or "")
     plan = plan_items(rows, campaign=campaign, key_template=key_template)
     variant = resolve_variant(variant)
-    runner = make_task_runner(task_runner, max_concurrency)
-    load_destination(destination, destination_block)  # a bad destination fails before spending
+    if max_concurrency < 1:
+        raise JourneyValidationError("max_concurrency must be at least 1")
+    # fan_out keeps at most max_concurrency generations in flight; the other half of the
+    # pool lets stores run beside them.
+    runner = make_task_runner(task_runner, 2 * max_concurrency)
+    target = load_destination(destination, destination_block)  # fails before spending
+    credentials = load_credentials(credentials_block)
+    generated = {item.row: cached_imagine(item.request, credentials, variant) for item in plan}
+    finished, restore = _finished_items(plan, generated, target, key_template)
+    todo = [item for item in plan if item.row not in finished]
+    logger = get_run_logger()
+    if finished:
+        logger.info("%d of %d items were stored by an earlier run", len(finished), len(plan))
     _preflight(
-        plan,
-        credentials_block=credentials_block,
-        variant=variant,
+        todo,
+        generated,
+        credentials=credentials,
         max_credits=max_credits,
         partial_budget=partial_budget,
     )
-    limit = concurrency_limit if concurrency_limit_exists(concurrency_limit) else None
-    logger = get_run_logger()
-    if concurrency_limit and limit is None:
-        logger.info(
-            "no global concurrency limit %r: bounded by max_concurrency=%d",
-            concurrency_limit,
-            max_concurrency,
-        )
     budget = CreditBudget.create(_budget_path(), max_credits)
-    outcomes = fan_out.with_options(task_runner=runner)(
-        plan,
-        campaign,
-        key_template,
-        destination,
-        destination_block,
-        credentials_block,
-        variant,
-        budget,
-        limit,
-    )
+    outcomes = list(finished.values())
+    if todo:
+        limit = concurrency_limit if concurrency_limit_exists(concurrency_limit) else None
+        if concurrency_limit and limit is None:
+            logger.info(
+                "no global concurrency limit %r: bounded by max_concurrency=%d",
+                concurrency_limit,
+                max_concurrency,
+            )
+        outcomes += fan_out.with_options(task_runner=runner)(
+            todo,
+            campaign,
+            key_template,
+            destination,
+            destination_block,
+            credentials_block,
+            variant,
+            budget,
+            limit,
+            max_concurrency,
+            restore,
+        )
+    outcomes.sort(key=lambda outcome: outcome.row)
     ledger = budget.snapshot()
     report = CampaignReport(
         campaign=campaign,

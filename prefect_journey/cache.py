@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ from prefect.settings import PREFECT_HOME
 from prefect_journey.client import resolve_base_url
 from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.models import ImagineRequest
+from prefect_journey.storage import Destination
 
 # Output URLs expire after 14 days; a cached result must never outlive its image.
 DEFAULT_CACHE_EXPIRATION = timedelta(days=7)
@@ -130,6 +132,27 @@ class ImagineCachePolicy(CachePolicy):
         return imagine_cache_key(request, str(inputs.get("variant") or ""), base_url)
 
 
+def store_cache_key(
+    task_id: str,
+    destination: Destination,
+    key_template: str,
+    key_fields: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """The cache key of storing one image; exposed so a flow can find finished items."""
+    return _digest(
+        "journey-store",
+        {
+            "task_id": task_id,
+            "destination": destination.canonical_url,
+            "endpoint": destination.endpoint,
+            "key_template": key_template,
+            "key_fields": {k: str(v) for k, v in (key_fields or {}).items()},
+            "overwrite": bool(overwrite),
+        },
+    )
+
+
 @dataclass
 class StoreCachePolicy(CachePolicy):
     """Cache key of the ``store_image`` tasks (see the module docstring)."""
@@ -143,17 +166,12 @@ class StoreCachePolicy(CachePolicy):
     ) -> str | None:
         from prefect_journey.destinations import resolve_destination
 
-        destination = resolve_destination(inputs["destination"], inputs.get("storage_options"))
-        return _digest(
-            "journey-store",
-            {
-                "task_id": inputs["result"].task_id,
-                "destination": destination.canonical_url,
-                "endpoint": destination.endpoint,
-                "key_template": inputs.get("key_template"),
-                "key_fields": {k: str(v) for k, v in (inputs.get("key_fields") or {}).items()},
-                "overwrite": bool(inputs.get("overwrite")),
-            },
+        return store_cache_key(
+            inputs["result"].task_id,
+            resolve_destination(inputs["destination"], inputs.get("storage_options")),
+            inputs.get("key_template") or "",
+            inputs.get("key_fields"),
+            bool(inputs.get("overwrite")),
         )
 
 

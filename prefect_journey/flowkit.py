@@ -69,15 +69,15 @@ DASK_WORKERS_ENV = "JOURNEY_DASK_WORKERS"
 DEFAULT_DASK_WORKERS = 2
 
 
-def make_task_runner(kind: str | None, max_concurrency: int) -> TaskRunner[Any]:
-    """``"thread"`` (default, or ``$JOURNEY_TASK_RUNNER``): a thread pool of
-    ``max_concurrency``. ``"dask"``: prefect-dask on ``$JOURNEY_DASK_ADDRESS`` or a local
-    cluster of ``$JOURNEY_DASK_WORKERS`` processes sharing ``max_concurrency`` threads."""
+def make_task_runner(kind: str | None, workers: int) -> TaskRunner[Any]:
+    """``"thread"`` (default, or ``$JOURNEY_TASK_RUNNER``): a pool of ``workers`` threads.
+    ``"dask"``: prefect-dask on ``$JOURNEY_DASK_ADDRESS`` or a local cluster of
+    ``$JOURNEY_DASK_WORKERS`` processes sharing ``workers`` threads."""
     kind = (kind or os.environ.get(TASK_RUNNER_ENV) or "thread").lower()
-    if max_concurrency < 1:
-        raise JourneyValidationError("max_concurrency must be at least 1")
+    if workers < 1:
+        raise JourneyValidationError("a task runner needs at least one worker")
     if kind == "thread":
-        return ThreadPoolTaskRunner(max_workers=max_concurrency)
+        return ThreadPoolTaskRunner(max_workers=workers)
     if kind != "dask":
         raise JourneyValidationError(f"task_runner must be 'thread' or 'dask', not {kind!r}")
     try:
@@ -89,13 +89,12 @@ def make_task_runner(kind: str | None, max_concurrency: int) -> TaskRunner[Any]:
     address = os.environ.get(DASK_ADDRESS_ENV)
     if address:
         return DaskTaskRunner(address=address)
-    workers = min(int(os.environ.get(DASK_WORKERS_ENV, DEFAULT_DASK_WORKERS)), max_concurrency)
+    processes = min(int(os.environ.get(DASK_WORKERS_ENV, DEFAULT_DASK_WORKERS)), workers)
     return DaskTaskRunner(
         cluster_kwargs={
-            "n_workers": workers,
+            "n_workers": processes,
             "processes": True,
-            # Never more threads in all than max_concurrency.
-            "threads_per_worker": max_concurrency // workers,
+            "threads_per_worker": max(1, workers // processes),
             "dashboard_address": None,
         }
     )

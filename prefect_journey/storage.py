@@ -132,6 +132,15 @@ class Destination:
                 retryable=False,
             ) from None
 
+    def holds(self, stored: StoredImage) -> bool:
+        """Whether the object ``stored`` describes is still there with its size (one
+        metadata read; the content is not hashed again). False if that cannot be told."""
+        fs, _ = self.filesystem()
+        try:
+            return int(fs.info(fsspec.core.strip_protocol(stored.uri))["size"]) == stored.bytes
+        except (OSError, KeyError, ValueError):
+            return False
+
     @property
     def canonical_url(self) -> str:
         """The root as an absolute URL (``file:///abs/outputs``, ``s3://bucket/prefix``)."""
