@@ -6,7 +6,9 @@ concurrency C = 25 are measured three ways in the same run:
 - ``batch_campaign`` (Prefect thread pool, local folder destination);
 - the hand-written baseline a user would write: asyncio + httpx, a semaphore of C, the same
   calls and the same local writes;
-- Prefect's own floor: a flow of N tasks that only sleep L, at C workers.
+- Prefect's own floor: a flow of N tasks that only sleep L, at C workers; once plain and
+  once with the tags our tasks carry (Prefect 3.9 asks the API for tag concurrency slots
+  on every run of a tagged task, through one queue per tag set).
 
 The ideal makespan is ceil(N/C) * L.
 """
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import RUNS, Figure, emulator_process, median
+from prefect_journey.tasks import TAGS
 
 LATENCY = 2.0
 CONCURRENCY = 25
@@ -81,11 +84,11 @@ def ours(n: int, folder: str | None = None, prompts: list[str] | None = None) ->
         return time.perf_counter() - started
 
 
-def prefect_floor(n: int) -> float:
+def prefect_floor(n: int, tags: list[str] | None = None) -> float:
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    @task
+    @task(tags=tags or [])
     def sleep() -> None:
         time.sleep(LATENCY)
 
@@ -112,12 +115,14 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
             mine = median([ours(n) for _ in range(runs)])
             base = median([handwritten(url, n) for _ in range(runs)])
             floor = median([prefect_floor(n) for _ in range(runs)])
+            tagged_floor = median([prefect_floor(n, TAGS) for _ in range(runs)])
             results["by_n"][n] = {
                 "runs": runs,
                 "ideal": ideal,
                 "ours": mine,
                 "handwritten": base,
                 "prefect_floor": floor,
+                "tagged_floor": tagged_floor,
                 "overhead_ms_per_image": 1000 * (mine - base) / n,
             }
         results["rerun"] = rerun(url)
@@ -165,6 +170,15 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             Figure(
                 f"Prefect floor N={n}: sleep tasks vs ideal ({note})",
                 r["prefect_floor"],
+                r["ideal"],
+                "s",
+                "ceil(N/C)*L",
+            )
+        )
+        rows.append(
+            Figure(
+                f"Prefect floor N={n}: sleep tasks with our tags vs ideal ({note})",
+                r["tagged_floor"],
                 r["ideal"],
                 "s",
                 "ceil(N/C)*L",

@@ -208,9 +208,10 @@ def fan_out(
     # submitted through a window of max_concurrency (the run's bound on calls in flight), so
     # the pool's queue never holds a backlog of them and a finished image's store starts at
     # once instead of waiting behind every generation not yet started.
-    finished: queue.Queue[tuple[str, int]] = queue.Queue()
+    finished: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     results: dict[int, PrefectFuture[Any]] = {}
     stores: dict[int, PrefectFuture[Any]] = {}
+    values: dict[tuple[str, int], Any] = {}  # what each finished run returned, read once
     waiting = iter(plan)
 
     def submit_next_generation() -> None:
@@ -232,17 +233,17 @@ def fan_out(
     new_objects: list[tuple[StoredImage, str]] = []
     remaining = len(items)
     while remaining:
-        stage, row = finished.get()
+        stage, row, value = finished.get()
+        values[stage, row] = value
         item = items[row]
         if stage == "generated":
-            results[row].wait()  # pins the final state; the API may still report it running
             submit_next_generation()
-            if results[row].state.is_completed():
+            if value is not None:
                 # The value, not the future: the run is named after it; wait_for keeps the
                 # dependency in the UI.
                 store = store_and_publish.with_options(refresh_cache=row in restore)
                 stores[row] = store.submit(
-                    results[row].result(),
+                    value,
                     target,
                     key_template=key_template,
                     key_fields=item.key_fields,
@@ -252,21 +253,39 @@ def fan_out(
                 )
                 stores[row].add_done_callback(partial(_announce, finished, "stored", row))
                 continue
-        else:
-            stores[row].wait()
-            # A cached store was declared by the run that made it.
-            if stores[row].state.is_completed() and stores[row].state.name != "Cached":
-                new_objects.append((stores[row].result(), item.request.prompt))
+        # A cached store was declared by the run that made it.
+        elif value is not None and stores[row].state.name != "Cached":
+            new_objects.append((value, item.request.prompt))
         remaining -= 1
         if time.monotonic() - last_progress > PROGRESS_INTERVAL or not remaining:
             update_progress_artifact(progress, 100.0 * (len(items) - remaining) / len(items))
             last_progress = time.monotonic()
     declare_assets(new_objects)  # one task run for the whole batch
-    return [_outcome(items[row], results[row], stores.get(row)) for row in sorted(items)]
+    return [
+        _outcome(
+            items[row],
+            results[row],
+            stores.get(row),
+            values.get(("generated", row)),
+            values.get(("stored", row)),
+        )
+        for row in sorted(items)
+    ]
 
 
-def _announce(finished: queue.Queue[tuple[str, int]], stage: str, row: int, _: Any) -> None:
-    finished.put((stage, row))
+def _announce(
+    finished: queue.Queue[tuple[str, int, Any]], stage: str, row: int, future: PrefectFuture[Any]
+) -> None:
+    """Runs on the worker that finished ``future``: pins its final state and reads its value
+    there (Prefect's sync ``result()`` costs tens of milliseconds), so the thread that
+    submits work never spends that time. The value is None unless the run completed."""
+    value = None
+    try:
+        future.wait()
+        if future.state.is_completed():
+            value = future.result()
+    finally:
+        finished.put((stage, row, value))
 
 
 @task(name="journey-store-and-publish", **STORE_OPTIONS)
@@ -306,18 +325,21 @@ def _stored_outcome(
 
 
 def _outcome(
-    item: CampaignItem, result: PrefectFuture[Any], store: PrefectFuture[Any] | None
+    item: CampaignItem,
+    result: PrefectFuture[Any],
+    store: PrefectFuture[Any] | None,
+    generated: ImagineResult | None,
+    stored: StoredImage | None,
 ) -> ItemOutcome:
+    """One item's row in the summary, from its futures and the values they returned."""
     base = {"row": item.row, "prompt": item.request.prompt[:120]}
-    reason = failure_reason(result)
-    if reason:
+    if generated is None:
+        reason = failure_reason(result) or "its result could not be read"
         skipped = "BudgetExceededError" in reason
         return ItemOutcome(**base, status="skipped" if skipped else "failed", reason=reason)
-    generated: ImagineResult = result.result()
     cached = result.state.name == "Cached"
-    assert store is not None  # submitted for every generated image
-    reason = failure_reason(store)
-    if reason:
+    if stored is None:
+        assert store is not None  # submitted for every generated image
         return ItemOutcome(
             **base,
             status="failed",
@@ -326,9 +348,9 @@ def _outcome(
             credits=0 if cached else generated.credits_charged,
             attempts=0 if cached else generated.attempts,
             cached=cached,
-            reason=reason,
+            reason=failure_reason(store) or "its result could not be read",
         )
-    return _stored_outcome(item, generated, store.result(), cached=cached)
+    return _stored_outcome(item, generated, stored, cached=cached)
 
 
 @flow(name="batch-campaign")

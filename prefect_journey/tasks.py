@@ -61,6 +61,9 @@ from prefect_journey.storage import (
 from prefect_journey.storage import astore_image as _astore_image
 from prefect_journey.storage import store_image as _store_image
 
+# Every task of the package carries the same tags: Prefect 3.9 asks the API for tag
+# concurrency slots on each run of a tagged task through one queue per distinct tag set,
+# and a second set made a 100-image batch about a quarter slower on 2 cores (benchmarks/).
 TAGS = ["journey", DEFAULT_MODEL]
 # 5 retries at 2, 4, 8, 16, 32 s (+/- 50 % jitter): a 25 % fault rate fails an item with
 # probability 0.25**6 = 0.02 %, and the whole ladder stays within a minute.
@@ -359,7 +362,7 @@ STORE_OPTIONS: dict[str, Any] = {
     "cache_expiration": DEFAULT_CACHE_EXPIRATION,
     "persist_result": True,
     "timeout_seconds": STORE_TIMEOUT,
-    "tags": ["journey"],
+    "tags": TAGS,
     "task_run_name": _store_run_name,
 }
 
@@ -427,7 +430,7 @@ async def astore_image(
     return stored
 
 
-@task(name="journey-presign-references", tags=["journey"], retries=2, retry_delay_seconds=1)
+@task(name="journey-presign-references", tags=TAGS, retries=2, retry_delay_seconds=1)
 def presign_references(
     urls: Sequence[str],
     storage_options: Mapping[str, Any] | None = None,
@@ -475,5 +478,5 @@ def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:
         by="prefect-journey",
         name="journey-declare-assets",
         task_run_name=f"assets: {first.name if first else '?'}{more}",
-        tags=["journey"],
+        tags=TAGS,
     )(record)()

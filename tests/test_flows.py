@@ -99,7 +99,7 @@ def test_tasks_are_tagged_and_time_limited(journey_env: EmulatorServer) -> None:
     )
     assert imagine.timeout_seconds == attempt_timeout(request) > 192
     assert attempt_timeout(ImagineRequest(prompt="x")) < imagine.timeout_seconds
-    assert set(imagine.tags) == {"journey", "nano-banana-2"}
+    assert set(imagine.tags) == set(store_image.tags) == {"journey", "nano-banana-2"}
 
 
 def test_safe_failures_are_retried_by_prefect(journey_env: EmulatorServer, tmp_path: Path) -> None:
