@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo soak bench emulator clean
+.PHONY: test lint demo soak bench profile emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -38,8 +38,12 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
+# One campaign under py-spy: how task runs split their wall time (Prefect vs ours).
+profile: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.profile_campaign
+
 emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outputs .prefect
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outputs .prefect profile.txt

@@ -63,7 +63,7 @@ from prefect_journey.storage import store_image as _store_image
 
 # Every task of the package carries the same tags: Prefect 3.9 asks the API for tag
 # concurrency slots on each run of a tagged task through one queue per distinct tag set,
-# and a second set made a 100-image batch about a quarter slower on 2 cores (benchmarks/).
+# and a second set made a 100-image batch about a quarter slower on 2 cores (BENCHMARKS.md).
 TAGS = ["journey", DEFAULT_MODEL]
 # 5 retries at 2, 4, 8, 16, 32 s (+/- 50 % jitter): a 25 % fault rate fails an item with
 # probability 0.25**6 = 0.02 %, and the whole ladder stays within a minute.
