@@ -307,18 +307,26 @@ def store_and_publish(
     return stored
 
 
+def _generation_fields(
+    item: CampaignItem, generated: ImagineResult, *, cached: bool
+) -> dict[str, Any]:
+    return {
+        "row": item.row,
+        "prompt": item.request.prompt[:120],
+        "task_id": generated.task_id,
+        "latency_s": round(generated.elapsed_seconds, 2),
+        "credits": 0 if cached else generated.credits_charged,
+        "attempts": 0 if cached else generated.attempts,
+        "cached": cached,
+    }
+
+
 def _stored_outcome(
     item: CampaignItem, generated: ImagineResult, stored: StoredImage, *, cached: bool
 ) -> ItemOutcome:
     return ItemOutcome(
-        row=item.row,
-        prompt=item.request.prompt[:120],
+        **_generation_fields(item, generated, cached=cached),
         status="stored",
-        task_id=generated.task_id,
-        latency_s=round(generated.elapsed_seconds, 2),
-        credits=0 if cached else generated.credits_charged,
-        attempts=0 if cached else generated.attempts,
-        cached=cached,
         uri=stored.uri,
         sha256=stored.sha256,
     )
@@ -332,22 +340,21 @@ def _outcome(
     stored: StoredImage | None,
 ) -> ItemOutcome:
     """One item's row in the summary, from its futures and the values they returned."""
-    base = {"row": item.row, "prompt": item.request.prompt[:120]}
     if generated is None:
         reason = failure_reason(result) or "its result could not be read"
         skipped = "BudgetExceededError" in reason
-        return ItemOutcome(**base, status="skipped" if skipped else "failed", reason=reason)
+        return ItemOutcome(
+            row=item.row,
+            prompt=item.request.prompt[:120],
+            status="skipped" if skipped else "failed",
+            reason=reason,
+        )
     cached = result.state.name == "Cached"
     if stored is None:
         assert store is not None  # submitted for every generated image
         return ItemOutcome(
-            **base,
+            **_generation_fields(item, generated, cached=cached),
             status="failed",
-            task_id=generated.task_id,
-            latency_s=round(generated.elapsed_seconds, 2),
-            credits=0 if cached else generated.credits_charged,
-            attempts=0 if cached else generated.attempts,
-            cached=cached,
             reason=failure_reason(store) or "its result could not be read",
         )
     return _stored_outcome(item, generated, stored, cached=cached)
