@@ -414,8 +414,9 @@ class _ObjectWriter:
                 existing.update(block)
         if existing.hexdigest() != digest:
             raise ObjectConflictError(
-                f"{self._uri()} already exists with different content; refusing to overwrite "
-                "(pass overwrite=True or change the key)"
+                f"{self._uri()} already exists with different content (sha256 "
+                f"{existing.hexdigest()[:12]}, this image {digest[:12]}); refusing to "
+                "overwrite (pass overwrite=True or change the key)"
             )
 
     def abort(self) -> None:

@@ -120,6 +120,11 @@ def run_soak(
         else:
             corrupt += 1
     expected_keys = {o.uri.removeprefix(f"s3://{bucket}/") for o in stored}
+    by_digest = {image["sha256"]: task_id for task_id, image in served.items()}
+    for key in sorted(objects - expected_keys):  # what an orphan is says how it came to be
+        digest = hashlib.sha256(s3_fs.cat(f"{bucket}/{key}")).hexdigest()
+        origin = by_digest.get(digest, "no image the emulator served")
+        print(f"orphan {key}: sha256 {digest[:12]}, the image of {origin}", file=sys.stderr)
     failures = Counter(o.reason.split(":", 1)[0] for o in report.outcomes if o.status != "stored")
     return SoakResult(
         items=n_items,
