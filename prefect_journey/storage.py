@@ -136,8 +136,10 @@ class Destination:
         """Whether the object ``stored`` describes is still there with its size (one
         metadata read; the content is not hashed again). False if that cannot be told."""
         fs, _ = self.filesystem()
+        path = fsspec.core.strip_protocol(stored.uri)
+        fs.invalidate_cache(path)  # a long-lived process may have listed it before a delete
         try:
-            return int(fs.info(fsspec.core.strip_protocol(stored.uri))["size"]) == stored.bytes
+            return int(fs.info(path)["size"]) == stored.bytes
         except (OSError, KeyError, ValueError):
             return False
 
