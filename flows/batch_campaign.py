@@ -134,7 +134,9 @@ def _finished_items(
         stored = cached_result(store_and_publish, key)
         if isinstance(stored, StoredImage):
             cached[item.row] = (result, stored)
-    with ThreadPoolExecutor(OBJECT_CHECKS) as pool:
+    if not cached:
+        return {}, set()
+    with ThreadPoolExecutor(min(OBJECT_CHECKS, len(cached))) as pool:
         present = list(pool.map(target.holds, (stored for _, stored in cached.values())))
     items = {item.row: item for item in plan}
     finished = {
