@@ -76,10 +76,11 @@ def create_proxy(upstream: str, rate: float, seed: int = 0) -> tuple[Starlette, 
             headers=_headers(request),
             content=body,
         )
-        headers = {
-            k: v for k, v in upstream_response.headers.items() if k.lower() not in _HOP_HEADERS
-        }
-        return Response(upstream_response.content, upstream_response.status_code, headers=headers)
+        return Response(
+            upstream_response.content,
+            upstream_response.status_code,
+            headers=_response_headers(request, upstream_response),
+        )
 
     app = Starlette(
         routes=[Route("/{path:path}", forward, methods=["GET", "PUT", "POST", "DELETE", "HEAD"])]
@@ -89,3 +90,15 @@ def create_proxy(upstream: str, rate: float, seed: int = 0) -> tuple[Starlette, 
 
 def _headers(request: Request) -> dict[str, Any]:
     return {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+
+
+def _response_headers(request: Request, upstream: httpx.Response) -> dict[str, str]:
+    """The upstream headers minus hop-by-hop ones. A HEAD answer keeps its Content-Length:
+    it is the object's size, and without it the response would announce the length of its
+    own empty body, 0 (s3fs then reads every existing object as empty)."""
+    keep = {"content-length"} if request.method == "HEAD" else set()
+    return {
+        k: v
+        for k, v in upstream.headers.items()
+        if k.lower() not in _HOP_HEADERS or k.lower() in keep
+    }

@@ -92,6 +92,26 @@ def faulty_bucket(bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[t
         yield bucket, proxy.url
 
 
+def test_the_soak_proxy_reports_real_object_sizes(emulator: EmulatorServer, bucket: Bucket) -> None:
+    """The proxy once answered every HEAD with Content-Length 0, so an object that already
+    existed read as empty and a retry after a lost commit answer became a conflict."""
+    from prefect_journey.client import JourneyClient
+    from prefect_journey.storage import Destination, store_image
+
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        result = client.imagine(prompt="a heron")
+    app, _ = create_proxy(bucket.endpoint, rate=0.0)
+    with BackgroundServer(app) as proxy:
+        through_proxy = Destination(
+            bucket.url, {**bucket.storage_options, "endpoint_url": proxy.url}
+        )
+        first = store_image(result.image_url, through_proxy, task_id=result.task_id)
+        again = store_image(result.image_url, through_proxy, task_id=result.task_id)
+        fs, _ = through_proxy.filesystem()
+        assert fs.info(first.uri)["size"] == first.bytes > 0
+    assert first.created and not again.created and again.sha256 == first.sha256
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_soak_60_items_loses_nothing(
     journey_env: EmulatorServer, faulty_bucket: tuple[Bucket, str], monkeypatch: pytest.MonkeyPatch
