@@ -6,7 +6,9 @@ The guarantees, in the order they are applied:
    API key is never sent to the CDN. Only https is accepted for non-loopback hosts, on
    every redirect hop, and at most :data:`MAX_REDIRECTS` hops are followed.
 2. Bytes are streamed in :data:`DOWNLOAD_CHUNK` pieces, never held whole; a
-   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer.
+   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer. Hashing,
+   verification and the store's writes run on a second thread, one chunk behind the socket
+   reads (see :class:`_WriteBehind`), so at most three chunks are in memory.
 3. The format comes from the bytes (PNG, JPEG, WebP), not the URL, and names the object's
    extension; width and height come from the header; sha256 is computed on the way.
 4. The object is written with ``autocommit=False`` and only committed once the whole image
@@ -26,8 +28,10 @@ import asyncio
 import hashlib
 import logging
 import os
+import queue
 import re
 import string
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +60,12 @@ DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DOWNLOAD_CHUNK = 1024 * 1024
 # S3's minimum multipart part; s3fs holds one part in memory before uploading it.
 UPLOAD_PART_SIZE = 5 * 1024 * 1024
+# Chunks waiting for the write-behind thread. One is enough to keep both threads busy; with
+# the chunk being read and the one being written, three chunks at most are in memory.
+WRITE_BEHIND_DEPTH = 1
+# A local file is flushed to disk every this many bytes while it is written, so the fsync
+# before it is published has little left to do (the kernel would otherwise hold all of it).
+LOCAL_SYNC_BYTES = 16 * 1024 * 1024
 # A CDN redirects once or twice; more is a loop or an attack.
 MAX_REDIRECTS = 5
 # The CDN answers at once; ``read`` is the longest gap between two chunks.
@@ -272,9 +282,16 @@ class _LocalAtomicFile:
         self.overwrite = overwrite
         self.temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part")
         self._handle = open(self.temp, "xb")  # noqa: SIM115 - closed by close()
+        self._unsynced = 0
 
     def write(self, data: bytes) -> int:
-        return self._handle.write(data)
+        written = self._handle.write(data)
+        self._unsynced += written
+        if self._unsynced >= LOCAL_SYNC_BYTES:
+            self._handle.flush()
+            os.fdatasync(self._handle.fileno())
+            self._unsynced = 0
+        return written
 
     def close(self) -> None:
         if not self._handle.closed:
@@ -410,15 +427,17 @@ class _ObjectWriter:
         )
 
     def _check_existing(self, digest: str) -> None:
-        existing = hashlib.sha256()
+        existing, size = hashlib.sha256(), 0
         with self.fs.open(self.path, "rb", block_size=UPLOAD_PART_SIZE) as stored:
             while block := stored.read(DOWNLOAD_CHUNK):
                 existing.update(block)
+                size += len(block)
         if existing.hexdigest() != digest:
             raise ObjectConflictError(
-                f"{self._uri()} already exists with different content (sha256 "
-                f"{existing.hexdigest()[:12]}, this image {digest[:12]}); refusing to "
-                "overwrite (pass overwrite=True or change the key)"
+                f"{self._uri()} already exists with different content ({size} bytes, sha256 "
+                f"{existing.hexdigest()[:12]}; this image {self.verifier.total} bytes, "
+                f"sha256 {digest[:12]}); refusing to overwrite (pass overwrite=True or change "
+                "the key)"
             )
 
     def abort(self) -> None:
@@ -431,6 +450,49 @@ class _ObjectWriter:
                 step()
             except Exception as exc:
                 logger.warning("cleanup of %s: %s failed: %s", self._uri(), step.__name__, exc)
+
+
+class _WriteBehind:
+    """Feeds an :class:`_ObjectWriter` from its own thread, one chunk behind the download.
+
+    hashlib, zlib and file and socket I/O release the GIL, so the sha256, the PNG CRCs and
+    the store's writes overlap with the next socket read instead of following it. The first
+    error the writer raises stops the writing, is raised to the downloading thread at its
+    next :meth:`put` or at :meth:`close`, and the rest of the queue is drained unwritten.
+    """
+
+    def __init__(self, writer: _ObjectWriter) -> None:
+        self._writer = writer
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=WRITE_BEHIND_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="journey-write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(chunk)
+                except BaseException as exc:  # handed to the downloading thread
+                    self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, chunk: bytes) -> None:
+        self._raise_error()
+        self._chunks.put(chunk)
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Wait until every chunk is written; raise the writer's error, if any and asked.
+        Before an abort it is not asked: that error already ended the transfer, or another
+        one did, which is the one to report."""
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+        if raise_error:
+            self._raise_error()
 
 
 def store_image(
@@ -450,16 +512,20 @@ def store_image(
         image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
     )
     client = http or download_client()
+    pipe = _WriteBehind(writer)
     try:
         with client.stream("GET", image_url) as response:
             writer.check_length(response)
             for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
-                writer.write(chunk)
+                pipe.put(chunk)
+        pipe.close()
         return writer.finish()
     except httpx.HTTPError as exc:
+        pipe.close(raise_error=False)
         writer.abort()
         raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from None
     except BaseException:
+        pipe.close(raise_error=False)
         writer.abort()
         raise
     finally:
@@ -483,16 +549,20 @@ async def astore_image(
         image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
     )
     client = http or async_download_client()
+    pipe = _WriteBehind(writer)
     try:
         async with client.stream("GET", image_url) as response:
             writer.check_length(response)
             async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                await asyncio.to_thread(writer.write, chunk)
+                await asyncio.to_thread(pipe.put, chunk)  # blocks while the queue is full
+        await asyncio.to_thread(pipe.close)
         return await asyncio.to_thread(writer.finish)
     except httpx.HTTPError as exc:
+        await asyncio.to_thread(pipe.close, raise_error=False)
         await asyncio.to_thread(writer.abort)
         raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from None
     except BaseException:
+        await asyncio.to_thread(pipe.close, raise_error=False)
         await asyncio.to_thread(writer.abort)
         raise
     finally:

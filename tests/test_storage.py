@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
+import zlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -155,6 +158,63 @@ def test_size_cap_aborts_without_an_object(emulator: EmulatorServer, tmp_path: P
     with pytest.raises(DownloadError, match="cap") as caught:
         store_image(result.image_url, str(tmp_path), task_id=result.task_id, max_bytes=10_000)
     assert not caught.value.retryable
+    assert local_files(tmp_path) == []
+
+
+def _png_chunk(kind: bytes, data: bytes, length: int | None = None) -> bytes:
+    size = len(data) if length is None else length
+    return struct.pack(">I", size) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+# A PNG head announcing one 200 MiB IDAT chunk: valid as far as a verifier can tell until
+# the chunk ends, so only the size cap can stop it.
+_ENDLESS_PNG_HEAD = (
+    b"\x89PNG\r\n\x1a\n"
+    + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+    + struct.pack(">I", 200 * 1024 * 1024)
+    + b"IDAT"
+)
+
+
+def _unannounced_stream(sent: list[int], *, asynchronous: bool) -> httpx.MockTransport:
+    """A CDN answer without Content-Length: the head above, then zeros a MiB at a time,
+    counting in ``sent`` how many MiB the downloader pulled."""
+
+    def body() -> Iterator[bytes]:
+        yield _ENDLESS_PNG_HEAD
+        for _ in range(200):
+            sent.append(1)
+            yield bytes(1024 * 1024)
+
+    async def abody() -> AsyncIterator[bytes]:
+        for piece in body():
+            yield piece
+
+    return httpx.MockTransport(
+        lambda request: httpx.Response(200, content=abody() if asynchronous else body())
+    )
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_write_error_stops_the_download_at_once(tmp_path: Path, asynchronous: bool) -> None:
+    """The cap is checked on the write-behind thread; its error must reach the downloading
+    thread within a chunk or two, not after the whole (here endless-looking) body."""
+    sent: list[int] = []
+    transport = _unannounced_stream(sent, asynchronous=asynchronous)
+    cap = {"max_bytes": 3 * 1024 * 1024, "task_id": "t"}
+    url = "https://cdn.example.com/a.png"
+    with pytest.raises(DownloadError, match="cap"):
+        if asynchronous:
+
+            async def run() -> None:
+                async with httpx.AsyncClient(transport=transport) as http:
+                    await astore_image(url, str(tmp_path), http=http, **cap)  # type: ignore[arg-type]
+
+            asyncio.run(run())
+        else:
+            with httpx.Client(transport=transport) as http:
+                store_image(url, str(tmp_path), http=http, **cap)  # type: ignore[arg-type]
+    assert len(sent) <= 6
     assert local_files(tmp_path) == []
 
 
