@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# A fresh Prefect home migrates its database before the ephemeral server answers; on a busy
+# 2-core machine that took longer than Prefect's default 20 s wait.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

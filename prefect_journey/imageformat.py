@@ -182,7 +182,7 @@ class ImageVerifier:
         if not data:
             return
         self.total += len(data)
-        self._tail = (self._tail + data)[-2:]
+        self._tail = (self._tail + data[-2:])[-2:]  # not a copy of the whole chunk
         if self._format is None:
             self._head += data
             if len(self._head) < 12:

@@ -70,6 +70,23 @@ def test_store_to_s3(emulator: EmulatorServer, bucket: Bucket) -> None:
     )
 
 
+def test_local_store_starting_writeback_as_it_grows_is_whole(
+    emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("prefect_journey.storage.LOCAL_WRITEBACK_BYTES", 256 * 1024)
+    emulator.admin("config", {"realistic_sizes": True})  # several MB: many writebacks
+    try:
+        result = generate(emulator, resolution="2K")
+        stored = store_image(result.image_url, str(tmp_path), task_id=result.task_id)
+    finally:
+        emulator.admin("config", {"realistic_sizes": False})
+    assert stored.bytes > 2 * 1024 * 1024
+    content = (tmp_path / f"{result.task_id}.png").read_bytes()
+    assert hashlib.sha256(content).hexdigest() == stored.sha256
+    assert stored.sha256 == served_sha256(emulator, result.task_id)
+    assert local_files(tmp_path) == [f"{result.task_id}.png"]
+
+
 def test_api_key_is_not_sent_to_the_cdn(emulator: EmulatorServer, tmp_path: Path) -> None:
     result = generate(emulator)
     store_image(result.image_url, str(tmp_path), task_id=result.task_id)
