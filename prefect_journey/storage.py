@@ -6,9 +6,10 @@ The guarantees, in the order they are applied:
    API key is never sent to the CDN. Only https is accepted for non-loopback hosts, on
    every redirect hop, and at most :data:`MAX_REDIRECTS` hops are followed.
 2. Bytes are streamed in :data:`DOWNLOAD_CHUNK` pieces, never held whole; a
-   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer. Hashing,
-   verification and the store's writes run on a second thread, one chunk behind the socket
-   reads (see :class:`_WriteBehind`), so at most three chunks are in memory.
+   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer. From the
+   second chunk on, hashing, verification and the store's writes run on a second thread, one
+   chunk behind the socket reads (see :class:`_WriteBehind`), so at most three chunks are in
+   memory.
 3. The format comes from the bytes (PNG, JPEG, WebP), not the URL, and names the object's
    extension; width and height come from the header; sha256 is computed on the way.
 4. The object is written with ``autocommit=False`` and only committed once the whole image
@@ -293,7 +294,7 @@ class _LocalAtomicFile:
         if _CAN_START_WRITEBACK and self._not_written_back >= LOCAL_WRITEBACK_BYTES:
             self._handle.flush()
             # Linux starts writing back the dirty pages it is told are not needed, without
-            # waiting for the disk (measured: 200 MiB went from 0.75 to 0.9 x a plain copy).
+            # waiting for the disk (200 MiB here: from 0.73 to 0.897 x a plain copy).
             os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._not_written_back = 0
         return written
