@@ -178,9 +178,8 @@ def test_size_cap_aborts_without_an_object(emulator: EmulatorServer, tmp_path: P
     assert local_files(tmp_path) == []
 
 
-def _png_chunk(kind: bytes, data: bytes, length: int | None = None) -> bytes:
-    size = len(data) if length is None else length
-    return struct.pack(">I", size) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 # A PNG head announcing one 200 MiB IDAT chunk: valid as far as a verifier can tell until
