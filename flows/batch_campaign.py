@@ -12,6 +12,7 @@ the others; re-running the campaign redoes only what failed, the rest are cache 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import queue
 import tempfile
@@ -23,18 +24,22 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    ProgressArtifact,
+    aupdate_progress_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from prefect_journey.budget import BudgetExceededError, CreditBudget
+from prefect_journey.bulk import ChunkOutcome, ChunkSettings, SharedRun, imagine_and_store_chunk
 from prefect_journey.cache import store_cache_key
 from prefect_journey.campaign import DEFAULT_KEY_TEMPLATE, CampaignItem, plan_items, read_items
-from prefect_journey.client import JourneyClient
+from prefect_journey.client import AsyncJourneyClient, JourneyClient
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.errors import InsufficientCreditsError, JourneyError, JourneyValidationError
 from prefect_journey.flowkit import (
@@ -46,9 +51,10 @@ from prefect_journey.flowkit import (
     make_task_runner,
     report_image,
     resolve_variant,
+    task_runner_kind,
 )
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult
-from prefect_journey.storage import Destination, StoredImage, slugify
+from prefect_journey.storage import Destination, StoredImage, async_download_client, slugify
 from prefect_journey.tasks import (
     STORE_OPTIONS,
     attempt_timeout,
@@ -264,7 +270,7 @@ def fan_out(
             last_progress = time.monotonic()
     declare_assets(new_objects)  # one task run for the whole batch
     return [
-        _outcome(
+        _future_outcome(
             items[row],
             results[row],
             stores.get(row),
@@ -336,30 +342,119 @@ def _stored_outcome(
 
 def _outcome(
     item: CampaignItem,
+    generated: ImagineResult | None,
+    stored: StoredImage | None,
+    *,
+    cached: bool,
+    reason: str,
+) -> ItemOutcome:
+    """One item's row in the summary: what it produced, or why it did not."""
+    reason = reason or "its result could not be read"
+    if generated is None:
+        return ItemOutcome(
+            row=item.row,
+            prompt=item.request.prompt[:120],
+            status="skipped" if "BudgetExceededError" in reason else "failed",
+            reason=reason,
+        )
+    if stored is None:
+        return ItemOutcome(
+            **_generation_fields(item, generated, cached=cached), status="failed", reason=reason
+        )
+    return _stored_outcome(item, generated, stored, cached=cached)
+
+
+def _future_outcome(
+    item: CampaignItem,
     result: PrefectFuture[Any],
     store: PrefectFuture[Any] | None,
     generated: ImagineResult | None,
     stored: StoredImage | None,
 ) -> ItemOutcome:
-    """One item's row in the summary, from its futures and the values they returned."""
-    if generated is None:
-        reason = failure_reason(result) or "its result could not be read"
-        skipped = "BudgetExceededError" in reason
-        return ItemOutcome(
-            row=item.row,
-            prompt=item.request.prompt[:120],
-            status="skipped" if skipped else "failed",
-            reason=reason,
+    """:func:`_outcome` from an item's task runs and the values they returned."""
+    failed = result if store is None else store
+    reason = "" if stored is not None else failure_reason(failed) or ""
+    cached = generated is not None and result.state.name == "Cached"
+    return _outcome(item, generated, stored, cached=cached, reason=reason)
+
+
+def _chunked(
+    todo: list[CampaignItem],
+    settings: ChunkSettings,
+    credentials: JourneyCredentials | None,
+    max_concurrency: int,
+    images_per_task_run: int,
+) -> list[ItemOutcome]:
+    """Run ``todo`` in task runs of ``images_per_task_run`` images (prefect_journey.bulk)."""
+    outcomes = asyncio.run(
+        _run_chunks(todo, settings, credentials, max_concurrency, images_per_task_run)
+    )
+    items = {item.row: item for item in todo}
+    declare_assets(
+        [
+            (o.stored, items[o.row].request.prompt)
+            for o in outcomes
+            if o.stored is not None and not o.store_cached
+        ]
+    )
+    return [
+        _outcome(items[o.row], o.generated, o.stored, cached=o.generation_cached, reason=o.reason)
+        for o in outcomes
+    ]
+
+
+async def _run_chunks(
+    todo: list[CampaignItem],
+    settings: ChunkSettings,
+    credentials: JourneyCredentials | None,
+    max_concurrency: int,
+    images_per_task_run: int,
+) -> list[ChunkOutcome]:
+    done = 0
+
+    def finished(_: ChunkOutcome) -> None:
+        nonlocal done
+        done += 1
+
+    # One connection per call in flight: a slow call never waits for a pooled connection.
+    options: dict[str, Any] = {"max_retries": 0, "max_connections": max_concurrency}
+    api = credentials.get_async_client(**options) if credentials else AsyncJourneyClient(**options)
+    chunks = [
+        todo[start : start + images_per_task_run]
+        for start in range(0, len(todo), images_per_task_run)
+    ]
+    async with api, async_download_client() as downloads, get_client() as prefect:
+        progress = await ProgressArtifact(
+            progress=0.0,
+            key=f"{slugify(settings.campaign)}-progress",
+            description=f"campaign {settings.campaign}",
+        ).acreate(client=prefect)
+        shared = SharedRun(
+            api,
+            downloads,
+            prefect,
+            generations=asyncio.Semaphore(max_concurrency),
+            stores=asyncio.Semaphore(max_concurrency),
+            finished=finished,
         )
-    cached = result.state.name == "Cached"
-    if stored is None:
-        assert store is not None  # submitted for every generated image
-        return ItemOutcome(
-            **_generation_fields(item, generated, cached=cached),
-            status="failed",
-            reason=failure_reason(store) or "its result could not be read",
+        # Every chunk starts at once: the slots, not the chunks, bound the work, so a chunk
+        # waiting on one slow image never leaves a slot idle.
+        running = asyncio.gather(
+            *(imagine_and_store_chunk(chunk, settings, shared) for chunk in chunks),
+            return_exceptions=True,
         )
-    return _stored_outcome(item, generated, stored, cached=cached)
+        while not running.done():
+            await asyncio.wait([running], timeout=PROGRESS_INTERVAL)
+            await aupdate_progress_artifact(progress.id, 100.0 * done / len(todo), client=prefect)
+        results = running.result()
+    outcomes: list[ChunkOutcome] = []
+    for chunk, result in zip(chunks, results, strict=True):
+        if isinstance(result, BaseException):  # the task run itself broke
+            reason = f"{type(result).__name__}: {result}"
+            outcomes += [ChunkOutcome(item.row, reason=reason) for item in chunk]
+        else:
+            outcomes += result
+    return outcomes
 
 
 @flow(name="batch-campaign")
@@ -378,6 +473,7 @@ def batch_campaign(
     partial_budget: bool = False,
     allow_failures: bool = False,
     task_runner: str | None = None,
+    images_per_task_run: int = 1,
 ) -> CampaignReport:
     """Generate and store every item of a campaign.
 
@@ -386,6 +482,9 @@ def batch_campaign(
     when it exists; ``max_concurrency`` bounds the run either way. ``max_credits``: the
     run's budget (``partial_budget=True`` runs until it is spent instead of refusing to
     start). ``task_runner``: ``"thread"`` or ``"dask"`` (default ``$JOURNEY_TASK_RUNNER``).
+    ``images_per_task_run``: 1 (default) gives every image its own task runs; more runs
+    that many images per task run (:mod:`prefect_journey.bulk`: the same caching, retries,
+    budget and reporting, a fraction of Prefect's per-run cost; thread runner only).
     The run fails if any item failed, unless ``allow_failures``.
     """
     if (items is None) == (source is None):
@@ -395,6 +494,13 @@ def batch_campaign(
     variant = resolve_variant(variant)
     if max_concurrency < 1:
         raise JourneyValidationError("max_concurrency must be at least 1")
+    if images_per_task_run < 1:
+        raise JourneyValidationError("images_per_task_run must be at least 1")
+    if images_per_task_run > 1 and task_runner_kind(task_runner) != "thread":
+        raise JourneyValidationError(
+            "images_per_task_run > 1 runs images on the flow's event loop, not on a task "
+            "runner: use task_runner='thread' (or 1 image per task run on Dask)"
+        )
     # fan_out keeps at most max_concurrency generations in flight; the other half of the
     # pool lets stores run beside them.
     runner = make_task_runner(task_runner, 2 * max_concurrency)
@@ -423,19 +529,25 @@ def batch_campaign(
                 concurrency_limit,
                 max_concurrency,
             )
-        outcomes += fan_out.with_options(task_runner=runner)(
-            todo,
-            campaign,
-            key_template,
-            destination,
-            destination_block,
-            credentials_block,
-            variant,
-            budget,
-            limit,
-            max_concurrency,
-            restore,
-        )
+        if images_per_task_run > 1:
+            settings = ChunkSettings(
+                target, key_template, campaign, variant, budget, limit, frozenset(restore)
+            )
+            outcomes += _chunked(todo, settings, credentials, max_concurrency, images_per_task_run)
+        else:
+            outcomes += fan_out.with_options(task_runner=runner)(
+                todo,
+                campaign,
+                key_template,
+                destination,
+                destination_block,
+                credentials_block,
+                variant,
+                budget,
+                limit,
+                max_concurrency,
+                restore,
+            )
     outcomes.sort(key=lambda outcome: outcome.row)
     ledger = budget.snapshot()
     report = CampaignReport(

@@ -14,7 +14,7 @@ from datetime import UTC
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.artifacts import ImageArtifact, create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
@@ -69,11 +69,16 @@ DASK_WORKERS_ENV = "JOURNEY_DASK_WORKERS"
 DEFAULT_DASK_WORKERS = 2
 
 
+def task_runner_kind(kind: str | None) -> str:
+    """``kind``, else ``$JOURNEY_TASK_RUNNER``, else ``"thread"`` (lower case)."""
+    return (kind or os.environ.get(TASK_RUNNER_ENV) or "thread").lower()
+
+
 def make_task_runner(kind: str | None, workers: int) -> TaskRunner[Any]:
     """``"thread"`` (default, or ``$JOURNEY_TASK_RUNNER``): a pool of ``workers`` threads.
     ``"dask"``: prefect-dask on ``$JOURNEY_DASK_ADDRESS`` or a local cluster of
     ``$JOURNEY_DASK_WORKERS`` processes sharing ``workers`` threads."""
-    kind = (kind or os.environ.get(TASK_RUNNER_ENV) or "thread").lower()
+    kind = task_runner_kind(kind)
     if workers < 1:
         raise JourneyValidationError("a task runner needs at least one worker")
     if kind == "thread":
@@ -139,16 +144,23 @@ def browser_url(stored: StoredImage, destination: Destination, result: ImagineRe
     return result.image_url
 
 
-def report_image(
+def image_artifact(
     stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
-) -> None:
-    """An image artifact for one stored image."""
-    create_image_artifact(
+) -> ImageArtifact:
+    """One stored image's artifact, to ``create()`` (or, in async code, ``acreate()``)."""
+    return ImageArtifact(
         image_url=browser_url(stored, destination, result),
         description=(
             f"{prompt[:200]}\n\n{stored.uri} ({stored.width}x{stored.height} {stored.format})"
         ),
     )
+
+
+def report_image(
+    stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
+) -> None:
+    """An image artifact for one stored image."""
+    image_artifact(stored, result, destination, prompt).create()
 
 
 def summary_table(rows: Iterable[dict[str, Any]]) -> str:

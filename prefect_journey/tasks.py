@@ -134,13 +134,21 @@ def retry_safe_or_possibly_billed(
     counting it, what may have been. Never retries bad input, auth, credits or timeouts of
     the task itself (its thread may still be running the call)."""
     error = _failure(state)
-    if not isinstance(error, JourneyError):
-        return False
-    if error.possibly_billed:
+    if isinstance(error, JourneyError) and error.possibly_billed:
         with _possibly_billed_lock:
             _possibly_billed[task_run.id] = _possibly_billed.get(task_run.id, 0) + 1
-        return True
-    return error.retryable
+    return imagine_should_retry(error)
+
+
+def imagine_should_retry(error: BaseException | None) -> bool:
+    """The retry rule of :func:`imagine`, for code that retries by itself: what cannot have
+    been billed, and what may have been."""
+    return isinstance(error, JourneyError) and (error.retryable or error.possibly_billed)
+
+
+def store_should_retry(error: BaseException | None) -> bool:
+    """The retry rule of the storage tasks (downloads and writes cost no credits)."""
+    return isinstance(error, JourneyError) and error.retryable
 
 
 def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -151,9 +159,8 @@ def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
 
 
 def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry condition of the storage tasks (downloads and writes cost no credits)."""
-    error = _failure(state)
-    return isinstance(error, JourneyError) and error.retryable
+    """Retry condition of the storage tasks."""
+    return store_should_retry(_failure(state))
 
 
 def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
@@ -175,20 +182,27 @@ def _check_variant(variant: str) -> str:
     return variant
 
 
-def cached_result(task: Task[..., Any], key: str) -> Any | None:
-    """The value ``task`` cached under ``key``, read from the same result store as the task
-    engine would; None when there is none, it has expired, a run is computing it right now
-    (the task itself would wait for that run) or it cannot be read."""
+def record_store(task: Task[..., Any]) -> ResultStore:
+    """The result store the task engine uses for ``task``'s cache records (and its lock
+    manager)."""
     # `_sync=True` is how Prefect's own task engine asks its async-dispatching API for the
     # sync variant; the stubs do not declare it.
-    store = cast(
+    return cast(
         ResultStore,
         get_result_store().update_for_task(task, _sync=True),  # type: ignore[call-arg]
     )
-    if store.lock_manager is not None and store.is_locked(key):
+
+
+def cached_result(task: Task[..., Any], key: str, *, holder: str | None = None) -> Any | None:
+    """The value ``task`` cached under ``key``, read from the same result store as the task
+    engine would; None when there is none, it has expired, a run is computing it right now
+    (the task itself would wait for that run) or it cannot be read. ``holder``: the caller
+    holds the key's lock under that name (it is the run computing it)."""
+    store = record_store(task)
+    if holder is None and store.lock_manager is not None and store.is_locked(key):
         return None
     try:
-        record = store.read(key)
+        record = store.read(key, holder=holder)
     except Exception as exc:  # missing or unreadable: the task will find out properly
         logging.getLogger(__name__).debug("no usable cache record %s: %r", key, exc)
         return None
@@ -196,6 +210,19 @@ def cached_result(task: Task[..., Any], key: str) -> Any | None:
     if expiration is not None and expiration <= datetime.now(UTC):
         return None
     return record.result
+
+
+def cache_result(task: Task[..., Any], key: str, value: Any, holder: str | None = None) -> None:
+    """Record ``value`` as ``task``'s result under ``key``, with the expiry a run of
+    ``task`` would give it: for code that does a task's work outside its task runs.
+    ``holder``: who holds the key's lock, when the task's cache policy has a lock manager."""
+    expiration = datetime.now(UTC) + (task.cache_expiration or DEFAULT_CACHE_EXPIRATION)
+    record_store(task).write(
+        value,
+        key=key,
+        expiration=expiration,  # type: ignore[arg-type]  # Prefect's engine passes a datetime too
+        holder=holder,
+    )
 
 
 def cached_imagine(
@@ -219,14 +246,19 @@ def _client_options() -> dict[str, Any]:
     return {"max_retries": 0}
 
 
+def retry_after_pause(error: JourneyError) -> float:
+    """How long the server's Retry-After asks us to wait (capped); 0 without one."""
+    if isinstance(error, RateLimitedError) and error.retry_after:
+        return min(error.retry_after, policy.RETRY_AFTER_CAP)
+    return 0.0
+
+
 def _note_failure(
     logger: logging.LoggerAdapter[Any] | logging.Logger, error: JourneyError
 ) -> float:
     """Log a failed attempt; return how long Retry-After asks us to wait (capped)."""
     logger.warning("imagine attempt failed: %s", error)
-    if isinstance(error, RateLimitedError) and error.retry_after:
-        return min(error.retry_after, policy.RETRY_AFTER_CAP)
-    return 0.0
+    return retry_after_pause(error)
 
 
 def _finish(
@@ -236,20 +268,29 @@ def _finish(
     with _possibly_billed_lock:
         possibly_billed = _possibly_billed.pop(UUID(run_id), 0) if run_id else 0
     # Inside a task the client makes one HTTP attempt per Prefect attempt.
-    result = result.model_copy(
-        update={
-            "possibly_billed_attempts": possibly_billed,
-            "attempts": current_task_run.run_count,
-        }
+    return log_generation(
+        logger,
+        result.model_copy(
+            update={
+                "possibly_billed_attempts": possibly_billed,
+                "attempts": current_task_run.run_count,
+            }
+        ),
     )
+
+
+def log_generation(
+    logger: logging.LoggerAdapter[Any] | logging.Logger, result: ImagineResult
+) -> ImagineResult:
+    """The log line of one finished generation (never the key); returns ``result``."""
     # Host and pid say which worker made the call when a batch is spread over processes.
     logger.info(
         "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d worker=%s/%d",
         result.task_id,
         result.elapsed_seconds,
         result.credits_charged,
-        current_task_run.run_count,
-        possibly_billed,
+        result.attempts,
+        result.possibly_billed_attempts,
         socket.gethostname(),
         os.getpid(),
     )
@@ -283,9 +324,11 @@ def _paid_attempt(budget: CreditBudget | None, concurrency_limit: str | None) ->
 
 
 @asynccontextmanager
-async def _apaid_attempt(
+async def apaid_attempt(
     budget: CreditBudget | None, concurrency_limit: str | None
 ) -> AsyncIterator[None]:
+    """One paid attempt: a slot of the global concurrency limit, then the budget's
+    reservation (async twin of the sync gate the ``imagine`` task uses)."""
     async with AsyncExitStack() as stack:
         if concurrency_limit:
             await stack.enter_async_context(aconcurrency(concurrency_limit, occupy=1, strict=True))
@@ -340,7 +383,7 @@ async def aimagine(
     )
     async with client:
         try:
-            async with _apaid_attempt(budget, concurrency_limit):
+            async with apaid_attempt(budget, concurrency_limit):
                 result = await client.imagine(request)
         except JourneyError as error:
             await asyncio.sleep(_note_failure(logger, error))
@@ -367,7 +410,7 @@ STORE_OPTIONS: dict[str, Any] = {
 }
 
 
-def _log_stored(stored: StoredImage) -> None:
+def log_stored(stored: StoredImage) -> None:
     get_run_logger().info(
         "stored task_id=%s at %s (%s %dx%d, %d bytes, sha256 %s%s)",
         stored.task_id,
@@ -402,7 +445,7 @@ def store_image(
         max_bytes=max_bytes,
         overwrite=overwrite,
     )
-    _log_stored(stored)
+    log_stored(stored)
     return stored
 
 
@@ -426,7 +469,7 @@ async def astore_image(
         max_bytes=max_bytes,
         overwrite=overwrite,
     )
-    _log_stored(stored)
+    log_stored(stored)
     return stored
 
 

@@ -23,6 +23,11 @@ from .conftest import Bucket
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
+# One task run per image (the default) and several images per task run (prefect_journey.bulk)
+# keep the same promises.
+BOTH_MODES = pytest.mark.parametrize("images_per_task_run", [1, 3])
+
+
 def items(n: int, tag: str | None = None) -> list[dict[str, Any]]:
     tag = tag or uuid.uuid4().hex[:8]
     return [
@@ -80,6 +85,11 @@ def test_hundred_items_stored_exactly_once_and_reported(
     # Prefect's "timeout cannot interrupt a worker thread" notice is filtered for our tasks
     # (they are designed around it); other warnings still get through.
     assert not [m for m in prefect_api.logs(run_ids) if "cannot interrupt" in m]
+    wait_for_stored_events(report)
+
+
+def wait_for_stored_events(report: CampaignReport) -> None:
+    """Every stored image's ``journey.image.stored`` event reaches the API."""
     stored_ids = {f"journey.image.{o.task_id}" for o in report.outcomes}
 
     def all_events_arrived() -> bool:
@@ -90,6 +100,69 @@ def test_hundred_items_stored_exactly_once_and_reported(
     while not all_events_arrived():
         assert time.monotonic() < deadline, "journey.image.stored events missing"
         time.sleep(0.5)
+
+
+def test_images_per_task_run_stores_each_image_once_in_a_few_task_runs(
+    journey_env: EmulatorServer, bucket: Bucket, destination_block: str
+) -> None:
+    batch = items(30)
+    journey_env.admin("config", {"fixed": 0.2})
+    # Retried inside the chunk: not billed, possibly billed, a truncated download.
+    journey_env.admin("faults", {"queue": {"api": ["503", "500"], "cdn": ["truncate"]}})
+    state = batch_campaign(
+        items=batch,
+        campaign="Chunked",
+        destination_block=destination_block,
+        max_concurrency=6,
+        images_per_task_run=8,
+        return_state=True,
+    )
+    report: CampaignReport = state.result()
+    assert (report.stored, report.failed, report.calls) == (30, 0, 32)
+    assert report.possibly_billed_retries == 1 and imagine_calls(journey_env) == 32
+    assert sum(o.attempts for o in report.outcomes) == 32
+    objects = bucket.objects()
+    assert len(objects) == 30 and bucket.pending_uploads() == 0
+    assert sorted(o.uri.removeprefix(f"s3://{bucket.name}/") for o in report.outcomes) == objects
+    assert journey_env.ledger()["peak_concurrency"] <= 6
+
+    run_id = prefect_api.flow_run_id(state)
+    names = sorted(run.name for run in prefect_api.task_runs([run_id]))
+    assert names[0].startswith("assets: ") and names[1:] == [
+        "images: rows 1-8",
+        "images: rows 17-24",
+        "images: rows 25-30",
+        "images: rows 9-16",
+    ]
+    artifacts = prefect_api.artifacts([run_id])
+    assert sum(a.type == "image" for a in artifacts) == 30
+    [progress] = [a for a in artifacts if a.type == "progress"]
+    assert float(progress.data) == 100.0
+    logs = prefect_api.logs([run_id])
+    assert sum("imagine attempt 1 failed" in m for m in logs) == 2
+    assert sum("store attempt 1 failed" in m for m in logs) == 1
+    wait_for_stored_events(report)
+
+    # The chunks wrote the same cache records as the per-image tasks: a re-run either way
+    # is free and runs nothing.
+    state = batch_campaign(
+        items=batch, campaign="Chunked", destination_block=destination_block, return_state=True
+    )
+    report = state.result()
+    assert (report.stored, report.cache_hits, report.calls) == (30, 30, 0)
+    assert prefect_api.flow_runs_of_parent(prefect_api.flow_run_id(state)) == []
+    assert imagine_calls(journey_env) == 32
+
+
+def test_images_per_task_run_is_checked_before_any_call(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    for options in ({"images_per_task_run": 0}, {"images_per_task_run": 5, "task_runner": "dask"}):
+        state = batch_campaign(
+            items=items(3), destination=str(tmp_path), return_state=True, **options
+        )
+        assert state.is_failed() and "images_per_task_run" in str(state.message)
+    assert journey_env.ledger()["calls_total"] == 0
 
 
 def test_over_budget_or_balance_fails_before_any_call(
@@ -106,11 +179,13 @@ def test_over_budget_or_balance_fails_before_any_call(
     journey_env.admin("config", {"credits": 10_000})
 
 
+@BOTH_MODES
 def test_half_budget_stops_new_calls_at_the_limit(
-    journey_env: EmulatorServer, tmp_path: Path
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
     journey_env.admin("config", {"fixed": 0.2})
     report = batch_campaign(
+        images_per_task_run=images_per_task_run,
         items=items(10),
         destination=str(tmp_path),
         max_credits=20,
@@ -123,11 +198,15 @@ def test_half_budget_stops_new_calls_at_the_limit(
     assert all("budget" in o.reason for o in report.outcomes if o.status == "skipped")
 
 
-def test_retries_count_against_the_budget(journey_env: EmulatorServer, tmp_path: Path) -> None:
+@BOTH_MODES
+def test_retries_count_against_the_budget(
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
     journey_env.admin("faults", {"queue": {"api": ["500"]}})
     from flows import batch_campaign as module
 
     state = module.batch_campaign(
+        images_per_task_run=images_per_task_run,
         items=items(3),
         destination=str(tmp_path),
         max_credits=12,
@@ -140,40 +219,59 @@ def test_retries_count_against_the_budget(journey_env: EmulatorServer, tmp_path:
     assert ledger["credits_charged"] == 12 and imagine_calls(journey_env) == 3
 
 
+@BOTH_MODES
 def test_concurrency_never_exceeds_max_concurrency(
-    journey_env: EmulatorServer, tmp_path: Path
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
     journey_env.admin("config", {"fixed": 0.3})
     batch_campaign(
-        items=items(12), destination=str(tmp_path), max_concurrency=3, concurrency_limit=None
+        images_per_task_run=images_per_task_run,
+        items=items(12),
+        destination=str(tmp_path),
+        max_concurrency=3,
+        concurrency_limit=None,
     )
     assert journey_env.ledger()["peak_concurrency"] == 3
 
 
-def test_global_concurrency_limit_is_shared(journey_env: EmulatorServer, tmp_path: Path) -> None:
+@BOTH_MODES
+def test_global_concurrency_limit_is_shared(
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
     name = f"journey-imagine-{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
     journey_env.admin("config", {"fixed": 0.3})
     batch_campaign(
-        items=items(8), destination=str(tmp_path), max_concurrency=8, concurrency_limit=name
+        images_per_task_run=images_per_task_run,
+        items=items(8),
+        destination=str(tmp_path),
+        max_concurrency=8,
+        concurrency_limit=name,
     )
     assert journey_env.ledger()["peak_concurrency"] == 2
 
 
+@BOTH_MODES
 def test_failed_items_do_not_stop_the_batch_and_rerun_redoes_only_them(
-    journey_env: EmulatorServer, tmp_path: Path
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
     batch = items(6)
     journey_env.admin("faults", {"queue": {"api": ["failed"]}})
     state = batch_campaign(
-        items=batch, destination=str(tmp_path), max_concurrency=1, return_state=True
+        images_per_task_run=images_per_task_run,
+        items=batch,
+        destination=str(tmp_path),
+        max_concurrency=1,
+        return_state=True,
     )
     assert state.is_failed() and "1 of 6 items not stored" in str(state.message)
     assert "Content policy violation" in str(state.message)
     assert len(list(tmp_path.rglob("*.png"))) == 5
     journey_env.admin("reset")
-    report = batch_campaign(items=batch, destination=str(tmp_path))
+    report = batch_campaign(
+        items=batch, destination=str(tmp_path), images_per_task_run=images_per_task_run
+    )
     assert (report.stored, report.cache_hits, report.calls) == (6, 5, 1)
     assert imagine_calls(journey_env) == 1 and len(list(tmp_path.rglob("*.png"))) == 6
 
