@@ -13,6 +13,8 @@ concurrency C = 25 are measured three ways in the same run:
   our work: a tagged task that sleeps L and a tagged task that publishes an image artifact
   and an event, both with persisted results, submitted through the same window of C on a
   pool of 2C. ``batch_campaign`` minus this is what our own code costs.
+- ``batch_campaign`` with ``images_per_task_run`` (prefect_journey.bulk) and its floor: the
+  same per-image artifact, event and log lines, in chunks of images per task run.
 
 The ideal makespan is ceil(N/C) * L.
 """
@@ -32,6 +34,7 @@ import httpx
 from prefect.testing.utilities import prefect_test_harness
 
 from benchmarks.common import RUNS, Figure, emulator_process, median
+from prefect_journey.bulk import DEFAULT_IMAGES_PER_TASK_RUN
 from prefect_journey.tasks import TAGS
 
 LATENCY = 2.0
@@ -75,7 +78,12 @@ def handwritten(url: str, n: int) -> float:
         return time.perf_counter() - started
 
 
-def ours(n: int, folder: str | None = None, prompts: list[str] | None = None) -> float:
+def ours(
+    n: int,
+    folder: str | None = None,
+    prompts: list[str] | None = None,
+    images_per_task_run: int = 1,
+) -> float:
     from flows.batch_campaign import batch_campaign
 
     items = [{"prompt": p} for p in prompts or _prompts(n)]
@@ -86,8 +94,13 @@ def ours(n: int, folder: str | None = None, prompts: list[str] | None = None) ->
             destination=folder or scratch,
             max_concurrency=CONCURRENCY,
             concurrency_limit=None,
+            images_per_task_run=images_per_task_run,
         )
         return time.perf_counter() - started
+
+
+def ours_chunked(n: int) -> float:
+    return ours(n, images_per_task_run=DEFAULT_IMAGES_PER_TASK_RUN)
 
 
 def prefect_floor(n: int, tags: list[str] | None = None) -> float:
@@ -155,6 +168,49 @@ def prefect_floor_of_our_shape(n: int) -> float:
     return time.perf_counter() - started
 
 
+def prefect_floor_of_chunked_shape(n: int) -> float:
+    """Per image, what ``images_per_task_run`` still asks of Prefect, with none of our work:
+    a sleep of L under the run's slots, then an image artifact, an event and two log lines;
+    images in tagged task runs of DEFAULT_IMAGES_PER_TASK_RUN, on the flow's event loop."""
+    from prefect import flow, get_run_logger, task
+    from prefect.artifacts import ImageArtifact
+    from prefect.client.orchestration import PrefectClient, get_client
+    from prefect.events import emit_event
+
+    @task(tags=TAGS)
+    async def chunk(indices: list[int], slots: asyncio.Semaphore, prefect: PrefectClient) -> None:
+        logger = get_run_logger()
+
+        async def one(index: int) -> None:
+            async with slots:
+                await asyncio.sleep(LATENCY)
+            logger.info("generated %d", index)
+            await ImageArtifact(image_url=f"https://cdn.example.com/{index}.png").acreate(prefect)
+            emit_event("bench.image.stored", resource={"prefect.resource.id": f"bench.{index}"})
+            logger.info("stored %d", index)
+
+        await asyncio.gather(*(one(i) for i in indices))
+
+    async def chunks() -> None:
+        slots = asyncio.Semaphore(CONCURRENCY)
+        size = DEFAULT_IMAGES_PER_TASK_RUN
+        async with get_client() as prefect:
+            await asyncio.gather(
+                *(
+                    chunk(list(range(k, min(n, k + size))), slots, prefect)
+                    for k in range(0, n, size)
+                )
+            )
+
+    @flow
+    def shape() -> None:
+        asyncio.run(chunks())
+
+    started = time.perf_counter()
+    shape()
+    return time.perf_counter() - started
+
+
 def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -> dict[str, Any]:
     """Makespans by N (medians), with ratios to the ideal and the hand-written script."""
     import os
@@ -170,6 +226,8 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
             floor = _median_on_a_fresh_server(runs, prefect_floor, n)
             tagged_floor = _median_on_a_fresh_server(runs, prefect_floor, n, TAGS)
             shape_floor = _median_on_a_fresh_server(runs, prefect_floor_of_our_shape, n)
+            chunked = _median_on_a_fresh_server(runs, ours_chunked, n)
+            chunked_floor = _median_on_a_fresh_server(runs, prefect_floor_of_chunked_shape, n)
             results["by_n"][n] = {
                 "runs": runs,
                 "ideal": ideal,
@@ -180,6 +238,9 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
                 "shape_floor": shape_floor,
                 "overhead_ms_per_image": 1000 * (mine - base) / n,
                 "ours_ms_per_image": 1000 * (mine - shape_floor) / n,
+                "chunked": chunked,
+                "chunked_floor": chunked_floor,
+                "chunked_overhead_ms_per_image": 1000 * (chunked - base) / n,
             }
         with prefect_test_harness():
             results["rerun"] = rerun(url)
@@ -265,6 +326,36 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 r["shape_floor"],
                 "s",
                 "floor of our shape",
+            )
+        )
+        chunked = f"batch_campaign, {DEFAULT_IMAGES_PER_TASK_RUN} images per task run, N={n}"
+        rows.append(
+            Figure(
+                f"{chunked} vs ideal ({note})",
+                r["chunked"],
+                r["ideal"],
+                "s",
+                "ceil(N/C)*L",
+                "<= 1.05" if n == 200 else "",
+            )
+        )
+        rows.append(
+            Figure(
+                f"{chunked} vs hand-written ({note})",
+                r["chunked"],
+                r["handwritten"],
+                "s",
+                "asyncio+httpx",
+                "<= 1.02" if n == 200 else "",
+            )
+        )
+        rows.append(
+            Figure(
+                f"Prefect floor of the chunked shape N={n} vs ideal ({note})",
+                r["chunked_floor"],
+                r["ideal"],
+                "s",
+                "ceil(N/C)*L",
             )
         )
     rerun_result = results["rerun"]

@@ -25,6 +25,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from benchmarks import orchestration, startup, transfer
+    from prefect_journey.bulk import DEFAULT_IMAGES_PER_TASK_RUN
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "50,200,1000").split(","))
     start = startup.measure()
@@ -48,12 +49,24 @@ def main() -> None:
         "",
         "## Orchestration overhead by batch size",
         "",
+        "One task run per image (the default):",
+        "",
         "| N | ideal | batch_campaign | hand-written | Prefect floor (sleep tasks) | floor with our tags | floor of our shape | overhead per image vs hand-written | of it ours (vs floor of our shape) |",
         "|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {n} | {r['ideal']:.1f} s | {r['ours']:.2f} s | {r['handwritten']:.2f} s | "
             f"{r['prefect_floor']:.2f} s | {r['tagged_floor']:.2f} s | {r['shape_floor']:.2f} s | "
             f"{r['overhead_ms_per_image']:.0f} ms | {r['ours_ms_per_image']:.0f} ms |"
+            for n, r in orchestrated["by_n"].items()
+        ),
+        "",
+        f"`images_per_task_run={DEFAULT_IMAGES_PER_TASK_RUN}` (prefect_journey.bulk):",
+        "",
+        "| N | ideal | batch_campaign | hand-written | floor of the chunked shape | overhead per image vs hand-written |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {n} | {r['ideal']:.1f} s | {r['chunked']:.2f} s | {r['handwritten']:.2f} s | "
+            f"{r['chunked_floor']:.2f} s | {r['chunked_overhead_ms_per_image']:.0f} ms |"
             for n, r in orchestrated["by_n"].items()
         ),
         "",
