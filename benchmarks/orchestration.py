@@ -174,10 +174,11 @@ def prefect_floor_of_chunked_shape(n: int) -> float:
     images in tagged task runs of DEFAULT_IMAGES_PER_TASK_RUN, on the flow's event loop."""
     from prefect import flow, get_run_logger, task
     from prefect.artifacts import ImageArtifact
+    from prefect.cache_policies import NO_CACHE
     from prefect.client.orchestration import PrefectClient, get_client
     from prefect.events import emit_event
 
-    @task(tags=TAGS)
+    @task(tags=TAGS, cache_policy=NO_CACHE)  # as the real chunks: nothing to hash
     async def chunk(indices: list[int], slots: asyncio.Semaphore, prefect: PrefectClient) -> None:
         logger = get_run_logger()
 

@@ -443,9 +443,12 @@ async def _run_chunks(
             *(imagine_and_store_chunk(chunk, settings, shared) for chunk in chunks),
             return_exceptions=True,
         )
-        while not running.done():
+        over = False
+        while not over:
             await asyncio.wait([running], timeout=PROGRESS_INTERVAL)
-            await aupdate_progress_artifact(progress.id, 100.0 * done / len(todo), client=prefect)
+            over = running.done()  # read before the update, so the last one says 100
+            share = 1.0 if over else done / len(todo)
+            await aupdate_progress_artifact(progress.id, 100.0 * share, client=prefect)
         results = running.result()
     outcomes: list[ChunkOutcome] = []
     for chunk, result in zip(chunks, results, strict=True):
@@ -583,6 +586,7 @@ def _main() -> None:
     parser.add_argument("--max-credits", type=int)
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--task-runner", choices=["thread", "dask"])
+    parser.add_argument("--images-per-task-run", type=int, default=1)
     args = parser.parse_args()
     report = batch_campaign(
         source=args.source,
@@ -591,6 +595,7 @@ def _main() -> None:
         max_credits=args.max_credits,
         max_concurrency=args.max_concurrency,
         task_runner=args.task_runner,
+        images_per_task_run=args.images_per_task_run,
     )
     print(report.ledger_line())
 

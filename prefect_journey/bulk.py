@@ -29,11 +29,13 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
+import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import PrefectClient
+from prefect.runtime import task_run as current_task_run
 from prefect.utilities.math import clamped_poisson_interval
 
 from prefect_journey.budget import CreditBudget
@@ -95,7 +97,7 @@ class SharedRun:
     """
 
     api: AsyncJourneyClient
-    downloads: Any  # httpx.AsyncClient: one pool for every CDN download of the run
+    downloads: httpx.AsyncClient  # one pool for every CDN download of the run
     # One Prefect client for every artifact: each new one builds an SSL context (~50 ms).
     prefect: PrefectClient
     generations: asyncio.Semaphore
@@ -116,9 +118,7 @@ class ChunkOutcome:
 
 
 def _chunk_run_name() -> str:
-    from prefect.runtime import task_run
-
-    items: list[CampaignItem] = task_run.parameters.get("items") or []
+    items: list[CampaignItem] = current_task_run.parameters.get("items") or []
     if not items:
         return "images: none"
     return f"images: rows {items[0].row}-{items[-1].row}"
@@ -186,10 +186,14 @@ async def _generate(
 async def _paid_call(
     item: CampaignItem, settings: ChunkSettings, shared: SharedRun
 ) -> ImagineResult:
+    limit = attempt_timeout(item.request)
     async with apaid_attempt(settings.budget, settings.concurrency_limit):
-        return await asyncio.wait_for(
-            shared.api.imagine(item.request), attempt_timeout(item.request)
-        )
+        try:
+            return await asyncio.wait_for(shared.api.imagine(item.request), limit)
+        except TimeoutError:
+            # Like a task timeout: possibly billed, never retried (the HTTP read timeout,
+            # set below this, normally fires first with a clearer error).
+            raise TimeoutError(f"no answer within the attempt timeout ({limit:.0f} s)") from None
 
 
 async def _store(
