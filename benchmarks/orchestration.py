@@ -34,7 +34,7 @@ import httpx
 from prefect.testing.utilities import prefect_test_harness
 
 from benchmarks.common import RUNS, Figure, emulator_process, median
-from prefect_journey.bulk import DEFAULT_IMAGES_PER_TASK_RUN
+from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
 from prefect_journey.tasks import TAGS
 
 LATENCY = 2.0
@@ -100,7 +100,7 @@ def ours(
 
 
 def ours_chunked(n: int) -> float:
-    return ours(n, images_per_task_run=DEFAULT_IMAGES_PER_TASK_RUN)
+    return ours(n, images_per_task_run=RECOMMENDED_IMAGES_PER_TASK_RUN)
 
 
 def prefect_floor(n: int, tags: list[str] | None = None) -> float:
@@ -171,7 +171,7 @@ def prefect_floor_of_our_shape(n: int) -> float:
 def prefect_floor_of_chunked_shape(n: int) -> float:
     """Per image, what ``images_per_task_run`` still asks of Prefect, with none of our work:
     a sleep of L under the run's slots, then an image artifact, an event and two log lines;
-    images in tagged task runs of DEFAULT_IMAGES_PER_TASK_RUN, on the flow's event loop."""
+    images in tagged task runs of RECOMMENDED_IMAGES_PER_TASK_RUN, on the flow's event loop."""
     from prefect import flow, get_run_logger, task
     from prefect.artifacts import ImageArtifact
     from prefect.cache_policies import NO_CACHE
@@ -194,7 +194,7 @@ def prefect_floor_of_chunked_shape(n: int) -> float:
 
     async def chunks() -> None:
         slots = asyncio.Semaphore(CONCURRENCY)
-        size = DEFAULT_IMAGES_PER_TASK_RUN
+        size = RECOMMENDED_IMAGES_PER_TASK_RUN
         async with get_client() as prefect:
             await asyncio.gather(
                 *(
@@ -329,7 +329,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 "floor of our shape",
             )
         )
-        chunked = f"batch_campaign, {DEFAULT_IMAGES_PER_TASK_RUN} images per task run, N={n}"
+        chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
         rows.append(
             Figure(
                 f"{chunked} vs ideal ({note})",

@@ -25,7 +25,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from benchmarks import orchestration, startup, transfer
-    from prefect_journey.bulk import DEFAULT_IMAGES_PER_TASK_RUN
+    from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "50,200,1000").split(","))
     start = startup.measure()
@@ -60,7 +60,7 @@ def main() -> None:
             for n, r in orchestrated["by_n"].items()
         ),
         "",
-        f"`images_per_task_run={DEFAULT_IMAGES_PER_TASK_RUN}` (prefect_journey.bulk):",
+        f"`images_per_task_run={RECOMMENDED_IMAGES_PER_TASK_RUN}` (prefect_journey.bulk):",
         "",
         "| N | ideal | batch_campaign | hand-written | floor of the chunked shape | overhead per image vs hand-written |",
         "|---|---|---|---|---|---|",

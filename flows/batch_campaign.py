@@ -5,6 +5,8 @@ number), every object key, what the batch can cost (cache hits excluded) against
 ``max_credits`` and the account's balance. During the run no call starts once spent plus
 in-flight credits would pass ``max_credits`` (retries count). One failed item never stops
 the others; re-running the campaign redoes only what failed, the rest are cache hits.
+Every image gets its own task runs, or, with ``images_per_task_run``, images share task
+runs (prefect_journey.bulk): the same promises at a fraction of Prefect's per-run cost.
 
     python flows/batch_campaign.py campaign.csv --campaign spring --max-credits 400
 """

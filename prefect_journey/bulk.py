@@ -68,9 +68,10 @@ from prefect_journey.tasks import (
 
 T = TypeVar("T")
 
-# Enough images per task run that Prefect's per-run cost vanishes (1,000 images are 20 task
-# runs), few enough that a chunk's logs stay readable in the UI.
-DEFAULT_IMAGES_PER_TASK_RUN = 50
+# What the README and the benchmarks suggest for large campaigns (batch_campaign's default
+# stays one image per task run): enough that Prefect's per-run cost vanishes (1,000 images
+# are 20 task runs), few enough that a chunk's logs stay readable in the UI.
+RECOMMENDED_IMAGES_PER_TASK_RUN = 50
 
 
 @dataclass(frozen=True)
