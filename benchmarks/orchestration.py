@@ -269,30 +269,36 @@ def rerun(url: str, n: int = 200) -> dict[str, float]:
     return {"first": median(firsts), "second": median(seconds), "second_run_credits": max(credits)}
 
 
+def _against_ideal_and_handwritten(
+    label: str, makespan: float, n: int, r: dict[str, Any]
+) -> list[Figure]:
+    """The two figures the issue sets targets for (at N=200)."""
+    note = f"median of {r['runs']}"
+    return [
+        Figure(
+            f"{label} vs ideal ({note})",
+            makespan,
+            r["ideal"],
+            "s",
+            "ceil(N/C)*L",
+            "<= 1.05" if n == 200 else "",
+        ),
+        Figure(
+            f"{label} vs hand-written ({note})",
+            makespan,
+            r["handwritten"],
+            "s",
+            "asyncio+httpx",
+            "<= 1.02" if n == 200 else "",
+        ),
+    ]
+
+
 def figures(results: dict[str, Any]) -> list[Figure]:
     rows = []
     for n, r in results["by_n"].items():
         note = f"median of {r['runs']}"
-        rows.append(
-            Figure(
-                f"batch_campaign N={n} vs ideal ({note})",
-                r["ours"],
-                r["ideal"],
-                "s",
-                "ceil(N/C)*L",
-                "<= 1.05" if n == 200 else "",
-            )
-        )
-        rows.append(
-            Figure(
-                f"batch_campaign N={n} vs hand-written ({note})",
-                r["ours"],
-                r["handwritten"],
-                "s",
-                "asyncio+httpx",
-                "<= 1.02" if n == 200 else "",
-            )
-        )
+        rows += _against_ideal_and_handwritten(f"batch_campaign N={n}", r["ours"], n, r)
         rows.append(
             Figure(
                 f"Prefect floor N={n}: sleep tasks vs ideal ({note})",
@@ -330,26 +336,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             )
         )
         chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
-        rows.append(
-            Figure(
-                f"{chunked} vs ideal ({note})",
-                r["chunked"],
-                r["ideal"],
-                "s",
-                "ceil(N/C)*L",
-                "<= 1.05" if n == 200 else "",
-            )
-        )
-        rows.append(
-            Figure(
-                f"{chunked} vs hand-written ({note})",
-                r["chunked"],
-                r["handwritten"],
-                "s",
-                "asyncio+httpx",
-                "<= 1.02" if n == 200 else "",
-            )
-        )
+        rows += _against_ideal_and_handwritten(chunked, r["chunked"], n, r)
         rows.append(
             Figure(
                 f"Prefect floor of the chunked shape N={n} vs ideal ({note})",

@@ -411,6 +411,7 @@ STORE_OPTIONS: dict[str, Any] = {
 
 
 def log_stored(stored: StoredImage) -> None:
+    """The log line of one stored image."""
     get_run_logger().info(
         "stored task_id=%s at %s (%s %dx%d, %d bytes, sha256 %s%s)",
         stored.task_id,
