@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -116,6 +117,33 @@ def test_cdn_faults_are_caught_by_verification(emulator: EmulatorServer) -> None
             inspect_bytes(httpx.get(result.image_url).content)
     assert inspect_bytes(httpx.get(result.image_url).content).format == "png"
     assert emulator.ledger()["images"][result.task_id]["format"] == "png"
+
+
+def test_cdn_serves_the_image_rendered_once_during_generation(emulator: EmulatorServer) -> None:
+    emulator.admin("config", {"realistic_sizes": True})  # grain: a render is never repeated
+    try:
+        with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+            result = client.imagine(prompt="grainy")
+        first, second = (httpx.get(result.image_url).content for _ in range(2))
+    finally:
+        emulator.admin("config", {"realistic_sizes": False})
+    served = emulator.ledger()["images"][result.task_id]
+    assert first == second and hashlib.sha256(first).hexdigest() == served["sha256"]
+
+
+def test_cdn_keeps_a_bounded_number_of_rendered_bytes(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("prefect_journey.emulator.app.RENDERED_BYTES_KEPT", 1)
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        results = [client.imagine(prompt=f"image {i}") for i in range(3)]
+        first = httpx.get(results[0].image_url).content
+        for result in results[1:]:
+            httpx.get(result.image_url)
+    assert len(emulator.state.renders) == 1  # the newest only
+    again = httpx.get(results[0].image_url).content  # dropped, so rendered again
+    assert again == first  # without grain a render is deterministic
+    assert inspect_bytes(again).format == "png"
 
 
 class _Hook(BaseHTTPRequestHandler):

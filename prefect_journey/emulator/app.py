@@ -7,6 +7,11 @@ Endpoints follow the documented contract:
 - ``GET /api/v1/account``: ``{email, credits, total_images, plan}``
 - ``GET /cdn/{task_id}.png``: the image, no auth (as a CDN URL)
 
+An image is rendered once, while its generation runs, and the CDN serves those bytes, as a
+real CDN serves a stored object: rendering on every GET made the emulator's CPU, not the
+client, set the pace of a benchmark on a small machine, and gave a retried download of a
+grainy image different bytes.
+
 Bad key: 401 ``{}``. Bad body: 400 ``{"errors": [{"msg": ...}]}``. Out of credits: 402.
 
 Admin endpoints for tests and operators (no auth; the emulator binds to loopback):
@@ -25,6 +30,7 @@ import logging
 import random
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +43,16 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from prefect_journey.emulator.config import EmulatorConfig, FaultPlan
-from prefect_journey.emulator.images import render_image
+from prefect_journey.emulator.images import EncodedAs, render_image
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineRequest, request_from_payload
 
 logger = logging.getLogger("prefect_journey.emulator")
 
 CDN_CHUNK = 64 * 1024
+# Rendered images kept for the CDN. Past this the oldest are dropped and rendered again if
+# asked for: a soak or a 1,000-image benchmark makes thousands of images.
+RENDERED_BYTES_KEPT = 256 * 1024 * 1024
 WEBHOOK_TIMEOUT = 10.0
 
 
@@ -79,6 +88,8 @@ class EmulatorState:
     in_flight: int = 0
     peak_in_flight: int = 0
     rng: random.Random = field(default_factory=random.Random)
+    renders: OrderedDict[str, asyncio.Task[bytes]] = field(default_factory=OrderedDict)
+    rendered_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.reset()
@@ -89,6 +100,8 @@ class EmulatorState:
         self.calls.clear()
         self.webhooks.clear()
         self.images.clear()
+        self.renders.clear()
+        self.rendered_bytes = 0
         self.in_flight = self.peak_in_flight = 0
         self.rng = random.Random(self.config.faults.seed)
 
@@ -115,6 +128,53 @@ class EmulatorState:
             "images": dict(self.images),
             "log": list(self.calls),
         }
+
+    def start_render(self, task: _Task, encode_as: EncodedAs | None = None) -> asyncio.Task[bytes]:
+        """Render ``task``'s image in a worker thread (once; see the module docstring).
+        ``encode_as`` None: PNG, or JPEG at the configured rate."""
+        if encode_as is None:
+            jpeg = self.rng.random() < self.config.jpeg_as_png_rate
+            encode_as = "jpeg" if jpeg else "png"
+        render = asyncio.ensure_future(self._render(task, encode_as))
+        self.renders[task.task_id] = render
+        return render
+
+    async def image(self, task: _Task) -> bytes:
+        """The bytes the CDN serves for ``task``, waiting for its render if it runs."""
+        render = self.renders.get(task.task_id)
+        if render is None:  # dropped to bound memory: render the same image again
+            known = self.images.get(task.task_id)
+            render = self.start_render(task, known["format"] if known else "png")
+        # Shielded: a download cut short must not cancel the render other GETs wait for.
+        return await asyncio.shield(render)
+
+    async def _render(self, task: _Task, encode_as: EncodedAs) -> bytes:
+        data = await asyncio.to_thread(
+            render_image,
+            task.request.prompt,
+            task.task_id,
+            task.request.output_size,
+            encode_as=encode_as,
+            noise=self.config.realistic_sizes,
+        )
+        if task.task_id not in self.renders:  # the state was reset meanwhile
+            return data
+        self.images[task.task_id] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "format": encode_as,
+            "width": task.request.output_size[0],
+            "height": task.request.output_size[1],
+        }
+        self.rendered_bytes += len(data)
+        while self.rendered_bytes > RENDERED_BYTES_KEPT:
+            oldest_id, oldest = next(iter(self.renders.items()))
+            if not oldest.done():  # still rendering (this one finishes after this line)
+                break
+            del self.renders[oldest_id]
+            if not oldest.cancelled() and oldest.exception() is None:
+                self.rendered_bytes -= len(oldest.result())
+        return data
 
 
 def _errors(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -178,6 +238,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
         task = _Task(task_id=str(uuid.uuid4()), request=task_request)
         state.tasks[task.task_id] = task
+        if fault != "failed":  # the image exists when the generation ends
+            state.start_render(task)
         state.credits -= CREDITS_PER_IMAGE
         entry.update(task_id=task.task_id, credits=CREDITS_PER_IMAGE)
         state.in_flight += 1
@@ -259,7 +321,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         if task is None or task.status != "finished":
             state.record("cdn", 404)
             return Response("not found", status_code=404, media_type="text/plain")
-        data = await _image_bytes(state, task)
+        data = await state.image(task)
         fault = state.config.faults.draw("cdn")
         # Recorded so tests can prove the API key never travels to the CDN.
         state.record(
@@ -318,32 +380,6 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
     )
     app.state.emulator = state
     return app
-
-
-async def _image_bytes(state: EmulatorState, task: _Task) -> bytes:
-    """Render once per task; the ledger keeps each image's sha256 for later checks."""
-    known = state.images.get(task.task_id)
-    encode_as = "png"
-    if known is None and state.rng.random() < state.config.jpeg_as_png_rate:
-        encode_as = "jpeg"
-    elif known is not None:
-        encode_as = known["format"]
-    data = await asyncio.to_thread(
-        render_image,
-        task.request.prompt,
-        task.task_id,
-        task.request.output_size,
-        encode_as=encode_as,  # type: ignore[arg-type]
-        noise=state.config.realistic_sizes,
-    )
-    state.images[task.task_id] = {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-        "format": encode_as,
-        "width": task.request.output_size[0],
-        "height": task.request.output_size[1],
-    }
-    return data
 
 
 def _corrupt(data: bytes, rng: random.Random) -> bytes:
