@@ -14,7 +14,9 @@ concurrency C = 25 are measured three ways in the same run:
   and an event, both with persisted results, submitted through the same window of C on a
   pool of 2C. ``batch_campaign`` minus this is what our own code costs.
 - ``batch_campaign`` with ``images_per_task_run`` (prefect_journey.bulk) and its floor: the
-  same per-image artifact, event and log lines, in chunks of images per task run.
+  same per-image artifact, event and log lines, in chunks of images per task run;
+- an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
+  (3.9 joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps).
 
 The ideal makespan is ceil(N/C) * L.
 """
@@ -212,6 +214,18 @@ def prefect_floor_of_chunked_shape(n: int) -> float:
     return time.perf_counter() - started
 
 
+def empty_flow_run() -> float:
+    from prefect import flow
+
+    @flow
+    def empty() -> None:
+        pass
+
+    started = time.perf_counter()
+    empty()
+    return time.perf_counter() - started
+
+
 def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -> dict[str, Any]:
     """Makespans by N (medians), with ratios to the ideal and the hand-written script."""
     import os
@@ -243,6 +257,7 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
                 "chunked_floor": chunked_floor,
                 "chunked_overhead_ms_per_image": 1000 * (chunked - base) / n,
             }
+        results["empty_flow"] = _median_on_a_fresh_server(RUNS, empty_flow_run)
         with prefect_test_harness():
             results["rerun"] = rerun(url)
     return results
@@ -342,6 +357,16 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 f"Prefect floor of the chunked shape N={n} vs ideal ({note})",
                 r["chunked_floor"],
                 r["ideal"],
+                "s",
+                "ceil(N/C)*L",
+            )
+        )
+    if 200 in results["by_n"]:
+        rows.append(
+            Figure(
+                "Prefect floor: an empty flow run, against the N=200 ideal (median of 3)",
+                results["empty_flow"],
+                results["by_n"][200]["ideal"],
                 "s",
                 "ceil(N/C)*L",
             )
