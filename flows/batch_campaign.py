@@ -425,7 +425,8 @@ async def _run_chunks(
         todo[start : start + images_per_task_run]
         for start in range(0, len(todo), images_per_task_run)
     ]
-    async with api, async_download_client() as downloads, get_client() as prefect:
+    downloads = async_download_client(max_connections=max_concurrency)  # one per store
+    async with api, downloads, get_client() as prefect:
         progress = await ProgressArtifact(
             progress=0.0,
             key=f"{slugify(settings.campaign)}-progress",

@@ -251,10 +251,15 @@ def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Clien
     )
 
 
-def async_download_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """Async twin of :func:`download_client`."""
+def async_download_client(
+    transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 100
+) -> httpx.AsyncClient:
+    """Async twin of :func:`download_client`. One client shared by many concurrent
+    downloads needs ``max_connections`` of at least their number: past it a download waits
+    for a connection, and fails after the pool timeout (30 s)."""
     return httpx.AsyncClient(
         transport=transport,
+        limits=httpx.Limits(max_connections=max_connections),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         timeout=DOWNLOAD_TIMEOUT,
