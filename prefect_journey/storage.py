@@ -418,8 +418,11 @@ class _ObjectWriter:
             try:
                 self._file.close()
                 self._file.commit()
-            except FileExistsError:
-                self._existing = True  # created by someone else while we streamed
+            except FileExistsError:  # created by someone else while we streamed
+                self._existing = True
+                # s3fs leaves the multipart upload of a refused exclusive commit pending,
+                # its parts stored (and billed) until someone aborts it.
+                self.abort()
             except OSError as exc:
                 raise StorageError(f"cannot commit {self._uri()}: {exc}") from None
             self._file = None

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,6 +17,8 @@ from prefect_journey.emulator import EmulatorServer
 from prefect_journey.errors import DownloadError, JourneyValidationError, ObjectConflictError
 from prefect_journey.models import ImagineResult
 from prefect_journey.storage import (
+    DOWNLOAD_CHUNK,
+    UPLOAD_PART_SIZE,
     Destination,
     astore_image,
     check_object_key,
@@ -150,6 +152,62 @@ def test_restoring_the_same_image_is_idempotent(
         assert first.created and not second.created
         assert first.uri == second.uri and first.sha256 == second.sha256
     assert len(bucket.objects()) == 1 and len(local_files(tmp_path)) == 1
+
+
+class _RacingTransport(httpx.BaseTransport):
+    """A real download that calls ``race`` once, when ``after`` bytes have arrived."""
+
+    def __init__(self, race: Callable[[], None], after: int) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._race = race
+        self._after = after
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        original, race, after = response.stream, self._race, self._after
+
+        class Racing(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                received = 0
+                for piece in original:  # type: ignore[union-attr]
+                    if received < after <= received + len(piece):
+                        race()
+                    received += len(piece)
+                    yield piece
+
+            def close(self) -> None:
+                original.close()  # type: ignore[union-attr]
+
+        response.stream = Racing()
+        return response
+
+
+def test_an_object_created_during_the_upload_is_kept_and_the_upload_aborted(
+    emulator: EmulatorServer, bucket: Bucket
+) -> None:
+    emulator.admin("config", {"realistic_sizes": True})  # tens of MB: several parts
+    try:
+        result = generate(emulator, resolution="4K")
+        image = httpx.get(result.image_url).content
+    finally:
+        emulator.admin("config", {"realistic_sizes": False})
+    key = f"{result.task_id}.png"
+    assert len(image) > 3 * UPLOAD_PART_SIZE
+
+    def another_writer() -> None:  # after our first parts are uploaded, before the commit
+        bucket.fs().pipe(f"{bucket.name}/{key}", image)
+
+    racing = _RacingTransport(another_writer, after=2 * UPLOAD_PART_SIZE + DOWNLOAD_CHUNK)
+    with httpx.Client(transport=racing) as http:
+        stored = store_image(
+            result.image_url,
+            Destination(bucket.url, bucket.storage_options),
+            task_id=result.task_id,
+            http=http,
+        )
+    assert not stored.created and stored.sha256 == hashlib.sha256(image).hexdigest()
+    assert bucket.objects() == [key]
+    assert bucket.pending_uploads() == 0
 
 
 def test_different_object_at_the_key_is_never_overwritten(
