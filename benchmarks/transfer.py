@@ -24,7 +24,7 @@ MIB = 1024 * 1024
 # A 4K image crosses loopback in under half a second, and on 2 cores shared with moto and
 # the emulator single transfers varied by +/-40 % (0.35-0.65 s for the same copy): more
 # runs than the other figures, so that the median holds.
-TRANSFER_RUNS = max(RUNS, 7)
+TRANSFER_RUNS = max(RUNS, 11)
 
 
 def _status_kib(field: str) -> int:

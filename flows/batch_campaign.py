@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import (
     ProgressArtifact,
     aupdate_progress_artifact,
@@ -35,6 +35,8 @@ from prefect.artifacts import (
 from prefect.client.orchestration import get_client
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
+from prefect.utilities.callables import get_call_parameters
 from pydantic import BaseModel
 
 from prefect_journey.budget import BudgetExceededError, CreditBudget
@@ -192,25 +194,25 @@ def _preflight(
     return cost
 
 
-@flow(name="batch-campaign-fan-out", validate_parameters=False)
-def fan_out(
+def _fan_out(
+    runner: TaskRunner[Any],
     plan: list[CampaignItem],
     campaign: str,
     key_template: str,
-    destination: str | None,
-    destination_block: str | None,
-    credentials_block: str | None,
+    target: Destination,
+    credentials: JourneyCredentials | None,
     variant: str,
     budget: CreditBudget,
     concurrency_limit: str | None,
     max_concurrency: int,
     restore: set[int],
 ) -> list[ItemOutcome]:
-    """Submit every item, report each as it finishes. Parameters hold names, never secrets:
-    the blocks are loaded here. ``restore``: rows whose store is cached but whose object
-    is gone, stored again."""
-    target = load_destination(destination, destination_block)
-    credentials = load_credentials(credentials_block)
+    """Submit every item to ``runner`` (started), report each as it finishes.
+    ``restore``: rows whose store is cached but whose object is gone, stored again.
+
+    The task runs belong to the campaign's flow run. ``runner`` is chosen at run time
+    (``task_runner``), so tasks go to it directly, as ``Task.submit`` would send them to
+    the flow's own runner: a subflow to carry it cost a second flow run per campaign."""
     worst = max(attempt_timeout(item.request) for item in plan)
     generate = imagine.with_options(timeout_seconds=worst)
     items = {item.row: item for item in plan}
@@ -228,8 +230,14 @@ def fan_out(
         item = next(waiting, None)
         if item is None:
             return
-        results[item.row] = generate.submit(
-            item.request, credentials, variant, budget, concurrency_limit
+        results[item.row] = _submit(
+            runner,
+            generate,
+            request=item.request,
+            credentials=credentials,
+            variant=variant,
+            budget=budget,
+            concurrency_limit=concurrency_limit,
         )
         results[item.row].add_done_callback(partial(_announce, finished, "generated", item.row))
 
@@ -251,15 +259,16 @@ def fan_out(
             if value is not None:
                 # The value, not the future: the run is named after it; wait_for keeps the
                 # dependency in the UI.
-                store = store_and_publish.with_options(refresh_cache=row in restore)
-                stores[row] = store.submit(
-                    value,
-                    target,
+                stores[row] = _submit(
+                    runner,
+                    store_and_publish.with_options(refresh_cache=row in restore),
+                    wait_for=[results[row]],
+                    result=value,
+                    destination=target,
                     key_template=key_template,
                     key_fields=item.key_fields,
                     prompt=item.request.prompt,
                     campaign=campaign,
-                    wait_for=[results[row]],
                 )
                 stores[row].add_done_callback(partial(_announce, finished, "stored", row))
                 continue
@@ -281,6 +290,19 @@ def fan_out(
         )
         for row in sorted(items)
     ]
+
+
+def _submit(
+    runner: TaskRunner[Any],
+    task: Task[..., Any],
+    wait_for: list[PrefectFuture[Any]] | None = None,
+    **parameters: Any,
+) -> PrefectFuture[Any]:
+    """``task.submit(**parameters)`` on ``runner`` instead of the flow's task runner."""
+    future: PrefectFuture[Any] = runner.submit(
+        task, get_call_parameters(task.fn, (), parameters), wait_for
+    )
+    return future
 
 
 def _announce(
@@ -507,7 +529,7 @@ def batch_campaign(
             "images_per_task_run > 1 runs images on the flow's event loop, not on a task "
             "runner: use task_runner='thread' (or 1 image per task run on Dask)"
         )
-    # fan_out keeps at most max_concurrency generations in flight; the other half of the
+    # _fan_out keeps at most max_concurrency generations in flight; the other half of the
     # pool lets stores run beside them.
     runner = make_task_runner(task_runner, 2 * max_concurrency)
     target = load_destination(destination, destination_block)  # fails before spending
@@ -541,19 +563,20 @@ def batch_campaign(
             )
             outcomes += _chunked(todo, settings, credentials, max_concurrency, images_per_task_run)
         else:
-            outcomes += fan_out.with_options(task_runner=runner)(
-                todo,
-                campaign,
-                key_template,
-                destination,
-                destination_block,
-                credentials_block,
-                variant,
-                budget,
-                limit,
-                max_concurrency,
-                restore,
-            )
+            with runner:
+                outcomes += _fan_out(
+                    runner,
+                    todo,
+                    campaign,
+                    key_template,
+                    target,
+                    credentials,
+                    variant,
+                    budget,
+                    limit,
+                    max_concurrency,
+                    restore,
+                )
     outcomes.sort(key=lambda outcome: outcome.row)
     ledger = budget.snapshot()
     report = CampaignReport(

@@ -61,9 +61,12 @@ from prefect_journey.storage import (
 from prefect_journey.storage import astore_image as _astore_image
 from prefect_journey.storage import store_image as _store_image
 
-# Every task of the package carries the same tags: Prefect 3.9 asks the API for tag
-# concurrency slots on each run of a tagged task through one queue per distinct tag set,
-# and a second set made a 100-image batch about a quarter slower on 2 cores (BENCHMARKS.md).
+# Every task that calls the API or writes a destination carries the same tags: Prefect 3.9
+# asks the API for tag concurrency slots on each run of a tagged task through one queue per
+# distinct tag set, and a second set made a 100-image batch about a quarter slower on 2
+# cores (BENCHMARKS.md). The asset declaration (bookkeeping at the end of a run) has none:
+# a tag limit meant for API calls never holds it, and it skips that slot request, which a
+# busy SQLite server answers with a 503 and Prefect's client retries only after 2 s.
 TAGS = ["journey", DEFAULT_MODEL]
 # 5 retries at 2, 4, 8, 16, 32 s (+/- 50 % jitter): a 25 % fault rate fails an item with
 # probability 0.25**6 = 0.02 %, and the whole ladder stays within a minute.
@@ -522,5 +525,4 @@ def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:
         by="prefect-journey",
         name="journey-declare-assets",
         task_run_name=f"assets: {first.name if first else '?'}{more}",
-        tags=TAGS,
     )(record)()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from uuid import UUID
 
@@ -38,11 +39,18 @@ def artifacts(run_ids: list[UUID]) -> list[Any]:
         )
 
 
-def task_runs(run_ids: list[UUID]) -> list[Any]:
+def task_runs(run_ids: list[UUID], at_least: int = 0, timeout: float = 30) -> list[Any]:
+    """Task runs of ``run_ids`` (at most the API's page of 200), once there are ``at_least``:
+    Prefect records task runs from their events, a moment after they ran."""
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
+            )
+            if len(runs) >= at_least or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
 
 
 def flow_runs(run_ids: list[UUID]) -> list[Any]:
