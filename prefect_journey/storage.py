@@ -19,6 +19,9 @@ The guarantees, in the order they are applied:
 5. Objects are never overwritten by default: the write uses mode ``"xb"`` where the store
    supports it. If the object already exists with the same sha256 (a retry or a re-run),
    that is success, reported with ``created=False``; a different object is an error.
+6. A commit that fails may still have been applied (its answer lost, its repeats refused):
+   before reporting the failure, the object at the key is read back, and if it is this
+   image the store succeeded.
 
 This module does not import Prefect.
 """
@@ -424,7 +427,11 @@ class _ObjectWriter:
                 # its parts stored (and billed) until someone aborts it.
                 self.abort()
             except OSError as exc:
-                raise StorageError(f"cannot commit {self._uri()}: {exc}") from None
+                # The store may have applied a commit whose answer was lost (a connection
+                # cut, then retries refused): if the key holds this image, it is stored.
+                if not self._holds(digest):
+                    raise StorageError(f"cannot commit {self._uri()}: {exc}") from None
+                logger.warning("%s: commit answered %s, but the object is stored", self._uri(), exc)
             self._file = None
         if self._existing:
             created = False
@@ -453,6 +460,15 @@ class _ObjectWriter:
                 f"sha256 {digest[:12]}); refusing to overwrite (pass overwrite=True or change "
                 "the key)"
             )
+
+    def _holds(self, digest: str) -> bool:
+        """Whether the object at the key is this image (read back and hashed)."""
+        self.fs.invalidate_cache(self.path)  # s3fs may remember the key as missing
+        try:
+            self._check_existing(digest)
+        except (OSError, ObjectConflictError):
+            return False
+        return True
 
     def abort(self) -> None:
         """Discard whatever was written; never raises (the original error matters)."""

@@ -36,9 +36,14 @@ class _Cut(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": True})
 
 
-def create_proxy(upstream: str, rate: float, seed: int = 0) -> tuple[Starlette, dict[str, int]]:
-    """The proxy app and its live counters (``writes``, ``faults``)."""
+def create_proxy(
+    upstream: str, rate: float, seed: int = 0, *, lose_commits: bool = False
+) -> tuple[Starlette, dict[str, int]]:
+    """The proxy app and its live counters (``writes``, ``faults``). ``lose_commits``: on
+    top of ``rate``, every multipart completion reaches the store and its answer is cut,
+    and any repeat of it is answered 500 (the soak's worst case, made certain)."""
     rng = random.Random(seed)
+    completed: set[str] = set()
     lock = threading.Lock()
     counters = {"writes": 0, "faults": 0}
     client = httpx.AsyncClient(base_url=upstream, timeout=60)
@@ -46,6 +51,19 @@ def create_proxy(upstream: str, rate: float, seed: int = 0) -> tuple[Starlette, 
     async def forward(request: Request) -> Response:
         body = await request.body()
         is_write = request.method in ("PUT", "POST")
+        upload = request.query_params.get("uploadId")
+        if lose_commits and request.method == "POST" and upload:
+            if upload in completed:
+                return Response(_ERROR.format(code="InternalError"), 500)
+            completed.add(upload)
+            await client.request(
+                "POST",
+                request.url.path,
+                params=request.query_params,
+                headers=_headers(request),
+                content=body,
+            )
+            return _Cut()
         if is_write:
             with lock:
                 counters["writes"] += 1

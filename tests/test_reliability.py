@@ -112,6 +112,33 @@ def test_the_soak_proxy_reports_real_object_sizes(emulator: EmulatorServer, buck
     assert first.created and not again.created and again.sha256 == first.sha256
 
 
+def test_a_commit_whose_answer_was_lost_is_reported_stored(
+    emulator: EmulatorServer, bucket: Bucket
+) -> None:
+    """The 60-item soak once ended with an orphan: a store's last attempt had its commit
+    applied, its answer cut and the repeats refused, and the item was reported failed
+    although the bucket held its image."""
+    from prefect_journey.client import JourneyClient
+    from prefect_journey.storage import Destination, store_image
+
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        result = client.imagine(prompt="a kingfisher")
+    app, _ = create_proxy(bucket.endpoint, rate=0.0, lose_commits=True)
+    with BackgroundServer(app) as proxy:
+        options = {
+            **bucket.storage_options,
+            "endpoint_url": proxy.url,
+            "config_kwargs": {"retries": {"max_attempts": 2}},  # the repeats fail anyway
+        }
+        stored = store_image(
+            result.image_url, Destination(bucket.url, options), task_id=result.task_id
+        )
+    image = bucket.fs().cat(f"{bucket.name}/{result.task_id}.png")
+    assert stored.sha256 == hashlib.sha256(image).hexdigest()
+    assert stored.sha256 == emulator.ledger()["images"][result.task_id]["sha256"]
+    assert bucket.objects() == [f"{result.task_id}.png"] and bucket.pending_uploads() == 0
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_soak_60_items_loses_nothing(
     journey_env: EmulatorServer, faulty_bucket: tuple[Bucket, str], monkeypatch: pytest.MonkeyPatch
