@@ -48,21 +48,26 @@ def create_proxy(
     counters = {"writes": 0, "faults": 0}
     client = httpx.AsyncClient(base_url=upstream, timeout=60)
 
+    async def send_upstream(request: Request, body: bytes) -> httpx.Response:
+        return await client.request(
+            request.method,
+            request.url.path,
+            params=request.query_params,
+            headers=_headers(request),
+            content=body,
+        )
+
     async def forward(request: Request) -> Response:
         body = await request.body()
         is_write = request.method in ("PUT", "POST")
         upload = request.query_params.get("uploadId")
         if lose_commits and request.method == "POST" and upload:
             if upload in completed:
-                return Response(_ERROR.format(code="InternalError"), 500)
+                return Response(
+                    _ERROR.format(code="InternalError"), 500, media_type="application/xml"
+                )
             completed.add(upload)
-            await client.request(
-                "POST",
-                request.url.path,
-                params=request.query_params,
-                headers=_headers(request),
-                content=body,
-            )
+            await send_upstream(request, body)
             return _Cut()
         if is_write:
             with lock:
@@ -79,21 +84,9 @@ def create_proxy(
                     return Response(
                         _ERROR.format(code="InternalError"), 500, media_type="application/xml"
                     )
-                await client.request(
-                    request.method,
-                    request.url.path,
-                    params=request.query_params,
-                    headers=_headers(request),
-                    content=body,
-                )
+                await send_upstream(request, body)
                 return _Cut()
-        upstream_response = await client.request(
-            request.method,
-            request.url.path,
-            params=request.query_params,
-            headers=_headers(request),
-            content=body,
-        )
+        upstream_response = await send_upstream(request, body)
         return Response(
             upstream_response.content,
             upstream_response.status_code,
