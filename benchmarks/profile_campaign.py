@@ -49,13 +49,16 @@ def run_campaign(n: int) -> None:
 
 
 def breakdown(raw: Path) -> Counter[str]:
-    """Samples per phase, over the flow process's task-run threads."""
+    """Samples per phase, over the flow process's task-run threads. That process is the
+    profiled one: its stacks name no child process (the Prefect server and the emulator
+    are its children). py-spy does not always read its command line, so that is not used."""
     phases: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if "run_task_sync" not in stack or "benchmarks.profile_campaign" not in stack:
-            continue
         frames = [re.sub(r":\d+\)", ")", frame) for frame in stack.split(";")]
+        processes = sum(bool(re.match(r"process \d+:", frame)) for frame in frames)
+        if "run_task_sync" not in stack or processes != 1:
+            continue
         phase = next(
             (name for marker, name in PHASES.items() for f in frames if marker in f), "other"
         )
@@ -77,7 +80,9 @@ def main() -> None:
         env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
     )
     phases = breakdown(raw)
-    total = sum(phases.values()) or 1
+    total = sum(phases.values())
+    if not total:
+        sys.exit(f"no task-run samples in {raw.name}: py-spy did not sample the campaign")
     print("wall time of task-run threads, by phase:")
     for phase, samples in phases.most_common():
         print(f"  {100 * samples / total:5.1f} %  {phase}")
