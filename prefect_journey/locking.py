@@ -93,14 +93,18 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
             self._held[key] = holder
             if self._renewer is None or not self._renewer.is_alive():
                 self._renewer = threading.Thread(
-                    target=self._renew_forever, name="journey-lock-renewer", daemon=True
+                    target=self._renew_while_held, name="journey-lock-renewer", daemon=True
                 )
                 self._renewer.start()
 
-    def _renew_forever(self) -> None:
+    def _renew_while_held(self) -> None:
+        # Ends once nothing is held: a long-lived worker keeps no idle thread waking for ever.
         while True:
             time.sleep(self.lease_seconds / 3)
             with self._held_lock:
+                if not self._held:
+                    self._renewer = None
+                    return
                 for key, holder in list(self._held.items()):
                     self._renew(key, holder)
 

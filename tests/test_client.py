@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -35,9 +37,14 @@ from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, free_port
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """Record the client's back-off sleeps instead of waiting them out."""
+    """Record the client's back-off sleeps instead of waiting them out.
+
+    Only the client module sees the recording clock: patching ``time.sleep`` itself made
+    every other thread that sleeps in a loop (the lock renewer left by earlier tests) spin,
+    appending to this list until the machine ran out of memory."""
     recorded: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", recorded.append)
+    clock = SimpleNamespace(monotonic=time.monotonic, sleep=recorded.append)
+    monkeypatch.setattr(client_module, "time", clock)
     yield recorded
 
 

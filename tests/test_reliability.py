@@ -45,8 +45,12 @@ def test_a_dead_holders_lock_lapses_and_a_live_one_is_renewed(tmp_path: Path) ->
     time.sleep(2.5)  # more than two leases: renewed meanwhile
     other = LeasedFileSystemLockManager(tmp_path, lease_seconds=1.0)
     assert other.is_locked("k") and not other.is_lock_holder("k", "someone-else")
+    renewer = manager._renewer
     manager.release_lock("k", holder="alive")
     assert not other.is_locked("k")
+    assert renewer is not None
+    renewer.join(timeout=5)  # its next wake-up finds nothing held, and it ends
+    assert not renewer.is_alive()
 
 
 def test_lock_manager_pickles_as_its_settings(tmp_path: Path) -> None:
