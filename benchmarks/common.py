@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import statistics
@@ -11,16 +12,38 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 RUNS = 3  # every figure is the median of at least this many runs
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def call_in_subprocess(function: str, *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``module:function(*args)`` in a fresh Python process, with ``env`` added to this
+    one's environment; arguments and result cross as JSON."""
+    module, name = function.split(":")
+    code = (
+        f"import json, sys; from {module} import {name}; "
+        f"print(json.dumps({name}(*json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @contextlib.contextmanager

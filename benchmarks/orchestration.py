@@ -16,7 +16,9 @@ concurrency C = 25 are measured three ways in the same run:
 - ``batch_campaign`` with ``images_per_task_run`` (prefect_journey.bulk) and its floor: the
   same per-image artifact, event and log lines, in chunks of images per task run;
 - an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
-  (3.9 joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps).
+  (3.9 joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps);
+- at N=200, the campaign and the floors again on a Prefect server backed by PostgreSQL
+  (benchmarks/postgres.py) instead of the test harness's SQLite.
 
 The ideal makespan is ceil(N/C) * L.
 """
@@ -35,13 +37,16 @@ from typing import Any
 import httpx
 from prefect.testing.utilities import prefect_test_harness
 
-from benchmarks.common import RUNS, Figure, emulator_process, median
+from benchmarks.common import RUNS, Figure, call_in_subprocess, emulator_process, median
+from benchmarks.postgres import postgres_server, prefect_on_postgres
 from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
 from prefect_journey.tasks import TAGS
 
 LATENCY = 2.0
 CONCURRENCY = 25
 KEY = "bench-key"
+# The batch size the issue sets its targets at; measured on PostgreSQL as well.
+TARGET_N = 200
 
 
 def _prompts(n: int) -> list[str]:
@@ -234,7 +239,7 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
     with emulator_process("--fixed-latency", str(LATENCY)) as url:
         os.environ.update({"JOURNEY_API_KEY": KEY, "JOURNEY_BASE_URL": url})
         for n in sizes:
-            runs = RUNS if n <= 200 else runs_for_large
+            runs = RUNS if n <= TARGET_N else runs_for_large
             ideal = math.ceil(n / CONCURRENCY) * LATENCY
             mine = _median_on_a_fresh_server(runs, ours, n)
             base = median([handwritten(url, n) for _ in range(runs)])
@@ -257,6 +262,8 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
                 "chunked_floor": chunked_floor,
                 "chunked_overhead_ms_per_image": 1000 * (chunked - base) / n,
             }
+        if TARGET_N in sizes:
+            results["postgres"] = _on_postgres(TARGET_N)
         results["empty_flow"] = _median_on_a_fresh_server(RUNS, empty_flow_run)
         with prefect_test_harness():
             results["rerun"] = rerun(url)
@@ -271,7 +278,36 @@ def _median_on_a_fresh_server(runs: int, run: Callable[..., float], *args: Any) 
         return median([run(*args) for _ in range(runs)])
 
 
-def rerun(url: str, n: int = 200) -> dict[str, float]:
+def median_of_runs(name: str, runs: int, *args: Any) -> float:
+    """The median of ``runs`` calls of this module's function ``name``."""
+    run: Callable[..., float] = globals()[name]
+    return median([run(*args) for _ in range(runs)])
+
+
+def _on_postgres(n: int) -> dict[str, float]:
+    """The campaign, chunked and per image, and Prefect's sleep floors, on PostgreSQL:
+    each on its own Prefect server and database, measured from a process of its own."""
+    kinds: dict[str, tuple[str, tuple[Any, ...]]] = {
+        "ours": ("ours", (n,)),
+        "chunked": ("ours_chunked", (n,)),
+        "prefect_floor": ("prefect_floor", (n,)),
+        "tagged_floor": ("prefect_floor", (n, TAGS)),
+    }
+    results = {}
+    with postgres_server() as postgres:
+        for kind, (name, args) in kinds.items():
+            with prefect_on_postgres(postgres) as api_url:
+                results[kind] = call_in_subprocess(
+                    "benchmarks.orchestration:median_of_runs",
+                    name,
+                    RUNS,
+                    *args,
+                    env={"PREFECT_API_URL": api_url},
+                )
+    return results
+
+
+def rerun(url: str, n: int = TARGET_N) -> dict[str, float]:
     """The same campaign twice: the second run's credits and its wall time / the first's."""
     firsts, seconds, credits = [], [], []
     for _ in range(RUNS):
@@ -296,7 +332,7 @@ def _against_ideal_and_handwritten(
             r["ideal"],
             "s",
             "ceil(N/C)*L",
-            "<= 1.05" if n == 200 else "",
+            "<= 1.05" if n == TARGET_N else "",
         ),
         Figure(
             f"{label} vs hand-written ({note})",
@@ -304,7 +340,7 @@ def _against_ideal_and_handwritten(
             r["handwritten"],
             "s",
             "asyncio+httpx",
-            "<= 1.02" if n == 200 else "",
+            "<= 1.02" if n == TARGET_N else "",
         ),
     ]
 
@@ -361,16 +397,17 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 "ceil(N/C)*L",
             )
         )
-    if 200 in results["by_n"]:
+    if TARGET_N in results["by_n"]:
         rows.append(
             Figure(
-                "Prefect floor: an empty flow run, against the N=200 ideal (median of 3)",
+                f"Prefect floor: an empty flow run, against the N={TARGET_N} ideal (median of 3)",
                 results["empty_flow"],
-                results["by_n"][200]["ideal"],
+                results["by_n"][TARGET_N]["ideal"],
                 "s",
                 "ceil(N/C)*L",
             )
         )
+        rows += _postgres_figures(results["postgres"], results["by_n"][TARGET_N])
     rerun_result = results["rerun"]
     rows.append(
         Figure(
@@ -382,4 +419,28 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             "<= 0.05",
         )
     )
+    return rows
+
+
+def _postgres_figures(postgres: dict[str, float], sqlite: dict[str, Any]) -> list[Figure]:
+    """The N=200 figures on PostgreSQL, against the same ideal and hand-written script."""
+    n, note = TARGET_N, f"median of {RUNS}"
+    chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
+    rows = _against_ideal_and_handwritten(
+        f"PostgreSQL: batch_campaign N={n}", postgres["ours"], n, sqlite
+    )
+    rows += _against_ideal_and_handwritten(f"PostgreSQL: {chunked}", postgres["chunked"], n, sqlite)
+    for key, label in (
+        ("prefect_floor", "sleep tasks"),
+        ("tagged_floor", "sleep tasks with our tags"),
+    ):
+        rows.append(
+            Figure(
+                f"PostgreSQL: Prefect floor N={n}: {label} vs ideal ({note})",
+                postgres[key],
+                sqlite["ideal"],
+                "s",
+                "ceil(N/C)*L",
+            )
+        )
     return rows

@@ -19,7 +19,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT
+
 # Frames that say where a task run's wall time goes; the first that a stack contains wins,
 # so our task functions come first (they may call Prefect themselves).
 PHASES = {

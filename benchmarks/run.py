@@ -8,8 +8,10 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT
+
 # BENCHMARKS.md from this line on is the analysis, written by hand: a run keeps it and
 # rewrites only the figures above it.
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by make bench -->"
@@ -28,6 +30,38 @@ def machine() -> str:
     cpu = names[0] if names else "unknown CPU"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}, {platform.system()}"
+
+
+def database_table(orchestrated: dict[str, Any]) -> list[str]:
+    """The N=200 makespans on the harness's SQLite and on PostgreSQL, side by side."""
+    from benchmarks.orchestration import TARGET_N
+
+    if "postgres" not in orchestrated:
+        return []
+    sqlite, postgres = orchestrated["by_n"][TARGET_N], orchestrated["postgres"]
+    ideal = sqlite["ideal"]
+    kinds = {
+        "batch_campaign, one task run per image": "ours",
+        "batch_campaign, chunked": "chunked",
+        "Prefect floor: sleep tasks": "prefect_floor",
+        "Prefect floor: sleep tasks with our tags": "tagged_floor",
+    }
+    return [
+        f"## The Prefect server's database (N={TARGET_N})",
+        "",
+        "`prefect_test_harness` keeps Prefect's database in SQLite; production servers run on",
+        "PostgreSQL (benchmarks/postgres.py starts one). Same emulator, ideal and hand-written",
+        f"script ({sqlite['handwritten']:.2f} s); makespans, and their ratio to the ideal of {ideal:.0f} s:",
+        "",
+        f"| N={TARGET_N} | SQLite | PostgreSQL |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {sqlite[key]:.2f} s ({sqlite[key] / ideal:.3f} x) | "
+            f"{postgres[key]:.2f} s ({postgres[key] / ideal:.3f} x) |"
+            for label, key in kinds.items()
+        ),
+        "",
+    ]
 
 
 def main() -> None:
@@ -80,6 +114,7 @@ def main() -> None:
             for n, r in orchestrated["by_n"].items()
         ),
         "",
+        *database_table(orchestrated),
         "## Re-run cost",
         "",
         f"The same 200-image campaign run twice: the second run was charged "

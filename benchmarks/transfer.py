@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RUNS, Figure, median
+from benchmarks.common import RUNS, Figure, call_in_subprocess, median
 
 MIB = 1024 * 1024
 # A 4K image crosses loopback in under half a second, and on 2 cores shared with moto and
@@ -72,21 +70,6 @@ def _child(mode: str, url: str, destination: str, options: dict[str, Any]) -> di
     return {"seconds": seconds, "bytes": size, "growth": max(0, growth)}
 
 
-def _run_child(mode: str, url: str, destination: str, options: dict[str, Any]) -> dict[str, float]:
-    code = (
-        "import json, sys; from benchmarks.transfer import _child; "
-        "print(json.dumps(_child(*json.loads(sys.argv[1]))))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([mode, url, destination, options])],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def _big_png(path: Path, megabytes: int) -> None:
     from PIL import Image
 
@@ -137,7 +120,11 @@ def measure() -> dict[str, Any]:
                     runs: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
                     for _ in range(TRANSFER_RUNS):  # interleaved: drift hits both alike
                         for mode, done in runs.items():
-                            done.append(_run_child(mode, url, dest, options))
+                            done.append(
+                                call_in_subprocess(
+                                    "benchmarks.transfer:_child", mode, url, dest, options
+                                )
+                            )
                     results[f"{source} -> {dest_name}"] = {
                         mode: {
                             "mb_per_s": median([r["bytes"] / r["seconds"] / MIB for r in rs]),
