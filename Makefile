@@ -38,7 +38,7 @@ soak: $(STAMP)
 	$(BIN)/python -m reliability.soak --items 500
 
 # Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md. The N=200
-# campaign is measured again on PostgreSQL (Debian's package), as production Prefect runs.
+# campaign is measured again on PostgreSQL (Debian's package), as production servers run.
 bench: $(STAMP)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql)

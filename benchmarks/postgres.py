@@ -25,8 +25,6 @@ from pathlib import Path
 
 from benchmarks.common import free_port
 
-POSTGRES_INSTALL_HINT = "apt-get install postgresql (make bench does)"
-
 
 def _bin_folder() -> Path:
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
@@ -34,7 +32,7 @@ def _bin_folder() -> Path:
         return versions[-1].parent
     initdb = shutil.which("initdb")
     if initdb is None:
-        raise RuntimeError(f"PostgreSQL is not installed: {POSTGRES_INSTALL_HINT}")
+        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
     return Path(initdb).parent
 
 
