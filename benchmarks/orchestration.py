@@ -285,13 +285,15 @@ def median_of_runs(name: str, runs: int, *args: Any) -> float:
 
 
 def _on_postgres(n: int) -> dict[str, float]:
-    """The campaign, chunked and per image, and Prefect's sleep floors, on PostgreSQL:
-    each on its own Prefect server and database, measured from a process of its own."""
+    """The campaign, chunked and per image, and Prefect's floors, on PostgreSQL: each on
+    its own Prefect server and database, measured from a process of its own."""
     kinds: dict[str, tuple[str, tuple[Any, ...]]] = {
         "ours": ("ours", (n,)),
         "chunked": ("ours_chunked", (n,)),
         "prefect_floor": ("prefect_floor", (n,)),
         "tagged_floor": ("prefect_floor", (n, TAGS)),
+        "shape_floor": ("prefect_floor_of_our_shape", (n,)),
+        "chunked_floor": ("prefect_floor_of_chunked_shape", (n,)),
     }
     results = {}
     with postgres_server() as postgres:
@@ -433,10 +435,12 @@ def _postgres_figures(postgres: dict[str, float], sqlite: dict[str, Any]) -> lis
     for key, label in (
         ("prefect_floor", "sleep tasks"),
         ("tagged_floor", "sleep tasks with our tags"),
+        ("shape_floor", "our shape"),
+        ("chunked_floor", "the chunked shape"),
     ):
         rows.append(
             Figure(
-                f"PostgreSQL: Prefect floor N={n}: {label} vs ideal ({note})",
+                f"PostgreSQL: Prefect floor N={n}, {label}, vs ideal ({note})",
                 postgres[key],
                 sqlite["ideal"],
                 "s",
