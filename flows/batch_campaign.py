@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import queue
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import (
@@ -33,6 +35,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.client.orchestration import get_client
+from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
@@ -47,6 +50,7 @@ from prefect_journey.client import AsyncJourneyClient, JourneyClient
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.errors import InsufficientCreditsError, JourneyError, JourneyValidationError
 from prefect_journey.flowkit import (
+    call_sync,
     concurrency_limit_exists,
     emit_stored_event,
     failure_reason,
@@ -78,6 +82,7 @@ BUDGET_DIR_ENV = "JOURNEY_BUDGET_DIR"
 OBJECT_CHECKS = 16
 
 Status = Literal["stored", "failed", "skipped"]
+R = TypeVar("R")
 
 
 class ItemOutcome(BaseModel):
@@ -244,8 +249,8 @@ def _fan_out(
     for _ in range(max_concurrency):
         submit_next_generation()
     slug = slugify(campaign)
-    progress = create_progress_artifact(
-        0.0, key=f"{slug}-progress", description=f"campaign {campaign}"
+    progress = call_sync(
+        create_progress_artifact, 0.0, key=f"{slug}-progress", description=f"campaign {campaign}"
     )
     last_progress = time.monotonic()
     new_objects: list[tuple[StoredImage, str]] = []
@@ -277,7 +282,8 @@ def _fan_out(
             new_objects.append((value, item.request.prompt))
         remaining -= 1
         if time.monotonic() - last_progress > PROGRESS_INTERVAL or not remaining:
-            update_progress_artifact(progress, 100.0 * (len(items) - remaining) / len(items))
+            share = (len(items) - remaining) / len(items)
+            call_sync(update_progress_artifact, progress, 100.0 * share)
             last_progress = time.monotonic()
     declare_assets(new_objects)  # one task run for the whole batch
     return [
@@ -591,7 +597,8 @@ def batch_campaign(
         possibly_billed_retries=ledger["possibly_billed"],
         outcomes=outcomes,
     )
-    create_table_artifact(
+    call_sync(
+        create_table_artifact,
         [o.model_dump() for o in outcomes],
         key=f"{slugify(campaign)}-summary",
         description=f"campaign {campaign}: {report.ledger_line()}",
@@ -602,6 +609,28 @@ def batch_campaign(
         reasons = "; ".join(f"row {o.row}: {o.reason}" for o in not_stored[:10])
         raise CampaignFailedError(f"{len(not_stored)} of {len(plan)} items not stored: {reasons}")
     return report
+
+
+@flow(name="batch-campaign-async")
+@functools.wraps(batch_campaign.fn, assigned=("__module__", "__annotations__"))
+async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
+    """``batch_campaign`` (same parameters, same run) as an async flow, for async callers
+    and deployments. A sync flow run ends by joining Prefect's heartbeat thread, which
+    sleeps in 1 s steps (Prefect 3.9): up to a second per run, a whole second for a re-run
+    whose items are all cached. An async flow run does not wait for it.
+
+    The campaign's own code is sync (a thread pool of task runs, blocking stores) and runs
+    on a worker thread, so the flow's event loop stays free."""
+    return await asyncio.to_thread(_with_sync_client, batch_campaign.fn, *args, **kwargs)
+
+
+def _with_sync_client(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """``function(*args, **kwargs)`` with one sync Prefect client for it and the task runs
+    it starts. A sync flow run provides one; without it, under an async flow run, every
+    sync task run opens a client of its own (a new connection and an extra request each,
+    measured: 30 % longer campaigns)."""
+    with SyncClientContext.get_or_create():
+        return function(*args, **kwargs)
 
 
 def _main() -> None:

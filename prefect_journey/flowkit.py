@@ -9,9 +9,9 @@ Without them, the client reads ``$JOURNEY_API_KEY`` and the destination defaults
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from prefect import get_run_logger
 from prefect.artifacts import ImageArtifact, create_markdown_artifact
@@ -35,6 +35,18 @@ DEFAULT_DESTINATION = "./outputs"
 SCHEDULED_DATE = "{scheduled_date}"
 
 
+R = TypeVar("R")
+
+
+def call_sync(function: Callable[..., R | Coroutine[Any, Any, R]], *args: Any, **kwargs: Any) -> R:
+    """``function(*args, **kwargs)`` on the sync path of one of Prefect's async-dispatching
+    functions (``Block.load``, ``create_*_artifact``, ...). Those pick their async variant,
+    and return a coroutine, whenever the current run is async, also on a worker thread of
+    an async flow run; sync code that may run there (``abatch_campaign``) calls them through
+    this. ``_sync=True`` is how Prefect's own engines ask for the sync variant."""
+    return cast(R, function(*args, _sync=True, **kwargs))
+
+
 def resolve_variant(variant: str) -> str:
     """``variant`` with :data:`SCHEDULED_DATE` replaced by the run's scheduled date (UTC)."""
     if SCHEDULED_DATE not in variant:
@@ -45,14 +57,16 @@ def resolve_variant(variant: str) -> str:
 
 def load_credentials(block_name: str | None) -> JourneyCredentials | None:
     """The named ``JourneyCredentials`` block, or None to use ``$JOURNEY_API_KEY``."""
-    return JourneyCredentials.load(block_name) if block_name else None  # type: ignore[return-value]
+    if not block_name:
+        return None
+    return cast(JourneyCredentials, call_sync(JourneyCredentials.load, block_name))
 
 
 def load_destination(url: str | None, block_name: str | None) -> Destination:
     """A saved ``ImageDestination`` by name, else ``url``, else ``$JOURNEY_DESTINATION``,
     else ``./outputs``; checked reachable, so a bad one fails before any credit is spent."""
     if block_name:
-        block: ImageDestination = ImageDestination.load(block_name)  # type: ignore[assignment]
+        block = cast(ImageDestination, call_sync(ImageDestination.load, block_name))
         destination = block.as_destination()
     else:
         destination = resolve_destination(

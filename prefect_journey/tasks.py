@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from textwrap import shorten
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -50,6 +50,7 @@ from prefect_journey.client import AsyncJourneyClient, JourneyClient, resolve_ba
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError, RateLimitedError
+from prefect_journey.flowkit import call_sync
 from prefect_journey.models import DEFAULT_MODEL, MAX_REFERENCES, ImagineRequest, ImagineResult
 from prefect_journey.storage import (
     DEFAULT_KEY_TEMPLATE,
@@ -188,12 +189,7 @@ def _check_variant(variant: str) -> str:
 def record_store(task: Task[..., Any]) -> ResultStore:
     """The result store the task engine uses for ``task``'s cache records (and its lock
     manager)."""
-    # `_sync=True` is how Prefect's own task engine asks its async-dispatching API for the
-    # sync variant; the stubs do not declare it.
-    return cast(
-        ResultStore,
-        get_result_store().update_for_task(task, _sync=True),  # type: ignore[call-arg]
-    )
+    return call_sync(get_result_store().update_for_task, task)
 
 
 def cached_result(task: Task[..., Any], key: str, *, holder: str | None = None) -> Any | None:

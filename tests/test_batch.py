@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -13,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
 
-from flows.batch_campaign import CampaignReport, batch_campaign
+from flows.batch_campaign import CampaignReport, abatch_campaign, batch_campaign
 from prefect_journey import ImageDestination
 from prefect_journey.emulator import EmulatorServer
 
@@ -155,6 +156,55 @@ def test_images_per_task_run_stores_each_image_once_in_a_few_task_runs(
     assert (report.stored, report.cache_hits, report.calls) == (30, 30, 0)
     assert prefect_api.task_runs([prefect_api.flow_run_id(state)]) == []
     assert imagine_calls(journey_env) == 32
+
+
+@BOTH_MODES
+def test_async_flow_runs_the_same_campaign(
+    journey_env: EmulatorServer, bucket: Bucket, destination_block: str, images_per_task_run: int
+) -> None:
+    # Same parameters, so a deployment of either shows the same form.
+    assert abatch_campaign.parameters == batch_campaign.parameters
+    batch = items(6)
+    state = asyncio.run(
+        abatch_campaign(
+            items=batch,
+            campaign="Async",
+            destination_block=destination_block,  # a Block.load on the flow's worker thread
+            max_concurrency=3,
+            images_per_task_run=images_per_task_run,
+            return_state=True,
+        )
+    )
+    report: CampaignReport = state.result()
+    assert (report.stored, report.failed, report.calls, report.credits_charged) == (6, 0, 6, 24)
+    assert len(bucket.objects()) == 6
+    run_id = prefect_api.flow_run_id(state)
+    # The flow-level artifacts are created, not left as coroutines nobody awaits.
+    artifacts = prefect_api.artifacts([run_id])
+    assert {a.type for a in artifacts} == {"table", "progress", "image"}
+    assert sum(a.type == "image" for a in artifacts) == 6
+    [progress] = [a for a in artifacts if a.type == "progress"]
+    assert float(progress.data) == 100.0
+
+    state = asyncio.run(
+        abatch_campaign(
+            items=batch, campaign="Async", destination_block=destination_block, return_state=True
+        )
+    )
+    report = state.result()
+    assert (report.stored, report.cache_hits, report.calls) == (6, 6, 0)
+    assert prefect_api.task_runs([prefect_api.flow_run_id(state)]) == []
+    assert imagine_calls(journey_env) == 6
+
+
+def test_async_flow_rejects_bad_input_before_any_call(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    batch = items(3)
+    batch[2]["aspect_ratio"] = "5:4"
+    state = asyncio.run(abatch_campaign(items=batch, destination=str(tmp_path), return_state=True))
+    assert state.is_failed() and "row 3: aspect_ratio" in str(state.message)
+    assert journey_env.ledger()["calls_total"] == 0
 
 
 def test_images_per_task_run_is_checked_before_any_call(
