@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import queue
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -612,7 +611,7 @@ def batch_campaign(
 
 
 @flow(name="batch-campaign-async")
-@functools.wraps(batch_campaign.fn, assigned=("__module__", "__annotations__"))
+@wraps(batch_campaign.fn, assigned=("__module__", "__annotations__"))
 async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
     """``batch_campaign`` (same parameters, same run) as an async flow, for async callers
     and deployments. A sync flow run ends by joining Prefect's heartbeat thread, which
@@ -620,15 +619,17 @@ async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
     whose items are all cached. An async flow run does not wait for it.
 
     The campaign's own code is sync (a thread pool of task runs, blocking stores) and runs
-    on a worker thread, so the flow's event loop stays free."""
+    on a worker thread, so the flow's event loop stays free. A thread cannot be
+    interrupted: cancelling the awaiting coroutine (not the flow run) leaves the campaign
+    running to its end, within its budget."""
     return await asyncio.to_thread(_with_sync_client, batch_campaign.fn, *args, **kwargs)
 
 
 def _with_sync_client(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """``function(*args, **kwargs)`` with one sync Prefect client for it and the task runs
     it starts. A sync flow run provides one; without it, under an async flow run, every
-    sync task run opens a client of its own (a new connection and an extra request each,
-    measured: 30 % longer campaigns)."""
+    sync task run opens a client of its own (a new connection and an extra request each:
+    a 200-image campaign took 32 s instead of 26 s on SQLite)."""
     with SyncClientContext.get_or_create():
         return function(*args, **kwargs)
 
