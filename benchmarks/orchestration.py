@@ -285,7 +285,7 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -
         for kind, asynchronous in RERUN_KINDS.items():
             with prefect_test_harness():
                 results["rerun"][kind] = rerun(url, TARGET_N, asynchronous)
-        results["postgres_rerun"] = _reruns_on_postgres(TARGET_N)
+        results["postgres_rerun"] = _reruns_on_postgres(url, TARGET_N)
     return results
 
 
@@ -348,17 +348,15 @@ def rerun(url: str, n: int = TARGET_N, asynchronous: bool = False) -> dict[str, 
     return {"first": median(firsts), "second": median(seconds), "second_run_credits": max(credits)}
 
 
-def _reruns_on_postgres(n: int) -> dict[str, dict[str, float]]:
+def _reruns_on_postgres(url: str, n: int) -> dict[str, dict[str, float]]:
     """:func:`rerun` of both flows, each on its own Prefect server and PostgreSQL database."""
-    import os
-
     results = {}
     with postgres_server() as postgres:
         for kind, asynchronous in RERUN_KINDS.items():
             with prefect_on_postgres(postgres) as api_url:
                 results[kind] = call_in_subprocess(
                     "benchmarks.orchestration:rerun",
-                    os.environ["JOURNEY_BASE_URL"],
+                    url,
                     n,
                     asynchronous,
                     env={"PREFECT_API_URL": api_url},
