@@ -35,6 +35,7 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import PrefectClient
+from prefect.locking.protocol import LockManager
 from prefect.runtime import task_run as current_task_run
 from prefect.utilities.math import clamped_poisson_interval
 
@@ -161,10 +162,11 @@ async def _generate(
     # holder names this image's work, which hops between threads.
     locks = record_store(imagine).lock_manager
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-    if locks is not None:
-        await locks.aacquire_lock(key, holder)
     try:
-        found = await asyncio.to_thread(cached_result, imagine, key, holder=holder)
+        found = await asyncio.to_thread(_lock_if_free_and_read, locks, key, holder)
+        if found is _LOCKED_ELSEWHERE and locks is not None:
+            await locks.aacquire_lock(key, holder)  # waits on the loop, not on a thread
+            found = await asyncio.to_thread(cached_result, imagine, key, holder=holder)
         if isinstance(found, ImagineResult):
             return found, True
         async with shared.generations:
@@ -179,9 +181,26 @@ async def _generate(
         )
         await asyncio.to_thread(cache_result, imagine, key, result, holder)
     finally:
-        if locks is not None:
+        if locks is not None and locks.is_lock_holder(key, holder):
             locks.release_lock(key, holder)
     return log_generation(get_run_logger(), result), False
+
+
+# Waiting for another run's lock belongs on the event loop: a thread blocked on it would
+# hold one of the few workers every image's reads and writes need.
+_LOCKED_ELSEWHERE = object()
+# FileSystemLockManager polls every 0.1 s, and waits for ever when given 0.
+_LOCK_TRY_SECONDS = 0.01
+
+
+def _lock_if_free_and_read(locks: LockManager | None, key: str, holder: str) -> object:
+    """Take ``key``'s lock if it is free and read its record, in one thread hop: Prefect's
+    async acquire makes six, and with a campaign's images all starting at once, every image
+    queued behind the others' (the first lock took 0.15 s of a 200-image campaign, now
+    1-3 ms). :data:`_LOCKED_ELSEWHERE` when another holder has the lock."""
+    if locks is not None and not locks.acquire_lock(key, holder, acquire_timeout=_LOCK_TRY_SECONDS):
+        return _LOCKED_ELSEWHERE
+    return cached_result(imagine, key, holder=holder)
 
 
 async def _paid_call(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -195,6 +196,48 @@ def test_async_flow_runs_the_same_campaign(
     assert (report.stored, report.cache_hits, report.calls) == (6, 6, 0)
     assert prefect_api.task_runs([prefect_api.flow_run_id(state)]) == []
     assert imagine_calls(journey_env) == 6
+
+
+@BOTH_MODES
+def test_an_image_another_run_is_generating_is_waited_for_not_paid_twice(
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
+    """While another run holds an image's cache lock, the campaign generates the rest,
+    waits for that one and reads its record when the lock is released."""
+    from prefect_journey import JourneyClient
+    from prefect_journey.cache import imagine_cache_key
+    from prefect_journey.models import ImagineRequest
+    from prefect_journey.tasks import cache_result, imagine, record_store
+
+    batch = items(4)
+    held = ImagineRequest(prompt=batch[1]["prompt"])
+    key = imagine_cache_key(held, "", journey_env.url)
+    locks = record_store(imagine).lock_manager
+    assert locks is not None and locks.acquire_lock(key, "another run")
+    reports: list[CampaignReport] = []
+    campaign = threading.Thread(
+        target=lambda: reports.append(
+            batch_campaign(
+                items=batch, destination=str(tmp_path), images_per_task_run=images_per_task_run
+            )
+        )
+    )
+    try:
+        campaign.start()
+        deadline = time.monotonic() + 60
+        while imagine_calls(journey_env) < 3:  # every image but the held one
+            assert time.monotonic() < deadline and campaign.is_alive()
+            time.sleep(0.05)
+        time.sleep(0.5)  # time enough to pay for the held image too, were it not waiting
+        assert imagine_calls(journey_env) == 3 and campaign.is_alive()
+        with JourneyClient(journey_env.api_key, base_url=journey_env.url) as client:
+            cache_result(imagine, key, client.imagine(held), holder="another run")
+    finally:
+        locks.release_lock(key, "another run")
+        campaign.join(timeout=60)
+    [report] = reports
+    assert (report.stored, report.cache_hits, report.calls) == (4, 1, 3)
+    assert imagine_calls(journey_env) == 4  # three by the campaign, one by the other run
 
 
 def test_async_flow_rejects_bad_input_before_any_call(
