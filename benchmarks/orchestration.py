@@ -18,8 +18,8 @@ concurrency C = 25 are measured three ways in the same run:
 - an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
   (3.9 joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps);
 - at N=200, the campaign (also as ``abatch_campaign``, the async flow) and the floors again
-  on a Prefect server backed by PostgreSQL (benchmarks/postgres.py) instead of the test
-  harness's SQLite;
+  (the chunked one also in an async flow) on a Prefect server backed by PostgreSQL
+  (benchmarks/postgres.py) instead of the test harness's SQLite;
 - the re-run of a finished campaign, with both flows, on SQLite and on PostgreSQL.
 
 The ideal makespan is ceil(N/C) * L.
@@ -191,10 +191,11 @@ def prefect_floor_of_our_shape(n: int) -> float:
     return time.perf_counter() - started
 
 
-def prefect_floor_of_chunked_shape(n: int) -> float:
+def prefect_floor_of_chunked_shape(n: int, asynchronous: bool = False) -> float:
     """Per image, what ``images_per_task_run`` still asks of Prefect, with none of our work:
     a sleep of L under the run's slots, then an image artifact, an event and two log lines;
-    images in tagged task runs of RECOMMENDED_IMAGES_PER_TASK_RUN, on the flow's event loop."""
+    images in tagged task runs of RECOMMENDED_IMAGES_PER_TASK_RUN, on the flow's event loop.
+    ``asynchronous``: in an async flow, as ``abatch_campaign`` runs them."""
     from prefect import flow, get_run_logger, task
     from prefect.artifacts import ImageArtifact
     from prefect.cache_policies import NO_CACHE
@@ -230,8 +231,15 @@ def prefect_floor_of_chunked_shape(n: int) -> float:
     def shape() -> None:
         asyncio.run(chunks())
 
+    @flow
+    async def async_shape() -> None:
+        await chunks()
+
     started = time.perf_counter()
-    shape()
+    if asynchronous:
+        asyncio.run(async_shape())
+    else:
+        shape()
     return time.perf_counter() - started
 
 
@@ -315,6 +323,7 @@ def _on_postgres(n: int) -> dict[str, float]:
         "tagged_floor": ("prefect_floor", (n, TAGS)),
         "shape_floor": ("prefect_floor_of_our_shape", (n,)),
         "chunked_floor": ("prefect_floor_of_chunked_shape", (n,)),
+        "chunked_floor_async": ("prefect_floor_of_chunked_shape", (n, True)),
     }
     results = {}
     with postgres_server() as postgres:
@@ -488,11 +497,29 @@ def _postgres_figures(postgres: dict[str, float], sqlite: dict[str, Any]) -> lis
                 "batch_campaign",
             )
         )
+    rows += _against_ideal_and_handwritten(
+        f"PostgreSQL: abatch_campaign (async flow), {RECOMMENDED_IMAGES_PER_TASK_RUN} images per "
+        f"task run, N={n}",
+        postgres["chunked_async"],
+        n,
+        sqlite,
+    )
+    rows.append(
+        Figure(
+            f"PostgreSQL: abatch_campaign (async flow), chunked, N={n} vs the Prefect floor of "
+            f"the chunked shape in an async flow ({note})",
+            postgres["chunked_async"],
+            postgres["chunked_floor_async"],
+            "s",
+            "async floor of the chunked shape",
+        )
+    )
     for key, label in (
         ("prefect_floor", "sleep tasks"),
         ("tagged_floor", "sleep tasks with our tags"),
         ("shape_floor", "our shape"),
         ("chunked_floor", "the chunked shape"),
+        ("chunked_floor_async", "the chunked shape in an async flow"),
     ):
         rows.append(
             Figure(

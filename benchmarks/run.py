@@ -70,6 +70,15 @@ def database_table(orchestrated: dict[str, Any]) -> list[str]:
         f"{1000 * (sqlite['chunked'] - sqlite['chunked_floor']) / TARGET_N:.0f} ms and "
         f"{1000 * (postgres['chunked'] - postgres['chunked_floor']) / TARGET_N:.0f} ms (chunked).",
         "",
+        "As an async flow (`abatch_campaign`), on PostgreSQL only: one task run per image "
+        f"{postgres['ours_async']:.2f} s ({postgres['ours_async'] / ideal:.3f} x), chunked "
+        f"{postgres['chunked_async']:.2f} s ({postgres['chunked_async'] / ideal:.3f} x); "
+        "Prefect's floor of the chunked shape in an async flow "
+        f"{postgres['chunked_floor_async']:.2f} s ({postgres['chunked_floor_async'] / ideal:.3f} x), "
+        "ours over it "
+        f"{1000 * (postgres['chunked_async'] - postgres['chunked_floor_async']) / TARGET_N:.0f} ms "
+        "per image.",
+        "",
     ]
 
 
