@@ -325,16 +325,20 @@ def _on_postgres(n: int) -> dict[str, float]:
         "chunked_floor": ("prefect_floor_of_chunked_shape", (n,)),
         "chunked_floor_async": ("prefect_floor_of_chunked_shape", (n, True)),
     }
+    return _each_on_postgres(
+        {kind: ("median_of_runs", (name, RUNS, *args)) for kind, (name, args) in kinds.items()}
+    )
+
+
+def _each_on_postgres(calls: dict[str, tuple[str, tuple[Any, ...]]]) -> dict[str, Any]:
+    """``{kind: (function of this module, args)}``: each call on its own Prefect server and
+    new PostgreSQL database, from a process of its own; ``{kind: what it returned}``."""
     results = {}
     with postgres_server() as postgres:
-        for kind, (name, args) in kinds.items():
+        for kind, (name, args) in calls.items():
             with prefect_on_postgres(postgres) as api_url:
                 results[kind] = call_in_subprocess(
-                    "benchmarks.orchestration:median_of_runs",
-                    name,
-                    RUNS,
-                    *args,
-                    env={"PREFECT_API_URL": api_url},
+                    f"benchmarks.orchestration:{name}", *args, env={"PREFECT_API_URL": api_url}
                 )
     return results
 
@@ -359,18 +363,9 @@ def rerun(url: str, n: int = TARGET_N, asynchronous: bool = False) -> dict[str, 
 
 def _reruns_on_postgres(url: str, n: int) -> dict[str, dict[str, float]]:
     """:func:`rerun` of both flows, each on its own Prefect server and PostgreSQL database."""
-    results = {}
-    with postgres_server() as postgres:
-        for kind, asynchronous in RERUN_KINDS.items():
-            with prefect_on_postgres(postgres) as api_url:
-                results[kind] = call_in_subprocess(
-                    "benchmarks.orchestration:rerun",
-                    url,
-                    n,
-                    asynchronous,
-                    env={"PREFECT_API_URL": api_url},
-                )
-    return results
+    return _each_on_postgres(
+        {kind: ("rerun", (url, n, asynchronous)) for kind, asynchronous in RERUN_KINDS.items()}
+    )
 
 
 def _against_ideal_and_handwritten(
