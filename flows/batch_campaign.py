@@ -465,6 +465,7 @@ async def _run_chunks(
             prefect,
             generations=asyncio.Semaphore(max_concurrency),
             stores=asyncio.Semaphore(max_concurrency),
+            window=asyncio.Semaphore(2 * max_concurrency),
             finished=finished,
         )
         # Every chunk starts at once: the slots, not the chunks, bound the work, so a chunk

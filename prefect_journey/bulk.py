@@ -95,7 +95,12 @@ class SharedRun:
 
     ``generations`` bounds calls in flight (the run's ``max_concurrency``); ``stores``
     bounds downloads the same way, so stores run beside generations as in the per-image
-    mode. ``finished`` is told about every image as it ends (progress reporting).
+    mode. ``window`` bounds the images between their cache lookup and the end of their
+    generation: twice ``generations`` keeps the next image for every slot looked up and
+    waiting, while the others neither hold cache locks nor crowd the loop and its threads
+    at the start (with all 200 images of a campaign looking up at once, some runs' first
+    calls went out 0.1-0.3 s late). ``finished`` is told about every image as it ends
+    (progress reporting).
     """
 
     api: AsyncJourneyClient
@@ -104,6 +109,7 @@ class SharedRun:
     prefect: PrefectClient
     generations: asyncio.Semaphore
     stores: asyncio.Semaphore
+    window: asyncio.Semaphore
     finished: Callable[[ChunkOutcome], None] = field(default=lambda outcome: None)
 
 
@@ -159,30 +165,49 @@ async def _generate(
     key = imagine_cache_key(item.request, settings.variant, shared.api.base_url)
     # Under the key's lock, as the task engine does (SERIALIZABLE): a run computing this
     # image elsewhere finishes first and its record is read instead of paying again. The
-    # holder names this image's work, which hops between threads.
+    # holder names this image's work, which hops between threads. The lock is taken inside
+    # the run's window, so it is held from shortly before the call, not from the run's start.
     locks = record_store(imagine).lock_manager
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
     try:
-        found = await asyncio.to_thread(_lock_if_free_and_read, locks, key, holder)
-        if found is _LOCKED_ELSEWHERE and locks is not None:
+        async with shared.window:
+            found = await asyncio.to_thread(_lock_if_free_and_read, locks, key, holder)
+            if found is not _LOCKED_ELSEWHERE:
+                return await _cached_or_generated(found, key, holder, item, settings, shared)
+        # Another run is generating this image: wait outside the window, so that the run's
+        # other images go on meanwhile.
+        if locks is not None:
             await locks.aacquire_lock(key, holder)  # waits on the loop, not on a thread
+        async with shared.window:
             found = await asyncio.to_thread(cached_result, imagine, key, holder=holder)
-        if isinstance(found, ImagineResult):
-            return found, True
-        async with shared.generations:
-            result, attempts, possibly_billed = await _retrying(
-                lambda: _paid_call(item, settings, shared),
-                IMAGINE_RETRY_DELAYS(IMAGINE_RETRIES),
-                imagine_should_retry,
-                "imagine",
-            )
-        result = result.model_copy(
-            update={"attempts": attempts, "possibly_billed_attempts": possibly_billed}
-        )
-        await asyncio.to_thread(cache_result, imagine, key, result, holder)
+            return await _cached_or_generated(found, key, holder, item, settings, shared)
     finally:
         if locks is not None and locks.is_lock_holder(key, holder):
             locks.release_lock(key, holder)
+
+
+async def _cached_or_generated(
+    found: object,
+    key: str,
+    holder: str,
+    item: CampaignItem,
+    settings: ChunkSettings,
+    shared: SharedRun,
+) -> tuple[ImagineResult, bool]:
+    """The cached result ``found`` under ``key``'s lock, or a new one, paid and cached."""
+    if isinstance(found, ImagineResult):
+        return found, True
+    async with shared.generations:
+        result, attempts, possibly_billed = await _retrying(
+            lambda: _paid_call(item, settings, shared),
+            IMAGINE_RETRY_DELAYS(IMAGINE_RETRIES),
+            imagine_should_retry,
+            "imagine",
+        )
+    result = result.model_copy(
+        update={"attempts": attempts, "possibly_billed_attempts": possibly_billed}
+    )
+    await asyncio.to_thread(cache_result, imagine, key, result, holder)
     return log_generation(get_run_logger(), result), False
 
 

@@ -240,6 +240,85 @@ def test_an_image_another_run_is_generating_is_waited_for_not_paid_twice(
     assert imagine_calls(journey_env) == 4  # three by the campaign, one by the other run
 
 
+def test_chunked_images_take_their_cache_locks_shortly_before_their_call(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    """With one call at a time, two images hold a lock: the one generating and the next
+    one, looked up and waiting for its slot. The others take theirs when their turn comes."""
+    from prefect_journey.cache import imagine_cache_key
+    from prefect_journey.models import ImagineRequest
+    from prefect_journey.tasks import imagine, record_store
+
+    journey_env.state.config.latency.fixed = 1.0
+    batch = items(6)
+    keys = [
+        imagine_cache_key(ImagineRequest(prompt=i["prompt"]), "", journey_env.url) for i in batch
+    ]
+    locks = record_store(imagine).lock_manager
+    assert locks is not None
+    reports: list[CampaignReport] = []
+    campaign = threading.Thread(
+        target=lambda: reports.append(
+            batch_campaign(
+                items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=6
+            )
+        )
+    )
+    campaign.start()
+    try:
+        deadline = time.monotonic() + 60
+        while imagine_calls(journey_env) < 1:  # the first call is in its 1 s
+            assert time.monotonic() < deadline and campaign.is_alive()
+            time.sleep(0.02)
+        locked = [locks.is_locked(key) for key in keys]
+        assert locked == [True, True, False, False, False, False]
+    finally:
+        campaign.join(timeout=60)
+    [report] = reports
+    assert (report.stored, report.calls) == (6, 6)
+    assert not any(locks.is_locked(key) for key in keys)
+
+
+def test_chunked_images_another_run_is_generating_leave_the_slots_to_the_others(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    """Images waiting for another run's lock wait outside the run's window: with one call
+    at a time (a window of two), two such images still let the other three be generated."""
+    from prefect_journey import JourneyClient
+    from prefect_journey.cache import imagine_cache_key
+    from prefect_journey.models import ImagineRequest
+    from prefect_journey.tasks import cache_result, imagine, record_store
+
+    batch = items(5)
+    held = [ImagineRequest(prompt=i["prompt"]) for i in batch[:2]]
+    keys = [imagine_cache_key(request, "", journey_env.url) for request in held]
+    locks = record_store(imagine).lock_manager
+    assert locks is not None and all(locks.acquire_lock(key, "another run") for key in keys)
+    reports: list[CampaignReport] = []
+    campaign = threading.Thread(
+        target=lambda: reports.append(
+            batch_campaign(
+                items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=5
+            )
+        )
+    )
+    try:
+        campaign.start()
+        deadline = time.monotonic() + 60
+        while imagine_calls(journey_env) < 3:  # every image but the two held ones
+            assert time.monotonic() < deadline and campaign.is_alive()
+            time.sleep(0.05)
+        with JourneyClient(journey_env.api_key, base_url=journey_env.url) as client:
+            for key, request in zip(keys, held, strict=True):
+                cache_result(imagine, key, client.imagine(request), holder="another run")
+    finally:
+        for key in keys:
+            locks.release_lock(key, "another run")
+        campaign.join(timeout=60)
+    [report] = reports
+    assert (report.stored, report.cache_hits, report.calls) == (5, 2, 3)
+
+
 def test_async_flow_rejects_bad_input_before_any_call(
     journey_env: EmulatorServer, tmp_path: Path
 ) -> None:
