@@ -16,8 +16,11 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
 
 from flows.batch_campaign import CampaignReport, abatch_campaign, batch_campaign
-from prefect_journey import ImageDestination
+from prefect_journey import ImageDestination, JourneyClient
+from prefect_journey.cache import imagine_cache_key
 from prefect_journey.emulator import EmulatorServer
+from prefect_journey.models import ImagineRequest
+from prefect_journey.tasks import cache_result, imagine, record_store
 
 from . import prefect_api
 from .conftest import Bucket
@@ -198,40 +201,52 @@ def test_async_flow_runs_the_same_campaign(
     assert imagine_calls(journey_env) == 6
 
 
+def imagine_key(item: dict[str, Any], emulator: EmulatorServer) -> str:
+    """The cache key of ``item``'s generation (no variant)."""
+    return imagine_cache_key(ImagineRequest(prompt=item["prompt"]), "", emulator.url)
+
+
+def generated_by_another_run(item: dict[str, Any], emulator: EmulatorServer) -> None:
+    """Pay for ``item`` and cache it as the run holding its lock ("another run") would."""
+    request = ImagineRequest(prompt=item["prompt"])
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        result = client.imagine(request)
+    cache_result(imagine, imagine_key(item, emulator), result, holder="another run")
+
+
+def campaign_in_background(**parameters: Any) -> tuple[threading.Thread, list[CampaignReport]]:
+    """``batch_campaign(**parameters)`` started on a thread; its report lands in the list."""
+    reports: list[CampaignReport] = []
+    campaign = threading.Thread(target=lambda: reports.append(batch_campaign(**parameters)))
+    campaign.start()
+    return campaign, reports
+
+
+def wait_for_calls(emulator: EmulatorServer, calls: int, campaign: threading.Thread) -> None:
+    deadline = time.monotonic() + 60
+    while imagine_calls(emulator) < calls:
+        assert time.monotonic() < deadline and campaign.is_alive()
+        time.sleep(0.02)
+
+
 @BOTH_MODES
 def test_an_image_another_run_is_generating_is_waited_for_not_paid_twice(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
     """While another run holds an image's cache lock, the campaign generates the rest,
     waits for that one and reads its record when the lock is released."""
-    from prefect_journey import JourneyClient
-    from prefect_journey.cache import imagine_cache_key
-    from prefect_journey.models import ImagineRequest
-    from prefect_journey.tasks import cache_result, imagine, record_store
-
     batch = items(4)
-    held = ImagineRequest(prompt=batch[1]["prompt"])
-    key = imagine_cache_key(held, "", journey_env.url)
+    key = imagine_key(batch[1], journey_env)
     locks = record_store(imagine).lock_manager
     assert locks is not None and locks.acquire_lock(key, "another run")
-    reports: list[CampaignReport] = []
-    campaign = threading.Thread(
-        target=lambda: reports.append(
-            batch_campaign(
-                items=batch, destination=str(tmp_path), images_per_task_run=images_per_task_run
-            )
-        )
-    )
     try:
-        campaign.start()
-        deadline = time.monotonic() + 60
-        while imagine_calls(journey_env) < 3:  # every image but the held one
-            assert time.monotonic() < deadline and campaign.is_alive()
-            time.sleep(0.05)
+        campaign, reports = campaign_in_background(
+            items=batch, destination=str(tmp_path), images_per_task_run=images_per_task_run
+        )
+        wait_for_calls(journey_env, 3, campaign)  # every image but the held one
         time.sleep(0.5)  # time enough to pay for the held image too, were it not waiting
         assert imagine_calls(journey_env) == 3 and campaign.is_alive()
-        with JourneyClient(journey_env.api_key, base_url=journey_env.url) as client:
-            cache_result(imagine, key, client.imagine(held), holder="another run")
+        generated_by_another_run(batch[1], journey_env)
     finally:
         locks.release_lock(key, "another run")
         campaign.join(timeout=60)
@@ -245,31 +260,16 @@ def test_chunked_images_take_their_cache_locks_shortly_before_their_call(
 ) -> None:
     """With one call at a time, two images hold a lock: the one generating and the next
     one, looked up and waiting for its slot. The others take theirs when their turn comes."""
-    from prefect_journey.cache import imagine_cache_key
-    from prefect_journey.models import ImagineRequest
-    from prefect_journey.tasks import imagine, record_store
-
     journey_env.state.config.latency.fixed = 1.0
     batch = items(6)
-    keys = [
-        imagine_cache_key(ImagineRequest(prompt=i["prompt"]), "", journey_env.url) for i in batch
-    ]
+    keys = [imagine_key(item, journey_env) for item in batch]
     locks = record_store(imagine).lock_manager
     assert locks is not None
-    reports: list[CampaignReport] = []
-    campaign = threading.Thread(
-        target=lambda: reports.append(
-            batch_campaign(
-                items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=6
-            )
-        )
+    campaign, reports = campaign_in_background(
+        items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=6
     )
-    campaign.start()
     try:
-        deadline = time.monotonic() + 60
-        while imagine_calls(journey_env) < 1:  # the first call is in its 1 s
-            assert time.monotonic() < deadline and campaign.is_alive()
-            time.sleep(0.02)
+        wait_for_calls(journey_env, 1, campaign)  # the first call is in its 1 s
         locked = [locks.is_locked(key) for key in keys]
         assert locked == [True, True, False, False, False, False]
     finally:
@@ -284,33 +284,17 @@ def test_chunked_images_another_run_is_generating_leave_the_slots_to_the_others(
 ) -> None:
     """Images waiting for another run's lock wait outside the run's window: with one call
     at a time (a window of two), two such images still let the other three be generated."""
-    from prefect_journey import JourneyClient
-    from prefect_journey.cache import imagine_cache_key
-    from prefect_journey.models import ImagineRequest
-    from prefect_journey.tasks import cache_result, imagine, record_store
-
     batch = items(5)
-    held = [ImagineRequest(prompt=i["prompt"]) for i in batch[:2]]
-    keys = [imagine_cache_key(request, "", journey_env.url) for request in held]
+    keys = [imagine_key(item, journey_env) for item in batch[:2]]
     locks = record_store(imagine).lock_manager
     assert locks is not None and all(locks.acquire_lock(key, "another run") for key in keys)
-    reports: list[CampaignReport] = []
-    campaign = threading.Thread(
-        target=lambda: reports.append(
-            batch_campaign(
-                items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=5
-            )
-        )
-    )
     try:
-        campaign.start()
-        deadline = time.monotonic() + 60
-        while imagine_calls(journey_env) < 3:  # every image but the two held ones
-            assert time.monotonic() < deadline and campaign.is_alive()
-            time.sleep(0.05)
-        with JourneyClient(journey_env.api_key, base_url=journey_env.url) as client:
-            for key, request in zip(keys, held, strict=True):
-                cache_result(imagine, key, client.imagine(request), holder="another run")
+        campaign, reports = campaign_in_background(
+            items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=5
+        )
+        wait_for_calls(journey_env, 3, campaign)  # every image but the two held ones
+        for item in batch[:2]:
+            generated_by_another_run(item, journey_env)
     finally:
         for key in keys:
             locks.release_lock(key, "another run")
