@@ -17,8 +17,8 @@ import yaml
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
-from prefect.events import DeploymentEventTrigger
-from prefect.flows import load_flow_from_entrypoint
+from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes, TriggerTypes
+from prefect.flows import Flow, load_flow_from_entrypoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -30,27 +30,28 @@ def load_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
     config: dict[str, Any] = yaml.safe_load(path.read_text())
     deployments = []
     for entry in config["deployments"]:
-        flow = load_flow_from_entrypoint(str(ROOT / entry["entrypoint"]))
+        flow: Flow[..., Any] = load_flow_from_entrypoint(str(ROOT / entry["entrypoint"]))
         schedules = [
             CronSchedule(cron=item["cron"], timezone=item.get("timezone"))
             for item in entry.get("schedules", [])
             if item.get("active", True)
         ]
-        triggers = [
+        triggers: list[DeploymentTriggerTypes | TriggerTypes] = [
             DeploymentEventTrigger.model_validate({k: v for k, v in item.items() if k != "type"})
             for item in entry.get("triggers", [])
             if item.get("type", "event") == "event"
         ]
-        deployments.append(
-            flow.to_deployment(
-                name=entry["name"],
-                schedules=schedules,
-                triggers=triggers,
-                parameters=entry.get("parameters", {}),
-                tags=entry.get("tags", []),
-                description=entry.get("description"),
-            )
+        deployment = flow.to_deployment(
+            name=entry["name"],
+            schedules=schedules,
+            triggers=triggers,
+            parameters=entry.get("parameters", {}),
+            tags=entry.get("tags", []),
+            description=entry.get("description"),
         )
+        # Called from sync code, to_deployment returns the deployment, not a coroutine.
+        assert isinstance(deployment, RunnerDeployment)
+        deployments.append(deployment)
     return deployments
 
 

@@ -19,6 +19,7 @@ import os
 import queue
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial, wraps
@@ -43,9 +44,9 @@ from pydantic import BaseModel
 
 from prefect_journey.budget import BudgetExceededError, CreditBudget
 from prefect_journey.bulk import ChunkOutcome, ChunkSettings, SharedRun, imagine_and_store_chunk
-from prefect_journey.cache import store_cache_key
+from prefect_journey.cache import imagine_cache_key, store_cache_key
 from prefect_journey.campaign import DEFAULT_KEY_TEMPLATE, CampaignItem, plan_items, read_items
-from prefect_journey.client import AsyncJourneyClient, JourneyClient
+from prefect_journey.client import AsyncJourneyClient, JourneyClient, resolve_base_url
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.errors import InsufficientCreditsError, JourneyError, JourneyValidationError
 from prefect_journey.flowkit import (
@@ -69,6 +70,7 @@ from prefect_journey.tasks import (
     cached_result,
     declare_assets,
     imagine,
+    record_store,
     store_image,
 )
 
@@ -228,10 +230,11 @@ def _fan_out(
     results: dict[int, PrefectFuture[Any]] = {}
     stores: dict[int, PrefectFuture[Any]] = {}
     values: dict[tuple[str, int], Any] = {}  # what each finished run returned, read once
-    waiting = iter(plan)
+    waiting = deque(plan)
+    generating_elsewhere = _generating_elsewhere(credentials, variant)
 
     def submit_next_generation() -> None:
-        item = next(waiting, None)
+        item = _next_to_generate(waiting, generating_elsewhere)
         if item is None:
             return
         results[item.row] = _submit(
@@ -295,6 +298,38 @@ def _fan_out(
         )
         for row in sorted(items)
     ]
+
+
+def _generating_elsewhere(
+    credentials: JourneyCredentials | None, variant: str
+) -> Callable[[CampaignItem], bool]:
+    """Whether another run holds an item's generation lock (it is paying for that image)."""
+    locks = record_store(imagine).lock_manager
+    base_url = resolve_base_url(credentials.base_url if credentials else None)
+
+    def generating_elsewhere(item: CampaignItem) -> bool:
+        key = imagine_cache_key(item.request, variant, base_url)
+        return locks is not None and locks.is_locked(key)
+
+    return generating_elsewhere
+
+
+def _next_to_generate(
+    waiting: deque[CampaignItem], generating_elsewhere: Callable[[CampaignItem], bool]
+) -> CampaignItem | None:
+    """The first waiting item that no other run is generating, else the first one.
+
+    A task run whose image another run is generating waits for that run's lock inside
+    Prefect's task engine, holding one of the campaign's slots: with ``max_concurrency=1``
+    the whole campaign would wait for the other run. Passed over, the item is taken as
+    soon as its lock is free, and is then a cache hit. The search stops at the first free
+    item: it reads as many lock files as other runs hold at the front, plus one.
+    """
+    for position, item in enumerate(waiting):
+        if not generating_elsewhere(item):
+            del waiting[position]
+            return item
+    return waiting.popleft() if waiting else None
 
 
 def _submit(

@@ -6,6 +6,8 @@ are presigned once per run and sent as references with every scene.
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect import flow
 from prefect.futures import wait
 
@@ -19,7 +21,7 @@ from prefect_journey.flowkit import (
     report_image,
     resolve_variant,
 )
-from prefect_journey.models import ImagineRequest
+from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.storage import StoredImage, slugify
 from prefect_journey.tasks import (
     attempt_timeout,
@@ -61,7 +63,8 @@ def character_series(
     results = [generate.submit(request, credentials, variant) for request in requests]
     stores = [
         store_image.submit(
-            result,
+            # Prefect passes the future's value; its overloads only type values.
+            cast(ImagineResult, result),
             target,
             key_template="{series}/{index:02d}-{slug}.{ext}",
             key_fields={"series": slugify(series), "index": index, "slug": slugify(scene, 40)},

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
@@ -24,6 +25,8 @@ from prefect_journey.tasks import cache_result, imagine, record_store
 
 from . import prefect_api
 from .conftest import Bucket
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -279,18 +282,23 @@ def test_chunked_images_take_their_cache_locks_shortly_before_their_call(
     assert not any(locks.is_locked(key) for key in keys)
 
 
-def test_chunked_images_another_run_is_generating_leave_the_slots_to_the_others(
-    journey_env: EmulatorServer, tmp_path: Path
+@BOTH_MODES
+def test_images_another_run_is_generating_leave_the_slots_to_the_others(
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
-    """Images waiting for another run's lock wait outside the run's window: with one call
-    at a time (a window of two), two such images still let the other three be generated."""
+    """With one call at a time, two images whose locks another run holds still let the
+    other three be generated: the per-image mode passes them over until their locks are
+    free; the chunked mode waits for them outside the run's window (of two)."""
     batch = items(5)
     keys = [imagine_key(item, journey_env) for item in batch[:2]]
     locks = record_store(imagine).lock_manager
     assert locks is not None and all(locks.acquire_lock(key, "another run") for key in keys)
     try:
         campaign, reports = campaign_in_background(
-            items=batch, destination=str(tmp_path), max_concurrency=1, images_per_task_run=5
+            items=batch,
+            destination=str(tmp_path),
+            max_concurrency=1,
+            images_per_task_run=images_per_task_run,
         )
         wait_for_calls(journey_env, 3, campaign)  # every image but the two held ones
         for item in batch[:2]:
@@ -301,6 +309,34 @@ def test_chunked_images_another_run_is_generating_leave_the_slots_to_the_others(
         campaign.join(timeout=60)
     [report] = reports
     assert (report.stored, report.cache_hits, report.calls) == (5, 2, 3)
+
+
+def test_weekly_campaign_deployment_runs_with_its_parameters(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    """deployments/prefect.yaml's weekly campaign, with its sheet, bucket and credentials
+    replaced by local ones: every image under its own key, and a retry costs nothing."""
+    config = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    [weekly] = [entry for entry in config["deployments"] if entry["name"] == "weekly-campaign"]
+    assert weekly["entrypoint"] == "flows/batch_campaign.py:abatch_campaign"
+    sheet = tmp_path / "this-week.csv"
+    sheet.write_text("prompt\n" + "".join(f"{item['prompt']}\n" for item in items(4)))
+    parameters = {
+        **weekly["parameters"],
+        "source": str(sheet),
+        "destination": str(tmp_path / "bucket"),
+        "destination_block": None,
+        "credentials_block": None,
+    }
+    for run in range(2):
+        report: CampaignReport = asyncio.run(abatch_campaign(**parameters))
+        assert (report.stored, report.calls) == (4, 4 if run == 0 else 0)
+    keys = sorted(p.relative_to(tmp_path / "bucket").as_posix() for p in tmp_path.rglob("*.png"))
+    assert keys == sorted(f"weekly/{Path(o.uri).name}" for o in report.outcomes)
+    assert all(
+        Path(o.uri).name == f"product-{o.row}-on-a-white-background-{o.prompt[-8:]}-{o.task_id}.png"
+        for o in report.outcomes
+    )
 
 
 def test_async_flow_rejects_bad_input_before_any_call(
