@@ -544,17 +544,21 @@ def test_campaign_from_a_file_in_a_bucket(
     )
 
 
+@pytest.mark.parametrize("flow_kind", ["sync", "async"])
 def test_batch_on_a_local_dask_cluster(
     journey_env: EmulatorServer,
     bucket: Bucket,
     destination_block: str,
     monkeypatch: pytest.MonkeyPatch,
+    flow_kind: str,
 ) -> None:
     monkeypatch.setenv("JOURNEY_TASK_RUNNER", "dask")
     monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
-    state = batch_campaign(
-        items=items(8), destination_block=destination_block, max_concurrency=4, return_state=True
-    )
+    parameters = {"items": items(8), "destination_block": destination_block, "max_concurrency": 4}
+    if flow_kind == "sync":
+        state = batch_campaign(**parameters, return_state=True)
+    else:  # the campaign's code on abatch_campaign's worker thread submits to Dask
+        state = asyncio.run(abatch_campaign(**parameters, return_state=True))
     report = state.result()
     assert report.stored == 8 and len(bucket.objects()) == 8
     assert journey_env.ledger()["peak_concurrency"] <= 4
