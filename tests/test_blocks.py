@@ -135,7 +135,29 @@ def test_collection_registers_against_a_real_prefect_server() -> None:
     assert "journeyapi-image-destination" in listing.stdout
 
 
-def test_collection_entry_point_is_declared() -> None:
+def test_prefect_finds_the_blocks_through_the_collection_entry_point() -> None:
+    """Prefect's collection loader imports ``prefect_journey.blocks``: a process that never
+    imports the package itself loads a saved block by its type's slug."""
     from importlib.metadata import entry_points
 
-    assert any(ep.value == "prefect_journey" for ep in entry_points(group="prefect.collections"))
+    from prefect.settings import PREFECT_API_URL
+
+    (entry_point,) = [
+        ep for ep in entry_points(group="prefect.collections") if ep.name == "prefect_journey"
+    ]
+    assert entry_point.value == "prefect_journey.blocks"
+    JourneyCredentials(api_key=SecretStr("entry-point-key")).save("entry-point", overwrite=True)
+    code = (
+        "from prefect.blocks.core import Block; "
+        "block = Block.load('journeyapi-credentials/entry-point'); "
+        "print(type(block).__module__, type(block).__name__)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split()[-2:] == ["prefect_journey.credentials", "JourneyCredentials"]
