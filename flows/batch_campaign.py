@@ -34,8 +34,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.orchestration import get_client
-from prefect.context import SyncClientContext
+from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
@@ -488,12 +487,11 @@ async def _run_chunks(
         for start in range(0, len(todo), images_per_task_run)
     ]
     downloads = async_download_client(max_connections=max_concurrency)  # one per store
-    async with api, downloads, get_client() as prefect:
-        progress = await ProgressArtifact(
-            progress=0.0,
-            key=f"{slugify(settings.campaign)}-progress",
-            description=f"campaign {settings.campaign}",
-        ).acreate(client=prefect)
+    # One Prefect client on this loop for the chunks' task runs and every artifact: without
+    # a client context here, each chunk's task run opens a client of its own as it starts
+    # (an SSL context and a connection each), on the loop the first calls are waiting for.
+    async with api, downloads, AsyncClientContext.get_or_create() as prefect_context:
+        prefect = prefect_context.client
         shared = SharedRun(
             api,
             downloads,
@@ -509,6 +507,12 @@ async def _run_chunks(
             *(imagine_and_store_chunk(chunk, settings, shared) for chunk in chunks),
             return_exceptions=True,
         )
+        # Created while the chunks start, not before: the first calls do not wait for it.
+        progress = await ProgressArtifact(
+            progress=0.0,
+            key=f"{slugify(settings.campaign)}-progress",
+            description=f"campaign {settings.campaign}",
+        ).acreate(client=prefect)
         over = False
         while not over:
             await asyncio.wait([running], timeout=PROGRESS_INTERVAL)

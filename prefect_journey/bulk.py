@@ -182,8 +182,11 @@ async def _generate(
             found = await asyncio.to_thread(cached_result, imagine, key, holder=holder)
             return await _cached_or_generated(found, key, holder, item, settings, shared)
     finally:
-        if locks is not None and locks.is_lock_holder(key, holder):
-            locks.release_lock(key, holder)
+        if locks is not None:
+            # Off the loop: removing a lock file waits on the filesystem's journal, which
+            # the stores' fsyncs keep busy (up to milliseconds each, measured), and every
+            # image's answer waits for the loop.
+            await asyncio.to_thread(_release_if_held, locks, key, holder)
 
 
 async def _cached_or_generated(
@@ -228,6 +231,11 @@ def _lock_if_free_and_read(locks: LockManager | None, key: str, holder: str) -> 
     return cached_result(imagine, key, holder=holder)
 
 
+def _release_if_held(locks: LockManager, key: str, holder: str) -> None:
+    if locks.is_lock_holder(key, holder):
+        locks.release_lock(key, holder)
+
+
 async def _paid_call(
     item: CampaignItem, settings: ChunkSettings, shared: SharedRun
 ) -> ImagineResult:
@@ -248,7 +256,7 @@ async def _store(
         generated.task_id, settings.destination, settings.key_template, item.key_fields
     )
     if item.row not in settings.restore:
-        found = cached_result(store_image, key)
+        found = await asyncio.to_thread(cached_result, store_image, key)
         if isinstance(found, StoredImage):
             return found, True
     async with shared.stores:

@@ -138,6 +138,23 @@ def test_budget_counts_spent_in_flight_and_refunds(tmp_path: Path) -> None:
     }
 
 
+def test_the_budget_file_stays_whole_as_its_state_shrinks(tmp_path: Path) -> None:
+    # Updates overwrite the file in place: a shorter state must not leave old bytes behind.
+    path = tmp_path / "b.json"
+    budget = CreditBudget.create(path)
+    for _ in range(3):
+        budget.reserve()  # 12 credits in flight
+    for _ in range(3):
+        budget.settle(ServiceUnavailableError("503"))  # given back: 0, one digit shorter
+    assert json.loads(path.read_text()) == {
+        "in_flight": 0,
+        "spent": 0,
+        "calls": 3,
+        "possibly_billed": 0,
+        "refused": 0,
+    }
+
+
 def _hammer(path: str) -> int:
     budget = CreditBudget(path, limit=200)
     started = 0
