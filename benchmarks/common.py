@@ -51,18 +51,17 @@ def emulator_process(*args: str) -> Iterator[str]:
     """``prefect-journey emulator`` in a separate process (so its work is not ours);
     yields its URL once it answers."""
     port = free_port()
+    command = ["-m", "prefect_journey.cli", "emulator", "--port", str(port)]
+    with serving([*command, "--credits", str(10**8), *args], port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(python_args: list[str], port: int) -> Iterator[str]:
+    """``python *python_args`` in a separate process, serving on ``port``; yields its URL
+    once it answers ``/_emulator/ledger``."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect_journey.cli",
-            "emulator",
-            "--port",
-            str(port),
-            "--credits",
-            str(10**8),
-            *args,
-        ],
+        [sys.executable, *python_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "JOURNEY_API_KEY": "bench-key"},

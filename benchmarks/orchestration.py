@@ -278,25 +278,25 @@ def empty_flow_run() -> float:
     return time.perf_counter() - started
 
 
-def measure(sizes: tuple[int, ...] = (50, 200, 1000), runs_for_large: int = 1) -> dict[str, Any]:
-    """Makespans by N (medians), with ratios to the ideal and the hand-written script."""
+def measure(sizes: tuple[int, ...] = (50, 200, 1000)) -> dict[str, Any]:
+    """Makespans by N (medians of RUNS at every N), with ratios to the ideal and the
+    hand-written script."""
     import os
 
     results: dict[str, Any] = {"by_n": {}}
     with emulator_process("--fixed-latency", str(LATENCY)) as url:
         os.environ.update({"JOURNEY_API_KEY": KEY, "JOURNEY_BASE_URL": url})
         for n in sizes:
-            runs = RUNS if n <= TARGET_N else runs_for_large
             ideal = math.ceil(n / CONCURRENCY) * LATENCY
-            mine = _median_on_a_fresh_server(runs, ours, n)
-            base = median([handwritten(url, n) for _ in range(runs)])
-            floor = _median_on_a_fresh_server(runs, prefect_floor, n)
-            tagged_floor = _median_on_a_fresh_server(runs, prefect_floor, n, TAGS)
-            shape_floor = _median_on_a_fresh_server(runs, prefect_floor_of_our_shape, n)
-            chunked = _median_on_a_fresh_server(runs, ours_chunked, n)
-            chunked_floor = _median_on_a_fresh_server(runs, prefect_floor_of_chunked_shape, n)
+            mine = _median_on_a_fresh_server(RUNS, ours, n)
+            base = median([handwritten(url, n) for _ in range(RUNS)])
+            floor = _median_on_a_fresh_server(RUNS, prefect_floor, n)
+            tagged_floor = _median_on_a_fresh_server(RUNS, prefect_floor, n, TAGS)
+            shape_floor = _median_on_a_fresh_server(RUNS, prefect_floor_of_our_shape, n)
+            chunked = _median_on_a_fresh_server(RUNS, ours_chunked, n)
+            chunked_floor = _median_on_a_fresh_server(RUNS, prefect_floor_of_chunked_shape, n)
             results["by_n"][n] = {
-                "runs": runs,
+                "runs": RUNS,
                 "ideal": ideal,
                 "ours": mine,
                 "handwritten": base,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, RUNS
 
 # BENCHMARKS.md from this line on is the analysis, written by hand: a run keeps it and
 # rewrites only the figures above it.
@@ -126,8 +126,8 @@ def main() -> None:
         "# Benchmarks",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, commit {commit}, by `make bench`.",
-        f"Every figure is a median of 3 runs (N=1000: 1 run; transfers: {transfer.TRANSFER_RUNS}, interleaved with",
-        "their baseline) and is given as a ratio to a baseline measured in the same run.",
+        f"Every figure is a median of {RUNS} runs (transfers: {transfer.TRANSFER_RUNS}, interleaved with their",
+        "baseline) and is given as a ratio to a baseline measured in the same run.",
         "Emulator latency fixed at L = 2 s, concurrency C = 25.",
         "",
         "| figure | ours | baseline | ratio | target |",
@@ -168,9 +168,7 @@ def main() -> None:
         "",
         "## Start-up",
         "",
-        f"Modules not imported by `import prefect_journey`: {', '.join(m for m in startup.HEAVY if m not in start['heavy_loaded'])}"
-        + (f"; imported: {', '.join(start['heavy_loaded'])}" if start["heavy_loaded"] else "")
-        + ".",
+        startup.modules_note(start),
         "",
     ]
     report = ROOT / "BENCHMARKS.md"

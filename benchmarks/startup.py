@@ -1,4 +1,9 @@
-"""Start-up: the emulator's time to first answer, and the import cost of the package."""
+"""Start-up: the emulator's time to first answer, and what importing the package costs.
+
+Each against what it is built on, measured the same way in the same run: the emulator
+against a bare starlette app under uvicorn answering the same path; the plain-Python
+core against importing httpx and pydantic; the Prefect layer against importing Prefect.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,43 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from benchmarks.common import RUNS, Figure, emulator_process, median
+from benchmarks.common import RUNS, Figure, emulator_process, free_port, median, serving
 
 HEAVY = ("prefect.server.api", "distributed", "dask", "s3fs", "moto", "PIL")
+# What users import, and the modules each rests on.
+CORE = "from prefect_journey import JourneyClient, ImagineRequest; import prefect_journey.storage"
+CORE_BASELINE = "import httpx, pydantic"
+PREFECT_LAYER = "import prefect_journey.tasks, flows.batch_campaign"
+PREFECT_LAYER_BASELINE = "import prefect"
+# The floor of any emulator on this stack: an app with one route, served the same way.
+BARE_SERVER = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def ledger(request):
+    return JSONResponse({})
+
+app = Starlette(routes=[Route("/_emulator/ledger", ledger)])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
 
 
-def _import_seconds(module: str) -> float:
-    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+def _import_seconds(statement: str) -> float:
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def _modules_loaded_by(statement: str) -> set[str]:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def _emulator_first_answer() -> float:
@@ -25,47 +56,82 @@ def _emulator_first_answer() -> float:
         return time.perf_counter() - started
 
 
-def _python_start() -> float:
+def _bare_server_first_answer() -> float:
+    port = free_port()
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    return time.perf_counter() - started
+    with serving(["-c", BARE_SERVER, str(port)], port):
+        return time.perf_counter() - started
+
+
+def _interleaved(*measurements: Callable[[], float]) -> list[float]:
+    """The median of each measurement, taken in turns so that a slow moment of the
+    machine falls on all of them alike."""
+    runs: list[list[float]] = [[] for _ in measurements]
+    for _ in range(RUNS):
+        for samples, measure_once in zip(runs, measurements, strict=True):
+            samples.append(measure_once())
+    return [median(samples) for samples in runs]
 
 
 def measure() -> dict[str, Any]:
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, sys, prefect_journey; "
-            f"print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    emulator, bare = _interleaved(_emulator_first_answer, _bare_server_first_answer)
+    core, core_baseline, layer, layer_baseline = _interleaved(
+        *(
+            partial(_import_seconds, statement)
+            for statement in (CORE, CORE_BASELINE, PREFECT_LAYER, PREFECT_LAYER_BASELINE)
+        )
     )
     return {
-        "import_ours": median([_import_seconds("prefect_journey") for _ in range(RUNS)]),
-        "import_prefect": median([_import_seconds("prefect") for _ in range(RUNS)]),
-        "emulator": median([_emulator_first_answer() for _ in range(RUNS)]),
-        "python": median([_python_start() for _ in range(RUNS)]),
-        "heavy_loaded": json.loads(loaded.stdout.strip().splitlines()[-1]),
+        "emulator": emulator,
+        "bare_server": bare,
+        "import_core": core,
+        "import_core_baseline": core_baseline,
+        "import_layer": layer,
+        "import_layer_baseline": layer_baseline,
+        "loaded": {statement: _modules_loaded_by(statement) for statement in (CORE, PREFECT_LAYER)},
     }
 
 
+def modules_note(results: dict[str, Any]) -> str:
+    """Which heavy modules (and, for the core, whether Prefect) each import pulls in."""
+    lines = []
+    for statement, loaded in results["loaded"].items():
+        heavy = [module for module in HEAVY if module in loaded]
+        prefect = any(module.split(".")[0] == "prefect" for module in loaded)
+        lines.append(
+            f"- `{statement}`: imports {', '.join(heavy) or 'none'} of {', '.join(HEAVY)}"
+            + (
+                ""
+                if statement != CORE
+                else f"; Prefect {'imported' if prefect else 'not imported'}"
+            )
+            + "."
+        )
+    return "\n".join(lines)
+
+
 def figures(results: dict[str, Any]) -> list[Figure]:
+    note = f"median of {RUNS}"
     return [
         Figure(
-            "import prefect_journey (median of 3)",
-            results["import_ours"],
-            results["import_prefect"],
+            f"plain-Python core: `{CORE}` ({note})",
+            results["import_core"],
+            results["import_core_baseline"],
             "s",
-            "import prefect",
+            f"`{CORE_BASELINE}`",
         ),
         Figure(
-            "prefect-journey emulator: start to first answer (median of 3)",
-            results["emulator"],
-            results["python"],
+            f"Prefect layer: `{PREFECT_LAYER}` ({note})",
+            results["import_layer"],
+            results["import_layer_baseline"],
             "s",
-            "bare python start",
+            f"`{PREFECT_LAYER_BASELINE}`",
+        ),
+        Figure(
+            f"prefect-journey emulator: start to first answer ({note})",
+            results["emulator"],
+            results["bare_server"],
+            "s",
+            "bare starlette app on uvicorn",
         ),
     ]
