@@ -7,14 +7,17 @@ unless given a hold timeout, and Prefect asks for none; after a ``kill -9`` the 
 that image would wait for ever. A fixed timeout long enough for a slow call with retries
 (~25 minutes) would stall a resumed campaign just as badly.
 
-:class:`LeasedFileSystemLockManager` holds each lock as a short lease (60 s) that a daemon
-thread renews while the holder's process lives. A dead process stops renewing, and its
-locks lapse within one lease. One machine only (the lock files are local); for several,
-configure prefect-redis's ``RedisLockManager`` instead (see the README).
+:class:`LeasedFileSystemLockManager` holds each lock as a short lease (60 s, or
+``JOURNEY_LOCK_LEASE_SECONDS``) that a daemon thread renews every third of a lease while the
+holder's process lives. A dead process stops renewing, and its locks lapse within one lease:
+a shorter lease resumes a killed run sooner, at the price of more renewals. One machine only
+(the lock files are local); for several, configure prefect-redis's ``RedisLockManager``
+instead (see the README).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -26,16 +29,42 @@ import pydantic_core
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.types._datetime import now
 
+from prefect_journey.errors import ConfigurationError
+
+# A killed run's images wait this long before another run may generate them; renewing every
+# 20 s costs nothing next to calls that take minutes.
 DEFAULT_LEASE_SECONDS = 60.0
+LEASE_SECONDS_ENV = "JOURNEY_LOCK_LEASE_SECONDS"
+# Renewal runs every third of a lease: below a second it would be a busy loop of file writes.
+MIN_LEASE_SECONDS = 1.0
 _TORN_READ_RETRIES = 50
 
 
-class LeasedFileSystemLockManager(FileSystemLockManager):
-    """File locks held as leases of ``lease_seconds``, renewed while the process lives."""
+def configured_lease_seconds() -> float:
+    """The lease of every lock: ``JOURNEY_LOCK_LEASE_SECONDS``, or 60 s when unset."""
+    raw = os.environ.get(LEASE_SECONDS_ENV)
+    if not raw:
+        return DEFAULT_LEASE_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= MIN_LEASE_SECONDS):
+        raise ConfigurationError(
+            f"{LEASE_SECONDS_ENV} must be a number of seconds >= {MIN_LEASE_SECONDS:g}, got {raw!r}"
+        )
+    return seconds
 
-    def __init__(self, lock_files_directory: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+
+class LeasedFileSystemLockManager(FileSystemLockManager):
+    """File locks held as leases of ``lease_seconds`` (default: :func:`configured_lease_seconds`),
+    renewed while the process lives."""
+
+    def __init__(self, lock_files_directory: Path, lease_seconds: float | None = None):
         super().__init__(lock_files_directory)
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = (
+            lease_seconds if lease_seconds is not None else configured_lease_seconds()
+        )
         self._held: dict[str, str] = {}
         self._held_lock = threading.Lock()
         self._renewer: threading.Thread | None = None

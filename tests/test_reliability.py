@@ -63,6 +63,23 @@ def test_lock_manager_pickles_as_its_settings(tmp_path: Path) -> None:
     manager.release_lock("k", holder="h")
 
 
+def test_the_lease_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect_journey.errors import ConfigurationError
+    from prefect_journey.locking import DEFAULT_LEASE_SECONDS, LEASE_SECONDS_ENV
+
+    monkeypatch.delenv(LEASE_SECONDS_ENV, raising=False)
+    assert LeasedFileSystemLockManager(tmp_path).lease_seconds == DEFAULT_LEASE_SECONDS == 60
+    monkeypatch.setenv(LEASE_SECONDS_ENV, "6.5")
+    assert LeasedFileSystemLockManager(tmp_path).lease_seconds == 6.5
+    assert LeasedFileSystemLockManager(tmp_path, lease_seconds=2).lease_seconds == 2
+    for bad in ("0.5", "-3", "soon", "inf", "nan"):
+        monkeypatch.setenv(LEASE_SECONDS_ENV, bad)
+        with pytest.raises(ConfigurationError, match=LEASE_SECONDS_ENV):
+            LeasedFileSystemLockManager(tmp_path)
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_concurrent_identical_runs_are_billed_once(
     journey_env: EmulatorServer, tmp_path: Path
@@ -179,6 +196,8 @@ def test_killed_campaign_resumes_without_rebilling_or_duplicates(
         "AWS_ENDPOINT_URL_S3": bucket.endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
+        # The resumed run waits out the killed run's leases on its in-flight images.
+        "JOURNEY_LOCK_LEASE_SECONDS": "5",
     }
     command = [
         sys.executable,
