@@ -103,10 +103,20 @@ class Figure:
     def ratio(self) -> float:
         return self.value / self.baseline
 
+    @property
+    def status(self) -> str:
+        """``met`` or ``missed`` against a target of ``<= x`` or ``>= x``; empty without one."""
+        if not self.target:
+            return ""
+        comparison, bound = self.target.split()
+        met = self.ratio <= float(bound) if comparison == "<=" else self.ratio >= float(bound)
+        return "met" if met else "missed"
+
     def row(self) -> str:
+        target = f"{self.target}: {self.status}" if self.target else ""
         return (
             f"| {self.name} | {self.value:.3f} {self.unit} | {self.baseline_name}: "
-            f"{self.baseline:.3f} {self.unit} | **{self.ratio:.3f}** | {self.target} |"
+            f"{self.baseline:.3f} {self.unit} | **{self.ratio:.3f}** | {target} |"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -10,11 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, RUNS
+from benchmarks.common import ROOT, RUNS, Figure
 
 # BENCHMARKS.md from this line on is the analysis, written by hand: a run keeps it and
 # rewrites only the figures above it.
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by make bench -->"
+# What the last `make bench` measured, so the report can be rendered again without measuring.
+RESULTS = ROOT / "benchmarks" / "results.json"
+# The README's figure table sits between these lines; a run rewrites it, so it cannot drift.
+README_FIGURES_START = "<!-- figures: written by make bench from benchmarks/results.json -->"
+README_FIGURES_END = "<!-- /figures -->"
 
 
 def kept_analysis(path: Path) -> list[str]:
@@ -108,24 +114,100 @@ def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
     ]
 
 
-def main() -> None:
+def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
+    """The README's table: every figure the issue sets a target for, met or missed."""
+    from benchmarks import transfer
+
+    reruns = {
+        "SQLite": results["orchestration"]["rerun"],
+        "PostgreSQL": results["orchestration"]["postgres_rerun"],
+    }
+    return [
+        README_FIGURES_START,
+        "",
+        f"From `make bench` at {results['commit']}, {results['measured_at']}, on "
+        f"{results['machine']}. Each figure is a ratio to a baseline measured in the same run; "
+        "[BENCHMARKS.md](BENCHMARKS.md) has the values behind them, Prefect's own floors and "
+        "the other batch sizes. Prefect's database is the test harness's SQLite unless the "
+        "figure says PostgreSQL.",
+        "",
+        "| figure | ratio | target |",
+        "|---|---|---|",
+        *(
+            f"| {row.name} | {row.ratio:.3f} x {row.baseline_name} | "
+            f"{row.target}: **{row.status}** |"
+            for row in rows
+            if row.target
+        ),
+        *(
+            f"| credits charged by that re-run, {kind}, {database} | "
+            f"{r['second_run_credits']} | 0: **{'met' if r['second_run_credits'] == 0 else 'missed'}** |"
+            for database, by_kind in reruns.items()
+            for kind, r in by_kind.items()
+        ),
+        *(
+            f"| peak memory growth, `store_image` to {m['destination']}, "
+            f"{m['sizes_mib'][0]:.0f} / {m['sizes_mib'][1]:.0f} MiB object | "
+            f"{m['growth_mib'][0]:.1f} / {m['growth_mib'][1]:.1f} MiB | constant in size (within "
+            f"3 x the {m['chunk_mib']:.0f} MiB chunk): **{'met' if m['met'] else 'missed'}** |"
+            for m in transfer.memory_growth(results["transfer"])
+        ),
+        "",
+        README_FIGURES_END,
+    ]
+
+
+def replace_readme_figures(lines: list[str]) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(README_FIGURES_START), text.index(README_FIGURES_END)
+    readme.write_text(text[:start] + "\n".join(lines) + text[end + len(README_FIGURES_END) :])
+
+
+def measure() -> dict[str, Any]:
+    """Every benchmark, with when, where and at which commit it ran."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from benchmarks import orchestration, startup, transfer
-    from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "50,200,1000").split(","))
-    start = startup.measure()
-    moved = transfer.measure()
-    orchestrated = orchestration.measure(sizes)  # on fresh Prefect servers, one per figure
-    rows = orchestration.figures(orchestrated) + transfer.figures(moved) + startup.figures(start)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
+    return {
+        "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "machine": machine(),
+        "commit": commit,
+        "startup": startup.measure(),
+        "transfer": transfer.measure(),
+        # on fresh Prefect servers, one per figure
+        "orchestration": orchestration.measure(sizes),
+    }
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Saved results, with the batch sizes (JSON object keys) as numbers again."""
+    results: dict[str, Any] = json.loads(path.read_text())
+    by_n = results["orchestration"]["by_n"]
+    results["orchestration"]["by_n"] = {int(n): r for n, r in by_n.items()}
+    return results
+
+
+def render(results: dict[str, Any]) -> None:
+    """BENCHMARKS.md from saved results; the hand-written analysis below its marker stays."""
+    from benchmarks import orchestration, startup, transfer
+    from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
+
+    start, moved, orchestrated = (
+        results["startup"],
+        results["transfer"],
+        results["orchestration"],
+    )
+    rows = orchestration.figures(orchestrated) + transfer.figures(moved) + startup.figures(start)
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, commit {commit}, by `make bench`.",
+        f"Measured {results['measured_at']} on {results['machine']}, commit {results['commit']}, by `make bench`.",
         f"Every figure is a median of {RUNS} runs (transfers: {transfer.TRANSFER_RUNS}, interleaved with their",
         "baseline) and is given as a ratio to a baseline measured in the same run.",
         "Emulator latency fixed at L = 2 s, concurrency C = 25.",
@@ -166,6 +248,14 @@ def main() -> None:
         "",
         transfer.memory_table(moved),
         "",
+        *(
+            f"Constant in size to {m['destination']}: {m['growth_mib'][0]:.1f} MiB for "
+            f"{m['sizes_mib'][0]:.0f} MiB, {m['growth_mib'][1]:.1f} MiB for "
+            f"{m['sizes_mib'][1]:.0f} MiB, within 3 x the {m['chunk_mib']:.0f} MiB chunk: "
+            f"**{'met' if m['met'] else 'missed'}**."
+            for m in transfer.memory_growth(moved)
+        ),
+        "",
         "## Start-up",
         "",
         startup.modules_note(start),
@@ -174,7 +264,17 @@ def main() -> None:
     report = ROOT / "BENCHMARKS.md"
     print("\n".join(lines))
     report.write_text("\n".join(lines + kept_analysis(report)) + "\n")
+    replace_readme_figures(readme_figures(results, rows))
+
+
+def main(argv: list[str]) -> None:
+    """Measure, save the raw results, then render them; ``--render`` renders the saved ones
+    again (after a change to the report, without two hours of measuring)."""
+    if "--render" not in argv:
+        # default=sorted: the modules an import loaded are a set
+        RESULTS.write_text(json.dumps(measure(), indent=1, default=sorted) + "\n")
+    render(load(RESULTS))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1:])

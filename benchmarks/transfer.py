@@ -153,6 +153,31 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     return rows
 
 
+def memory_growth(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per destination: the peak memory growth of ``store_image`` for the smallest and the
+    largest object, and whether it stays constant in size: the two within 3 chunks (the
+    download chunk locally, the multipart part for S3), the target's allowance."""
+    from prefect_journey.storage import DOWNLOAD_CHUNK, UPLOAD_PART_SIZE
+
+    verdicts = []
+    for destination, chunk in (("local", DOWNLOAD_CHUNK), ("S3", UPLOAD_PART_SIZE)):
+        transfers = sorted(
+            (r["ours"] for name, r in results.items() if name.endswith(f"-> {destination}")),
+            key=lambda r: r["bytes"],
+        )
+        small, large = transfers[0], transfers[-1]
+        verdicts.append(
+            {
+                "destination": destination,
+                "sizes_mib": (small["bytes"] / MIB, large["bytes"] / MIB),
+                "growth_mib": (small["growth_mib"], large["growth_mib"]),
+                "chunk_mib": chunk / MIB,
+                "met": large["growth_mib"] - small["growth_mib"] <= 3 * chunk / MIB,
+            }
+        )
+    return verdicts
+
+
 def memory_table(results: dict[str, Any]) -> str:
     lines = [
         "| transfer | size | store_image peak RSS growth | plain copy peak RSS growth |",
