@@ -98,6 +98,9 @@ class Figure:
     unit: str
     baseline_name: str
     target: str = ""
+    # Prefect's own floor of the same shape (the same task runs, artifacts and events, no
+    # work), against the same baseline: how much of the ratio is Prefect's.
+    floor: float | None = None
 
     @property
     def ratio(self) -> float:

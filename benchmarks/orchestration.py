@@ -393,9 +393,10 @@ def _reruns_on_postgres(url: str, n: int) -> dict[str, dict[str, float]]:
 
 
 def _against_ideal_and_handwritten(
-    label: str, makespan: float, n: int, r: dict[str, Any]
+    label: str, makespan: float, n: int, r: dict[str, Any], floor: float
 ) -> list[Figure]:
-    """The two figures the issue sets targets for (at N=200)."""
+    """The two figures the issue sets targets for (at N=200), each with Prefect's floor of
+    the same shape against the same baseline."""
     note = f"median of {r['runs']}"
     return [
         Figure(
@@ -405,6 +406,7 @@ def _against_ideal_and_handwritten(
             "s",
             "ceil(N/C)*L",
             "<= 1.05" if n == TARGET_N else "",
+            floor,
         ),
         Figure(
             f"{label} vs hand-written ({note})",
@@ -413,6 +415,7 @@ def _against_ideal_and_handwritten(
             "s",
             "asyncio+httpx",
             "<= 1.02" if n == TARGET_N else "",
+            floor,
         ),
     ]
 
@@ -421,7 +424,9 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     rows = []
     for n, r in results["by_n"].items():
         note = f"median of {r['runs']}"
-        rows += _against_ideal_and_handwritten(f"batch_campaign N={n}", r["ours"], n, r)
+        rows += _against_ideal_and_handwritten(
+            f"batch_campaign N={n}", r["ours"], n, r, r["shape_floor"]
+        )
         rows.append(
             Figure(
                 f"Prefect floor N={n}: sleep tasks vs ideal ({note})",
@@ -459,7 +464,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             )
         )
         chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
-        rows += _against_ideal_and_handwritten(chunked, r["chunked"], n, r)
+        rows += _against_ideal_and_handwritten(chunked, r["chunked"], n, r, r["chunked_floor"])
         rows.append(
             Figure(
                 f"Prefect floor of the chunked shape N={n} vs ideal ({note})",
@@ -482,6 +487,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         rows += _postgres_figures(results["postgres"], results["by_n"][TARGET_N])
     for database, reruns in (("", results["rerun"]), ("PostgreSQL: ", results["postgres_rerun"])):
         for kind, rerun_result in reruns.items():
+            # A sync re-run's floor: an empty sync flow run (measured on SQLite only).
+            sync_on_sqlite = not database and not RERUN_KINDS[kind]
             rows.append(
                 Figure(
                     f"{database}re-run of a {TARGET_N}-image campaign, {kind}: wall time "
@@ -491,6 +498,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                     "s",
                     "first run",
                     "<= 0.05",
+                    results["empty_flow"] if sync_on_sqlite else None,
                 )
             )
     return rows
@@ -501,9 +509,11 @@ def _postgres_figures(postgres: dict[str, float], sqlite: dict[str, Any]) -> lis
     n, note = TARGET_N, f"median of {RUNS}"
     chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
     rows = _against_ideal_and_handwritten(
-        f"PostgreSQL: batch_campaign N={n}", postgres["ours"], n, sqlite
+        f"PostgreSQL: batch_campaign N={n}", postgres["ours"], n, sqlite, postgres["shape_floor"]
     )
-    rows += _against_ideal_and_handwritten(f"PostgreSQL: {chunked}", postgres["chunked"], n, sqlite)
+    rows += _against_ideal_and_handwritten(
+        f"PostgreSQL: {chunked}", postgres["chunked"], n, sqlite, postgres["chunked_floor"]
+    )
     for key, label in (("ours_async", "one task run per image"), ("chunked_async", "chunked")):
         sync_key = key.removesuffix("_async")
         rows.append(
@@ -522,6 +532,7 @@ def _postgres_figures(postgres: dict[str, float], sqlite: dict[str, Any]) -> lis
         postgres["chunked_async"],
         n,
         sqlite,
+        postgres["chunked_floor_async"],
     )
     rows.append(
         Figure(
