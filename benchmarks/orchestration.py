@@ -151,13 +151,15 @@ def ours_chunked_async_unpublished(n: int) -> float:
 
 def prefect_floor(n: int, tags: list[str] | None = None) -> float:
     from prefect import flow, task
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
     @task(tags=tags or [])
     def sleep() -> None:
         time.sleep(LATENCY)
 
-    @flow(task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENCY))
+    runner: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=CONCURRENCY)
+
+    @flow(task_runner=runner)
     def sleeps() -> None:
         for future in [sleep.submit() for _ in range(n)]:
             future.wait()
@@ -173,7 +175,7 @@ def prefect_floor_of_our_shape(n: int) -> float:
     from prefect import flow, task
     from prefect.artifacts import create_image_artifact
     from prefect.events import emit_event
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
     @task(tags=TAGS, persist_result=True)
     def generate(index: int) -> int:
@@ -186,16 +188,21 @@ def prefect_floor_of_our_shape(n: int) -> float:
         emit_event("bench.image.stored", resource={"prefect.resource.id": f"bench.{index}"})
         return index
 
-    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2 * CONCURRENCY))
+    runner: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=2 * CONCURRENCY)
+
+    @flow(task_runner=runner)
     def shape() -> None:
         finished: queue.Queue[tuple[str, int]] = queue.Queue()
         waiting = iter(range(n))
+
+        def report(stage: str, index: int) -> Callable[[Any], None]:
+            return lambda _: finished.put((stage, index))
 
         def submit_next_generation() -> None:
             index = next(waiting, None)
             if index is not None:
                 future = generate.submit(index)
-                future.add_done_callback(lambda _, i=index: finished.put(("generated", i)))
+                future.add_done_callback(report("generated", index))
 
         for _ in range(CONCURRENCY):
             submit_next_generation()
@@ -205,7 +212,7 @@ def prefect_floor_of_our_shape(n: int) -> float:
             if stage == "generated":
                 submit_next_generation()
                 future = publish.submit(index)
-                future.add_done_callback(lambda _, i=index: finished.put(("published", i)))
+                future.add_done_callback(report("published", index))
             else:
                 remaining -= 1
 
