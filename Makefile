@@ -37,7 +37,8 @@ demo: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m reliability.soak --items 500
 
-# Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md. The N=200
+# Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md, the README's
+# figure table and benchmarks/results.json (`python -m benchmarks.run --render` re-renders). The N=200
 # campaign is measured again on PostgreSQL (Debian's package), as production servers run.
 bench: $(STAMP)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \

@@ -93,7 +93,7 @@ def database_table(orchestrated: dict[str, Any]) -> list[str]:
 
 def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
     """The re-run figures of both flows on both databases."""
-    from benchmarks.orchestration import RUNS, TARGET_N
+    from benchmarks.orchestration import TARGET_N
 
     databases = {"SQLite": orchestrated["rerun"], "PostgreSQL": orchestrated["postgres_rerun"]}
     return [
