@@ -23,8 +23,7 @@ README_FIGURES_START = "<!-- figures: written by make bench from benchmarks/resu
 README_FIGURES_END = "<!-- /figures -->"
 
 
-def kept_analysis(path: Path) -> list[str]:
-    text = path.read_text() if path.exists() else ""
+def kept_analysis(text: str) -> list[str]:
     at = text.find(ANALYSIS_MARKER)
     return [text[at:].rstrip("\n")] if at >= 0 else []
 
@@ -160,11 +159,9 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
     ]
 
 
-def replace_readme_figures(lines: list[str]) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = text.index(README_FIGURES_START), text.index(README_FIGURES_END)
-    readme.write_text(text[:start] + "\n".join(lines) + text[end + len(README_FIGURES_END) :])
+def with_readme_figures(readme: str, lines: list[str]) -> str:
+    start, end = readme.index(README_FIGURES_START), readme.index(README_FIGURES_END)
+    return readme[:start] + "\n".join(lines) + readme[end + len(README_FIGURES_END) :]
 
 
 def measure() -> dict[str, Any]:
@@ -196,8 +193,9 @@ def load(path: Path) -> dict[str, Any]:
     return results
 
 
-def render(results: dict[str, Any]) -> None:
-    """BENCHMARKS.md from saved results; the hand-written analysis below its marker stays."""
+def rendered(results: dict[str, Any], report: str, readme: str) -> tuple[str, str]:
+    """BENCHMARKS.md and the README (given as they are) with the figures of ``results``;
+    the hand-written analysis below the report's marker and the rest of the README stay."""
     from benchmarks import orchestration, startup, transfer
     from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
 
@@ -264,15 +262,25 @@ def render(results: dict[str, Any]) -> None:
         startup.modules_note(start),
         "",
     ]
-    report = ROOT / "BENCHMARKS.md"
-    print("\n".join(lines))
-    report.write_text("\n".join(lines + kept_analysis(report)) + "\n")
-    replace_readme_figures(readme_figures(results, rows))
+    return (
+        "\n".join(lines + kept_analysis(report)) + "\n",
+        with_readme_figures(readme, readme_figures(results, rows)),
+    )
+
+
+def render(results: dict[str, Any]) -> None:
+    report, readme = ROOT / "BENCHMARKS.md", ROOT / "README.md"
+    new_report, new_readme = rendered(
+        results, report.read_text() if report.exists() else "", readme.read_text()
+    )
+    print(new_report)
+    report.write_text(new_report)
+    readme.write_text(new_readme)
 
 
 def main(argv: list[str]) -> None:
     """Measure, save the raw results, then render them; ``--render`` renders the saved ones
-    again (after a change to the report, without two hours of measuring)."""
+    again (after a change to the report, without the hour of measuring)."""
     if "--render" not in argv:
         # default=sorted: the modules an import loaded are a set
         RESULTS.write_text(json.dumps(measure(), indent=1, default=sorted) + "\n")

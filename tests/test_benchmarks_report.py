@@ -1,0 +1,37 @@
+"""The benchmark report is rendered from saved results: the docs cannot drift from them.
+
+No timing here: these tests read the figures `make bench` saved, they measure nothing.
+"""
+
+from __future__ import annotations
+
+from benchmarks import run
+from benchmarks.common import ROOT, Figure
+
+
+def test_benchmarks_md_and_the_readme_table_are_what_the_saved_results_say() -> None:
+    report, readme = (ROOT / "BENCHMARKS.md").read_text(), (ROOT / "README.md").read_text()
+    assert run.rendered(run.load(run.RESULTS), report, readme) == (report, readme)
+
+
+def test_rendering_keeps_the_analysis_and_the_rest_of_the_readme() -> None:
+    results = run.load(run.RESULTS)
+    report = f"old figures\n{run.ANALYSIS_MARKER}\nwritten by hand\n"
+    readme = f"# intro\n{run.README_FIGURES_START}\nold table\n{run.README_FIGURES_END}\n## after\n"
+    new_report, new_readme = run.rendered(results, report, readme)
+    assert "old figures" not in new_report
+    assert new_report.endswith(f"{run.ANALYSIS_MARKER}\nwritten by hand\n")
+    assert new_readme.startswith("# intro\n") and new_readme.endswith("\n## after\n")
+    assert "old table" not in new_readme
+    assert f"at {results['commit']}" in new_readme
+
+
+def test_a_figure_is_met_or_missed_against_its_target() -> None:
+    def status(value: float, target: str) -> str:
+        return Figure("f", value, 1.0, "s", "baseline", target).status
+
+    assert status(1.05, "<= 1.05") == "met"
+    assert status(1.051, "<= 1.05") == "missed"
+    assert status(0.9, ">= 0.9") == "met"
+    assert status(0.899, ">= 0.9") == "missed"
+    assert status(3.0, "") == ""
