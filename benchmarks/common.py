@@ -112,8 +112,9 @@ class Figure:
         if not self.target:
             return ""
         comparison, bound = self.target.split()
-        met = self.ratio <= float(bound) if comparison == "<=" else self.ratio >= float(bound)
-        return "met" if met else "missed"
+        return verdict(
+            self.ratio <= float(bound) if comparison == "<=" else self.ratio >= float(bound)
+        )
 
     def row(self) -> str:
         target = f"{self.target}: {self.status}" if self.target else ""
@@ -121,6 +122,10 @@ class Figure:
             f"| {self.name} | {self.value:.3f} {self.unit} | {self.baseline_name}: "
             f"{self.baseline:.3f} {self.unit} | **{self.ratio:.3f}** | {target} |"
         )
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
 
 
 def median(values: list[float]) -> float:

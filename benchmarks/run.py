@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, RUNS, Figure
+from benchmarks.common import ROOT, RUNS, Figure, verdict
 
 # BENCHMARKS.md from this line on is the analysis, written by hand: a run keeps it and
 # rewrites only the figures above it.
@@ -114,7 +114,7 @@ def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
 
 
 def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
-    """The README's table: every figure the issue sets a target for, met or missed."""
+    """The README's table: every figure with a target, met or missed."""
     from benchmarks import transfer
 
     reruns = {
@@ -142,7 +142,7 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
         *(
             f"| credits charged by that re-run, {kind}, {database} | "
             f"{r['second_run_credits']} | — | "
-            f"0: **{'met' if r['second_run_credits'] == 0 else 'missed'}** |"
+            f"0: **{verdict(r['second_run_credits'] == 0)}** |"
             for database, by_kind in reruns.items()
             for kind, r in by_kind.items()
         ),
@@ -151,7 +151,7 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
             f"{m['sizes_mib'][0]:.0f} / {m['sizes_mib'][1]:.0f} MiB object | "
             f"{m['growth_mib'][0]:.1f} / {m['growth_mib'][1]:.1f} MiB | — | constant in size "
             f"(within 3 x the {m['chunk_mib']:.0f} MiB chunk): "
-            f"**{'met' if m['met'] else 'missed'}** |"
+            f"**{verdict(m['met'])}** |"
             for m in transfer.memory_growth(results["transfer"])
         ),
         "",
@@ -174,8 +174,8 @@ def measure() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
-    return {
-        "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+    started = datetime.now(UTC)
+    results = {
         "machine": machine(),
         "commit": commit,
         "startup": startup.measure(),
@@ -183,6 +183,7 @@ def measure() -> dict[str, Any]:
         # on fresh Prefect servers, one per figure
         "orchestration": orchestration.measure(sizes),
     }
+    return {"measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC", **results}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -253,7 +254,7 @@ def rendered(results: dict[str, Any], report: str, readme: str) -> tuple[str, st
             f"Constant in size to {m['destination']}: {m['growth_mib'][0]:.1f} MiB for "
             f"{m['sizes_mib'][0]:.0f} MiB, {m['growth_mib'][1]:.1f} MiB for "
             f"{m['sizes_mib'][1]:.0f} MiB, within 3 x the {m['chunk_mib']:.0f} MiB chunk: "
-            f"**{'met' if m['met'] else 'missed'}**."
+            f"**{verdict(m['met'])}**."
             for m in transfer.memory_growth(moved)
         ),
         "",
