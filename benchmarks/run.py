@@ -90,11 +90,14 @@ def database_table(orchestrated: dict[str, Any]) -> list[str]:
     ]
 
 
+def reruns_by_database(orchestrated: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"SQLite": orchestrated["rerun"], "PostgreSQL": orchestrated["postgres_rerun"]}
+
+
 def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
     """The re-run figures of both flows on both databases."""
     from benchmarks.orchestration import TARGET_N
 
-    databases = {"SQLite": orchestrated["rerun"], "PostgreSQL": orchestrated["postgres_rerun"]}
     return [
         "## Re-run cost",
         "",
@@ -106,7 +109,7 @@ def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
         *(
             f"| {kind} | {database} | **{r['second_run_credits']}** | {r['second']:.2f} s | "
             f"{r['first']:.2f} s | {r['second'] / r['first']:.3f} |"
-            for database, reruns in databases.items()
+            for database, reruns in reruns_by_database(orchestrated).items()
             for kind, r in reruns.items()
         ),
         "",
@@ -117,10 +120,6 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
     """The README's table: every figure with a target, met or missed."""
     from benchmarks import transfer
 
-    reruns = {
-        "SQLite": results["orchestration"]["rerun"],
-        "PostgreSQL": results["orchestration"]["postgres_rerun"],
-    }
     return [
         README_FIGURES_START,
         "",
@@ -143,7 +142,7 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
             f"| credits charged by that re-run, {kind}, {database} | "
             f"{r['second_run_credits']} | — | "
             f"0: **{verdict(r['second_run_credits'] == 0)}** |"
-            for database, by_kind in reruns.items()
+            for database, by_kind in reruns_by_database(results["orchestration"]).items()
             for kind, r in by_kind.items()
         ),
         *(
