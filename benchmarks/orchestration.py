@@ -13,7 +13,7 @@ concurrency C = 25 are measured three ways in the same run:
   our work: a tagged task that sleeps L and a tagged task that publishes an image artifact
   and an event, both with persisted results, submitted through the same window of C on a
   pool of 2C. ``batch_campaign`` minus this is what our own code costs.
-- ``batch_campaign`` with ``images_per_task_run`` (prefect_journey.bulk) and its floor: the
+- ``batch_campaign`` with ``images_per_task_run`` (prefect_journey.campaigns.chunked) and its floor: the
   same per-image artifact, event and log lines, in chunks of images per task run;
 - an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
   (3.9 joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps);
@@ -42,7 +42,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from benchmarks.common import RUNS, Figure, call_in_subprocess, emulator_process, median
 from benchmarks.postgres import postgres_server, prefect_on_postgres
-from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
+from prefect_journey.campaigns.chunked import RECOMMENDED_IMAGES_PER_TASK_RUN
 from prefect_journey.tasks import TAGS
 
 LATENCY = 2.0
@@ -96,7 +96,7 @@ def ours(
     asynchronous: bool = False,
 ) -> float:
     """One campaign's makespan; ``asynchronous``: run it as ``abatch_campaign``."""
-    from flows.batch_campaign import abatch_campaign, batch_campaign
+    from prefect_journey.flows.campaign import abatch_campaign, batch_campaign
 
     items = [{"prompt": p} for p in prompts or _prompts(n)]
     with tempfile.TemporaryDirectory() as scratch:
@@ -133,14 +133,14 @@ def ours_chunked_async_unpublished(n: int) -> float:
     product always publishes them), and only for this call."""
     from unittest import mock
 
-    from prefect_journey import bulk
+    from prefect_journey.campaigns import chunked
 
     class Unpublished:
         async def acreate(self, client: object = None) -> None:
             return None
 
     with mock.patch.multiple(
-        bulk,
+        chunked,
         image_artifact=lambda *args, **kwargs: Unpublished(),
         emit_stored_event=lambda *args, **kwargs: None,
         log_stored=lambda stored: None,

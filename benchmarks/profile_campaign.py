@@ -25,7 +25,7 @@ from benchmarks.common import ROOT
 # so our task functions come first (they may call Prefect themselves).
 PHASES = {
     "imagine (prefect_journey/tasks.py)": "ours: imagine (incl. the 2 s generation)",
-    "store_and_publish (flows/batch_campaign.py)": "ours: store and publish",
+    "store_and_publish (prefect_journey/campaigns/pipeline.py)": "ours: store and publish",
     "acquire_concurrency_slots_with_lease": "Prefect: tag concurrency slots (API)",
     "SyncTaskRunEngine.transaction_context": "Prefect: cache transaction (lock, result record)",
     "SyncTaskRunEngine.initialize_run": "Prefect: create the task run",

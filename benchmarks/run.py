@@ -197,7 +197,7 @@ def rendered(results: dict[str, Any], report: str, readme: str) -> tuple[str, st
     """BENCHMARKS.md and the README (given as they are) with the figures of ``results``;
     the hand-written analysis below the report's marker and the rest of the README stay."""
     from benchmarks import orchestration, startup, transfer
-    from prefect_journey.bulk import RECOMMENDED_IMAGES_PER_TASK_RUN
+    from prefect_journey.campaigns.chunked import RECOMMENDED_IMAGES_PER_TASK_RUN
 
     start, moved, orchestrated = (
         results["startup"],
@@ -230,7 +230,7 @@ def rendered(results: dict[str, Any], report: str, readme: str) -> tuple[str, st
             for n, r in orchestrated["by_n"].items()
         ),
         "",
-        f"`images_per_task_run={RECOMMENDED_IMAGES_PER_TASK_RUN}` (prefect_journey.bulk):",
+        f"`images_per_task_run={RECOMMENDED_IMAGES_PER_TASK_RUN}` (prefect_journey.campaigns.chunked):",
         "",
         "| N | ideal | batch_campaign | hand-written | floor of the chunked shape | overhead per image vs hand-written |",
         "|---|---|---|---|---|---|",

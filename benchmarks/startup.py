@@ -21,7 +21,7 @@ HEAVY = ("prefect.server.api", "distributed", "dask", "s3fs", "moto", "PIL")
 # What users import, and the modules each rests on.
 CORE = "from prefect_journey import JourneyClient, ImagineRequest; import prefect_journey.storage"
 CORE_BASELINE = "import httpx, pydantic"
-PREFECT_LAYER = "import prefect_journey.tasks, flows.batch_campaign"
+PREFECT_LAYER = "import prefect_journey.tasks, prefect_journey.flows.campaign"
 PREFECT_LAYER_BASELINE = "import prefect"
 # The floor of any emulator on this stack: an app with one route, served the same way.
 BARE_SERVER = """

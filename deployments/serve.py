@@ -9,7 +9,6 @@ triggers, parameters, tags and description. Needs ``PREFECT_API_URL`` pointing a
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes, Trigg
 from prefect.flows import Flow, load_flow_from_entrypoint
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 PREFECT_YAML = HERE / "prefect.yaml"
 
 
@@ -30,7 +28,7 @@ def load_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
     config: dict[str, Any] = yaml.safe_load(path.read_text())
     deployments = []
     for entry in config["deployments"]:
-        flow: Flow[..., Any] = load_flow_from_entrypoint(str(ROOT / entry["entrypoint"]))
+        flow: Flow[..., Any] = load_flow_from_entrypoint(entry["entrypoint"])
         schedules = [
             CronSchedule(cron=item["cron"], timezone=item.get("timezone"))
             for item in entry.get("schedules", [])
@@ -56,5 +54,4 @@ def load_deployments(path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     serve(*load_deployments())

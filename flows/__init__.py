@@ -1,1 +1,1 @@
-"""Example flows: copy them, or run them as scripts (``python flows/generate_and_store.py``)."""
+"""Short examples to copy: each imports everything from the installed package."""

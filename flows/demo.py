@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 
-from flows.generate_and_store import generate_and_store
 from prefect_journey.emulator import EmulatorConfig, EmulatorServer, LatencyModel
+from prefect_journey.flows import generate_and_store
 
 PROMPT = "a lighthouse on a cliff at dusk, watercolor, warm light"
 

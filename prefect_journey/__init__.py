@@ -5,7 +5,8 @@ the plain-Python client (httpx, pydantic) and not Prefect, whose import alone ta
 than the emulator's whole start-up. The Blocks, which need Prefect, load when first asked
 for; Prefect's collection loader imports them through :mod:`prefect_journey.blocks`, and
 ``prefect block register -m prefect_journey`` finds them here. Tasks live in
-:mod:`prefect_journey.tasks`.
+:mod:`prefect_journey.tasks`, flows in :mod:`prefect_journey.flows`, the campaign pipeline
+in :mod:`prefect_journey.campaigns`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from prefect_journey.budget import BudgetExceededError
+    from prefect_journey.campaigns.pipeline import (
+        CampaignFailedError,
+        CampaignReport,
+        ItemOutcome,
+    )
+    from prefect_journey.campaigns.plan import CampaignError
     from prefect_journey.client import AsyncJourneyClient, JourneyClient
     from prefect_journey.credentials import JourneyCredentials
     from prefect_journey.destinations import ImageDestination
@@ -24,6 +32,11 @@ if TYPE_CHECKING:
 # Each public name and the module that defines it.
 _EXPORTS = {
     "AsyncJourneyClient": "prefect_journey.client",
+    "BudgetExceededError": "prefect_journey.budget",
+    "CampaignError": "prefect_journey.campaigns.plan",
+    "CampaignFailedError": "prefect_journey.campaigns.pipeline",
+    "CampaignReport": "prefect_journey.campaigns.pipeline",
+    "ItemOutcome": "prefect_journey.campaigns.pipeline",
     "Destination": "prefect_journey.storage",
     "ImageDestination": "prefect_journey.destinations",
     "ImagineRequest": "prefect_journey.models",
@@ -35,10 +48,15 @@ _EXPORTS = {
 }
 __all__ = [
     "AsyncJourneyClient",
+    "BudgetExceededError",
+    "CampaignError",
+    "CampaignFailedError",
+    "CampaignReport",
     "Destination",
     "ImageDestination",
     "ImagineRequest",
     "ImagineResult",
+    "ItemOutcome",
     "JourneyClient",
     "JourneyCredentials",
     "JourneyError",

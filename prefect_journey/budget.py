@@ -55,9 +55,8 @@ class CreditBudget:
             state = {**_EMPTY, **json.loads(handle.read() or "{}")}
             yield state
             # Overwritten in place, then cut to length: emptying it first frees its block,
-            # which the filesystem must journal (ext4 here: 0.4-0.6 ms per update on an
-            # idle machine, against 0.1 ms, and more beside a campaign's fsyncs). No fsync:
-            # flock already orders the writers, and the file only has to outlive a
+            # which the filesystem must journal, several times the cost of the update. No
+            # fsync: flock already orders the writers, and the file only has to outlive a
             # process, not the machine.
             handle.seek(0)
             handle.write(json.dumps(state))

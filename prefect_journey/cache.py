@@ -21,23 +21,36 @@ once. For several machines, swap in a shared lock manager::
     from prefect_redis.locking import RedisLockManager
     policy = IMAGINE_CACHE_POLICY.configure(lock_manager=RedisLockManager(host="redis"))
     imagine = imagine.with_options(cache_policy=policy)
+
+The record functions at the end (:func:`cached_result`, :func:`cache_result`,
+:func:`lock_if_free_and_read`, ...) read and write the very records, under the very locks,
+that the task engine uses for a task: the campaign pipeline calls them when it does a task's
+work outside that task's runs, so both ways of running a campaign share one cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import socket
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.locking.protocol import LockManager
+from prefect.results import ResultStore
 from prefect.settings import PREFECT_HOME
+from prefect.tasks import Task
 
+from prefect_journey._compat import result_store_for
 from prefect_journey.client import resolve_base_url
 from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.models import ImagineRequest
@@ -186,3 +199,94 @@ IMAGINE_CACHE_POLICY = ImagineCachePolicy().configure(
     isolation_level="SERIALIZABLE", lock_manager=default_lock_manager()
 )
 STORE_CACHE_POLICY = StoreCachePolicy()
+
+
+# --- Records ---------------------------------------------------------------------------------
+
+
+def record_store(task: Task[..., Any]) -> ResultStore:
+    """The result store (and lock manager) the task engine uses for ``task``'s records."""
+    return result_store_for(task)
+
+
+def cached_result(task: Task[..., Any], key: str, *, holder: str | None = None) -> Any | None:
+    """The value ``task`` cached under ``key``, read from the same result store as the task
+    engine would.
+
+    Args:
+        task: The task whose records to read (``imagine``, ``store_image``, ...).
+        key: The record's cache key.
+        holder: The caller holds the key's lock under this name (it is the one computing it).
+
+    Returns:
+        The cached value; None when there is none, it has expired, another holder is
+        computing it right now (the task itself would wait for that one) or it cannot be read.
+    """
+    store = record_store(task)
+    if holder is None and store.lock_manager is not None and store.is_locked(key):
+        return None
+    try:
+        record = store.read(key, holder=holder)
+    except Exception as exc:  # missing or unreadable: the task will find out properly
+        logging.getLogger(__name__).debug("no usable cache record %s: %r", key, exc)
+        return None
+    expiration = record.metadata.expiration
+    if expiration is not None and expiration <= datetime.now(UTC):
+        return None
+    return record.result
+
+
+def cache_result(task: Task[..., Any], key: str, value: Any, holder: str | None = None) -> None:
+    """Record ``value`` as ``task``'s result under ``key``, with the expiry a run of ``task``
+    would give it.
+
+    Args:
+        task: The task whose work was done.
+        key: The record's cache key.
+        value: The result to record.
+        holder: Who holds the key's lock, when the task's cache policy has a lock manager.
+    """
+    expiration = datetime.now(UTC) + (task.cache_expiration or DEFAULT_CACHE_EXPIRATION)
+    record_store(task).write(
+        value,
+        key=key,
+        expiration=expiration,  # type: ignore[arg-type]  # the task engine passes a datetime too
+        holder=holder,
+    )
+
+
+# FileSystemLockManager polls every 0.1 s, and waits for ever when given 0.
+_LOCK_TRY_SECONDS = 0.01
+# Returned by lock_if_free_and_read when another holder has the key's lock.
+LOCKED_ELSEWHERE = object()
+
+
+def new_holder() -> str:
+    """A lock holder's name for one item's work, which may hop between threads."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+def lock_if_free_and_read(
+    task: Task[..., Any], locks: LockManager | None, key: str, holder: str
+) -> object:
+    """Take ``key``'s lock if it is free and read ``task``'s record under it, in one call
+    (one thread hop from async code; Prefect's async acquire makes six).
+
+    Returns:
+        The cached value or None (the lock is now held by ``holder``), or
+        :data:`LOCKED_ELSEWHERE` when another holder has the lock.
+    """
+    if locks is not None and not locks.acquire_lock(key, holder, acquire_timeout=_LOCK_TRY_SECONDS):
+        return LOCKED_ELSEWHERE
+    return cached_result(task, key, holder=holder)
+
+
+def release_if_held(locks: LockManager | None, key: str, holder: str) -> None:
+    """Release ``key``'s lock if ``holder`` still holds it."""
+    if locks is not None and locks.is_lock_holder(key, holder):
+        locks.release_lock(key, holder)
+
+
+def locked_elsewhere(locks: LockManager | None, key: str) -> bool:
+    """Whether some run holds ``key``'s lock (it is paying for that image right now)."""
+    return locks is not None and locks.is_locked(key)

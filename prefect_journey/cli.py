@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -119,9 +118,10 @@ def _run_imagine(args: argparse.Namespace) -> int:
 def _run_webhooks(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from prefect_journey.webhooks import WEBHOOK_PATH, WEBHOOK_SECRET_ENV, create_webhook_app
+    from prefect_journey import settings
+    from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
-    app = create_webhook_app(os.environ.get(WEBHOOK_SECRET_ENV, ""))
+    app = create_webhook_app(settings.webhook_secret())
     print(
         f"JourneyAPI webhook receiver on http://{args.host}:{args.port}{WEBHOOK_PATH}", flush=True
     )
@@ -130,6 +130,7 @@ def _run_webhooks(args: argparse.Namespace) -> int:
 
 
 def _run_emulator(args: argparse.Namespace) -> int:
+    from prefect_journey import settings
     from prefect_journey.emulator import (
         DEFAULT_API_KEY,
         EmulatorConfig,
@@ -138,7 +139,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         serve_forever,
     )
 
-    keys = tuple(args.api_key or [os.environ.get("JOURNEY_API_KEY") or DEFAULT_API_KEY])
+    keys = tuple(args.api_key or [settings.api_key() or DEFAULT_API_KEY])
     config = EmulatorConfig(
         api_keys=keys,
         latency=LatencyModel(time_scale=args.time_scale, fixed=args.fixed_latency),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import random
 import ssl
 import time
@@ -24,7 +23,7 @@ import certifi
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from prefect_journey import policy
+from prefect_journey import policy, settings
 from prefect_journey.errors import (
     APIStatusError,
     AuthenticationError,
@@ -52,11 +51,6 @@ from prefect_journey.models import (
     check_http_url,
 )
 
-API_KEY_ENV = "JOURNEY_API_KEY"
-BASE_URL_ENV = "JOURNEY_BASE_URL"
-# Overrides the read-timeout formula for every client that is not given one explicitly.
-READ_TIMEOUT_ENV = "JOURNEY_READ_TIMEOUT"
-DEFAULT_BASE_URL = "https://api.journeyapi.com"
 API_PREFIX = "/api/v1"
 # Enough for a batch of 32 concurrent generations; raise it with the caller's concurrency.
 DEFAULT_MAX_CONNECTIONS = 32
@@ -78,18 +72,19 @@ CallFlow = Generator[Step, Outcome, T]
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context for every client of the process. Building one (loading the CA
-    bundle) costs ~40 ms of CPU, which per task run was most of this package's overhead."""
+    bundle) costs tens of milliseconds of CPU, more than the rest of a task run's share of
+    this package."""
     return ssl.create_default_context(cafile=certifi.where())
 
 
 def _resolve_api_key(api_key: str | SecretStr | None) -> SecretStr:
     if isinstance(api_key, SecretStr):
         api_key = api_key.get_secret_value()
-    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    api_key = api_key if api_key is not None else settings.api_key()
     if not api_key or not api_key.strip():
         raise ConfigurationError(
             "no JourneyAPI key: pass api_key=... to the client, set the "
-            f"{API_KEY_ENV} environment variable, or save a JourneyCredentials block"
+            f"{settings.API_KEY.name} environment variable, or save a JourneyCredentials block"
         )
     if api_key != api_key.strip() or "\n" in api_key:
         raise ConfigurationError("the JourneyAPI key has surrounding whitespace or a newline")
@@ -98,7 +93,7 @@ def _resolve_api_key(api_key: str | SecretStr | None) -> SecretStr:
 
 def resolve_base_url(base_url: str | None) -> str:
     """The API root from the argument, ``$JOURNEY_BASE_URL`` or the default; checked."""
-    url = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+    url = (base_url or settings.base_url()).rstrip("/")
     try:
         # The key travels with every request: refuse plain http beyond this machine.
         check_http_url(url, what="base_url", https_only_remote=True)
@@ -222,13 +217,8 @@ class _ClientCore:
     ) -> None:
         if max_retries < 0:
             raise ConfigurationError("max_retries must be >= 0")
-        if read_timeout is None and os.environ.get(READ_TIMEOUT_ENV):
-            try:
-                read_timeout = float(os.environ[READ_TIMEOUT_ENV])
-            except ValueError:
-                raise ConfigurationError(
-                    f"{READ_TIMEOUT_ENV} must be a number of seconds"
-                ) from None
+        if read_timeout is None:
+            read_timeout = settings.read_timeout()
         if read_timeout is not None and read_timeout <= 0:
             raise ConfigurationError("read_timeout must be a positive number of seconds")
         if max_connections < 1:
@@ -391,20 +381,56 @@ def _as_request(request: ImagineRequest | None, fields: dict[str, Any]) -> Imagi
 class JourneyClient(_ClientCore):
     """Synchronous JourneyAPI client. Use as a context manager or call :meth:`close`.
 
-    ``api_key`` defaults to ``$JOURNEY_API_KEY`` and ``base_url`` to ``$JOURNEY_BASE_URL``
-    (else ``https://api.journeyapi.com``). Safe failures (connection refused, 429, 503) are
-    retried up to ``max_retries`` times; possibly-billed failures of ``imagine`` are raised
-    as :class:`~prefect_journey.errors.PossiblyBilledError` subclasses, never retried here.
+    Safe failures (connection refused, 429, 503) are retried up to ``max_retries`` times;
+    possibly-billed failures of ``imagine`` are raised as
+    :class:`~prefect_journey.errors.PossiblyBilledError` subclasses, never retried here.
+
+    Args:
+        api_key: The key; default ``JOURNEY_API_KEY``.
+        base_url: The API root; default ``JOURNEY_BASE_URL``, else
+            ``https://api.journeyapi.com``. Plain http only on loopback.
+        max_retries: Retries of failures that cannot have been billed (and, for the free
+            ``fetch`` and ``account``, of possibly-billed ones). 0 leaves retrying to the
+            caller, as the Prefect tasks do.
+        read_timeout: Seconds to wait for a generation; default ``JOURNEY_READ_TIMEOUT``,
+            else a formula of resolution and reference count (:mod:`prefect_journey.policy`).
+        max_connections: Size of the connection pool; at least the number of calls you run
+            at once.
+        seed: Seeds the backoff jitter (reproducible tests).
+        transport: An httpx transport (tests, proxies).
+
+    Raises:
+        ConfigurationError: No key, a malformed base URL or a bad option.
+
+    Example:
+        ```python
+        from prefect_journey import JourneyClient
+
+        with JourneyClient() as client:  # JOURNEY_API_KEY from the environment
+            result = client.imagine(prompt="a lighthouse at dusk", aspect_ratio="16:9")
+        print(result.image_url)
+        ```
     """
 
     def __init__(
         self,
         api_key: str | SecretStr | None = None,
         *,
+        base_url: str | None = None,
+        max_retries: int = policy.DEFAULT_MAX_RETRIES,
+        read_timeout: float | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        seed: int | None = None,
         transport: httpx.BaseTransport | None = None,
-        **options: Any,
     ) -> None:
-        super().__init__(api_key, **options)
+        super().__init__(
+            api_key,
+            base_url=base_url,
+            max_retries=max_retries,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+            seed=seed,
+        )
         self._http = httpx.Client(transport=transport, **self._http_options())
 
     def imagine(self, request: ImagineRequest | None = None, /, **fields: Any) -> ImagineResult:
@@ -452,16 +478,53 @@ class JourneyClient(_ClientCore):
 
 
 class AsyncJourneyClient(_ClientCore):
-    """Asynchronous twin of :class:`JourneyClient` (same options, same behaviour)."""
+    """Asynchronous twin of :class:`JourneyClient` (same options, same behaviour).
+
+    Args:
+        api_key: The key; default ``JOURNEY_API_KEY``.
+        base_url: The API root; default ``JOURNEY_BASE_URL``, else the provider's.
+        max_retries: As for :class:`JourneyClient`.
+        read_timeout: As for :class:`JourneyClient`.
+        max_connections: As for :class:`JourneyClient`.
+        seed: As for :class:`JourneyClient`.
+        transport: An httpx async transport.
+
+    Raises:
+        ConfigurationError: No key, a malformed base URL or a bad option.
+
+    Example:
+        ```python
+        import asyncio
+        from prefect_journey import AsyncJourneyClient
+
+        async def main() -> None:
+            async with AsyncJourneyClient() as client:
+                result = await client.imagine(prompt="a lighthouse at dusk")
+            print(result.image_url)
+
+        asyncio.run(main())
+        ```
+    """
 
     def __init__(
         self,
         api_key: str | SecretStr | None = None,
         *,
+        base_url: str | None = None,
+        max_retries: int = policy.DEFAULT_MAX_RETRIES,
+        read_timeout: float | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        seed: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        **options: Any,
     ) -> None:
-        super().__init__(api_key, **options)
+        super().__init__(
+            api_key,
+            base_url=base_url,
+            max_retries=max_retries,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+            seed=seed,
+        )
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
 
     async def imagine(

@@ -1,13 +1,20 @@
-"""The ``JourneyCredentials`` block: the API key and endpoint, saved once, loaded by name."""
+"""The ``JourneyCredentials`` block: the API key and endpoint, saved once, loaded by name.
+
+Every client the Prefect layer builds comes from :func:`journey_client` or
+:func:`async_journey_client`: from a block when one is given, else from ``JOURNEY_API_KEY``
+and ``JOURNEY_BASE_URL``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
-from prefect_journey.client import DEFAULT_BASE_URL, AsyncJourneyClient, JourneyClient
+from prefect_journey._compat import call_sync
+from prefect_journey.client import AsyncJourneyClient, JourneyClient, resolve_base_url
+from prefect_journey.settings import DEFAULT_BASE_URL
 
 REPOSITORY_URL = "https://github.com/journeyapi/prefect-journey"
 DOCUMENTATION_URL = f"{REPOSITORY_URL}#readme"
@@ -49,9 +56,73 @@ class JourneyCredentials(Block):
     )
 
     def get_client(self, **options: Any) -> JourneyClient:
-        """A :class:`~prefect_journey.client.JourneyClient`; ``options`` as for the client."""
+        """A client with this block's key and endpoint.
+
+        Args:
+            **options: Keyword options of :class:`~prefect_journey.client.JourneyClient`
+                (``max_retries``, ``read_timeout``, ``max_connections``, ``seed``,
+                ``transport``).
+
+        Returns:
+            A new :class:`~prefect_journey.client.JourneyClient`; close it, or use it in a
+            ``with`` block.
+        """
         return JourneyClient(self.api_key, base_url=self.base_url, **options)
 
     def get_async_client(self, **options: Any) -> AsyncJourneyClient:
-        """An :class:`~prefect_journey.client.AsyncJourneyClient`; ``options`` as above."""
+        """Async twin of :meth:`get_client`.
+
+        Args:
+            **options: Keyword options of :class:`~prefect_journey.client.AsyncJourneyClient`.
+
+        Returns:
+            A new :class:`~prefect_journey.client.AsyncJourneyClient`.
+        """
         return AsyncJourneyClient(self.api_key, base_url=self.base_url, **options)
+
+
+def journey_client(credentials: JourneyCredentials | None, **options: Any) -> JourneyClient:
+    """The client for ``credentials``, else for ``JOURNEY_API_KEY`` / ``JOURNEY_BASE_URL``.
+
+    Args:
+        credentials: A loaded block, or None for the environment.
+        **options: Keyword options of :class:`~prefect_journey.client.JourneyClient`.
+
+    Returns:
+        A new client.
+
+    Raises:
+        ConfigurationError: No key anywhere, or a malformed base URL.
+    """
+    return credentials.get_client(**options) if credentials else JourneyClient(**options)
+
+
+def async_journey_client(
+    credentials: JourneyCredentials | None, **options: Any
+) -> AsyncJourneyClient:
+    """Async twin of :func:`journey_client`."""
+    if credentials:
+        return credentials.get_async_client(**options)
+    return AsyncJourneyClient(**options)
+
+
+def api_base_url(credentials: JourneyCredentials | None) -> str:
+    """The API root the client for ``credentials`` talks to (part of every cache key)."""
+    return resolve_base_url(credentials.base_url if credentials else None)
+
+
+def load_credentials(block_name: str | None) -> JourneyCredentials | None:
+    """The saved ``JourneyCredentials`` block called ``block_name``.
+
+    Args:
+        block_name: The block's name, or None/empty to use the environment.
+
+    Returns:
+        The block, or None.
+
+    Raises:
+        ValueError: No block of that name (Prefect's error).
+    """
+    if not block_name:
+        return None
+    return cast(JourneyCredentials, call_sync(JourneyCredentials.load, block_name))

@@ -8,12 +8,14 @@ plus storage options. None of the other blocks is required.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from prefect.blocks.core import Block
 from prefect.types import SecretDict
 from pydantic import Field, HttpUrl
 
+from prefect_journey import settings
+from prefect_journey._compat import call_sync
 from prefect_journey.credentials import DOCUMENTATION_URL, LOGO_URL
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.storage import Destination
@@ -49,7 +51,33 @@ class ImageDestination(Block):
     )
 
     def as_destination(self) -> Destination:
+        """The plain :class:`~prefect_journey.storage.Destination` this block describes."""
         return Destination(self.url, dict(self.storage_options.get_secret_value()))
+
+
+def load_destination(url: str | None = None, block_name: str | None = None) -> Destination:
+    """Where a flow stores its images, checked reachable so a bad one fails before any credit
+    is spent.
+
+    Args:
+        url: An fsspec URL or folder, used when no block is named.
+        block_name: A saved ``ImageDestination`` block, which wins over ``url``.
+
+    Returns:
+        The block's destination, else ``url``, else ``JOURNEY_DESTINATION``, else
+        ``./outputs``.
+
+    Raises:
+        StorageError: The destination cannot be reached or written.
+        JourneyValidationError: The URL is unusable.
+    """
+    if block_name:
+        block = cast(ImageDestination, call_sync(ImageDestination.load, block_name))
+        destination = block.as_destination()
+    else:
+        destination = resolve_destination(url or settings.destination())
+    destination.check()
+    return destination
 
 
 def resolve_destination(

@@ -32,6 +32,12 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+def failure_text(error: BaseException) -> str:
+    """The one-line reason a step failed, as reports and logs show it: the error's class and
+    its own message (which never carries a secret, see above)."""
+    return f"{type(error).__name__}: {error}"
+
+
 class JourneyError(Exception):
     """Base class of every error this package raises."""
 

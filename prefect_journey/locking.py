@@ -12,58 +12,47 @@ that image would wait for ever. A fixed timeout long enough for a slow call with
 holder's process lives. A dead process stops renewing, and its locks lapse within one lease:
 a shorter lease resumes a killed run sooner, at the price of more renewals. One machine only
 (the lock files are local); for several, configure prefect-redis's ``RedisLockManager``
-instead (see the README).
+instead (see docs/scaling.md).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pydantic_core
-from prefect.locking.filesystem import FileSystemLockManager
-from prefect.types._datetime import now
 
-from prefect_journey.errors import ConfigurationError
-
-# A killed run's images wait this long before another run may generate them; renewing every
-# 20 s costs nothing next to calls that take minutes.
-DEFAULT_LEASE_SECONDS = 60.0
-LEASE_SECONDS_ENV = "JOURNEY_LOCK_LEASE_SECONDS"
-# Renewal runs every third of a lease: below a second it would be a busy loop of file writes.
-MIN_LEASE_SECONDS = 1.0
-_TORN_READ_RETRIES = 50
+from prefect_journey import settings
+from prefect_journey._compat import RenewableFileSystemLockManager
 
 
-def configured_lease_seconds() -> float:
-    """The lease of every lock: ``JOURNEY_LOCK_LEASE_SECONDS``, or 60 s when unset."""
-    raw = os.environ.get(LEASE_SECONDS_ENV)
-    if not raw:
-        return DEFAULT_LEASE_SECONDS
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= MIN_LEASE_SECONDS):
-        raise ConfigurationError(
-            f"{LEASE_SECONDS_ENV} must be a number of seconds >= {MIN_LEASE_SECONDS:g}, got {raw!r}"
-        )
-    return seconds
+class LeasedFileSystemLockManager(RenewableFileSystemLockManager):
+    """File locks held as leases of ``lease_seconds`` (default: ``JOURNEY_LOCK_LEASE_SECONDS``,
+    else 60 s), renewed while the process lives.
 
+    Args:
+        lock_files_directory: Where the lock files live (one machine).
+        lease_seconds: The lease; None reads :func:`prefect_journey.settings.lock_lease_seconds`.
 
-class LeasedFileSystemLockManager(FileSystemLockManager):
-    """File locks held as leases of ``lease_seconds`` (default: :func:`configured_lease_seconds`),
-    renewed while the process lives."""
+    Example:
+        ```python
+        from pathlib import Path
+        from prefect_journey.cache import IMAGINE_CACHE_POLICY
+        from prefect_journey.locking import LeasedFileSystemLockManager
+
+        locks = LeasedFileSystemLockManager(Path("/shared/locks"), lease_seconds=30)
+        policy = IMAGINE_CACHE_POLICY.configure(lock_manager=locks)
+        ```
+    """
 
     def __init__(self, lock_files_directory: Path, lease_seconds: float | None = None):
         super().__init__(lock_files_directory)
         self.lease_seconds = (
-            lease_seconds if lease_seconds is not None else configured_lease_seconds()
+            lease_seconds if lease_seconds is not None else settings.lock_lease_seconds()
         )
         self._held: dict[str, str] = {}
         self._held_lock = threading.Lock()
@@ -107,16 +96,6 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
             self._held.pop(key, None)
             super().release_lock(key, holder)
 
-    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
-        # Prefect writes a lock file in two steps (create, then fill), so a reader can see
-        # it empty for an instant; read again rather than fail the task run.
-        for _ in range(_TORN_READ_RETRIES):
-            try:
-                return super()._get_lock_info(key, use_cache)
-            except ValueError:
-                time.sleep(0.01)
-        return super()._get_lock_info(key, use_cache)
-
     def _track(self, key: str, holder: str) -> None:
         with self._held_lock:
             self._held[key] = holder
@@ -138,19 +117,17 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
                     self._renew(key, holder)
 
     def _renew(self, key: str, holder: str) -> None:
-        path = self._lock_path_for_key(key)
+        path = self.lock_file(key)
         try:
             current = pydantic_core.from_json(path.read_bytes())
         except (FileNotFoundError, ValueError):
             return
         if current.get("holder") != holder:
             return
-        expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
+        expiration = datetime.now(UTC) + timedelta(seconds=self.lease_seconds)
         renewed = path.with_name(f".{path.name}.{os.getpid()}.renew")
         renewed.write_bytes(
             pydantic_core.to_json({"holder": holder, "expiration": str(expiration)})
         )
         os.replace(renewed, path)  # readers see the old lease or the new one, never half
-        cached = self._locks.get(key)
-        if cached is not None:
-            cached["expiration"] = expiration
+        self.remember_expiration(key, expiration)

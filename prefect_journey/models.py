@@ -8,10 +8,13 @@ The emulator imports these same models so that both sides enforce one set of rul
 from __future__ import annotations
 
 import ipaddress
+import re
+import textwrap
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -116,9 +119,40 @@ def check_http_url(url: str, *, what: str, https_only_remote: bool = False) -> s
     return url
 
 
+# NUL and the C0 controls other than tab and newline: a prompt made of them is blank in all
+# but name, and they would reach log lines, run names and artifact titles as terminal escapes.
+_FORBIDDEN_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f]")
+
+
+def _no_control_characters(value: str) -> str:
+    found = _FORBIDDEN_CONTROLS.search(value)
+    if found:
+        raise ValueError(
+            f"must not contain control characters (found {found.group()!r} at position "
+            f"{found.start()}); only tab and newline are allowed"
+        )
+    return value
+
+
 Prompt = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS),
+    AfterValidator(_no_control_characters),
 ]
+
+
+def display_text(text: str, width: int = 80) -> str:
+    """``text`` as one printable line of at most ``width`` characters, for log lines, run
+    names, artifact titles and tables: runs of whitespace become one space, any other
+    character that does not print (DEL, C1 controls, bidi overrides) its escape, and a text
+    too long loses its last words to ``...``."""
+    shown = "".join(
+        char if char.isprintable() or char.isspace() else ascii(char)[1:-1] for char in text
+    )
+    short = textwrap.shorten(shown, width=width, placeholder="...")
+    if short == "..." and shown.strip():  # one word longer than the width
+        short = shown.strip()[: max(width - 3, 0)] + "..."
+    return short
 
 
 class _Model(BaseModel):

@@ -1,6 +1,16 @@
 """Timeouts and retry decisions, in one place.
 
-The README's retry/timeout table is a rendering of this module; change both together.
+Two layers retry, each with its own rule, both written here:
+
+- the client's transport (:func:`retry_delay`): failures that cannot have been billed, and
+  possibly-billed failures of free calls, with a short backoff;
+- the pipeline around a paid generation or a store (:func:`should_retry_generation`,
+  :func:`should_retry_store`, :data:`GENERATION_RETRY_DELAYS`, :func:`pipeline_retry_delay`):
+  Prefect's task retries in the per-image executor, the same ladder in the chunked one.
+
+``Retry-After`` is read once, by :func:`retry_after_seconds`. The docs' retries-and-timeouts
+page is a rendering of this module; change both together. No Prefect import: the plain client
+uses it too.
 """
 
 from __future__ import annotations
@@ -10,7 +20,8 @@ import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from prefect_journey.errors import JourneyError
+from prefect_journey.errors import JourneyError, RateLimitedError
+from prefect_journey.models import MAX_REFERENCES, ImagineRequest
 
 # --- Timeouts -------------------------------------------------------------------------------
 # Connecting is fast or broken: a loaded API still accepts TCP in well under a second.
@@ -71,6 +82,17 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, seconds)
 
 
+def retry_after_seconds(error: BaseException) -> float | None:
+    """The server's ``Retry-After`` carried by ``error`` (429, 503, 408), or None."""
+    return error.retry_after if isinstance(error, RateLimitedError) else None
+
+
+def retry_after_pause(error: BaseException) -> float:
+    """How long the server asks the next attempt to wait, capped at :data:`RETRY_AFTER_CAP`;
+    0 without a ``Retry-After``."""
+    return min(retry_after_seconds(error) or 0.0, RETRY_AFTER_CAP)
+
+
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Jittered exponential backoff before retry number ``attempt`` (0-based)."""
     base = min(BACKOFF_INITIAL * 2.0**attempt, BACKOFF_MAX)
@@ -100,9 +122,69 @@ def retry_delay(
         return backoff_delay(attempt, rng) if idempotent else None
     if not error.retryable:
         return None
-    retry_after: float | None = getattr(error, "retry_after", None)
+    retry_after = retry_after_seconds(error)
     if retry_after is None:
         return backoff_delay(attempt, rng)
     if retry_after > RETRY_AFTER_CAP:
         return None
     return retry_after
+
+
+# --- The pipeline's attempts ---------------------------------------------------------------
+# 5 retries at 2, 4, 8, 16, 32 s (+/- 50 % jitter): a 25 % fault rate fails an item with
+# probability 0.25**6 = 0.02 %, and the whole ladder stays within a minute.
+GENERATION_RETRY_DELAYS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 32.0)
+GENERATION_RETRIES = len(GENERATION_RETRY_DELAYS)
+# Downloads are free: retry them briskly.
+STORE_RETRY_DELAYS: tuple[float, ...] = (1.0, 5.0, 15.0)
+STORE_RETRIES = len(STORE_RETRY_DELAYS)
+# Each delay is drawn within +/- this share of its value, so that a fleet does not retry in
+# lockstep (Prefect's retry_jitter_factor takes the same number).
+RETRY_JITTER_FACTOR = 0.5
+# How far above the HTTP deadline an attempt's own timeout sits, so the HTTP layer fails first
+# with the clearer error.
+ATTEMPT_TIMEOUT_MARGIN = 15.0
+# 100 MB (the size cap) at a slow 1 MB/s, plus commit time.
+STORE_TIMEOUT = 180.0
+
+
+def should_retry_generation(error: BaseException | None) -> bool:
+    """Whether a failed paid generation is tried again: what cannot have been billed, and
+    what may have been (counted as such). Never bad input, auth, credits, a refused task or
+    an attempt that ran out of time (its call may still be running)."""
+    return isinstance(error, JourneyError) and (error.retryable or error.possibly_billed)
+
+
+def should_retry_store(error: BaseException | None) -> bool:
+    """Whether a failed download-and-store is tried again (downloads cost no credits)."""
+    return isinstance(error, JourneyError) and error.retryable
+
+
+def jittered(delay: float, rng: random.Random | None = None) -> float:
+    """``delay`` moved by up to :data:`RETRY_JITTER_FACTOR` of itself either way."""
+    spread = (rng or random).uniform(-RETRY_JITTER_FACTOR, RETRY_JITTER_FACTOR)
+    return max(0.0, delay * (1 + spread))
+
+
+def pipeline_retry_delay(
+    error: BaseException,
+    failed_attempts: int,
+    delays: tuple[float, ...],
+    *,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds before the next attempt of a pipeline step whose retry rule said yes: the
+    ladder's jittered delay, or the server's ``Retry-After`` (capped) when that is longer.
+    ``failed_attempts`` counts the failures so far (1 after the first)."""
+    return max(jittered(delays[failed_attempts - 1], rng), retry_after_pause(error))
+
+
+def attempt_timeout(request: ImagineRequest) -> float:
+    """One paid attempt's deadline: connect + the request's read timeout + a margin."""
+    read = read_timeout_for(len(request.image_urls), request.resolution)
+    return CONNECT_TIMEOUT + read + ATTEMPT_TIMEOUT_MARGIN
+
+
+def worst_case_attempt_timeout() -> float:
+    """:func:`attempt_timeout` of the slowest request the rules allow (4K, 14 references)."""
+    return CONNECT_TIMEOUT + read_timeout_for(MAX_REFERENCES, "4K") + ATTEMPT_TIMEOUT_MARGIN

@@ -1,57 +1,61 @@
 """Prefect tasks over the plain client and storage: orchestration only.
 
-- :func:`imagine` / :func:`aimagine`: one generation. Prefect retries what the client marks
-  retryable (nothing was billed) or possibly billed (counted on the result); a 400, 401 or
-  402 fails at once. ``Retry-After`` is honoured by sleeping inside the failed attempt,
-  because Prefect's retry delay cannot read it. Cached across runs by
+- :func:`imagine` / :func:`aimagine`: one generation. Prefect retries what
+  :func:`~prefect_journey.policy.should_retry_generation` allows (what cannot have been
+  billed, and what may have been, counted on the result); a 400, 401 or 402 fails at once.
+  ``Retry-After`` is honoured by waiting inside the failed attempt, because Prefect's retry
+  delay cannot read it. Cached across runs by
   :class:`~prefect_journey.cache.ImagineCachePolicy`.
 - :func:`store_image` / :func:`astore_image`: stream the result into a destination.
 - :func:`presign_references`: ``s3://`` character sheets to https URLs the API can fetch.
 - :func:`declare_assets`: record stored objects as Prefect assets (one task run).
 
-The task timeout is a safety net only: a sync task on a worker thread cannot be interrupted,
-so the HTTP client's own timeouts are what stop a call. The task timeout is set just above
-them (:func:`attempt_timeout`) so the HTTP layer always fails first, with a clear error.
+Every retry count, delay and timeout comes from :mod:`prefect_journey.policy`. The task
+timeout is a safety net only: a sync task on a worker thread cannot be interrupted, so the
+HTTP client's own timeouts are what stop a call; the task timeout sits just above them
+(:func:`~prefect_journey.policy.attempt_timeout`) so the HTTP layer always fails first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
-from datetime import UTC, datetime
-from textwrap import shorten
+from collections.abc import Mapping, Sequence
+from datetime import UTC
 from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.concurrency.asyncio import concurrency as aconcurrency
-from prefect.concurrency.sync import concurrency
-from prefect.results import ResultStore, get_result_store
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.runtime import task_run as current_task_run
-from prefect.tasks import Task, exponential_backoff
+from prefect.tasks import Task
 
 from prefect_journey import policy
+from prefect_journey._compat import is_cached, quiet_worker_thread_timeout_notice
 from prefect_journey.budget import CreditBudget
-from prefect_journey.cache import (
-    DEFAULT_CACHE_EXPIRATION,
-    IMAGINE_CACHE_POLICY,
-    STORE_CACHE_POLICY,
-    imagine_cache_key,
-)
-from prefect_journey.client import AsyncJourneyClient, JourneyClient, resolve_base_url
-from prefect_journey.credentials import JourneyCredentials
+from prefect_journey.cache import DEFAULT_CACHE_EXPIRATION, IMAGINE_CACHE_POLICY, STORE_CACHE_POLICY
+from prefect_journey.credentials import JourneyCredentials, async_journey_client, journey_client
 from prefect_journey.destinations import resolve_destination
-from prefect_journey.errors import JourneyError, JourneyValidationError, RateLimitedError
-from prefect_journey.flowkit import call_sync
-from prefect_journey.models import DEFAULT_MODEL, MAX_REFERENCES, ImagineRequest, ImagineResult
+from prefect_journey.errors import JourneyError, JourneyValidationError
+from prefect_journey.gate import apaid_attempt, paid_attempt
+from prefect_journey.models import (
+    DEFAULT_MODEL,
+    MAX_REFERENCES,
+    ImagineRequest,
+    ImagineResult,
+    display_text,
+)
+from prefect_journey.publishing import (
+    DESCRIPTION_PROMPT_CHARS,
+    RUN_NAME_PROMPT_CHARS,
+    Logger,
+    log_generation,
+    log_stored,
+)
 from prefect_journey.storage import (
     DEFAULT_KEY_TEMPLATE,
     DEFAULT_MAX_BYTES,
@@ -62,27 +66,19 @@ from prefect_journey.storage import (
 from prefect_journey.storage import astore_image as _astore_image
 from prefect_journey.storage import store_image as _store_image
 
-# Every task that calls the API or writes a destination carries the same tags: Prefect 3.9
-# asks the API for tag concurrency slots on each run of a tagged task through one queue per
-# distinct tag set, and a second set made a 100-image batch about a quarter slower on 2
-# cores (BENCHMARKS.md). The asset declaration (bookkeeping at the end of a run) has none:
-# a tag limit meant for API calls never holds it, and it skips that slot request, which a
-# busy SQLite server answers with a 503 and Prefect's client retries only after 2 s.
+# Every task that calls the API or writes a destination carries the same tags: Prefect asks
+# the API for tag concurrency slots on each run of a tagged task through one queue per
+# distinct tag set, and a second set slows a campaign measurably (BENCHMARKS.md). The asset
+# declaration (bookkeeping at the end of a run) has none: a tag limit meant for API calls
+# never holds it.
 TAGS = ["journey", DEFAULT_MODEL]
-# 5 retries at 2, 4, 8, 16, 32 s (+/- 50 % jitter): a 25 % fault rate fails an item with
-# probability 0.25**6 = 0.02 %, and the whole ladder stays within a minute.
-IMAGINE_RETRIES = 5
-IMAGINE_RETRY_DELAYS = exponential_backoff(backoff_factor=2)
-RETRY_JITTER_FACTOR = 0.5
-# How far above the HTTP deadline the task timeout sits, so the HTTP layer fails first.
-TASK_TIMEOUT_MARGIN = 15.0
-# Downloads are free: retry them briskly.
-STORE_RETRIES = 3
-STORE_RETRY_DELAYS = [1, 5, 15]
-# 100 MB (the size cap) at a slow 1 MB/s, plus commit time.
-STORE_TIMEOUT = 180.0
+# Every task name of the package starts so; Prefect's worker-thread timeout notice is
+# silenced for these tasks only (see prefect_journey._compat).
+TASK_NAME_PREFIX = "journey-"
 # A variant is a label (a date, "v2"), not a payload.
 MAX_VARIANT_CHARS = 200
+
+quiet_worker_thread_timeout_notice(TASK_NAME_PREFIX)
 
 # Possibly-billed failures per task run, counted by the retry condition and reported on the
 # result. Retries run in the same process as the first attempt, so a module dict suffices.
@@ -90,40 +86,37 @@ _possibly_billed: dict[UUID, int] = {}
 _possibly_billed_lock = threading.Lock()
 
 
-_WORKER_THREAD_TIMEOUT_NOTICE = "Timeout of %s seconds configured for this task, but the task"
-TASK_NAME_PREFIX = "journey-"
+class Settled:
+    """A finished task run, read once: its value (None unless it completed), whether that
+    came from the cache, and why it failed."""
+
+    __slots__ = ("cached", "error", "value")
+
+    def __init__(
+        self, value: Any = None, *, cached: bool = False, error: BaseException | None = None
+    ) -> None:
+        self.value = value
+        self.cached = cached
+        self.error = error
 
 
-class _WorkerThreadTimeoutNotice(logging.Filter):
-    """Drops Prefect's warning, logged on every run of a sync task with a timeout on a worker
-    thread, that the timeout cannot interrupt the thread; for this package's tasks only.
-    They are built around that fact (see the module docstring), and one such warning per
-    task run of a 500-image batch buries the warnings that matter (and each one is a log
-    line sent to the Prefect API)."""
+def settle(future: PrefectFuture[Any]) -> Settled:
+    """Wait for ``future`` and read its outcome without raising.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            str(record.msg).startswith(_WORKER_THREAD_TIMEOUT_NOTICE)
-            and str(getattr(record, "task_name", "")).startswith(TASK_NAME_PREFIX)
-        )
-
-
-logging.getLogger("prefect.task_runs").addFilter(_WorkerThreadTimeoutNotice())
-
-
-def attempt_timeout(request: ImagineRequest) -> float:
-    """Per-attempt task timeout: connect + the request's read timeout + a margin."""
-    read = policy.read_timeout_for(len(request.image_urls), request.resolution)
-    return policy.CONNECT_TIMEOUT + read + TASK_TIMEOUT_MARGIN
-
-
-def _worst_case_timeout() -> float:
-    worst = ImagineRequest(
-        prompt="x",
-        resolution="4K",
-        image_urls=[f"https://x.invalid/{i}" for i in range(MAX_REFERENCES)],
-    )
-    return attempt_timeout(worst)
+    Returns:
+        The value and whether it was a cache hit, or the run's own exception (a
+        :class:`~prefect_journey.errors.JourneyError` with the state's message when the
+        exception cannot be read).
+    """
+    future.wait()  # pins the final state; reading .state before can see a stale one
+    state = future.state
+    if state.is_completed():
+        return Settled(future.result(), cached=is_cached(state))
+    try:
+        future.result()
+    except Exception as error:  # the run's own failure, kept for its reason
+        return Settled(error=error)
+    return Settled(error=JourneyError(state.message or state.type.value))
 
 
 def _failure(state: State[Any]) -> BaseException | None:
@@ -134,41 +127,41 @@ def _failure(state: State[Any]) -> BaseException | None:
 def retry_safe_or_possibly_billed(
     task: Task[..., Any], task_run: TaskRun, state: State[Any]
 ) -> bool:
-    """Default retry condition of :func:`imagine`: retry what cannot have been billed and,
-    counting it, what may have been. Never retries bad input, auth, credits or timeouts of
-    the task itself (its thread may still be running the call)."""
+    """Default retry condition of :func:`imagine`: :func:`~prefect_journey.policy
+    .should_retry_generation`, counting the possibly-billed failures it lets through."""
     error = _failure(state)
     if isinstance(error, JourneyError) and error.possibly_billed:
         with _possibly_billed_lock:
             _possibly_billed[task_run.id] = _possibly_billed.get(task_run.id, 0) + 1
-    return imagine_should_retry(error)
-
-
-def imagine_should_retry(error: BaseException | None) -> bool:
-    """The retry rule of :func:`imagine`, for code that retries by itself: what cannot have
-    been billed, and what may have been."""
-    return isinstance(error, JourneyError) and (error.retryable or error.possibly_billed)
-
-
-def store_should_retry(error: BaseException | None) -> bool:
-    """The retry rule of the storage tasks (downloads and writes cost no credits)."""
-    return isinstance(error, JourneyError) and error.retryable
+    return policy.should_retry_generation(error)
 
 
 def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Stricter retry condition: never risk paying twice. Use with
-    ``imagine.with_options(retry_condition_fn=retry_safe_only)``."""
+    """Stricter retry condition: never risk paying twice.
+
+    Example:
+        ```python
+        from prefect_journey.tasks import imagine, retry_safe_only
+
+        careful_imagine = imagine.with_options(retry_condition_fn=retry_safe_only)
+        ```
+    """
     error = _failure(state)
     return isinstance(error, JourneyError) and error.retryable and not error.possibly_billed
 
 
 def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry condition of the storage tasks."""
-    return store_should_retry(_failure(state))
+    """Retry condition of the storage tasks (:func:`~prefect_journey.policy
+    .should_retry_store`)."""
+    return policy.should_retry_store(_failure(state))
 
 
 def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
-    """Accept a request or its fields (as a deployment parameter would pass them)."""
+    """Accept a request or its fields (as a deployment parameter would pass them).
+
+    Raises:
+        JourneyValidationError: Neither, or fields that break a rule.
+    """
     if isinstance(request, ImagineRequest):
         return request
     if isinstance(request, Mapping):
@@ -178,7 +171,12 @@ def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
     )
 
 
-def _check_variant(variant: str) -> str:
+def check_variant(variant: str) -> str:
+    """``variant`` if it is a short string.
+
+    Raises:
+        JourneyValidationError: Not a string, or longer than :data:`MAX_VARIANT_CHARS`.
+    """
     if not isinstance(variant, str) or len(variant) > MAX_VARIANT_CHARS:
         raise JourneyValidationError(
             f"variant must be a string of at most {MAX_VARIANT_CHARS} characters"
@@ -186,83 +184,42 @@ def _check_variant(variant: str) -> str:
     return variant
 
 
-def record_store(task: Task[..., Any]) -> ResultStore:
-    """The result store the task engine uses for ``task``'s cache records (and its lock
-    manager)."""
-    return call_sync(get_result_store().update_for_task, task)
+# A deployment's parameters are fixed, yet a daily schedule wants a new image per day: this
+# placeholder in a variant becomes the run's scheduled date, so a re-run of the same day hits
+# the cache.
+SCHEDULED_DATE = "{scheduled_date}"
 
 
-def cached_result(task: Task[..., Any], key: str, *, holder: str | None = None) -> Any | None:
-    """The value ``task`` cached under ``key``, read from the same result store as the task
-    engine would; None when there is none, it has expired, a run is computing it right now
-    (the task itself would wait for that run) or it cannot be read. ``holder``: the caller
-    holds the key's lock under that name (it is the run computing it)."""
-    store = record_store(task)
-    if holder is None and store.lock_manager is not None and store.is_locked(key):
-        return None
-    try:
-        record = store.read(key, holder=holder)
-    except Exception as exc:  # missing or unreadable: the task will find out properly
-        logging.getLogger(__name__).debug("no usable cache record %s: %r", key, exc)
-        return None
-    expiration = record.metadata.expiration
-    if expiration is not None and expiration <= datetime.now(UTC):
-        return None
-    return record.result
+def resolve_variant(variant: str) -> str:
+    """``variant`` with :data:`SCHEDULED_DATE` replaced by the flow run's scheduled date (UTC).
 
-
-def cache_result(task: Task[..., Any], key: str, value: Any, holder: str | None = None) -> None:
-    """Record ``value`` as ``task``'s result under ``key``, with the expiry a run of
-    ``task`` would give it: for code that does a task's work outside its task runs.
-    ``holder``: who holds the key's lock, when the task's cache policy has a lock manager."""
-    expiration = datetime.now(UTC) + (task.cache_expiration or DEFAULT_CACHE_EXPIRATION)
-    record_store(task).write(
-        value,
-        key=key,
-        expiration=expiration,  # type: ignore[arg-type]  # Prefect's engine passes a datetime too
-        holder=holder,
-    )
-
-
-def cached_imagine(
-    request: ImagineRequest, credentials: JourneyCredentials | None = None, variant: str = ""
-) -> ImagineResult | None:
-    """What :func:`imagine` would answer from its cache for ``request`` (no call, no
-    credit), or None."""
-    base_url = resolve_base_url(credentials.base_url if credentials else None)
-    result = cached_result(imagine, imagine_cache_key(request, variant, base_url))
-    return result if isinstance(result, ImagineResult) else None
+    Example:
+        ``resolve_variant("daily-{scheduled_date}")`` is ``"daily-2026-12-02"`` in a run
+        scheduled for that day.
+    """
+    if SCHEDULED_DATE not in variant:
+        return variant
+    scheduled = flow_run.scheduled_start_time.astimezone(UTC).date().isoformat()
+    return variant.replace(SCHEDULED_DATE, scheduled)
 
 
 def _imagine_run_name() -> str:
     request = current_task_run.parameters.get("request")
     prompt = getattr(request, "prompt", None) or (request or {}).get("prompt", "?")
-    return "imagine: " + shorten(str(prompt), width=50, placeholder="...")
+    return "imagine: " + display_text(str(prompt), RUN_NAME_PROMPT_CHARS)
 
 
-def _client_options() -> dict[str, Any]:
-    # One retry mechanism per layer: Prefect retries, so every attempt shows in the UI.
-    return {"max_retries": 0}
+# One retry mechanism per layer: Prefect retries, so every attempt shows in the UI.
+_CLIENT_OPTIONS: dict[str, Any] = {"max_retries": 0}
 
 
-def retry_after_pause(error: JourneyError) -> float:
-    """How long the server's Retry-After asks us to wait (capped); 0 without one."""
-    if isinstance(error, RateLimitedError) and error.retry_after:
-        return min(error.retry_after, policy.RETRY_AFTER_CAP)
-    return 0.0
-
-
-def _note_failure(
-    logger: logging.LoggerAdapter[Any] | logging.Logger, error: JourneyError
-) -> float:
+def _note_failure(logger: Logger, error: JourneyError) -> float:
     """Log a failed attempt; return how long Retry-After asks us to wait (capped)."""
     logger.warning("imagine attempt failed: %s", error)
-    return retry_after_pause(error)
+    return policy.retry_after_pause(error)
 
 
-def _finish(
-    result: ImagineResult, logger: logging.LoggerAdapter[Any] | logging.Logger
-) -> ImagineResult:
+def _finish(result: ImagineResult, logger: Logger) -> ImagineResult:
     run_id = current_task_run.id
     with _possibly_billed_lock:
         possibly_billed = _possibly_billed.pop(UUID(run_id), 0) if run_id else 0
@@ -278,65 +235,21 @@ def _finish(
     )
 
 
-def log_generation(
-    logger: logging.LoggerAdapter[Any] | logging.Logger, result: ImagineResult
-) -> ImagineResult:
-    """The log line of one finished generation (never the key); returns ``result``."""
-    # Host and pid say which worker made the call when a batch is spread over processes.
-    logger.info(
-        "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d worker=%s/%d",
-        result.task_id,
-        result.elapsed_seconds,
-        result.credits_charged,
-        result.attempts,
-        result.possibly_billed_attempts,
-        socket.gethostname(),
-        os.getpid(),
-    )
-    return result
-
-
-_IMAGINE_OPTIONS: dict[str, Any] = {
-    "retries": IMAGINE_RETRIES,
-    "retry_delay_seconds": IMAGINE_RETRY_DELAYS,
-    "retry_jitter_factor": RETRY_JITTER_FACTOR,
+IMAGINE_OPTIONS: dict[str, Any] = {
+    "retries": policy.GENERATION_RETRIES,
+    "retry_delay_seconds": list(policy.GENERATION_RETRY_DELAYS),
+    "retry_jitter_factor": policy.RETRY_JITTER_FACTOR,
     "retry_condition_fn": retry_safe_or_possibly_billed,
     "cache_policy": IMAGINE_CACHE_POLICY,
     "cache_expiration": DEFAULT_CACHE_EXPIRATION,
     "persist_result": True,
-    "timeout_seconds": _worst_case_timeout(),
+    "timeout_seconds": policy.worst_case_attempt_timeout(),
     "tags": TAGS,
     "task_run_name": _imagine_run_name,
 }
 
 
-@contextmanager
-def _paid_attempt(budget: CreditBudget | None, concurrency_limit: str | None) -> Iterator[None]:
-    # The slot is taken before the credits are reserved, so waiting for a slot does not
-    # hold budget that running calls could use.
-    with ExitStack() as stack:
-        if concurrency_limit:
-            stack.enter_context(concurrency(concurrency_limit, occupy=1, strict=True))
-        if budget is not None:
-            stack.enter_context(budget.attempt())
-        yield
-
-
-@asynccontextmanager
-async def apaid_attempt(
-    budget: CreditBudget | None, concurrency_limit: str | None
-) -> AsyncIterator[None]:
-    """One paid attempt: a slot of the global concurrency limit, then the budget's
-    reservation (async twin of the sync gate the ``imagine`` task uses)."""
-    async with AsyncExitStack() as stack:
-        if concurrency_limit:
-            await stack.enter_async_context(aconcurrency(concurrency_limit, occupy=1, strict=True))
-        if budget is not None:
-            stack.enter_context(budget.attempt())
-        yield
-
-
-@task(name="journey-imagine", **_IMAGINE_OPTIONS)
+@task(name="journey-imagine", **IMAGINE_OPTIONS)
 def imagine(
     request: ImagineRequest | Mapping[str, Any],
     credentials: JourneyCredentials | None = None,
@@ -344,20 +257,41 @@ def imagine(
     budget: CreditBudget | None = None,
     concurrency_limit: str | None = None,
 ) -> ImagineResult:
-    """Generate one image.
+    """Generate one image (``POST /api/v1/imagine``), paid once per identical request.
 
-    ``credentials`` default to ``$JOURNEY_API_KEY``. ``variant`` is part of the cache key
-    only (see :mod:`prefect_journey.cache`). ``budget`` gates every attempt on a shared
-    :class:`~prefect_journey.budget.CreditBudget`; ``concurrency_limit`` names a Prefect
-    global concurrency limit held for the duration of each attempt.
+    Args:
+        request: The request, or its fields as a mapping (as a deployment passes them).
+        credentials: A ``JourneyCredentials`` block; default ``JOURNEY_API_KEY``.
+        variant: Part of the cache key only (see :mod:`prefect_journey.cache`): a new
+            variant buys a new image of the same request.
+        budget: A shared :class:`~prefect_journey.budget.CreditBudget` gating every attempt.
+        concurrency_limit: A Prefect global concurrency limit held during each attempt.
+
+    Returns:
+        The finished image, with its attempts and possibly-billed retries counted.
+
+    Raises:
+        JourneyValidationError: Bad input, before any call.
+        AuthenticationError: The key is wrong (not retried).
+        InsufficientCreditsError: The account is empty (not retried).
+        TaskFailedError: The provider refused the image (not retried).
+        PossiblyBilledError: The last attempt's outcome is unknown.
+
+    Example:
+        ```python
+        from prefect import flow
+        from prefect_journey.tasks import imagine
+
+        @flow
+        def poster() -> str:
+            return imagine({"prompt": "a lighthouse at dusk", "aspect_ratio": "16:9"}).image_url
+        ```
     """
-    request, variant = as_request(request), _check_variant(variant)
+    request, variant = as_request(request), check_variant(variant)
     logger = get_run_logger()
-    options = _client_options()
-    client = credentials.get_client(**options) if credentials else JourneyClient(**options)
-    with client:
+    with journey_client(credentials, **_CLIENT_OPTIONS) as client:
         try:
-            with _paid_attempt(budget, concurrency_limit):
+            with paid_attempt(budget, concurrency_limit):
                 result = client.imagine(request)
         except JourneyError as error:
             time.sleep(_note_failure(logger, error))
@@ -365,7 +299,7 @@ def imagine(
     return _finish(result, logger)
 
 
-@task(name="journey-aimagine", **_IMAGINE_OPTIONS)
+@task(name="journey-aimagine", **IMAGINE_OPTIONS)
 async def aimagine(
     request: ImagineRequest | Mapping[str, Any],
     credentials: JourneyCredentials | None = None,
@@ -374,13 +308,9 @@ async def aimagine(
     concurrency_limit: str | None = None,
 ) -> ImagineResult:
     """Async twin of :func:`imagine`."""
-    request, variant = as_request(request), _check_variant(variant)
+    request, variant = as_request(request), check_variant(variant)
     logger = get_run_logger()
-    options = _client_options()
-    client = (
-        credentials.get_async_client(**options) if credentials else AsyncJourneyClient(**options)
-    )
-    async with client:
+    async with async_journey_client(credentials, **_CLIENT_OPTIONS) as client:
         try:
             async with apaid_attempt(budget, concurrency_limit):
                 result = await client.imagine(request)
@@ -396,32 +326,17 @@ def _store_run_name() -> str:
 
 
 STORE_OPTIONS: dict[str, Any] = {
-    "retries": STORE_RETRIES,
-    "retry_delay_seconds": STORE_RETRY_DELAYS,
-    "retry_jitter_factor": RETRY_JITTER_FACTOR,
+    "retries": policy.STORE_RETRIES,
+    "retry_delay_seconds": list(policy.STORE_RETRY_DELAYS),
+    "retry_jitter_factor": policy.RETRY_JITTER_FACTOR,
     "retry_condition_fn": retry_if_retryable,
     "cache_policy": STORE_CACHE_POLICY,
     "cache_expiration": DEFAULT_CACHE_EXPIRATION,
     "persist_result": True,
-    "timeout_seconds": STORE_TIMEOUT,
+    "timeout_seconds": policy.STORE_TIMEOUT,
     "tags": TAGS,
     "task_run_name": _store_run_name,
 }
-
-
-def log_stored(stored: StoredImage) -> None:
-    """The log line of one stored image."""
-    get_run_logger().info(
-        "stored task_id=%s at %s (%s %dx%d, %d bytes, sha256 %s%s)",
-        stored.task_id,
-        stored.uri,
-        stored.format,
-        stored.width,
-        stored.height,
-        stored.bytes,
-        stored.sha256[:12],
-        "" if stored.created else ", already there",
-    )
 
 
 @task(name="journey-store-image", **STORE_OPTIONS)
@@ -434,8 +349,37 @@ def store_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     overwrite: bool = False,
 ) -> StoredImage:
-    """Stream ``result.image_url`` into ``destination`` (an fsspec URL, an
-    ``ImageDestination``, a ``RemoteFileSystem`` or an ``S3Bucket`` block)."""
+    """Stream ``result.image_url`` into ``destination``, verified, or write nothing.
+
+    Args:
+        result: The generation to store.
+        destination: An fsspec URL or folder, an ``ImageDestination``, a ``RemoteFileSystem``
+            / ``LocalFileSystem`` or a prefect-aws ``S3Bucket`` block.
+        storage_options: fsspec options for a plain URL (blocks carry their own).
+        key_template: The object key, from ``task_id``, ``ext`` and ``key_fields``.
+        key_fields: More fields for the key template.
+        max_bytes: Refuse images larger than this.
+        overwrite: Replace a different object at the key instead of failing.
+
+    Returns:
+        What was written: URI, format, size, sha256, whether it was created.
+
+    Raises:
+        DownloadError: The image could not be fetched or is corrupt.
+        StorageError: The destination failed.
+        ObjectConflictError: Another object holds the key (and not ``overwrite``).
+
+    Example:
+        ```python
+        from prefect import flow
+        from prefect_journey.tasks import imagine, store_image
+
+        @flow
+        def poster() -> str:
+            result = imagine({"prompt": "a lighthouse at dusk"})
+            return store_image(result, "s3://my-bucket/posters").uri
+        ```
+    """
     stored = _store_image(
         result.image_url,
         resolve_destination(destination, storage_options),
@@ -479,7 +423,19 @@ def presign_references(
     storage_options: Mapping[str, Any] | None = None,
     expires_in: int = DEFAULT_PRESIGN_SECONDS,
 ) -> list[str]:
-    """Turn ``s3://`` references into time-limited https URLs; http(s) URLs pass through."""
+    """Turn ``s3://`` references into time-limited https URLs; http(s) URLs pass through.
+
+    Args:
+        urls: Up to 14 reference images.
+        storage_options: fsspec options of the bucket that holds them.
+        expires_in: Seconds each presigned URL stays valid.
+
+    Returns:
+        One URL per reference, in order.
+
+    Raises:
+        JourneyValidationError: More than 14 references, or one that is not a URL.
+    """
     if len(urls) > MAX_REFERENCES:
         raise JourneyValidationError(f"at most {MAX_REFERENCES} references, got {len(urls)}")
     return [presign(url, storage_options, expires_in) for url in urls]
@@ -500,7 +456,9 @@ def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:
                 key=stored.uri,
                 properties=AssetProperties(
                     name=stored.uri.rsplit("/", 1)[-1],
-                    description=shorten(prompt, width=200, placeholder="...") if prompt else None,
+                    description=(
+                        display_text(prompt, DESCRIPTION_PROMPT_CHARS) if prompt else None
+                    ),
                 ),
             )
         except ValueError as exc:

@@ -36,9 +36,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from prefect_journey import settings
 from prefect_journey.models import TaskStatus
 
-WEBHOOK_SECRET_ENV = "JOURNEY_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 WEBHOOK_PATH = "/webhooks/journey"
 # A task result is a few hundred bytes; anything near this is not from the provider.
 MAX_BODY_BYTES = 64 * 1024
@@ -88,7 +88,7 @@ def create_webhook_app(
     """The receiver as an ASGI app. ``emit`` sends events (Prefect's by default)."""
     expected = (secret.get_secret_value() if isinstance(secret, SecretStr) else secret).encode()
     if not expected.strip():
-        raise ValueError(f"a webhook secret is required (set {WEBHOOK_SECRET_ENV})")
+        raise ValueError(f"a webhook secret is required (set {settings.WEBHOOK_SECRET.name})")
     seen = _SeenTaskIds(DEDUP_CAPACITY)
 
     async def receive(request: Request) -> Response:

@@ -89,7 +89,7 @@ def run_soak(
 ) -> SoakResult:
     """Run the campaign (faults already configured) and audit the bucket through ``s3_fs``,
     which must read the store directly (not through the faulty proxy)."""
-    from flows.batch_campaign import batch_campaign
+    from prefect_journey.flows.campaign import batch_campaign
 
     tag = uuid.uuid4().hex[:8]
     items = [

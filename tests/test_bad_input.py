@@ -15,13 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.batch_campaign import batch_campaign
-from flows.character_series import character_series
-from flows.generate_and_store import generate_and_store
 from prefect_journey import ImageDestination, JourneyCredentials
 from prefect_journey.client import JourneyClient
 from prefect_journey.emulator import EmulatorServer
 from prefect_journey.errors import JourneyError, MalformedResponseError, TaskFailedError
+from prefect_journey.flows.campaign import batch_campaign
+from prefect_journey.flows.character_series import character_series
+from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineResult
 from prefect_journey.storage import Destination, store_image
 from prefect_journey.tasks import imagine, presign_references
@@ -97,6 +97,40 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         lambda e, t: raises(lambda: client(e).imagine(prompt=" ")),
         "JourneyValidationError",
         "prompt",
+    ),
+    (
+        "client NUL prompt",
+        lambda e, t: raises(lambda: client(e).imagine(prompt="\x00")),
+        "JourneyValidationError",
+        "control characters",
+    ),
+    (
+        "client terminal-escape prompt",
+        lambda e, t: raises(lambda: client(e).imagine(prompt="\x1b[2J\x07")),
+        "JourneyValidationError",
+        "control characters",
+    ),
+    (
+        "client carriage return in prompt",
+        lambda e, t: raises(lambda: client(e).imagine(prompt="a cat\rrm -rf")),
+        "JourneyValidationError",
+        "control characters",
+    ),
+    (
+        "task control characters in prompt",
+        lambda e, t: flow_fails(generate_and_store, "a \x1b[31mred\x1b[0m cat", destination=str(t)),
+        "Failed",
+        "control characters",
+    ),
+    (
+        "campaign control characters in row 2",
+        lambda e, t: flow_fails(
+            batch_campaign,
+            items=[{"prompt": "fine"}, {"prompt": "bell\x07"}],
+            destination=str(t),
+        ),
+        "Failed",
+        "row 2: prompt: must not contain control characters",
     ),
     (
         "client 15 references",
@@ -510,3 +544,12 @@ def test_malformed_answers_are_typed_errors(
     with JourneyClient("k", transport=httpx.MockTransport(lambda request: answer)) as c:
         with pytest.raises(error):
             c.imagine(prompt="p")
+
+
+def test_tab_and_newline_are_kept_and_what_reaches_the_ui_prints() -> None:
+    from prefect_journey.models import ImagineRequest, display_text
+
+    request = ImagineRequest(prompt="line one\n\tline two")
+    assert request.prompt == "line one\n\tline two"  # sent as written
+    shown = display_text("a\u202eb\x7f\x85 c\n\td", 80)
+    assert shown == "a\\u202eb\\x7f c d" and shown.isprintable()

@@ -16,12 +16,12 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
 
-from flows.batch_campaign import CampaignReport, abatch_campaign, batch_campaign
 from prefect_journey import ImageDestination, JourneyClient
-from prefect_journey.cache import imagine_cache_key
+from prefect_journey.cache import cache_result, imagine_cache_key, record_store
 from prefect_journey.emulator import EmulatorServer
+from prefect_journey.flows.campaign import CampaignReport, abatch_campaign, batch_campaign
 from prefect_journey.models import ImagineRequest
-from prefect_journey.tasks import cache_result, imagine, record_store
+from prefect_journey.tasks import imagine
 
 from . import prefect_api
 from .conftest import Bucket
@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-# One task run per image (the default) and several images per task run (prefect_journey.bulk)
-# keep the same promises.
+# The two executors of the campaign pipeline, a task run per image (the default) and several
+# images per task run, keep the same promises.
 BOTH_MODES = pytest.mark.parametrize("images_per_task_run", [1, 3])
 
 
@@ -318,7 +318,7 @@ def test_weekly_campaign_deployment_runs_with_its_parameters(
     replaced by local ones: every image under its own key, and a retry costs nothing."""
     config = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     [weekly] = [entry for entry in config["deployments"] if entry["name"] == "weekly-campaign"]
-    assert weekly["entrypoint"] == "flows/batch_campaign.py:abatch_campaign"
+    assert weekly["entrypoint"] == "prefect_journey.flows.campaign:abatch_campaign"
     sheet = tmp_path / "this-week.csv"
     sheet.write_text("prompt\n" + "".join(f"{item['prompt']}\n" for item in items(4)))
     parameters = {
@@ -398,9 +398,7 @@ def test_retries_count_against_the_budget(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
     journey_env.admin("faults", {"queue": {"api": ["500"]}})
-    from flows import batch_campaign as module
-
-    state = module.batch_campaign(
+    state = batch_campaign(
         images_per_task_run=images_per_task_run,
         items=items(3),
         destination=str(tmp_path),

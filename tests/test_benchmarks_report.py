@@ -9,21 +9,22 @@ from benchmarks import run
 from benchmarks.common import ROOT, Figure
 
 
-def test_benchmarks_md_and_the_readme_table_are_what_the_saved_results_say() -> None:
-    report, readme = (ROOT / "BENCHMARKS.md").read_text(), (ROOT / "README.md").read_text()
-    assert run.rendered(run.load(run.RESULTS), report, readme) == (report, readme)
+def test_benchmarks_md_and_the_docs_figure_table_are_what_the_saved_results_say() -> None:
+    report, figures_page = (ROOT / "BENCHMARKS.md").read_text(), run.FIGURES_PAGE.read_text()
+    assert run.FIGURES_PAGE == ROOT / "docs" / "benchmarks.md"
+    assert run.rendered(run.load(run.RESULTS), report, figures_page) == (report, figures_page)
 
 
-def test_rendering_keeps_the_analysis_and_the_rest_of_the_readme() -> None:
+def test_rendering_keeps_the_analysis_and_the_rest_of_the_figures_page() -> None:
     results = run.load(run.RESULTS)
     report = f"old figures\n{run.ANALYSIS_MARKER}\nwritten by hand\n"
-    readme = f"# intro\n{run.README_FIGURES_START}\nold table\n{run.README_FIGURES_END}\n## after\n"
-    new_report, new_readme = run.rendered(results, report, readme)
+    page = f"# intro\n{run.README_FIGURES_START}\nold table\n{run.README_FIGURES_END}\n## after\n"
+    new_report, new_page = run.rendered(results, report, page)
     assert "old figures" not in new_report
     assert new_report.endswith(f"{run.ANALYSIS_MARKER}\nwritten by hand\n")
-    assert new_readme.startswith("# intro\n") and new_readme.endswith("\n## after\n")
-    assert "old table" not in new_readme
-    assert f"at {results['commit']}" in new_readme
+    assert new_page.startswith("# intro\n") and new_page.endswith("\n## after\n")
+    assert "old table" not in new_page
+    assert f"at {results['commit']}" in new_page
 
 
 def test_a_figure_is_met_or_missed_against_its_target() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prefect_journey.budget import BudgetExceededError, CreditBudget
-from prefect_journey.campaign import CampaignError, plan_items, read_items
+from prefect_journey.campaigns.plan import CampaignError, plan_items, read_items
 from prefect_journey.errors import ServerError, ServiceUnavailableError
 
 

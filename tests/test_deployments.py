@@ -36,7 +36,6 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
-        "PREFECT_JOURNEY_HOME": str(ROOT),
     }
     env.pop("PREFECT_API_URL", None)
     log = (home / "server.log").open("w")

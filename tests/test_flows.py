@@ -11,19 +11,14 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from flows.character_series import character_series
-from flows.generate_and_store import generate_and_store
 from prefect_journey import ImageDestination, JourneyCredentials
 from prefect_journey.emulator import EmulatorServer
+from prefect_journey.flows.character_series import character_series
+from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineRequest, ImagineResult
+from prefect_journey.policy import attempt_timeout
 from prefect_journey.storage import StoredImage
-from prefect_journey.tasks import (
-    aimagine,
-    astore_image,
-    attempt_timeout,
-    imagine,
-    store_image,
-)
+from prefect_journey.tasks import aimagine, astore_image, imagine, store_image
 
 from . import prefect_api
 from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket

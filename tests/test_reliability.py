@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.generate_and_store import generate_and_store
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
+from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.storage import StoredImage
 from reliability.faulty_s3 import create_proxy
@@ -67,7 +67,9 @@ def test_the_lease_comes_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect_journey.errors import ConfigurationError
-    from prefect_journey.locking import DEFAULT_LEASE_SECONDS, LEASE_SECONDS_ENV
+    from prefect_journey.settings import DEFAULT_LEASE_SECONDS, LOCK_LEASE_SECONDS
+
+    LEASE_SECONDS_ENV = LOCK_LEASE_SECONDS.name
 
     monkeypatch.delenv(LEASE_SECONDS_ENV, raising=False)
     assert LeasedFileSystemLockManager(tmp_path).lease_seconds == DEFAULT_LEASE_SECONDS == 60
@@ -201,7 +203,8 @@ def test_killed_campaign_resumes_without_rebilling_or_duplicates(
     }
     command = [
         sys.executable,
-        "flows/batch_campaign.py",
+        "-m",
+        "flows.campaign_from_csv",
         str(source),
         "--campaign",
         tag,

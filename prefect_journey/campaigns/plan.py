@@ -1,5 +1,5 @@
 """Campaign input: read items from a list or a CSV/JSONL file and check every one of them
-before anything is spent. Plain Python; the batch flow builds on it.
+before anything is spent. Plain Python; the campaign pipeline builds on it.
 
 An item has a ``prompt`` and optionally ``references`` (a list, or in CSV a string split on
 ``|`` or whitespace), ``aspect_ratio`` and ``resolution``. Any other field is available to
@@ -23,7 +23,8 @@ from prefect_journey.errors import JourneyValidationError
 from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import check_key_template, render_key, slugify
 
-DEFAULT_KEY_TEMPLATE = "{campaign}/{index:04d}-{slug}.{ext}"
+# A campaign's objects sit under its name, in row order: a listing reads like the sheet.
+CAMPAIGN_KEY_TEMPLATE = "{campaign}/{index:04d}-{slug}.{ext}"
 # A campaign file is a list of prompts; past this it is almost certainly the wrong file.
 MAX_CAMPAIGN_BYTES = 50 * 1024 * 1024
 MAX_ITEMS = 100_000
@@ -43,15 +44,23 @@ class CampaignItem:
     request: ImagineRequest
     key_fields: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def label(self) -> str:
-        return f"row {self.row}"
-
 
 def read_items(
     source: str, storage_options: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Rows of a ``.csv`` or ``.jsonl`` file at a local path or any fsspec URL."""
+    """Rows of a ``.csv`` or ``.jsonl`` file at a local path or any fsspec URL.
+
+    Args:
+        source: The file (``.csv``, ``.jsonl`` or ``.ndjson``).
+        storage_options: fsspec options for a remote file.
+
+    Returns:
+        One dict per row, unchecked (see :func:`plan_items`).
+
+    Raises:
+        CampaignError: The file cannot be read, is too large, not UTF-8 or not the format
+            its name says.
+    """
     lowered = source.lower()
     if not lowered.endswith((".csv", ".jsonl", ".ndjson")):
         raise CampaignError(f"campaign file {source!r} must end with .csv or .jsonl")
@@ -119,10 +128,31 @@ def plan_items(
     rows: Iterable[Mapping[str, Any]],
     *,
     campaign: str,
-    key_template: str = DEFAULT_KEY_TEMPLATE,
+    key_template: str = CAMPAIGN_KEY_TEMPLATE,
 ) -> list[CampaignItem]:
     """Validate every row (request rules, key template, key collisions) and report all
-    problems at once, each with its row number. Nothing is sent anywhere."""
+    problems at once, each with its row number. Nothing is sent anywhere.
+
+    Args:
+        rows: The campaign's items (mappings with ``prompt`` and optional ``references``,
+            ``aspect_ratio``, ``resolution`` and key-template fields).
+        campaign: The campaign's name (the ``{campaign}`` of the key template, slugified).
+        key_template: The object key of each item.
+
+    Returns:
+        One checked item per row, in order.
+
+    Raises:
+        CampaignError: Lists every bad row.
+
+    Example:
+        ```python
+        from prefect_journey.campaigns import plan_items
+
+        items = plan_items([{"prompt": "a red chair"}], campaign="spring")
+        assert items[0].key_fields["slug"] == "a-red-chair"
+        ```
+    """
     rows = list(rows)
     if not rows:
         raise CampaignError("the campaign has no items")

@@ -11,25 +11,25 @@ from typing import cast
 from prefect import flow
 from prefect.futures import wait
 
-from prefect_journey.errors import JourneyError
-from prefect_journey.flowkit import (
-    failure_reason,
-    image_row,
-    load_credentials,
-    load_destination,
-    publish_summary,
-    report_image,
-    resolve_variant,
-)
-from prefect_journey.models import ImagineRequest, ImagineResult
+from prefect_journey.credentials import load_credentials
+from prefect_journey.destinations import load_destination
+from prefect_journey.errors import JourneyError, JourneyValidationError, failure_text
+from prefect_journey.models import ImagineRequest, ImagineResult, display_text
+from prefect_journey.policy import attempt_timeout
+from prefect_journey.publishing import image_row, publish_summary, report_image
 from prefect_journey.storage import StoredImage, slugify
 from prefect_journey.tasks import (
-    attempt_timeout,
+    check_variant,
     declare_assets,
     imagine,
     presign_references,
+    resolve_variant,
+    settle,
     store_image,
 )
+
+# The objects of a series sit under its name, in scene order.
+SERIES_KEY_TEMPLATE = "{series}/{index:02d}-{slug}.{ext}"
 
 
 @flow(name="character-series")
@@ -44,12 +44,42 @@ def character_series(
     credentials_block: str | None = None,
     destination_block: str | None = None,
 ) -> list[StoredImage]:
-    """One image per scene with the same reference images; stored as
-    ``{series}/{index:02d}-{scene slug}.{ext}``. Fails at the end if any scene failed,
-    after every other scene is stored."""
+    """One image per scene with the same reference images, scenes in parallel; stored as
+    ``{series}/{index:02d}-{scene slug}.{ext}``.
+
+    Args:
+        character_refs: The character sheets (https URLs or ``s3://`` objects, presigned
+            once for the run), sent with every scene.
+        scenes: One prompt per image.
+        destination: An fsspec URL or folder; default ``JOURNEY_DESTINATION`` or ./outputs.
+        series: The series' name (the first part of every key).
+        aspect_ratio: One of 1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3.
+        resolution: 1K, 2K or 4K.
+        variant: Part of every cache key (``"{scheduled_date}"``: new images each day).
+        credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
+        destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+
+    Returns:
+        The stored objects, in scene order.
+
+    Raises:
+        JourneyValidationError: No scene, or bad parameters, before any credit is spent.
+        JourneyError: Some scenes failed, raised after every other scene is stored.
+
+    Example:
+        ```python
+        from prefect_journey.flows import character_series
+
+        character_series(
+            ["https://example.com/ana.png"],
+            ["Ana opening the shop", "Ana closing up"],
+            destination="./outputs",
+        )
+        ```
+    """
     if not scenes:
-        raise JourneyError("character_series needs at least one scene")
-    variant = resolve_variant(variant)
+        raise JourneyValidationError("character_series needs at least one scene")
+    variant = resolve_variant(check_variant(variant))
     target = load_destination(destination, destination_block)
     credentials = load_credentials(credentials_block)
     references = presign_references(character_refs, target.storage_options)
@@ -66,7 +96,7 @@ def character_series(
             # Prefect passes the future's value; its overloads only type values.
             cast(ImagineResult, result),
             target,
-            key_template="{series}/{index:02d}-{slug}.{ext}",
+            key_template=SERIES_KEY_TEMPLATE,
             key_fields={"series": slugify(series), "index": index, "slug": slugify(scene, 40)},
         )
         for index, (scene, result) in enumerate(zip(scenes, results, strict=True))
@@ -74,11 +104,11 @@ def character_series(
     wait(stores)
     rows, failures, stored_images = [], [], []
     for scene, result, store in zip(scenes, results, stores, strict=True):
-        reason = failure_reason(store)
-        if reason:
-            failures.append(f"{scene[:60]}: {reason}")
+        settled = settle(store)
+        if settled.error is not None:
+            failures.append(f"{display_text(scene, 60)}: {failure_text(settled.error)}")
             continue
-        stored = store.result()
+        stored = settled.value
         report_image(stored, result.result(), target, scene)
         rows.append(image_row(scene, result.result(), stored))
         stored_images.append(stored)

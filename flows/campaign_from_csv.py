@@ -1,0 +1,38 @@
+"""Run a campaign sheet from the command line, with the package's campaign flow.
+
+    python -m flows.campaign_from_csv campaign.csv --campaign spring --max-credits 400
+
+Copy it and change what you need: everything it uses comes from ``prefect_journey``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect_journey.flows import batch_campaign
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate and store a campaign sheet.")
+    parser.add_argument("source", help="a .csv or .jsonl file (local path or fsspec URL)")
+    parser.add_argument("--campaign", default="campaign")
+    parser.add_argument("--destination", help="fsspec URL or folder (default ./outputs)")
+    parser.add_argument("--max-credits", type=int)
+    parser.add_argument("--max-concurrency", type=int, default=8)
+    parser.add_argument("--task-runner", choices=["thread", "dask"])
+    parser.add_argument("--images-per-task-run", type=int, default=1)
+    args = parser.parse_args()
+    report = batch_campaign(
+        source=args.source,
+        campaign=args.campaign,
+        destination=args.destination,
+        max_credits=args.max_credits,
+        max_concurrency=args.max_concurrency,
+        task_runner=args.task_runner,
+        images_per_task_run=args.images_per_task_run,
+    )
+    print(report.ledger_line())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The one place that touches Prefect names outside its documented, public API.
+
+Every other module of the package uses Prefect's public API only. Each entry below says
+what it relies on and why no public route does the job; ``tests/test_compat.py`` exercises
+each one against the installed Prefect, so an upgrade that changes any of them fails that
+test by name instead of misbehaving in a user's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+from prefect.client.schemas.objects import State
+from prefect.context import AsyncClientContext, SyncClientContext
+from prefect.futures import PrefectFuture
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.results import ResultStore, get_result_store
+from prefect.task_runners import TaskRunner
+from prefect.tasks import Task
+from prefect.utilities.callables import get_call_parameters
+
+R = TypeVar("R")
+
+
+# --- async_dispatch's ``_sync`` keyword ------------------------------------------------------
+# Relies on: the ``_sync=True`` keyword that ``prefect._internal.compatibility.async_dispatch``
+# adds to ``Block.load``, ``create_*_artifact``, ``ResultStore.update_for_task`` and the like.
+# Why: those functions return a coroutine whenever an async flow run is current, also on a
+# worker thread of that run, where sync code cannot await it; Prefect's own engines ask for
+# the sync variant this way.
+def call_sync(function: Callable[..., R | Coroutine[Any, Any, R]], *args: Any, **kwargs: Any) -> R:
+    """``function(*args, **kwargs)`` on the sync path of an async-dispatching Prefect
+    function, whatever run is current."""
+    return cast(R, function(*args, _sync=True, **kwargs))
+
+
+# --- ResultStore.update_for_task -------------------------------------------------------------
+# Relies on: ``get_result_store().update_for_task(task)``, which the task engine uses to build
+# the result store (storage, key storage, lock manager) of a task's cache records.
+# Why: the chunked executor does a task's work outside its task runs and must read and write
+# the very records the task engine would, under the same locks.
+def result_store_for(task: Task[..., Any]) -> ResultStore:
+    """The result store the task engine uses for ``task``'s cache records."""
+    return call_sync(get_result_store().update_for_task, task)
+
+
+# --- Submitting to a runner that is not the flow's --------------------------------------------
+# Relies on: ``prefect.utilities.callables.get_call_parameters`` (undocumented) and
+# ``TaskRunner.submit(task, parameters, wait_for)`` taking the bound parameters.
+# Why: the campaign picks its task runner (threads or Dask) from a flow parameter at run
+# time; ``Task.submit`` only knows the flow's own runner, and a subflow to carry another one
+# costs a second flow run per campaign.
+def submit_to(
+    runner: TaskRunner[Any],
+    task: Task[..., Any],
+    wait_for: list[PrefectFuture[Any]] | None = None,
+    **parameters: Any,
+) -> PrefectFuture[Any]:
+    """``task.submit(**parameters)`` on ``runner`` instead of the flow's task runner."""
+    future: PrefectFuture[Any] = runner.submit(
+        task, get_call_parameters(task.fn, (), parameters), wait_for
+    )
+    return future
+
+
+# --- Client contexts ------------------------------------------------------------------------
+# Relies on: ``prefect.context.SyncClientContext`` / ``AsyncClientContext.get_or_create()``
+# (undocumented), which the engines use to share one Prefect client per thread or loop.
+# Why: without one, each task run started from a worker thread of an async flow (or each
+# chunk's task run on the campaign's loop) opens a client of its own: a TLS context and a
+# connection per task run.
+@contextmanager
+def shared_sync_client() -> Iterator[SyncPrefectClient]:
+    """One sync Prefect client for this thread and the task runs it starts."""
+    with SyncClientContext.get_or_create() as context:
+        yield context.client
+
+
+@asynccontextmanager
+async def shared_async_client() -> AsyncIterator[PrefectClient]:
+    """One async Prefect client for this event loop and the task runs it starts."""
+    async with AsyncClientContext.get_or_create() as context:
+        yield context.client
+
+
+# --- "Cached" state name --------------------------------------------------------------------
+# Relies on: a cache hit finishing in a Completed state named "Cached" (``prefect.states
+# .Cached``); no public predicate tells a cache hit from a run that did the work.
+# Why: a cached generation cost nothing and a cached store was published by the run that
+# made it; the campaign reports and publishes accordingly.
+CACHED_STATE_NAME = "Cached"
+
+
+def is_cached(state: State[Any]) -> bool:
+    """Whether ``state`` is a cache hit."""
+    return state.is_completed() and state.name == CACHED_STATE_NAME
+
+
+# --- The worker-thread timeout notice ---------------------------------------------------------
+# Relies on: the text of the warning ``prefect.task_engine`` logs on every run of a sync task
+# with a timeout on a worker thread.
+# Why: this package's tasks are built around that fact (the HTTP timeouts stop a call, the
+# task timeout is a safety net), and one such warning per task run of a 500-image campaign
+# buries the warnings that matter; each is also a log line sent to the Prefect API.
+WORKER_THREAD_TIMEOUT_NOTICE = "Timeout of %s seconds configured for this task, but the task"
+
+
+class WorkerThreadTimeoutNoticeFilter(logging.Filter):
+    """Drops Prefect's worker-thread timeout notice for tasks whose name starts with
+    ``task_name_prefix``."""
+
+    def __init__(self, task_name_prefix: str) -> None:
+        super().__init__()
+        self.task_name_prefix = task_name_prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith(WORKER_THREAD_TIMEOUT_NOTICE)
+            and str(getattr(record, "task_name", "")).startswith(self.task_name_prefix)
+        )
+
+
+def quiet_worker_thread_timeout_notice(task_name_prefix: str) -> None:
+    """Install :class:`WorkerThreadTimeoutNoticeFilter` on Prefect's task-run logger."""
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(
+        isinstance(f, WorkerThreadTimeoutNoticeFilter) and f.task_name_prefix == task_name_prefix
+        for f in logger.filters
+    ):
+        logger.addFilter(WorkerThreadTimeoutNoticeFilter(task_name_prefix))
+
+
+# --- FileSystemLockManager internals ------------------------------------------------------------
+# Relies on: ``FileSystemLockManager._get_lock_info(key, use_cache)``,
+# ``._lock_path_for_key(key)`` and its in-memory ``._locks`` cache of lock infos.
+# Why: a lock held as a renewable lease rewrites its own lock file (the public API has no
+# renewal), and Prefect writes a lock file in two steps (create, then fill), so a reader can
+# see it empty for an instant and must read again rather than fail the task run.
+_TORN_READ_RETRIES = 50
+
+
+class RenewableFileSystemLockManager(FileSystemLockManager):
+    """Prefect's file lock manager plus the two things a lease needs: where a key's lock file
+    is and how to record a renewed expiration, and reads that survive a half-written file."""
+
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        for _ in range(_TORN_READ_RETRIES):
+            try:
+                return super()._get_lock_info(key, use_cache)
+            except ValueError:
+                time.sleep(0.01)
+        return super()._get_lock_info(key, use_cache)
+
+    def lock_file(self, key: str) -> Any:
+        """The path of ``key``'s lock file."""
+        return self._lock_path_for_key(key)
+
+    def remember_expiration(self, key: str, expiration: datetime) -> None:
+        """Record a renewed expiration in the in-memory cache of lock infos."""
+        cached = self._locks.get(key)
+        if cached is not None:
+            cached["expiration"] = expiration

@@ -1,0 +1,343 @@
+"""A campaign item's life, written once, and the run around it.
+
+    plan -> look up (cache records, objects in place) -> preflight (price, budget, balance)
+      -> [gate (concurrency slot, credit budget) -> generate (retries) -> store -> publish]
+      -> outcome -> report
+
+The steps in brackets run in one of two executors:
+
+- :mod:`~prefect_journey.campaigns.per_image`: a task run per image (``imagine`` then
+  ``store_and_publish``), Prefect's task engine doing retries, caching and locking;
+- :mod:`~prefect_journey.campaigns.chunked`: many images per task run, on one event loop,
+  with the same cache records and locks (:mod:`prefect_journey.cache`), the same retry rules
+  and delays (:mod:`prefect_journey.policy`), the same gate and publication.
+
+Everything else, before and after, is here, so both executors plan, price, report and fail
+the same way, and a campaign can switch between them with every cache record still good.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from prefect_journey import settings
+from prefect_journey._compat import call_sync
+from prefect_journey.budget import BudgetExceededError, CreditBudget
+from prefect_journey.cache import cached_result, imagine_cache_key, store_cache_key
+from prefect_journey.campaigns.plan import CampaignItem
+from prefect_journey.credentials import JourneyCredentials, api_base_url, journey_client
+from prefect_journey.errors import InsufficientCreditsError, JourneyError, failure_text
+from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult, display_text
+from prefect_journey.publishing import emit_stored_event, report_image
+from prefect_journey.storage import Destination, StoredImage, slugify
+from prefect_journey.tasks import STORE_OPTIONS, imagine, store_image
+
+# Metadata reads in parallel when looking for objects an earlier run stored (one HEAD each
+# on S3).
+OBJECT_CHECKS = 16
+# A prompt in the summary table: long enough to recognise, short enough for a table cell.
+OUTCOME_PROMPT_CHARS = 120
+# Rows quoted in the error that fails a campaign; the summary artifact lists them all.
+FAILURES_QUOTED = 10
+
+Status = Literal["stored", "failed", "skipped"]
+
+
+class ItemOutcome(BaseModel):
+    """One item of a campaign: what it produced, or why it did not.
+
+    ``status`` is ``stored``, ``failed`` or ``skipped`` (the credit budget ran out before its
+    call); ``cached`` says the image came from an earlier run (no credit spent).
+    """
+
+    row: int
+    prompt: str
+    status: Status
+    task_id: str = ""
+    latency_s: float = 0.0
+    credits: int = 0
+    attempts: int = 0
+    cached: bool = False
+    uri: str = ""
+    sha256: str = ""
+    reason: str = ""
+
+
+class CampaignReport(BaseModel):
+    """What a campaign run did, item by item, and what it cost."""
+
+    campaign: str
+    items: int
+    stored: int
+    failed: int
+    skipped: int
+    cache_hits: int
+    calls: int
+    credits_charged: int
+    possibly_billed_retries: int
+    outcomes: list[ItemOutcome]
+
+    def ledger_line(self) -> str:
+        """The run's one-line ledger, as logged and shown on the summary artifact."""
+        return (
+            f"items={self.items} stored={self.stored} failed={self.failed} skipped={self.skipped} "
+            f"cache_hits={self.cache_hits} calls={self.calls} "
+            f"credits_charged={self.credits_charged} "
+            f"possibly_billed_retries={self.possibly_billed_retries}"
+        )
+
+
+class CampaignFailedError(JourneyError):
+    """Some items failed (see the summary artifact); the stored ones are kept."""
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """What every item of one campaign run shares.
+
+    ``restore``: rows whose store is cached but whose object is gone (stored again).
+    """
+
+    name: str
+    destination: Destination
+    key_template: str
+    variant: str
+    credentials: JourneyCredentials | None
+    budget: CreditBudget | None
+    concurrency_limit: str | None
+    restore: frozenset[int] = frozenset()
+    base_url: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.base_url:
+            object.__setattr__(self, "base_url", api_base_url(self.credentials))
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+    def generation_key(self, item: CampaignItem) -> str:
+        """The cache key of ``item``'s image (the ``imagine`` task's)."""
+        return imagine_cache_key(item.request, self.variant, self.base_url)
+
+    def store_key(self, item: CampaignItem, generated: ImagineResult) -> str:
+        """The cache key of storing ``generated`` for ``item`` (the store task's)."""
+        return store_cache_key(
+            generated.task_id, self.destination, self.key_template, item.key_fields
+        )
+
+
+# --- Store and publish, as one task run --------------------------------------------------------
+
+
+@task(name="journey-store-and-publish", **STORE_OPTIONS)
+def store_and_publish(
+    result: ImagineResult,
+    destination: Destination,
+    key_template: str,
+    key_fields: dict[str, Any],
+    prompt: str,
+    campaign: str,
+) -> StoredImage:
+    """``store_image`` plus the image artifact and the ``journey.image.stored`` event, in one
+    task run: a cached re-run skips all three. Same cache key as ``store_image``; prompt and
+    campaign are not part of it.
+
+    Args:
+        result: The generation to store.
+        destination: Where to store it.
+        key_template: The object key's template.
+        key_fields: The item's key fields.
+        prompt: The item's prompt (artifact and event).
+        campaign: The campaign's name (event).
+
+    Returns:
+        What was written.
+    """
+    stored = store_image.fn(result, destination, key_template=key_template, key_fields=key_fields)
+    report_image(stored, result, destination, prompt)
+    emit_stored_event(stored, prompt, campaign)
+    return stored
+
+
+# --- Look up and preflight ---------------------------------------------------------------------
+
+
+@dataclass
+class Lookup:
+    """What earlier runs left: each row's cached image (or None), the rows finished (image
+    and object in place), and the rows whose object must be stored again."""
+
+    generated: dict[int, ImagineResult | None]
+    finished: dict[int, ItemOutcome]
+    restore: set[int]
+
+
+def look_up(plan: list[CampaignItem], campaign: Campaign) -> Lookup:
+    """Find what earlier runs did for ``plan``, without a task run or a credit.
+
+    A finished item (its image and its store both cached, the object still in place) is
+    reported as it is: re-running a finished campaign costs seconds, not a task run per
+    item.
+    """
+    generated = {
+        item.row: _as_result(cached_result(imagine, campaign.generation_key(item))) for item in plan
+    }
+    cached: dict[int, tuple[ImagineResult, StoredImage]] = {}
+    for item in plan:
+        result = generated[item.row]
+        if result is None:
+            continue
+        stored = cached_result(store_and_publish, campaign.store_key(item, result))
+        if isinstance(stored, StoredImage):
+            cached[item.row] = (result, stored)
+    if not cached:
+        return Lookup(generated, {}, set())
+    with ThreadPoolExecutor(min(OBJECT_CHECKS, len(cached))) as pool:
+        present = list(
+            pool.map(campaign.destination.holds, (stored for _, stored in cached.values()))
+        )
+    items = {item.row: item for item in plan}
+    finished = {
+        row: outcome(items[row], result, stored, cached=True)
+        for (row, (result, stored)), there in zip(cached.items(), present, strict=True)
+        if there
+    }
+    return Lookup(generated, finished, set(cached) - set(finished))
+
+
+def _as_result(value: Any) -> ImagineResult | None:
+    return value if isinstance(value, ImagineResult) else None
+
+
+def preflight(
+    todo: list[CampaignItem],
+    generated: dict[int, ImagineResult | None],
+    *,
+    credentials: JourneyCredentials | None,
+    max_credits: int | None,
+    partial_budget: bool,
+) -> int:
+    """The credits ``todo`` can cost (cache hits excluded), checked against the budget and
+    the account's balance before anything is spent.
+
+    Raises:
+        BudgetExceededError: Over ``max_credits`` (unless ``partial_budget``).
+        InsufficientCreditsError: Over the account's balance.
+    """
+    uncached = [item for item in todo if generated[item.row] is None]
+    cost = CREDITS_PER_IMAGE * len(uncached)
+    get_run_logger().info(
+        "%d items to run, %d cache hits expected, up to %d credits",
+        len(todo),
+        len(todo) - len(uncached),
+        cost,
+    )
+    if cost == 0:
+        return 0
+    if max_credits is not None and cost > max_credits and not partial_budget:
+        raise BudgetExceededError(
+            f"the batch can cost {cost} credits ({len(uncached)} uncached items x "
+            f"{CREDITS_PER_IMAGE}), above max_credits={max_credits}; "
+            "raise max_credits or pass partial_budget=True"
+        )
+    needed = min(cost, max_credits) if max_credits is not None else cost
+    with journey_client(credentials) as api:
+        balance = api.account().credits
+    if needed > balance:
+        raise InsufficientCreditsError(
+            f"the batch needs up to {needed} credits and the account has {balance}: top up first"
+        )
+    return cost
+
+
+def budget_path() -> Path:
+    """This flow run's budget file, under ``JOURNEY_BUDGET_DIR``."""
+    return settings.budget_dir() / f"budget-{flow_run.id or 'local'}.json"
+
+
+# --- Outcome and report ------------------------------------------------------------------------
+
+
+def outcome(
+    item: CampaignItem,
+    generated: ImagineResult | None,
+    stored: StoredImage | None,
+    *,
+    cached: bool,
+    error: BaseException | None = None,
+) -> ItemOutcome:
+    """One item's row in the summary: what it produced, or why it did not.
+
+    Args:
+        item: The item.
+        generated: Its image, if one was made or found.
+        stored: Its object, if one was written or found.
+        cached: The image came from an earlier run (no credit, no attempt).
+        error: Why the item stopped short, if it did.
+
+    Returns:
+        ``stored`` with an object; ``skipped`` when the budget refused its call; else
+        ``failed``, with the reason.
+    """
+    fields: dict[str, Any] = {
+        "row": item.row,
+        "prompt": display_text(item.request.prompt, OUTCOME_PROMPT_CHARS),
+    }
+    if generated is not None:
+        fields |= {
+            "task_id": generated.task_id,
+            "latency_s": round(generated.elapsed_seconds, 2),
+            "credits": 0 if cached else generated.credits_charged,
+            "attempts": 0 if cached else generated.attempts,
+            "cached": cached,
+        }
+    if stored is not None:
+        return ItemOutcome(**fields, status="stored", uri=stored.uri, sha256=stored.sha256)
+    reason = failure_text(error) if error is not None else "its result could not be read"
+    skipped = generated is None and isinstance(error, BudgetExceededError)
+    return ItemOutcome(**fields, status="skipped" if skipped else "failed", reason=reason)
+
+
+def report(
+    campaign: Campaign, items: int, outcomes: list[ItemOutcome], *, allow_failures: bool
+) -> CampaignReport:
+    """Sum up the run, publish its summary table and log its ledger line.
+
+    Raises:
+        CampaignFailedError: An item was not stored, unless ``allow_failures``.
+    """
+    outcomes = sorted(outcomes, key=lambda o: o.row)
+    ledger = campaign.budget.snapshot() if campaign.budget else {}
+    summary = CampaignReport(
+        campaign=campaign.name,
+        items=items,
+        stored=sum(o.status == "stored" for o in outcomes),
+        failed=sum(o.status == "failed" for o in outcomes),
+        skipped=sum(o.status == "skipped" for o in outcomes),
+        cache_hits=sum(o.cached for o in outcomes),
+        calls=ledger.get("calls", 0),
+        credits_charged=ledger.get("spent", 0),
+        possibly_billed_retries=ledger.get("possibly_billed", 0),
+        outcomes=outcomes,
+    )
+    call_sync(
+        create_table_artifact,
+        [o.model_dump() for o in outcomes],
+        key=f"{campaign.slug}-summary",
+        description=f"campaign {display_text(campaign.name)}: {summary.ledger_line()}",
+    )
+    get_run_logger().info("campaign %s: %s", display_text(campaign.name), summary.ledger_line())
+    not_stored = [o for o in outcomes if o.status != "stored"]
+    if not_stored and not allow_failures:
+        reasons = "; ".join(f"row {o.row}: {o.reason}" for o in not_stored[:FAILURES_QUOTED])
+        raise CampaignFailedError(f"{len(not_stored)} of {items} items not stored: {reasons}")
+    return summary

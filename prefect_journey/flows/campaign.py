@@ -1,0 +1,190 @@
+"""The campaign flows: hundreds of prompts, fanned out under a concurrency limit and a budget.
+
+Everything that can be checked is checked before the first call: every row (with its row
+number), every object key, what the campaign can cost (cache hits excluded) against
+``max_credits`` and the account's balance. During the run no call starts once spent plus
+in-flight credits would pass ``max_credits`` (retries count). One failed item never stops the
+others; re-running the campaign redoes only what failed, the rest are cache hits. The steps
+live in :mod:`prefect_journey.campaigns.pipeline`; these flow bodies only wire them.
+
+Deploy by module path: ``prefect_journey.flows.campaign:batch_campaign`` (or
+``:abatch_campaign``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+from prefect import flow, get_run_logger
+
+from prefect_journey import settings
+from prefect_journey._compat import shared_sync_client
+from prefect_journey.budget import CreditBudget
+from prefect_journey.campaigns.chunked import run_chunked
+from prefect_journey.campaigns.per_image import make_task_runner, run_per_image
+from prefect_journey.campaigns.pipeline import (
+    Campaign,
+    CampaignReport,
+    budget_path,
+    look_up,
+    preflight,
+    report,
+)
+from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items, read_items
+from prefect_journey.credentials import load_credentials
+from prefect_journey.destinations import load_destination
+from prefect_journey.errors import JourneyValidationError
+from prefect_journey.gate import concurrency_limit_exists
+from prefect_journey.models import display_text
+from prefect_journey.tasks import check_variant, resolve_variant
+
+# The Prefect global concurrency limit a campaign uses when it exists (create it once per
+# workspace to share one bound between every flow that calls the API).
+DEFAULT_CONCURRENCY_LIMIT = "journey-imagine"
+# Calls in flight per run when the flow is not told otherwise.
+DEFAULT_MAX_CONCURRENCY = 8
+
+R = TypeVar("R")
+
+
+@flow(name="batch-campaign")
+def batch_campaign(
+    items: list[dict[str, Any]] | None = None,
+    source: str | None = None,
+    campaign: str = "campaign",
+    key_template: str = CAMPAIGN_KEY_TEMPLATE,
+    destination: str | None = None,
+    destination_block: str | None = None,
+    credentials_block: str | None = None,
+    variant: str = "",
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    concurrency_limit: str | None = DEFAULT_CONCURRENCY_LIMIT,
+    max_credits: int | None = None,
+    partial_budget: bool = False,
+    allow_failures: bool = False,
+    task_runner: str | None = None,
+    images_per_task_run: int = 1,
+) -> CampaignReport:
+    """Generate and store every item of a campaign.
+
+    Args:
+        items: The items, as mappings (``prompt``; optional ``references``,
+            ``aspect_ratio``, ``resolution``; other fields feed the key template).
+        source: Instead of ``items``: a ``.csv`` or ``.jsonl`` file, local or any fsspec URL.
+        campaign: The campaign's name (``{campaign}`` in the key template, artifact keys).
+        key_template: Each object's key; default ``{campaign}/{index:04d}-{slug}.{ext}``.
+        destination: An fsspec URL or folder; default ``JOURNEY_DESTINATION`` or ./outputs.
+        destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
+        variant: Part of every cache key; ``"{scheduled_date}"`` buys new images each day.
+        max_concurrency: Calls (and stores) in flight in this run.
+        concurrency_limit: A Prefect global concurrency limit shared with other flows, used
+            when it exists; ``max_concurrency`` bounds the run either way.
+        max_credits: The run's credit budget; refused before any call if it could be passed.
+        partial_budget: Run until ``max_credits`` is spent instead of refusing to start.
+        allow_failures: Complete the run even if some items failed.
+        task_runner: ``"thread"`` or ``"dask"``; default ``JOURNEY_TASK_RUNNER`` or thread.
+        images_per_task_run: 1 gives every image its own task runs; more runs that many
+            images per task run (same caching, retries, budget and reporting, a fraction of
+            Prefect's per-run cost; thread runner only).
+
+    Returns:
+        The report: counts, credits, and one outcome per item.
+
+    Raises:
+        CampaignError: Bad rows (every one listed), before any call.
+        BudgetExceededError: The campaign could cost more than ``max_credits``.
+        InsufficientCreditsError: More than the account's balance.
+        CampaignFailedError: Some items were not stored (unless ``allow_failures``).
+
+    Example:
+        ```python
+        from prefect_journey.flows import batch_campaign
+
+        report = batch_campaign(
+            items=[{"prompt": "a red chair"}, {"prompt": "a blue chair"}],
+            campaign="chairs",
+            destination="s3://my-bucket/campaigns",
+            max_credits=20,
+        )
+        print(report.ledger_line())
+        ```
+    """
+    if (items is None) == (source is None):
+        raise JourneyValidationError("pass either items or source")
+    rows = items if items is not None else read_items(source or "")
+    plan = plan_items(rows, campaign=campaign, key_template=key_template)
+    variant = resolve_variant(check_variant(variant))
+    if max_concurrency < 1:
+        raise JourneyValidationError("max_concurrency must be at least 1")
+    if images_per_task_run < 1:
+        raise JourneyValidationError("images_per_task_run must be at least 1")
+    if images_per_task_run > 1 and settings.task_runner(task_runner) != "thread":
+        raise JourneyValidationError(
+            "images_per_task_run > 1 runs images on the flow's event loop, not on a task "
+            "runner: use task_runner='thread' (or 1 image per task run on Dask)"
+        )
+    # The per-image executor keeps at most max_concurrency generations in flight; the other
+    # half of the pool lets stores run beside them.
+    runner = make_task_runner(task_runner, 2 * max_concurrency)
+    target = load_destination(destination, destination_block)  # fails before spending
+    credentials = load_credentials(credentials_block)
+    run = Campaign(campaign, target, key_template, variant, credentials, None, None)
+    found = look_up(plan, run)
+    todo = [item for item in plan if item.row not in found.finished]
+    logger = get_run_logger()
+    if found.finished:
+        logger.info("%d of %d items were stored by an earlier run", len(found.finished), len(plan))
+    preflight(
+        todo,
+        found.generated,
+        credentials=credentials,
+        max_credits=max_credits,
+        partial_budget=partial_budget,
+    )
+    limit = concurrency_limit if todo and concurrency_limit_exists(concurrency_limit) else None
+    if todo and concurrency_limit and limit is None:
+        logger.info(
+            "no global concurrency limit %r: bounded by max_concurrency=%d",
+            display_text(concurrency_limit),
+            max_concurrency,
+        )
+    run = dataclasses.replace(
+        run,
+        budget=CreditBudget.create(budget_path(), max_credits),
+        concurrency_limit=limit,
+        restore=frozenset(found.restore),
+    )
+    outcomes = list(found.finished.values())
+    if todo and images_per_task_run > 1:
+        outcomes += run_chunked(todo, run, max_concurrency, images_per_task_run)
+    elif todo:
+        with runner:
+            outcomes += run_per_image(todo, run, runner, max_concurrency)
+    return report(run, len(plan), outcomes, allow_failures=allow_failures)
+
+
+# ``batch_campaign`` (same parameters, same docstring, so a deployment of either shows the
+# same form; same run) as an async flow, for async callers and deployments. A sync flow run
+# ends by joining Prefect's heartbeat thread, which sleeps in 1 s steps: up to a second per
+# run, a whole second for a re-run whose items are all cached; an async flow run does not
+# wait for it. The campaign's own code is sync (a thread pool of task runs, blocking stores)
+# and runs on a worker thread, so the flow's event loop stays free. A thread cannot be
+# interrupted: cancelling the awaiting coroutine (not the flow run) leaves the campaign
+# running to its end, within its budget.
+@flow(name="batch-campaign-async")
+@wraps(batch_campaign.fn, assigned=("__module__", "__annotations__", "__doc__"))
+async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
+    return await asyncio.to_thread(_with_sync_client, batch_campaign.fn, *args, **kwargs)
+
+
+def _with_sync_client(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """``function(*args, **kwargs)`` with one sync Prefect client for it and the task runs
+    it starts. A sync flow run provides one; without it, under an async flow run, every
+    sync task run opens a client of its own (a new connection and an extra request each)."""
+    with shared_sync_client():
+        return function(*args, **kwargs)

@@ -1,0 +1,209 @@
+"""Every ``JOURNEY_*`` environment variable: its name, its default and its check, in one place.
+
+Values are read when asked for, not at import, so a process (or a test) that sets a variable
+after importing the package is still heard. A malformed value raises
+:class:`~prefect_journey.errors.ConfigurationError` naming the variable, before anything is
+sent or spent. :data:`VARIABLES` lists them all; the Configuration page of the docs is its
+rendering (a test keeps the two equal).
+
+This module does not import Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect_journey.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable the package reads."""
+
+    name: str
+    default: str
+    description: str
+
+
+API_KEY = Variable(
+    "JOURNEY_API_KEY",
+    "(none)",
+    "The API key, when no key is passed and no JourneyCredentials block is named.",
+)
+BASE_URL = Variable(
+    "JOURNEY_BASE_URL",
+    "https://api.journeyapi.com",
+    "The API root (plain http only on loopback, for the emulator).",
+)
+READ_TIMEOUT = Variable(
+    "JOURNEY_READ_TIMEOUT",
+    "(formula)",
+    "Seconds to wait for a generation, for every client not given read_timeout; "
+    "by default a formula of resolution and reference count.",
+)
+DESTINATION = Variable(
+    "JOURNEY_DESTINATION",
+    "./outputs",
+    "Where flows store images when given neither destination nor destination_block.",
+)
+TASK_RUNNER = Variable(
+    "JOURNEY_TASK_RUNNER",
+    "thread",
+    "The campaign's task runner when the flow is not given one: thread or dask.",
+)
+DASK_ADDRESS = Variable(
+    "JOURNEY_DASK_ADDRESS",
+    "(none)",
+    "A running Dask scheduler (tcp://host:8786) for task_runner='dask'; "
+    "without it a local cluster starts.",
+)
+DASK_WORKERS = Variable(
+    "JOURNEY_DASK_WORKERS",
+    "2",
+    "Worker processes of the local Dask cluster.",
+)
+BUDGET_DIR = Variable(
+    "JOURNEY_BUDGET_DIR",
+    "<temp dir>/prefect-journey",
+    "Folder of the campaigns' credit-budget files (share it between the processes of a run).",
+)
+LOCK_LEASE_SECONDS = Variable(
+    "JOURNEY_LOCK_LEASE_SECONDS",
+    "60",
+    "Lease of the image locks; a killed run's images are free again within one lease.",
+)
+WEBHOOK_SECRET = Variable(
+    "JOURNEY_WEBHOOK_SECRET",
+    "(none)",
+    "The secret the webhook receiver expects in x-webhook-secret.",
+)
+
+VARIABLES: tuple[Variable, ...] = (
+    API_KEY,
+    BASE_URL,
+    READ_TIMEOUT,
+    DESTINATION,
+    TASK_RUNNER,
+    DASK_ADDRESS,
+    DASK_WORKERS,
+    BUDGET_DIR,
+    LOCK_LEASE_SECONDS,
+    WEBHOOK_SECRET,
+)
+
+DEFAULT_BASE_URL = BASE_URL.default
+DEFAULT_DESTINATION = DESTINATION.default
+TASK_RUNNERS = ("thread", "dask")
+# Two worker processes: one per core of a small machine; more on bigger ones.
+DEFAULT_DASK_WORKERS = 2
+# A killed run's images wait this long before another run may generate them; renewing every
+# 20 s costs nothing next to calls that take minutes.
+DEFAULT_LEASE_SECONDS = 60.0
+# Renewal runs every third of a lease: below a second it would be a busy loop of file writes.
+MIN_LEASE_SECONDS = 1.0
+
+
+def _raw(variable: Variable) -> str | None:
+    value = os.environ.get(variable.name)
+    return value if value and value.strip() else None
+
+
+def api_key() -> str | None:
+    """``JOURNEY_API_KEY``, or None when unset or blank."""
+    return _raw(API_KEY)
+
+
+def base_url() -> str:
+    """``JOURNEY_BASE_URL``, else the provider's API root."""
+    return _raw(BASE_URL) or DEFAULT_BASE_URL
+
+
+def read_timeout() -> float | None:
+    """``JOURNEY_READ_TIMEOUT`` in seconds, or None to use the formula.
+
+    Raises:
+        ConfigurationError: The value is not a positive number.
+    """
+    return _positive_seconds(READ_TIMEOUT, minimum=0.0, inclusive=False)
+
+
+def destination() -> str:
+    """``JOURNEY_DESTINATION``, else ``./outputs``."""
+    return _raw(DESTINATION) or DEFAULT_DESTINATION
+
+
+def task_runner(kind: str | None = None) -> str:
+    """``kind``, else ``JOURNEY_TASK_RUNNER``, else ``"thread"``; lower case.
+
+    Raises:
+        ConfigurationError: Neither ``thread`` nor ``dask``.
+    """
+    chosen = (kind or _raw(TASK_RUNNER) or TASK_RUNNER.default).strip().lower()
+    if chosen not in TASK_RUNNERS:
+        raise ConfigurationError(f"task_runner must be 'thread' or 'dask', not {chosen!r}")
+    return chosen
+
+
+def dask_address() -> str | None:
+    """``JOURNEY_DASK_ADDRESS``, or None for a local cluster."""
+    return _raw(DASK_ADDRESS)
+
+
+def dask_workers() -> int:
+    """``JOURNEY_DASK_WORKERS``, else 2.
+
+    Raises:
+        ConfigurationError: Not a whole number of at least 1.
+    """
+    raw = _raw(DASK_WORKERS)
+    if raw is None:
+        return DEFAULT_DASK_WORKERS
+    try:
+        workers = int(raw)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ConfigurationError(f"{DASK_WORKERS.name} must be a whole number >= 1, got {raw!r}")
+    return workers
+
+
+def budget_dir() -> Path:
+    """``JOURNEY_BUDGET_DIR``, else ``prefect-journey`` in the system's temporary folder."""
+    raw = _raw(BUDGET_DIR)
+    return Path(raw) if raw else Path(tempfile.gettempdir()) / "prefect-journey"
+
+
+def lock_lease_seconds() -> float:
+    """``JOURNEY_LOCK_LEASE_SECONDS``, else 60.
+
+    Raises:
+        ConfigurationError: Not a number of seconds of at least 1.
+    """
+    seconds = _positive_seconds(LOCK_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS, inclusive=True)
+    return DEFAULT_LEASE_SECONDS if seconds is None else seconds
+
+
+def webhook_secret() -> str:
+    """``JOURNEY_WEBHOOK_SECRET``, or an empty string when unset."""
+    return _raw(WEBHOOK_SECRET) or ""
+
+
+def _positive_seconds(variable: Variable, *, minimum: float, inclusive: bool) -> float | None:
+    raw = _raw(variable)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    in_range = seconds >= minimum if inclusive else seconds > minimum
+    if not (math.isfinite(seconds) and in_range):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ConfigurationError(
+            f"{variable.name} must be a number of seconds {bound}, got {raw!r}"
+        )
+    return seconds
