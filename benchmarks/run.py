@@ -1,4 +1,5 @@
-"""``make bench``: run every benchmark and write BENCHMARKS.md (figures as ratios)."""
+"""``make bench``: run every benchmark and write BENCHMARKS.md and the figure table of
+docs/benchmarks.md (figures as ratios)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from benchmarks.common import ROOT, RUNS, Figure, verdict
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by make bench -->"
 # What the last `make bench` measured, so the report can be rendered again without measuring.
 RESULTS = ROOT / "benchmarks" / "results.json"
-# The README's figure table sits between these lines; a run rewrites it, so it cannot drift.
+# The docs' figure table (FIGURES_PAGE) sits between these lines; a run rewrites it, so it
+# cannot drift. (The names say README: the table lived there before the docs/ pages.)
 README_FIGURES_START = "<!-- figures: written by make bench from benchmarks/results.json -->"
 README_FIGURES_END = "<!-- /figures -->"
+# The page that holds that table.
+FIGURES_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
 def kept_analysis(text: str) -> list[str]:
@@ -117,7 +121,7 @@ def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
 
 
 def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
-    """The README's table: every figure with a target, met or missed."""
+    """The figure table of :data:`FIGURES_PAGE`: every figure with a target, met or missed."""
     from benchmarks import transfer
 
     return [
@@ -125,7 +129,7 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
         "",
         f"From `make bench` at {results['commit']}, {results['measured_at']}, on "
         f"{results['machine']}. Each figure is a ratio to a baseline measured in the same run; "
-        "[BENCHMARKS.md](BENCHMARKS.md) has the values behind them, Prefect's own floors and "
+        "[BENCHMARKS.md](../BENCHMARKS.md) has the values behind them, Prefect's own floors and "
         "the other batch sizes. Prefect's database is the test harness's SQLite unless the "
         "figure says PostgreSQL.",
         "",
@@ -158,9 +162,10 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
     ]
 
 
-def with_readme_figures(readme: str, lines: list[str]) -> str:
-    start, end = readme.index(README_FIGURES_START), readme.index(README_FIGURES_END)
-    return readme[:start] + "\n".join(lines) + readme[end + len(README_FIGURES_END) :]
+def with_readme_figures(page: str, lines: list[str]) -> str:
+    """``page`` with ``lines`` in place of its figure table (markers included)."""
+    start, end = page.index(README_FIGURES_START), page.index(README_FIGURES_END)
+    return page[:start] + "\n".join(lines) + page[end + len(README_FIGURES_END) :]
 
 
 def measure() -> dict[str, Any]:
@@ -193,9 +198,10 @@ def load(path: Path) -> dict[str, Any]:
     return results
 
 
-def rendered(results: dict[str, Any], report: str, readme: str) -> tuple[str, str]:
-    """BENCHMARKS.md and the README (given as they are) with the figures of ``results``;
-    the hand-written analysis below the report's marker and the rest of the README stay."""
+def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[str, str]:
+    """BENCHMARKS.md and the figures page, docs/benchmarks.md (given as they are), with the
+    figures of ``results``; the hand-written analysis below the report's marker and the rest
+    of the figures page stay."""
     from benchmarks import orchestration, startup, transfer
     from prefect_journey.campaigns.chunked import RECOMMENDED_IMAGES_PER_TASK_RUN
 
@@ -264,18 +270,18 @@ def rendered(results: dict[str, Any], report: str, readme: str) -> tuple[str, st
     ]
     return (
         "\n".join(lines + kept_analysis(report)) + "\n",
-        with_readme_figures(readme, readme_figures(results, rows)),
+        with_readme_figures(figures_page, readme_figures(results, rows)),
     )
 
 
 def render(results: dict[str, Any]) -> None:
-    report, readme = ROOT / "BENCHMARKS.md", ROOT / "README.md"
-    new_report, new_readme = rendered(
-        results, report.read_text() if report.exists() else "", readme.read_text()
+    report = ROOT / "BENCHMARKS.md"
+    new_report, new_figures_page = rendered(
+        results, report.read_text() if report.exists() else "", FIGURES_PAGE.read_text()
     )
     print(new_report)
     report.write_text(new_report)
-    readme.write_text(new_readme)
+    FIGURES_PAGE.write_text(new_figures_page)
 
 
 def main(argv: list[str]) -> None:

@@ -147,7 +147,7 @@ def plan_items(
 
     Example:
         ```python
-        from prefect_journey.campaigns import plan_items
+        from prefect_journey.campaigns.plan import plan_items
 
         items = plan_items([{"prompt": "a red chair"}], campaign="spring")
         assert items[0].key_fields["slug"] == "a-red-chair"
