@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The whole check: lint, the default suite, then the wheel installed into a fresh environment.
 test: lint
 	$(BIN)/pytest
+	$(BIN)/pytest -m install
 
 # The demo keeps its Prefect database, results and cache in the checkout, so it neither
 # depends on nor alters ~/.prefect (whose database another Prefect version may own).

@@ -295,13 +295,13 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000)) -> dict[str, Any]:
         os.environ.update({"JOURNEY_API_KEY": KEY, "JOURNEY_BASE_URL": url})
         for n in sizes:
             ideal = math.ceil(n / CONCURRENCY) * LATENCY
-            mine = _median_on_a_fresh_server(RUNS, ours, n)
+            mine = median_on_a_fresh_server(RUNS, ours, n)
             base = median([handwritten(url, n) for _ in range(RUNS)])
-            floor = _median_on_a_fresh_server(RUNS, prefect_floor, n)
-            tagged_floor = _median_on_a_fresh_server(RUNS, prefect_floor, n, TAGS)
-            shape_floor = _median_on_a_fresh_server(RUNS, prefect_floor_of_our_shape, n)
-            chunked = _median_on_a_fresh_server(RUNS, ours_chunked, n)
-            chunked_floor = _median_on_a_fresh_server(RUNS, prefect_floor_of_chunked_shape, n)
+            floor = median_on_a_fresh_server(RUNS, prefect_floor, n)
+            tagged_floor = median_on_a_fresh_server(RUNS, prefect_floor, n, TAGS)
+            shape_floor = median_on_a_fresh_server(RUNS, prefect_floor_of_our_shape, n)
+            chunked = median_on_a_fresh_server(RUNS, ours_chunked, n)
+            chunked_floor = median_on_a_fresh_server(RUNS, prefect_floor_of_chunked_shape, n)
             results["by_n"][n] = {
                 "runs": RUNS,
                 "ideal": ideal,
@@ -318,7 +318,7 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000)) -> dict[str, Any]:
             }
         if TARGET_N in sizes:
             results["postgres"] = _on_postgres(TARGET_N)
-        results["empty_flow"] = _median_on_a_fresh_server(RUNS, empty_flow_run)
+        results["empty_flow"] = median_on_a_fresh_server(RUNS, empty_flow_run)
         results["rerun"] = {}
         for kind, asynchronous in RERUN_KINDS.items():
             with prefect_test_harness():
@@ -327,7 +327,7 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000)) -> dict[str, Any]:
     return results
 
 
-def _median_on_a_fresh_server(runs: int, run: Callable[..., float], *args: Any) -> float:
+def median_on_a_fresh_server(runs: int, run: Callable[..., float], *args: Any) -> float:
     """Each kind of run gets its own Prefect server and database: runs recorded by earlier
     figures (N=1000 leaves thousands of task runs, artifacts and events) slowed later ones
     by up to a third and made the comparison depend on the order of measurement."""

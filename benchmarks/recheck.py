@@ -1,0 +1,72 @@
+"""A quick re-check of the figures a code change can move, against the last full ``make bench``.
+
+    python -m benchmarks.recheck            # N=200 orchestration rows (SQLite) and transfers
+
+Measures, in this run, the N=200 rows of the orchestration table on the test harness's
+SQLite server (the campaign in both executors, the hand-written script, Prefect's floors of
+both shapes) and every transfer row, then prints each ratio beside the one saved in
+``benchmarks/results.json``. Prefect's floors are measured again too: when they moved by as
+much as ours, the machine moved, not the code. Nothing is written; the full run stays
+``make bench``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from benchmarks import orchestration, transfer
+from benchmarks.common import RUNS, emulator_process, median
+from benchmarks.run import RESULTS, load
+
+N = orchestration.TARGET_N
+
+
+def measure() -> dict[str, Any]:
+    """The N=200 orchestration rows (SQLite) and the transfer rows, measured now."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    fresh = orchestration.median_on_a_fresh_server
+    with emulator_process("--fixed-latency", str(orchestration.LATENCY)) as url:
+        os.environ.update({"JOURNEY_API_KEY": orchestration.KEY, "JOURNEY_BASE_URL": url})
+        row = {
+            "ideal": math.ceil(N / orchestration.CONCURRENCY) * orchestration.LATENCY,
+            "ours": fresh(RUNS, orchestration.ours, N),
+            "handwritten": median([orchestration.handwritten(url, N) for _ in range(RUNS)]),
+            "shape_floor": fresh(RUNS, orchestration.prefect_floor_of_our_shape, N),
+            "chunked": fresh(RUNS, orchestration.ours_chunked, N),
+            "chunked_floor": fresh(RUNS, orchestration.prefect_floor_of_chunked_shape, N),
+        }
+    return {"orchestration": row, "transfer": transfer.measure()}
+
+
+def ratios(orchestration_row: dict[str, float]) -> dict[str, float]:
+    """The figures of one N=200 row as ratios to their baselines."""
+    r = orchestration_row
+    return {
+        "per image vs ideal": r["ours"] / r["ideal"],
+        "per image vs hand-written": r["ours"] / r["handwritten"],
+        "floor of our shape vs ideal": r["shape_floor"] / r["ideal"],
+        "per image vs floor of our shape": r["ours"] / r["shape_floor"],
+        "chunked vs ideal": r["chunked"] / r["ideal"],
+        "chunked vs hand-written": r["chunked"] / r["handwritten"],
+        "floor of the chunked shape vs ideal": r["chunked_floor"] / r["ideal"],
+    }
+
+
+def main() -> None:
+    saved = load(RESULTS)
+    now = measure()
+    print(f"{'figure (N=200, SQLite)':<45} {'saved':>8} {'now':>8}")
+    before = ratios(saved["orchestration"]["by_n"][N])
+    for name, value in ratios(now["orchestration"]).items():
+        print(f"{name:<45} {before[name]:>8.3f} {value:>8.3f}")
+    saved_transfer = {f.name: f.ratio for f in transfer.figures(saved["transfer"])}
+    for figure in transfer.figures(now["transfer"]):
+        print(f"{figure.name:<45} {saved_transfer.get(figure.name, math.nan):>8.3f} "
+              f"{figure.ratio:>8.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
