@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo soak bench profile emulator clean
+.PHONY: test lint demo soak bench bench-recheck profile emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -39,13 +39,18 @@ demo: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m reliability.soak --items 500
 
-# Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md, the README's
-# figure table and benchmarks/results.json (`python -m benchmarks.run --render` re-renders). The N=200
-# campaign is measured again on PostgreSQL (Debian's package), as production servers run.
+# Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md, the figure
+# table of docs/benchmarks.md and benchmarks/results.json (`python -m benchmarks.run --render`
+# re-renders). The N=200 campaign is measured again on PostgreSQL (Debian's package), as
+# production servers run. `bench-recheck`: the N=200 and transfer rows only, against the saved
+# results, to see whether a change moved them.
 bench: $(STAMP)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql)
 	$(BIN)/python -m benchmarks.run
+
+bench-recheck: $(STAMP)
+	$(BIN)/python -m benchmarks.recheck
 
 # One campaign under py-spy: how task runs split their wall time (Prefect vs ours).
 profile: $(STAMP)

@@ -36,7 +36,16 @@ R = TypeVar("R")
 # the sync variant this way.
 def call_sync(function: Callable[..., R | Coroutine[Any, Any, R]], *args: Any, **kwargs: Any) -> R:
     """``function(*args, **kwargs)`` on the sync path of an async-dispatching Prefect
-    function, whatever run is current."""
+    function, whatever run is current.
+
+    Args:
+        function: A Prefect function wrapped by ``async_dispatch``.
+        *args: Its positional arguments.
+        **kwargs: Its keyword arguments.
+
+    Returns:
+        What its sync variant returns.
+    """
     return cast(R, function(*args, _sync=True, **kwargs))
 
 
@@ -46,7 +55,14 @@ def call_sync(function: Callable[..., R | Coroutine[Any, Any, R]], *args: Any, *
 # Why: the chunked executor does a task's work outside its task runs and must read and write
 # the very records the task engine would, under the same locks.
 def result_store_for(task: Task[..., Any]) -> ResultStore:
-    """The result store the task engine uses for ``task``'s cache records."""
+    """The result store the task engine uses for ``task``'s cache records.
+
+    Args:
+        task: The task whose records to read or write.
+
+    Returns:
+        The store, with the lock manager of ``task``'s cache policy.
+    """
     return call_sync(get_result_store().update_for_task, task)
 
 
@@ -62,7 +78,17 @@ def submit_to(
     wait_for: list[PrefectFuture[Any]] | None = None,
     **parameters: Any,
 ) -> PrefectFuture[Any]:
-    """``task.submit(**parameters)`` on ``runner`` instead of the flow's task runner."""
+    """``task.submit(**parameters)`` on ``runner`` instead of the flow's task runner.
+
+    Args:
+        runner: A started task runner.
+        task: The task to run.
+        wait_for: Futures the run waits for (and shows as upstream in the UI).
+        **parameters: The task's parameters, by name.
+
+    Returns:
+        The run's future.
+    """
     future: PrefectFuture[Any] = runner.submit(
         task, get_call_parameters(task.fn, (), parameters), wait_for
     )
@@ -98,7 +124,14 @@ CACHED_STATE_NAME = "Cached"
 
 
 def is_cached(state: State[Any]) -> bool:
-    """Whether ``state`` is a cache hit."""
+    """Whether ``state`` is a cache hit.
+
+    Args:
+        state: A task run's final state.
+
+    Returns:
+        True for a Completed state that came from the cache.
+    """
     return state.is_completed() and state.name == CACHED_STATE_NAME
 
 
@@ -127,7 +160,11 @@ class WorkerThreadTimeoutNoticeFilter(logging.Filter):
 
 
 def quiet_worker_thread_timeout_notice(task_name_prefix: str) -> None:
-    """Install :class:`WorkerThreadTimeoutNoticeFilter` on Prefect's task-run logger."""
+    """Install :class:`WorkerThreadTimeoutNoticeFilter` on Prefect's task-run logger, once.
+
+    Args:
+        task_name_prefix: The notice is dropped for tasks whose name starts so.
+    """
     logger = logging.getLogger("prefect.task_runs")
     if not any(
         isinstance(f, WorkerThreadTimeoutNoticeFilter) and f.task_name_prefix == task_name_prefix

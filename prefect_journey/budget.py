@@ -33,7 +33,33 @@ class BudgetExceededError(JourneyError):
 
 @dataclass(frozen=True)
 class CreditBudget:
-    """``limit`` credits (None: unlimited, counting only) tracked in the file at ``path``."""
+    """``limit`` credits (None: unlimited, counting only) tracked in the file at ``path``.
+
+    Each paid attempt reserves the price of one image before it starts and settles
+    afterwards (see the module docstring). The object holds no state of its own, only where
+    the state is, so it pickles to other processes. :meth:`create` makes a fresh budget;
+    constructing one directly uses the file as it is, which must exist.
+
+    Attributes:
+        path: The JSON state file, shared by every thread and process using the budget.
+        limit: The most credits the run may commit, spent and in flight together; None
+            (the default) counts without refusing.
+        price: The credits one attempt reserves; :data:`CREDITS_PER_IMAGE` by default.
+
+    Example:
+        ```python
+        from prefect_journey.budget import BudgetExceededError, CreditBudget
+
+        budget = CreditBudget.create("budget.json", limit=8)
+        for _ in range(2):
+            with budget.attempt():
+                ...  # one paid call, such as client.imagine(...)
+        try:
+            budget.reserve()
+        except BudgetExceededError:
+            print(budget.snapshot())  # 8 spent, 1 refused
+        ```
+    """
 
     path: str
     limit: int | None = None
@@ -41,7 +67,20 @@ class CreditBudget:
 
     @classmethod
     def create(cls, path: str | Path, limit: int | None = None) -> CreditBudget:
-        """A fresh budget (the file is reset)."""
+        """A fresh budget (the file is reset).
+
+        Args:
+            path: The state file; its parent folders are created, and the file is
+                overwritten with an empty state.
+            limit: The most credits the run may commit; None (the default) counts without
+                refusing.
+
+        Returns:
+            The budget, at the default price per attempt.
+
+        Raises:
+            ValueError: ``limit`` is negative.
+        """
         if limit is not None and limit < 0:
             raise ValueError("a credit budget cannot be negative")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +102,12 @@ class CreditBudget:
             handle.truncate()
 
     def reserve(self) -> None:
-        """Reserve one call's price or raise :class:`BudgetExceededError`."""
+        """Reserve one call's price or raise :class:`BudgetExceededError`.
+
+        Raises:
+            BudgetExceededError: Spent plus in-flight credits plus this price would pass
+                the limit; the refusal is counted and nothing is reserved.
+        """
         with self._locked() as state:
             committed = state["spent"] + state["in_flight"]
             refused = self.limit is not None and committed + self.price > self.limit
@@ -81,7 +125,16 @@ class CreditBudget:
 
     def settle(self, error: BaseException | None) -> None:
         """Close a reservation: spent unless ``error`` is one of ours that proves nothing
-        was billed (an unknown failure, or an interruption, may have been billed)."""
+        was billed.
+
+        An unknown failure, or an interruption, may have been billed, so it is spent and
+        counted as possibly billed.
+
+        Args:
+            error: How the attempt ended: None for a success, else the exception. A
+                :class:`~prefect_journey.errors.JourneyError` that is not
+                ``possibly_billed`` gives the reservation back.
+        """
         not_billed = isinstance(error, JourneyError) and not error.possibly_billed
         with self._locked() as state:
             state["in_flight"] -= self.price
@@ -91,13 +144,26 @@ class CreditBudget:
                 state["possibly_billed"] += 1
 
     def snapshot(self) -> dict[str, Any]:
-        """Calls started, credits spent (possibly-billed counted), in flight, refusals."""
+        """Calls started, credits spent (possibly-billed counted), in flight, refusals.
+
+        Returns:
+            ``calls``, ``spent``, ``in_flight``, ``possibly_billed`` (attempts that ended
+            in a failure that may have been billed), ``refused`` and the budget's ``limit``.
+        """
         with self._locked() as state:
             return {**state, "limit": self.limit}
 
     @contextmanager
     def attempt(self) -> Iterator[None]:
-        """Reserve around one paid call and settle by how it ended."""
+        """Reserve around one paid call and settle by how it ended.
+
+        An exception leaving the block settles the reservation with that error and is
+        raised again.
+
+        Raises:
+            BudgetExceededError: The call could take the run past the budget; the block
+                does not run.
+        """
         self.reserve()
         try:
             yield

@@ -95,7 +95,14 @@ _SIGNING_PARAMETERS = frozenset(
 
 
 def canonical_reference(url: str) -> str:
-    """The reference URL without presigning parameters: the same object, the same key."""
+    """The reference URL without presigning parameters: the same object, the same key.
+
+    Args:
+        url: A reference image URL, possibly presigned (S3 v2/v4, GCS, Azure SAS).
+
+    Returns:
+        ``url`` with its signing query parameters removed and the others kept in order.
+    """
     parts = urlsplit(url)
     kept = [
         (k, v)
@@ -111,7 +118,32 @@ def _digest(prefix: str, identity: dict[str, Any]) -> str:
 
 
 def imagine_cache_key(request: ImagineRequest, variant: str, base_url: str) -> str:
-    """The cache key of one image; exposed so tools (budgets, dry runs) can predict hits."""
+    """The cache key of one image; exposed so tools (budgets, dry runs) can predict hits.
+
+    It covers exactly what defines the image (see the module docstring): the API host,
+    model, prompt, references without presigning parameters, aspect ratio, resolution and
+    ``variant``; not the API key, the webhook fields or the task's source code.
+
+    Args:
+        request: The generation request.
+        variant: Any string that makes an otherwise identical request a new image (a
+            scheduled flow passes its date); ``""`` for none.
+        base_url: The API root; only its host and port count.
+
+    Returns:
+        ``"journey-imagine-"`` followed by a SHA-256 hex digest.
+
+    Example:
+        ```python
+        from prefect_journey import ImagineRequest
+        from prefect_journey.cache import imagine_cache_key
+
+        request = ImagineRequest(prompt="a lighthouse at dusk")
+        today = imagine_cache_key(request, "2025-06-01", "https://api.journeyapi.com")
+        tomorrow = imagine_cache_key(request, "2025-06-02", "https://api.journeyapi.com")
+        assert today != tomorrow
+        ```
+    """
     return _digest(
         "journey-imagine",
         {
@@ -137,6 +169,23 @@ class ImagineCachePolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
+        """The task run's cache key: :func:`imagine_cache_key` of its inputs.
+
+        Args:
+            task_ctx: The task run's context (not used).
+            inputs: The task's arguments: ``request`` (an ``ImagineRequest`` or its fields as
+                a dict), ``credentials`` (whose ``base_url`` names the API; None for the
+                default) and ``variant`` (None for ``""``).
+            flow_parameters: The flow run's parameters (not used).
+            **kwargs: Whatever else Prefect passes (not used).
+
+        Returns:
+            The cache key.
+
+        Raises:
+            JourneyValidationError: ``request`` is a dict that is not a valid request.
+            ConfigurationError: The credentials' ``base_url`` is malformed.
+        """
         request = inputs["request"]
         if not isinstance(request, ImagineRequest):
             request = ImagineRequest(**request)
@@ -152,7 +201,24 @@ def store_cache_key(
     key_fields: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """The cache key of storing one image; exposed so a flow can find finished items."""
+    """The cache key of storing one image; exposed so a flow can find finished items.
+
+    It covers the image's task id, the destination's URL and endpoint, the key template and
+    fields, and the overwrite flag; not the storage credentials.
+
+    Args:
+        task_id: The provider's id of the task whose image is stored.
+        destination: Where it is stored; its canonical URL and endpoint count.
+        key_template: The object key template.
+        key_fields: Values of the template's fields, compared as strings; None for none.
+        overwrite: Whether the store replaces an existing object; False by default.
+
+    Returns:
+        ``"journey-store-"`` followed by a SHA-256 hex digest.
+
+    Raises:
+        StorageError: The destination's filesystem cannot be built.
+    """
     return _digest(
         "journey-store",
         {
@@ -177,6 +243,24 @@ class StoreCachePolicy(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
+        """The task run's cache key: :func:`store_cache_key` of its inputs.
+
+        Args:
+            task_ctx: The task run's context (not used).
+            inputs: The task's arguments: ``result`` (the ``ImagineResult`` whose image is
+                stored), ``destination`` (anything
+                :func:`~prefect_journey.destinations.resolve_destination` accepts),
+                ``storage_options``, ``key_template``, ``key_fields`` and ``overwrite``.
+            flow_parameters: The flow run's parameters (not used).
+            **kwargs: Whatever else Prefect passes (not used).
+
+        Returns:
+            The cache key.
+
+        Raises:
+            JourneyValidationError: The destination is not a supported kind.
+            StorageError: The destination's filesystem cannot be built.
+        """
         from prefect_journey.destinations import resolve_destination
 
         return store_cache_key(
@@ -189,7 +273,12 @@ class StoreCachePolicy(CachePolicy):
 
 
 def default_lock_manager() -> LeasedFileSystemLockManager:
-    """Lock files under ``$PREFECT_HOME/locks/journey`` (one machine)."""
+    """Lock files under ``$PREFECT_HOME/locks/journey`` (one machine).
+
+    Returns:
+        A lease-based file lock manager; for several machines, use a shared one instead
+        (see the module docstring).
+    """
     return LeasedFileSystemLockManager(Path(PREFECT_HOME.value()) / "locks" / "journey")
 
 
@@ -205,7 +294,14 @@ STORE_CACHE_POLICY = StoreCachePolicy()
 
 
 def record_store(task: Task[..., Any]) -> ResultStore:
-    """The result store (and lock manager) the task engine uses for ``task``'s records."""
+    """The result store (and lock manager) the task engine uses for ``task``'s records.
+
+    Args:
+        task: The task whose records are read or written.
+
+    Returns:
+        The result store; its ``lock_manager`` is None when the task's cache policy has none.
+    """
     return result_store_for(task)
 
 
@@ -262,15 +358,28 @@ LOCKED_ELSEWHERE = object()
 
 
 def new_holder() -> str:
-    """A lock holder's name for one item's work, which may hop between threads."""
+    """A lock holder's name for one item's work, which may hop between threads.
+
+    Returns:
+        ``"<host>:<pid>:<random hex>"``, unique to this call.
+    """
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
 
 def lock_if_free_and_read(
     task: Task[..., Any], locks: LockManager | None, key: str, holder: str
 ) -> object:
-    """Take ``key``'s lock if it is free and read ``task``'s record under it, in one call
-    (one thread hop from async code; Prefect's async acquire makes six).
+    """Take ``key``'s lock if it is free and read ``task``'s record under it, in one call.
+
+    One call is one thread hop from async code; Prefect's async acquire makes six. It does
+    not wait for a lock another holder has. Once taken, the lock stays held, cached value
+    or not, until :func:`release_if_held`.
+
+    Args:
+        task: The task whose record to read (``imagine``, ...).
+        locks: The lock manager of the task's result store; None reads without locking.
+        key: The record's cache key.
+        holder: The caller's holder name, from :func:`new_holder`.
 
     Returns:
         The cached value or None (the lock is now held by ``holder``), or
@@ -282,11 +391,25 @@ def lock_if_free_and_read(
 
 
 def release_if_held(locks: LockManager | None, key: str, holder: str) -> None:
-    """Release ``key``'s lock if ``holder`` still holds it."""
+    """Release ``key``'s lock if ``holder`` still holds it.
+
+    Args:
+        locks: The lock manager; None does nothing.
+        key: The record's cache key.
+        holder: The holder name the lock was taken under.
+    """
     if locks is not None and locks.is_lock_holder(key, holder):
         locks.release_lock(key, holder)
 
 
 def locked_elsewhere(locks: LockManager | None, key: str) -> bool:
-    """Whether some run holds ``key``'s lock (it is paying for that image right now)."""
+    """Whether some run holds ``key``'s lock (it is paying for that image right now).
+
+    Args:
+        locks: The lock manager; None means nothing is ever locked.
+        key: The record's cache key.
+
+    Returns:
+        True if any holder, the caller included, has the lock.
+    """
     return locks is not None and locks.is_locked(key)

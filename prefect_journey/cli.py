@@ -167,7 +167,14 @@ _COMMANDS = {"emulator": _run_emulator, "imagine": _run_imagine, "webhooks": _ru
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 done, 1 the API or the store failed, 2 bad input or configuration."""
+    """Run one ``prefect-journey`` command.
+
+    Args:
+        argv: The arguments; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 done, 1 the API or the store failed, 2 bad input or configuration.
+    """
     from prefect_journey.errors import JourneyError
 
     parser = _parser()

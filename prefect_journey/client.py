@@ -71,9 +71,14 @@ CallFlow = Generator[Step, Outcome, T]
 
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client of the process. Building one (loading the CA
-    bundle) costs tens of milliseconds of CPU, more than the rest of a task run's share of
-    this package."""
+    """One TLS context for every client of the process, built on first use.
+
+    Building one (loading the CA bundle) costs tens of milliseconds of CPU, more than the
+    rest of a task run's share of this package.
+
+    Returns:
+        The process's TLS context, verifying against certifi's CA bundle.
+    """
     return ssl.create_default_context(cafile=certifi.where())
 
 
@@ -92,7 +97,21 @@ def _resolve_api_key(api_key: str | SecretStr | None) -> SecretStr:
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    """The API root from the argument, ``$JOURNEY_BASE_URL`` or the default; checked."""
+    """The API root from the argument, ``$JOURNEY_BASE_URL`` or the default; checked.
+
+    The key travels with every request, so plain http is refused beyond this machine.
+
+    Args:
+        base_url: The API root; None (or empty) uses ``JOURNEY_BASE_URL``, else
+            ``https://api.journeyapi.com``.
+
+    Returns:
+        The root without a trailing slash or a trailing ``/api/v1``.
+
+    Raises:
+        ConfigurationError: The URL is malformed, or uses plain http to a host other than
+            loopback.
+    """
     url = (base_url or settings.base_url()).rstrip("/")
     try:
         # The key travels with every request: refuse plain http beyond this machine.
@@ -122,7 +141,25 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def error_for_response(response: httpx.Response, secrets: tuple[str, ...] = ()) -> JourneyError:
-    """Map a non-2xx response to its error class."""
+    """Map a non-2xx response to its error class.
+
+    400/422: :class:`~prefect_journey.errors.JourneyValidationError`; 401/403:
+    :class:`~prefect_journey.errors.AuthenticationError`; 402:
+    :class:`~prefect_journey.errors.InsufficientCreditsError`; 404:
+    :class:`~prefect_journey.errors.NotFoundError`; 429:
+    :class:`~prefect_journey.errors.RateLimitedError` and 408/503:
+    :class:`~prefect_journey.errors.ServiceUnavailableError`, both with the parsed
+    ``Retry-After``; any other 5xx: :class:`~prefect_journey.errors.ServerError` (possibly
+    billed); anything else: :class:`~prefect_journey.errors.APIStatusError`.
+
+    Args:
+        response: The answer; its request's method and path name the call in the message.
+        secrets: Values removed from the server's error text (the API key, a webhook
+            secret); none by default.
+
+    Returns:
+        The error, for the caller to retry or raise (it is not raised here).
+    """
     status = response.status_code
     detail = redact(_error_message(response), secrets)
     where = f"{response.request.method} {response.request.url.path}"
@@ -150,7 +187,21 @@ def error_for_response(response: httpx.Response, secrets: tuple[str, ...] = ()) 
 
 
 def error_for_transport(exc: httpx.HTTPError, request: httpx.Request) -> JourneyError:
-    """Map an httpx transport failure: was the request sent (possibly billed) or not?"""
+    """Map an httpx transport failure: was the request sent (possibly billed) or not?
+
+    A connect error, connect timeout or pool timeout means the request never left:
+    :class:`~prefect_journey.errors.JourneyConnectionError` (retryable). A read timeout is a
+    :class:`~prefect_journey.errors.JourneyTimeoutError`, and any other failure a
+    :class:`~prefect_journey.errors.ConnectionDroppedError`: both possibly billed.
+
+    Args:
+        exc: The httpx error raised while sending ``request``.
+        request: The request that failed; its method, scheme, host and path (not its query)
+            name it in the message.
+
+    Returns:
+        The error, for the caller to retry or raise (it is not raised here).
+    """
     where = f"{request.method} {request.url.scheme}://{request.url.netloc.decode()}"
     where += request.url.path
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
@@ -257,7 +308,16 @@ class _ClientCore:
         )
 
     def read_timeout_for(self, request: ImagineRequest) -> float:
-        """The read timeout this client uses for ``request`` (override or the formula)."""
+        """The read timeout this client uses for ``request`` (override or the formula).
+
+        Args:
+            request: The request to be sent.
+
+        Returns:
+            The client's ``read_timeout`` when set, else
+            :func:`prefect_journey.policy.read_timeout_for` of the request's references and
+            resolution, in seconds.
+        """
         if self.read_timeout is not None:
             return self.read_timeout
         return policy.read_timeout_for(len(request.image_urls), request.resolution)
@@ -434,16 +494,101 @@ class JourneyClient(_ClientCore):
         self._http = httpx.Client(transport=transport, **self._http_options())
 
     def imagine(self, request: ImagineRequest | None = None, /, **fields: Any) -> ImagineResult:
-        """Generate one image: ``client.imagine(prompt="...", aspect_ratio="16:9")``."""
+        """Generate one image: ``client.imagine(prompt="...", aspect_ratio="16:9")``.
+
+        The call is paid (4 credits) and returns when the image exists. Failures that cannot
+        have been billed are retried up to ``max_retries`` times; possibly-billed ones are
+        raised, never retried here, since a retry may bill twice. Should the API answer with
+        an unfinished task, it is polled through ``/fetch`` every 2 s until the read timeout.
+
+        Args:
+            request: The request to send; leave it out to pass its fields as keywords.
+            **fields: The fields of an :class:`~prefect_journey.models.ImagineRequest`
+                (``prompt``, ``aspect_ratio``, ``resolution``, ``image_urls``, ...), when no
+                ``request`` is given.
+
+        Returns:
+            The finished task: its image URL, the time taken, the credits charged and the
+            number of attempts.
+
+        Raises:
+            JourneyValidationError: Bad input (checked before sending, or refused by the
+                server with 400/422), or both ``request`` and ``fields`` given.
+            AuthenticationError: The API key is missing, wrong or revoked (401/403).
+            InsufficientCreditsError: The account has too few credits (402).
+            RateLimitedError: 429, or 408/503 as its subclass ServiceUnavailableError,
+                after the retries, or with a ``Retry-After`` longer than 60 s.
+            JourneyConnectionError: The API could not be reached, after the retries.
+            PossiblyBilledError: The request was sent and the outcome is unknown: a
+                ServerError (500/502/504), a JourneyTimeoutError, a ConnectionDroppedError
+                or a MalformedResponseError.
+            TaskFailedError: The API refused the task (for example its content policy).
+            NotFoundError: A 404 answer.
+            APIStatusError: Any other status that retrying will not fix.
+
+        Example:
+            ```python
+            from prefect_journey import ImagineRequest, JourneyClient
+
+            request = ImagineRequest(prompt="a lighthouse at dusk", resolution="2K")
+            with JourneyClient() as client:  # JOURNEY_API_KEY from the environment
+                result = client.imagine(request)
+            print(result.task_id, result.image_url)
+            ```
+        """
         request = _as_request(request, fields)
         return self._run(self._imagine_flow(self._http, request))
 
     def fetch(self, task_id: str) -> TaskStatus:
-        """Status of a task (``POST /api/v1/fetch``); a failed task raises TaskFailedError."""
+        """Status of a task (``POST /api/v1/fetch``); a failed task raises TaskFailedError.
+
+        The call is free, so possibly-billed failures are retried too, up to
+        ``max_retries`` times.
+
+        Args:
+            task_id: The task's id, from :attr:`ImagineResult.task_id` or a webhook.
+
+        Returns:
+            The task; a finished one has a checked ``image_url``.
+
+        Raises:
+            JourneyValidationError: ``task_id`` is empty or not a string.
+            NotFoundError: No such task.
+            TaskFailedError: The task failed; ``reason`` holds the API's error text.
+            AuthenticationError: The API key is missing, wrong or revoked.
+            MalformedResponseError: The answer is not the documented shape.
+            JourneyError: Any other failure, after the retries (as for :meth:`imagine`).
+
+        Example:
+            ```python
+            from prefect_journey import JourneyClient
+
+            with JourneyClient() as client:
+                task = client.fetch("TASK_ID")
+            print(task.status, task.image_url)
+            ```
+        """
         return self._run(self._fetch_flow(self._http, task_id))
 
     def account(self) -> Account:
-        """The account's e-mail, credit balance and plan."""
+        """The account's e-mail, credit balance and plan (``GET /api/v1/account``).
+
+        Returns:
+            The account.
+
+        Raises:
+            AuthenticationError: The API key is missing, wrong or revoked.
+            MalformedResponseError: The answer is not the documented shape.
+            JourneyError: Any other failure, after the retries (as for :meth:`imagine`).
+
+        Example:
+            ```python
+            from prefect_journey import JourneyClient
+
+            with JourneyClient() as client:
+                print(client.account().credits)
+            ```
+        """
         return self._run(self._account_flow(self._http))
 
     def _run(self, flow: CallFlow[T]) -> T:
@@ -463,6 +608,7 @@ class JourneyClient(_ClientCore):
             return done.value  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        """Close the client's connections; the client cannot be used afterwards."""
         self._http.close()
 
     def __enter__(self) -> Self:
@@ -530,16 +676,72 @@ class AsyncJourneyClient(_ClientCore):
     async def imagine(
         self, request: ImagineRequest | None = None, /, **fields: Any
     ) -> ImagineResult:
-        """Generate one image: ``await client.imagine(prompt="...")``."""
+        """Generate one image: ``await client.imagine(prompt="...")``.
+
+        Same behaviour as :meth:`JourneyClient.imagine`: paid, safe failures retried,
+        possibly-billed ones raised.
+
+        Args:
+            request: The request to send; leave it out to pass its fields as keywords.
+            **fields: The fields of an :class:`~prefect_journey.models.ImagineRequest`,
+                when no ``request`` is given.
+
+        Returns:
+            The finished task: its image URL, the time taken, the credits charged and the
+            number of attempts.
+
+        Raises:
+            JourneyValidationError: Bad input, or both ``request`` and ``fields`` given.
+            JourneyError: As listed for :meth:`JourneyClient.imagine`.
+
+        Example:
+            ```python
+            import asyncio
+
+            from prefect_journey import AsyncJourneyClient
+
+            async def main() -> None:
+                async with AsyncJourneyClient() as client:
+                    result = await client.imagine(prompt="a lighthouse at dusk")
+                print(result.image_url)
+
+            asyncio.run(main())
+            ```
+        """
         request = _as_request(request, fields)
         return await self._run(self._imagine_flow(self._http, request))
 
     async def fetch(self, task_id: str) -> TaskStatus:
-        """Status of a task (``POST /api/v1/fetch``); a failed task raises TaskFailedError."""
+        """Status of a task (``POST /api/v1/fetch``); a failed task raises TaskFailedError.
+
+        The call is free, so possibly-billed failures are retried too, up to
+        ``max_retries`` times.
+
+        Args:
+            task_id: The task's id, from :attr:`ImagineResult.task_id` or a webhook.
+
+        Returns:
+            The task; a finished one has a checked ``image_url``.
+
+        Raises:
+            JourneyValidationError: ``task_id`` is empty or not a string.
+            NotFoundError: No such task.
+            TaskFailedError: The task failed; ``reason`` holds the API's error text.
+            JourneyError: Any other failure, as listed for :meth:`JourneyClient.fetch`.
+        """
         return await self._run(self._fetch_flow(self._http, task_id))
 
     async def account(self) -> Account:
-        """The account's e-mail, credit balance and plan."""
+        """The account's e-mail, credit balance and plan (``GET /api/v1/account``).
+
+        Returns:
+            The account.
+
+        Raises:
+            AuthenticationError: The API key is missing, wrong or revoked.
+            MalformedResponseError: The answer is not the documented shape.
+            JourneyError: Any other failure, after the retries.
+        """
         return await self._run(self._account_flow(self._http))
 
     async def _run(self, flow: CallFlow[T]) -> T:
@@ -559,6 +761,7 @@ class AsyncJourneyClient(_ClientCore):
             return done.value  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
+        """Close the client's connections; the client cannot be used afterwards."""
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:

@@ -100,14 +100,29 @@ def journey_client(credentials: JourneyCredentials | None, **options: Any) -> Jo
 def async_journey_client(
     credentials: JourneyCredentials | None, **options: Any
 ) -> AsyncJourneyClient:
-    """Async twin of :func:`journey_client`."""
+    """Async twin of :func:`journey_client`.
+
+    Args:
+        credentials: A loaded block, or None for the environment.
+        **options: Keyword options of :class:`~prefect_journey.client.AsyncJourneyClient`.
+
+    Returns:
+        A new async client.
+    """
     if credentials:
         return credentials.get_async_client(**options)
     return AsyncJourneyClient(**options)
 
 
 def api_base_url(credentials: JourneyCredentials | None) -> str:
-    """The API root the client for ``credentials`` talks to (part of every cache key)."""
+    """The API root the client for ``credentials`` talks to (part of every cache key).
+
+    Args:
+        credentials: A loaded block, or None for ``JOURNEY_BASE_URL``.
+
+    Returns:
+        The checked base URL.
+    """
     return resolve_base_url(credentials.base_url if credentials else None)
 
 

@@ -26,6 +26,11 @@ class ImageDestination(Block):
 
     Storage options may hold credentials; they are kept as a secret dictionary.
 
+    Attributes:
+        url: An fsspec URL such as ``s3://bucket/prefix``, or a local folder.
+        storage_options: Options for the filesystem, such as ``endpoint_url``, ``key`` and
+            ``secret``; empty by default.
+
     Example:
         Store images under a saved destination:
         ```python
@@ -51,7 +56,11 @@ class ImageDestination(Block):
     )
 
     def as_destination(self) -> Destination:
-        """The plain :class:`~prefect_journey.storage.Destination` this block describes."""
+        """The plain :class:`~prefect_journey.storage.Destination` this block describes.
+
+        Returns:
+            The destination, with the storage options revealed for the filesystem.
+        """
         return Destination(self.url, dict(self.storage_options.get_secret_value()))
 
 
@@ -85,7 +94,34 @@ def resolve_destination(
 ) -> Destination:
     """Turn a URL, a :class:`Destination` or a supported block into a :class:`Destination`.
 
-    ``storage_options`` apply to a plain URL only; blocks carry their own.
+    The blocks are read duck-typed, so none of their collections is required: an
+    :class:`ImageDestination`; Prefect's ``RemoteFileSystem`` and ``LocalFileSystem`` (their
+    ``basepath`` and ``settings``); a prefect-aws ``S3Bucket`` (its bucket and folder, and
+    from its ``AwsCredentials`` the access key, secret, session token and endpoint URL).
+    Nothing is contacted; :meth:`Destination.check` does that.
+
+    Args:
+        destination: An fsspec URL or folder, a :class:`Destination` (returned as it is),
+            or one of the blocks above.
+        storage_options: Options for a plain URL's filesystem; None for none. Ignored for
+            the other forms: blocks carry their own.
+
+    Returns:
+        The destination.
+
+    Raises:
+        JourneyValidationError: ``destination`` is of an unsupported type, or an empty URL.
+
+    Example:
+        ```python
+        from prefect.filesystems import LocalFileSystem
+
+        from prefect_journey.destinations import resolve_destination
+
+        destination = resolve_destination(LocalFileSystem(basepath="./outputs"))
+        minio = resolve_destination("s3://images", {"endpoint_url": "http://localhost:9000"})
+        print(destination.url, minio.endpoint)
+        ```
     """
     if isinstance(destination, Destination):
         return destination
@@ -96,10 +132,10 @@ def resolve_destination(
     basepath = getattr(destination, "basepath", None)
     if isinstance(destination, Block) and isinstance(basepath, str):
         # prefect.filesystems.RemoteFileSystem / LocalFileSystem
-        settings = getattr(destination, "settings", None) or {}
-        if hasattr(settings, "get_secret_value"):
-            settings = settings.get_secret_value()
-        return Destination(basepath, dict(settings))
+        options = getattr(destination, "settings", None) or {}
+        if hasattr(options, "get_secret_value"):
+            options = options.get_secret_value()
+        return Destination(basepath, dict(options))
     bucket_name = getattr(destination, "bucket_name", None)
     if isinstance(destination, Block) and isinstance(bucket_name, str):
         return _from_s3_bucket(destination, bucket_name)

@@ -25,7 +25,25 @@ REDACTED = "[REDACTED]"
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Replace every occurrence of each non-empty secret in ``text``."""
+    """Replace every occurrence of each non-empty secret in ``text`` with ``[REDACTED]``.
+
+    Error messages quote the server's own words, which may echo what was sent; this keeps
+    the API key and the webhook secret out of them.
+
+    Args:
+        text: The text to clean, such as a server's error message.
+        secrets: The values to remove; None and empty strings are skipped.
+
+    Returns:
+        ``text`` with each secret replaced by :data:`REDACTED`.
+
+    Example:
+        ```python
+        from prefect_journey.errors import redact
+
+        assert redact("key sk-123 refused", ["sk-123", None]) == "key [REDACTED] refused"
+        ```
+    """
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
@@ -33,13 +51,38 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
 
 
 def failure_text(error: BaseException) -> str:
-    """The one-line reason a step failed, as reports and logs show it: the error's class and
-    its own message (which never carries a secret, see above)."""
+    """The one-line reason a step failed, as reports and logs show it.
+
+    Args:
+        error: The exception that ended the step.
+
+    Returns:
+        ``"<class name>: <message>"``: the error's class and its own message (which never
+        carries a secret, see the module docstring).
+    """
     return f"{type(error).__name__}: {error}"
 
 
 class JourneyError(Exception):
-    """Base class of every error this package raises."""
+    """Base class of every error this package raises.
+
+    ``str(error)`` is the message followed by ``[retryable]`` and/or ``[possibly billed]``
+    when those flags are set, so a log line tells a scheduler's decision at a glance.
+
+    Args:
+        message: What went wrong, built by this package and free of secrets.
+        status_code: The HTTP status that caused the error; None when there was no answer.
+        retryable: Overrides the class's ``retryable`` for this one error; None keeps the
+            class's value.
+
+    Attributes:
+        message: The message given to the constructor.
+        status_code: The HTTP status that caused the error, or None.
+        retryable: True when the request certainly did not reach a point where it could be
+            billed, so retrying costs nothing.
+        possibly_billed: True when the outcome is unknown and the call may have been billed,
+            so a retry may bill twice.
+    """
 
     retryable: bool = False
     possibly_billed: bool = False
@@ -71,7 +114,17 @@ class ConfigurationError(JourneyError, ValueError):
 
 
 class JourneyValidationError(JourneyError, ValueError):
-    """The request breaks a rule (ours before sending, or the server's 400/422)."""
+    """The request breaks a rule (ours before sending, or the server's 400/422).
+
+    Args:
+        message: What went wrong.
+        status_code: 400 or 422 when the server refused the request; None when the rule was
+            checked before sending.
+        problems: One line per broken rule; None means ``[message]``.
+
+    Attributes:
+        problems: One line per broken rule (``"field: reason"`` when built from pydantic).
+    """
 
     def __init__(
         self, message: str, *, status_code: int | None = None, problems: list[str] | None = None
@@ -81,7 +134,19 @@ class JourneyValidationError(JourneyError, ValueError):
 
     @classmethod
     def from_pydantic(cls, exc: ValidationError, what: str) -> JourneyValidationError:
-        """Summarise a pydantic error by field and reason only, never the input value."""
+        """Summarise a pydantic error by field and reason only, never the input value.
+
+        The input is left out because it may be a secret (a webhook secret, a presigned URL).
+
+        Args:
+            exc: The pydantic error to summarise.
+            what: The name of what was validated (``"ImagineRequest"``); it also stands for
+                the location of an error that names no field.
+
+        Returns:
+            An error whose message is ``"invalid <what>: "`` followed by every problem, and
+            whose ``problems`` lists them one by one.
+        """
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
             where = ".".join(str(part) for part in error["loc"]) or what
@@ -107,7 +172,16 @@ class APIStatusError(JourneyError):
 
 
 class RateLimitedError(JourneyError):
-    """429: too many requests; nothing was generated or billed."""
+    """429: too many requests; nothing was generated or billed.
+
+    Args:
+        message: What went wrong.
+        status_code: The HTTP status (429 unless given).
+        retry_after: Seconds the server asked to wait (its ``Retry-After``), or None.
+
+    Attributes:
+        retry_after: Seconds the server asked to wait, or None when it did not say.
+    """
 
     retryable = True
 
@@ -151,7 +225,17 @@ class MalformedResponseError(PossiblyBilledError):
 
 
 class TaskFailedError(JourneyError):
-    """The API answered ``status: failed`` (for example a content policy refusal)."""
+    """The API answered ``status: failed`` (for example a content policy refusal).
+
+    Args:
+        message: What went wrong.
+        task_id: The failed task's id, if known.
+        reason: The API's ``error`` text, if it gave one.
+
+    Attributes:
+        task_id: The failed task's id, or None.
+        reason: The API's ``error`` text, or None.
+    """
 
     def __init__(self, message: str, *, task_id: str | None = None, reason: str | None = None):
         super().__init__(message)

@@ -34,21 +34,39 @@ class ImageFormatError(ValueError):
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """What :class:`ImageVerifier` read from an image: its format and pixel size.
+
+    Attributes:
+        format: ``"png"``, ``"jpeg"`` or ``"webp"``, from the bytes.
+        width: The width in pixels, from the header.
+        height: The height in pixels, from the header.
+    """
+
     format: ImageFormatName
     width: int
     height: int
 
     @property
     def extension(self) -> str:
+        """The format's file extension, without the dot: ``png``, ``jpg`` or ``webp``."""
         return EXTENSIONS[self.format]
 
     @property
     def content_type(self) -> str:
+        """The format's media type: ``image/png``, ``image/jpeg`` or ``image/webp``."""
         return CONTENT_TYPES[self.format]
 
 
 def detect_format(head: bytes) -> ImageFormatName | None:
-    """The format named by the first bytes, or None."""
+    """The format named by the first bytes, or None.
+
+    Args:
+        head: The first bytes of the data; 12 are enough for any of the three formats.
+
+    Returns:
+        ``"png"``, ``"jpeg"`` or ``"webp"``; None when the bytes name none of them or are
+        too few to tell.
+    """
     if head.startswith(PNG_SIGNATURE):
         return "png"
     if head.startswith(JPEG_SOI):
@@ -166,7 +184,25 @@ class _PngChunkChecker:
 class ImageVerifier:
     """Feed a download with :meth:`feed`; :meth:`finish` returns its :class:`ImageInfo`.
 
-    Memory use is bounded by :data:`MAX_HEADER_BYTES` whatever the image size.
+    The checks are those of the module docstring: PNG chunk CRCs and ``IEND``, JPEG start
+    and end markers, WebP RIFF length; nothing is decoded. Whatever the image size, memory
+    use stays small: only the bytes before the pixel size is found are kept, at most
+    :data:`MAX_HEADER_BYTES` (or the first chunk fed, when that is longer).
+
+    Attributes:
+        total: The number of bytes fed so far.
+
+    Example:
+        ```python
+        from prefect_journey.imageformat import ImageVerifier
+
+        verifier = ImageVerifier()
+        with open("image.png", "rb") as file:
+            while chunk := file.read(1024 * 1024):
+                verifier.feed(chunk)
+        info = verifier.finish()
+        print(info.format, info.width, info.height)
+        ```
     """
 
     def __init__(self) -> None:
@@ -179,6 +215,17 @@ class ImageVerifier:
         self.total = 0
 
     def feed(self, data: bytes) -> None:
+        """Check the next bytes of the image, in order.
+
+        Args:
+            data: The next chunk; an empty one is ignored.
+
+        Raises:
+            ImageFormatError: The bytes so far cannot be a PNG, JPEG or WebP image: an
+                unknown signature, a bad PNG chunk CRC or data after ``IEND``, a malformed
+                JPEG segment, an unknown WebP chunk, or no pixel size within the first
+                :data:`MAX_HEADER_BYTES`.
+        """
         if not data:
             return
         self.total += len(data)
@@ -211,7 +258,16 @@ class ImageVerifier:
             self._head = b""
 
     def finish(self) -> ImageInfo:
-        """Check the image is complete; raise :class:`ImageFormatError` if not."""
+        """Check the image is complete; raise :class:`ImageFormatError` if not.
+
+        Returns:
+            The image's format and pixel size.
+
+        Raises:
+            ImageFormatError: The bytes are too few to be an image, end before the pixel
+                size, lack a PNG's ``IEND`` or a JPEG's end marker, do not match a WebP's
+                RIFF length, or claim a zero size.
+        """
         if self._format is None:
             raise ImageFormatError(f"too short to be an image ({self.total} bytes)")
         if self._size is None:
@@ -235,7 +291,27 @@ class ImageVerifier:
 
 
 def inspect_bytes(data: bytes) -> ImageInfo:
-    """Verify a whole image held in memory (for tests and small files)."""
+    """Verify a whole image held in memory (for tests and small files).
+
+    Args:
+        data: The image's bytes.
+
+    Returns:
+        The image's format and pixel size.
+
+    Raises:
+        ImageFormatError: The bytes are not a complete, well-formed PNG, JPEG or WebP image.
+
+    Example:
+        ```python
+        from pathlib import Path
+
+        from prefect_journey.imageformat import inspect_bytes
+
+        info = inspect_bytes(Path("image.png").read_bytes())
+        print(info.format, info.width, info.height, info.extension)
+        ```
+    """
     verifier = ImageVerifier()
     verifier.feed(data)
     return verifier.finish()

@@ -74,12 +74,39 @@ OUTPUT_SIZES: dict[tuple[str, str], tuple[int, int]] = {
 
 
 def output_size(aspect_ratio: str, resolution: str | None) -> tuple[int, int]:
-    """Return the (width, height) the API produces; an unset resolution means 1K."""
+    """Return the (width, height) the API produces for an aspect ratio and a resolution.
+
+    The sizes are Google's output table for Nano Banana 2 (:data:`OUTPUT_SIZES`).
+
+    Args:
+        aspect_ratio: One of :data:`ASPECT_RATIOS`, such as ``"16:9"``.
+        resolution: ``"1K"``, ``"2K"`` or ``"4K"``; None means 1K, as an unset resolution
+            does on the API.
+
+    Returns:
+        The image's width and height in pixels.
+
+    Example:
+        ```python
+        from prefect_journey.models import output_size
+
+        assert output_size("16:9", "2K") == (2752, 1536)
+        assert output_size("1:1", None) == (1024, 1024)
+        ```
+    """
     return OUTPUT_SIZES[(aspect_ratio, resolution or "1K")]
 
 
 def is_loopback_host(host: str | None) -> bool:
-    """True for ``localhost`` and loopback IP literals (where plain http is acceptable)."""
+    """True for ``localhost`` and loopback IP literals (where plain http is acceptable).
+
+    Args:
+        host: A URL's host name, an IP literal (IPv6 with or without brackets), or None.
+
+    Returns:
+        Whether ``host`` is ``localhost`` (any case) or a loopback address; False for None
+        and for any other name.
+    """
     if not host:
         return False
     if host.lower() == "localhost":
@@ -93,7 +120,23 @@ def is_loopback_host(host: str | None) -> bool:
 def check_http_url(url: str, *, what: str, https_only_remote: bool = False) -> str:
     """Validate an absolute http(s) URL with a host; return it unchanged.
 
-    With ``https_only_remote``, plain http is accepted only for loopback hosts.
+    Refused: an empty URL, any whitespace, more than :data:`MAX_URL_CHARS` characters, a
+    scheme other than http(s), no host, and credentials embedded as ``user:password@host``.
+
+    Args:
+        url: The URL to check.
+        what: What the URL is (``"base_url"``, ``"webhook_url"``), to name it in the error.
+        https_only_remote: Accept plain http only for loopback hosts; used where a secret
+            travels with the request. False accepts http anywhere.
+
+    Returns:
+        ``url``, unchanged.
+
+    Raises:
+        ValueError: The URL breaks one of the rules (callers turn it into
+            :class:`~prefect_journey.errors.JourneyValidationError`,
+            :class:`~prefect_journey.errors.ConfigurationError` or
+            :class:`~prefect_journey.errors.DownloadError`).
     """
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"{what} must be a non-empty URL")
@@ -142,10 +185,27 @@ Prompt = Annotated[
 
 
 def display_text(text: str, width: int = 80) -> str:
-    """``text`` as one printable line of at most ``width`` characters, for log lines, run
-    names, artifact titles and tables: runs of whitespace become one space, any other
-    character that does not print (DEL, C1 controls, bidi overrides) its escape, and a text
-    too long loses its last words to ``...``."""
+    """``text`` as one printable line of at most ``width`` characters.
+
+    For log lines, run names, artifact titles and tables: runs of whitespace become one
+    space, any other character that does not print (DEL, C1 controls, bidi overrides) its
+    escape, and a text too long loses its last words to ``...``.
+
+    Args:
+        text: Text from a user, such as a prompt or a campaign name.
+        width: The most characters to return; 80 by default.
+
+    Returns:
+        The printable line; a first word longer than ``width`` is cut and ends in ``...``.
+
+    Example:
+        ```python
+        from prefect_journey.models import display_text
+
+        assert display_text("a  lighthouse   at dusk") == "a lighthouse at dusk"
+        assert display_text("a lighthouse at dusk", width=15) == "a lighthouse..."
+        ```
+    """
     shown = "".join(
         char if char.isprintable() or char.isspace() else ascii(char)[1:-1] for char in text
     )
@@ -162,8 +222,42 @@ class _Model(BaseModel):
 class ImagineRequest(_Model):
     """One ``POST /api/v1/imagine`` call for ``nano-banana-2``.
 
-    Construct with keyword arguments; invalid input raises
-    :class:`~prefect_journey.errors.JourneyValidationError` listing every problem.
+    Construct with keyword arguments. Every rule is checked here, so bad input fails before
+    any HTTP request and any credit; the emulator applies the same rules. The request is
+    immutable and refuses unknown fields.
+
+    Attributes:
+        prompt: What the image should show: 1 to :data:`MAX_PROMPT_CHARS` characters once
+            surrounding whitespace is stripped, with no control characters other than tab
+            and newline (they would reach log lines, run names and artifact titles as
+            terminal escapes).
+        model: The model, always sent explicitly because the provider-wide default is
+            another one; only ``"nano-banana-2"`` (the default) is accepted.
+        image_urls: 0 to :data:`MAX_REFERENCES` (14) reference image URLs, http(s), none
+            repeated; empty by default (text-to-image). A single string is taken as one URL.
+        aspect_ratio: One of ``"1:1"`` (the default), ``"16:9"``, ``"9:16"``, ``"4:3"``,
+            ``"3:4"``, ``"3:2"``, ``"2:3"``.
+        resolution: ``"1K"``, ``"2K"`` or ``"4K"``; None (the default) leaves it out of the
+            request, and the API makes 1K.
+        webhook_url: Where the provider POSTs the finished task; https unless the host is
+            loopback. None (the default) asks for no webhook.
+        webhook_secret: Sent by the provider in the webhook's ``x-webhook-secret`` header;
+            must not be blank and needs ``webhook_url``. A ``SecretStr``, so that it never
+            shows in a repr or a log; None by default.
+
+    Raises:
+        JourneyValidationError: The input breaks a rule; the message lists every problem
+            (field and reason, never the value).
+
+    Example:
+        ```python
+        from prefect_journey import ImagineRequest
+
+        request = ImagineRequest(
+            prompt="a lighthouse at dusk", aspect_ratio="16:9", resolution="2K"
+        )
+        assert request.output_size == (2752, 1536)
+        ```
     """
 
     prompt: Prompt = Field(description="What the image should show.")
@@ -236,7 +330,13 @@ class ImagineRequest(_Model):
         return output_size(self.aspect_ratio, self.resolution)
 
     def to_payload(self) -> dict[str, Any]:
-        """The JSON body sent on the wire (reveals the webhook secret: send, never log)."""
+        """The JSON body sent on the wire (reveals the webhook secret: send, never log).
+
+        Returns:
+            ``model``, ``prompt`` and ``aspect_ratio``; the references as
+            :func:`encode_references` writes them; and ``resolution``, ``webhook_url`` and
+            ``webhook_secret`` when set.
+        """
         payload: dict[str, Any] = {
             "model": self.model,
             "prompt": self.prompt,
@@ -263,6 +363,12 @@ def encode_references(image_urls: tuple[str, ...] | list[str]) -> dict[str, Any]
     - several: ``"image_url": ["<url>", ...]``, a JSON array in the same field, which is how
       the provider's sibling endpoints accept lists. If the provider documents another form,
       only this function (and :func:`decode_references`) changes.
+
+    Args:
+        image_urls: The reference image URLs, in order.
+
+    Returns:
+        The body's fields for the references: empty, or ``{"image_url": ...}``.
     """
     if not image_urls:
         return {}
@@ -272,7 +378,17 @@ def encode_references(image_urls: tuple[str, ...] | list[str]) -> dict[str, Any]
 
 
 def decode_references(payload: dict[str, Any]) -> tuple[str, ...]:
-    """Inverse of :func:`encode_references` (used by the emulator)."""
+    """Inverse of :func:`encode_references` (used by the emulator).
+
+    Args:
+        payload: A request body as received.
+
+    Returns:
+        The reference URLs; empty when ``image_url`` is absent or null.
+
+    Raises:
+        ValueError: ``image_url`` is neither a string nor a list of strings.
+    """
     value = payload.get("image_url")
     if value is None:
         return ()
@@ -284,7 +400,18 @@ def decode_references(payload: dict[str, Any]) -> tuple[str, ...]:
 
 
 def request_from_payload(payload: dict[str, Any]) -> ImagineRequest:
-    """Build a request from a wire body, applying the same rules as the client."""
+    """Build a request from a wire body, applying the same rules as the client.
+
+    Args:
+        payload: A ``POST /api/v1/imagine`` body as received; a missing ``model`` means
+            :data:`DEFAULT_MODEL`.
+
+    Returns:
+        The validated request.
+
+    Raises:
+        JourneyValidationError: The body breaks a rule or has an unknown field.
+    """
     data = dict(payload)
     if "image_url" in data:
         try:
@@ -297,7 +424,20 @@ def request_from_payload(payload: dict[str, Any]) -> ImagineRequest:
 
 
 class ImagineResult(_Model):
-    """The finished task from ``/imagine`` plus what the call cost us."""
+    """The finished task from ``/imagine`` plus what the call cost us.
+
+    Attributes:
+        task_id: The provider's id of the task.
+        status: The task's state: ``"finished"`` for a result the client returns.
+        image_url: The generated image on the provider's CDN (the provider keeps it for 14
+            days).
+        elapsed_seconds: Wall time of the call, retries included.
+        credits_charged: Credits this call cost: :data:`CREDITS_PER_IMAGE` for a
+            generation, 0 for a result built from a task this run did not pay for.
+        attempts: Attempts made, including retries; 1 by default.
+        possibly_billed_attempts: Earlier attempts whose outcome was unknown and which may
+            have been billed; 0 by default.
+    """
 
     task_id: str
     status: TaskState
@@ -312,7 +452,17 @@ class ImagineResult(_Model):
 
 
 class TaskStatus(BaseModel):
-    """A task as ``/fetch`` (and webhook deliveries) report it."""
+    """A task as ``/fetch`` (and webhook deliveries) report it; unknown fields are ignored.
+
+    Attributes:
+        task_id: The provider's id of the task.
+        status: ``"staged"``, ``"pending"``, ``"starting"``, ``"processing"``,
+            ``"finished"`` or ``"failed"``.
+        percentage: Progress from 0 to 100 (the API sends it as a string); None if absent
+            or blank.
+        image_url: The image's URL once the task has finished, else None.
+        error: Why the task failed, if it did and the API said; else None.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -332,7 +482,14 @@ class TaskStatus(BaseModel):
 
 
 class Account(BaseModel):
-    """``GET /api/v1/account``."""
+    """The account as ``GET /api/v1/account`` reports it; unknown fields are ignored.
+
+    Attributes:
+        email: The account's e-mail address.
+        credits: The credit balance.
+        total_images: Images the account has generated; 0 when not reported.
+        plan: The account's plan, if reported.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 

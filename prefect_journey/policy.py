@@ -43,7 +43,22 @@ READ_TIMEOUT_PER_REFERENCE = 3.0
 def read_timeout_for(reference_count: int, resolution: str | None) -> float:
     """Seconds to wait for a generation: ``base[resolution] + 3 s x references``.
 
+    No bytes arrive until the image exists, so the read timeout is the whole generation time:
     1K: 90 s bare, 132 s with 14 references; 2K: 105/147 s; 4K: 150/192 s.
+
+    Args:
+        reference_count: The number of reference images the request sends.
+        resolution: ``"1K"``, ``"2K"`` or ``"4K"``; None means 1K, the API's default.
+
+    Returns:
+        The read timeout in seconds.
+
+    Example:
+        ```python
+        from prefect_journey.policy import read_timeout_for
+
+        assert read_timeout_for(14, "4K") == 192.0
+        ```
     """
     return READ_TIMEOUT_BASE[resolution or "1K"] + READ_TIMEOUT_PER_REFERENCE * reference_count
 
@@ -62,8 +77,17 @@ BACKOFF_JITTER = 0.25
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent
-    or unreadable. Negative values (a date in the past) become 0."""
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date.
+
+    Args:
+        value: The header's value; None when the header is absent.
+        now: The time an HTTP date is measured from; None means the current time (tests
+            pass a fixed one). A date without a timezone is read as UTC.
+
+    Returns:
+        The seconds to wait, never negative (a date in the past gives 0); None if the header
+        is absent, blank or unreadable (including NaN and infinity).
+    """
     if value is None or not value.strip():
         return None
     value = value.strip()
@@ -83,18 +107,44 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 
 def retry_after_seconds(error: BaseException) -> float | None:
-    """The server's ``Retry-After`` carried by ``error`` (429, 503, 408), or None."""
+    """The server's ``Retry-After`` carried by ``error`` (429, 503, 408), or None.
+
+    Args:
+        error: Any exception; only :class:`~prefect_journey.errors.RateLimitedError` and
+            :class:`~prefect_journey.errors.ServiceUnavailableError` carry one.
+
+    Returns:
+        The seconds the server asked to wait, not capped; None when it did not say.
+    """
     return error.retry_after if isinstance(error, RateLimitedError) else None
 
 
 def retry_after_pause(error: BaseException) -> float:
-    """How long the server asks the next attempt to wait, capped at :data:`RETRY_AFTER_CAP`;
-    0 without a ``Retry-After``."""
+    """How long the server asks the next attempt to wait, capped at :data:`RETRY_AFTER_CAP`.
+
+    Args:
+        error: The failure of the previous attempt.
+
+    Returns:
+        The server's ``Retry-After`` in seconds, at most :data:`RETRY_AFTER_CAP`; 0 without
+        one.
+    """
     return min(retry_after_seconds(error) or 0.0, RETRY_AFTER_CAP)
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
-    """Jittered exponential backoff before retry number ``attempt`` (0-based)."""
+    """Jittered exponential backoff before retry number ``attempt`` (0-based).
+
+    ``min(0.5 * 2**attempt, 8)`` seconds, minus up to 25 % jitter so that a fleet of clients
+    does not retry in lockstep.
+
+    Args:
+        attempt: How many retries came before this one (0 for the first retry).
+        rng: The random source of the jitter; None uses the :mod:`random` module's own.
+
+    Returns:
+        Seconds to wait: more than 75 % and at most 100 % of the capped exponential delay.
+    """
     base = min(BACKOFF_INITIAL * 2.0**attempt, BACKOFF_MAX)
     jitter: float = (rng or random).random()
     return base * (1 - BACKOFF_JITTER * jitter)
@@ -115,6 +165,19 @@ def retry_delay(
       ``Retry-After`` up to :data:`RETRY_AFTER_CAP`; a longer demand is handed to the caller.
     - Possibly billed (read timeout, dropped connection, 500/502/504): only for idempotent
       calls (``/fetch``, ``/account``); a paid ``/imagine`` surfaces the error instead.
+
+    Args:
+        error: The failure of the attempt that just ended.
+        attempt: How many retries came before (0 when the first attempt has failed).
+        max_retries: The most retries allowed; once ``attempt`` reaches it, the answer is
+            None.
+        idempotent: Whether repeating the call cannot bill twice (``/fetch``, ``/account``).
+        rng: The random source of the backoff jitter; None uses the :mod:`random` module's
+            own.
+
+    Returns:
+        Seconds to wait before the next attempt (the server's ``Retry-After`` when it gave
+        one, else :func:`backoff_delay`), or None to raise ``error``.
     """
     if attempt >= max_retries:
         return None
@@ -149,19 +212,47 @@ STORE_TIMEOUT = 180.0
 
 
 def should_retry_generation(error: BaseException | None) -> bool:
-    """Whether a failed paid generation is tried again: what cannot have been billed, and
-    what may have been (counted as such). Never bad input, auth, credits, a refused task or
-    an attempt that ran out of time (its call may still be running)."""
+    """Whether a failed paid generation is tried again.
+
+    Yes for what cannot have been billed, and for what may have been (counted as such).
+    Never for bad input, auth, credits, a refused task or an attempt that ran out of time
+    (its call may still be running).
+
+    Args:
+        error: The failure of the attempt, or None.
+
+    Returns:
+        True for a :class:`~prefect_journey.errors.JourneyError` that is retryable or
+        possibly billed; False for anything else, None included.
+    """
     return isinstance(error, JourneyError) and (error.retryable or error.possibly_billed)
 
 
 def should_retry_store(error: BaseException | None) -> bool:
-    """Whether a failed download-and-store is tried again (downloads cost no credits)."""
+    """Whether a failed download-and-store is tried again (downloads cost no credits).
+
+    Args:
+        error: The failure of the attempt, or None.
+
+    Returns:
+        True for a retryable :class:`~prefect_journey.errors.JourneyError` (a failed or
+        corrupt download, a failed write); False for anything else, None included.
+    """
     return isinstance(error, JourneyError) and error.retryable
 
 
 def jittered(delay: float, rng: random.Random | None = None) -> float:
-    """``delay`` moved by up to :data:`RETRY_JITTER_FACTOR` of itself either way."""
+    """``delay`` moved by up to :data:`RETRY_JITTER_FACTOR` of itself either way.
+
+    The spread keeps a fleet of runs from retrying in lockstep.
+
+    Args:
+        delay: The nominal delay in seconds.
+        rng: The random source; None uses the :mod:`random` module's own.
+
+    Returns:
+        A delay between 50 % and 150 % of ``delay``, never negative.
+    """
     spread = (rng or random).uniform(-RETRY_JITTER_FACTOR, RETRY_JITTER_FACTOR)
     return max(0.0, delay * (1 + spread))
 
@@ -173,18 +264,43 @@ def pipeline_retry_delay(
     *,
     rng: random.Random | None = None,
 ) -> float:
-    """Seconds before the next attempt of a pipeline step whose retry rule said yes: the
-    ladder's jittered delay, or the server's ``Retry-After`` (capped) when that is longer.
-    ``failed_attempts`` counts the failures so far (1 after the first)."""
+    """Seconds before the next attempt of a pipeline step whose retry rule said yes.
+
+    Args:
+        error: The failure the retry rule accepted; its ``Retry-After``, if any, counts.
+        failed_attempts: The failures so far, 1 after the first; it picks
+            ``delays[failed_attempts - 1]``.
+        delays: The ladder, such as :data:`GENERATION_RETRY_DELAYS` or
+            :data:`STORE_RETRY_DELAYS`.
+        rng: The random source of the jitter; None uses the :mod:`random` module's own.
+
+    Returns:
+        The ladder's jittered delay, or the server's ``Retry-After`` (capped at
+        :data:`RETRY_AFTER_CAP`) when that is longer.
+    """
     return max(jittered(delays[failed_attempts - 1], rng), retry_after_pause(error))
 
 
 def attempt_timeout(request: ImagineRequest) -> float:
-    """One paid attempt's deadline: connect + the request's read timeout + a margin."""
+    """One paid attempt's deadline: connect + the request's read timeout + a margin.
+
+    The margin (:data:`ATTEMPT_TIMEOUT_MARGIN`) lets the HTTP layer fail first, with the
+    clearer error.
+
+    Args:
+        request: The request the attempt sends.
+
+    Returns:
+        The deadline in seconds.
+    """
     read = read_timeout_for(len(request.image_urls), request.resolution)
     return CONNECT_TIMEOUT + read + ATTEMPT_TIMEOUT_MARGIN
 
 
 def worst_case_attempt_timeout() -> float:
-    """:func:`attempt_timeout` of the slowest request the rules allow (4K, 14 references)."""
+    """:func:`attempt_timeout` of the slowest request the rules allow (4K, 14 references).
+
+    Returns:
+        The deadline in seconds.
+    """
     return CONNECT_TIMEOUT + read_timeout_for(MAX_REFERENCES, "4K") + ATTEMPT_TIMEOUT_MARGIN

@@ -35,7 +35,14 @@ Logger = logging.LoggerAdapter[Any] | logging.Logger
 
 
 def progress_key(campaign_slug: str) -> str:
-    """The key of a campaign's progress artifact (one history per campaign)."""
+    """The key of a campaign's progress artifact (one history per campaign).
+
+    Args:
+        campaign_slug: The campaign's slug.
+
+    Returns:
+        ``"<campaign_slug>-progress"``.
+    """
     return f"{campaign_slug}-progress"
 
 
@@ -105,8 +112,18 @@ def emit_stored_event(stored: StoredImage, prompt: str, campaign: str | None = N
 
 
 def browser_url(stored: StoredImage, destination: Destination, result: ImagineResult) -> str:
-    """A URL the Prefect UI can display: a presigned link to the stored object when the
-    store can sign, else the provider's CDN URL (valid for 14 days)."""
+    """A URL the Prefect UI can display for a stored image.
+
+    Args:
+        stored: The object written.
+        destination: Where it was written; its storage options sign the link.
+        result: The generation that made it; its CDN URL is the fallback.
+
+    Returns:
+        A presigned link to the stored object when the store can sign (an http(s) URI
+        passes through), else the provider's CDN URL (valid for 14 days). A local file
+        (``file://``) always gets the CDN URL.
+    """
     if not stored.uri.startswith("file://"):
         try:
             return presign(stored.uri, destination.storage_options)
@@ -141,7 +158,15 @@ def image_artifact(
 def report_image(
     stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
 ) -> None:
-    """Create the image artifact of one stored image (see :func:`image_artifact`)."""
+    """Create the image artifact of one stored image (see :func:`image_artifact`).
+
+    Args:
+        stored: The object written.
+        result: The generation that made it.
+        destination: Where it was written (signs the link the UI shows).
+        prompt: The prompt that made it; shown through
+            :func:`~prefect_journey.models.display_text`.
+    """
     image_artifact(stored, result, destination, prompt).create()
 
 
@@ -168,7 +193,18 @@ def summary_table(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def image_row(prompt: str, result: ImagineResult, stored: StoredImage) -> dict[str, Any]:
-    """One stored image as a row of a summary table."""
+    """One stored image as a row of a summary table.
+
+    Args:
+        prompt: The prompt that made it; shortened to a printable line of
+            :data:`TABLE_PROMPT_CHARS` characters.
+        result: The generation that made it.
+        stored: The object written.
+
+    Returns:
+        The row: ``prompt``, ``task_id``, ``latency_s``, ``credits``, ``uri``, ``size``
+        (``WxH``), ``format`` and the first 16 hex digits of ``sha256``.
+    """
     return {
         "prompt": display_text(prompt, TABLE_PROMPT_CHARS),
         "task_id": result.task_id,

@@ -139,6 +139,12 @@ def destination() -> str:
 def task_runner(kind: str | None = None) -> str:
     """``kind``, else ``JOURNEY_TASK_RUNNER``, else ``"thread"``; lower case.
 
+    Args:
+        kind: The caller's choice, if any.
+
+    Returns:
+        ``"thread"`` or ``"dask"``.
+
     Raises:
         ConfigurationError: Neither ``thread`` nor ``dask``.
     """

@@ -14,8 +14,8 @@ The guarantees, in the order they are applied:
    extension; width and height come from the header; sha256 is computed on the way.
 4. The object is written with ``autocommit=False`` and only committed once the whole image
    is verified (see :mod:`prefect_journey.imageformat`); anything else discards it, so no
-   partial object ever appears. (An exception inside a plain ``with fs.open(..., "wb")``
-   would have committed the truncated bytes.)
+   partial object ever appears. (A plain ``with fs.open(..., "wb")`` commits whatever was
+   written even when an exception leaves its block.)
 5. Objects are never overwritten by default: the write uses mode ``"xb"`` where the store
    supports it. If the object already exists with the same sha256 (a retry or a re-run),
    that is success, reported with ``created=False``; a different object is an error.
@@ -90,7 +90,20 @@ _SAFE_KEY_CHARS = re.compile(r"^[A-Za-z0-9._\-/=+@,:~]+$")
 
 
 class StoredImage(BaseModel):
-    """An image committed to its destination."""
+    """An image committed to its destination.
+
+    Attributes:
+        uri: The object's absolute URL (``file:///abs/outputs/<key>``,
+            ``s3://bucket/prefix/<key>``).
+        sha256: The hex SHA-256 digest of the bytes.
+        bytes: The object's size in bytes.
+        format: ``"png"``, ``"jpeg"`` or ``"webp"``, read from the bytes, not the URL.
+        width: The width in pixels, from the image's header.
+        height: The height in pixels, from the image's header.
+        task_id: The provider's id of the task that made the image.
+        created: False when the object was already there with the same bytes (a retry or
+            a re-run); True by default.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -106,8 +119,29 @@ class StoredImage(BaseModel):
 
 @dataclass(frozen=True)
 class Destination:
-    """Where images go: an fsspec URL (``s3://bucket/prefix``, ``./outputs``, ...) and the
-    options its filesystem needs (``endpoint_url``, ``key``/``secret``, ...)."""
+    """Where images go: an fsspec URL and the options its filesystem needs.
+
+    Building one checks only the types; :meth:`check` finds out whether the store can be
+    used.
+
+    Attributes:
+        url: An fsspec URL or a local folder (``s3://bucket/prefix``, ``./outputs``, ...).
+        storage_options: Options for the filesystem (``endpoint_url``, ``key``/``secret``,
+            ...); empty by default. Left out of the repr, as they may hold credentials.
+
+    Raises:
+        JourneyValidationError: ``url`` is empty or not a string, or ``storage_options`` is
+            not a mapping.
+
+    Example:
+        ```python
+        from prefect_journey.storage import Destination
+
+        destination = Destination("./outputs")
+        destination.check()  # creates the folder; fails if it cannot be written
+        print(destination.canonical_url)  # file:///.../outputs
+        ```
+    """
 
     url: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -119,7 +153,16 @@ class Destination:
             raise JourneyValidationError("storage_options must be a mapping")
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        """The filesystem and the root path inside it."""
+        """The filesystem and the root path inside it.
+
+        Returns:
+            The fsspec filesystem built from ``url`` and ``storage_options``, and the root
+            path inside it without a trailing ``/``.
+
+        Raises:
+            StorageError: fsspec cannot build the filesystem (unknown protocol, missing
+                package, bad option); not retryable.
+        """
         try:
             fs, root = fsspec.core.url_to_fs(self.url, **dict(self.storage_options))
         except (ValueError, ImportError, TypeError) as exc:
@@ -129,8 +172,15 @@ class Destination:
         return fs, root.rstrip("/")
 
     def check(self) -> None:
-        """Fail now, before any credit is spent, if the destination cannot be reached:
-        bad options, unknown bucket, refused credentials, unreachable endpoint."""
+        """Fail now, before any credit is spent, if the destination cannot be used.
+
+        A local folder is created if missing and must be writable; on an object store, the
+        container (the root's first segment, such as the bucket) must exist.
+
+        Raises:
+            StorageError: Bad options, an unknown bucket, refused credentials, an
+                unreachable endpoint or an unwritable folder; not retryable.
+        """
         fs, root = self.filesystem()
         try:
             if isinstance(fs, LocalFileSystem):
@@ -148,8 +198,22 @@ class Destination:
             ) from None
 
     def holds(self, stored: StoredImage) -> bool:
-        """Whether the object ``stored`` describes is still there with its size (one
-        metadata read; the content is not hashed again). False if that cannot be told."""
+        """Whether the object ``stored`` describes is still there with its size.
+
+        One metadata read; the content is not hashed again. The filesystem's listing cache
+        is dropped first, since a long-lived process may have listed the object before a
+        delete.
+
+        Args:
+            stored: The image as it was stored.
+
+        Returns:
+            True if an object of ``stored.bytes`` bytes is at its URI; False if not, or if
+            the store cannot tell.
+
+        Raises:
+            StorageError: The destination's filesystem cannot be built.
+        """
         fs, _ = self.filesystem()
         path = fsspec.core.strip_protocol(stored.uri)
         fs.invalidate_cache(path)  # a long-lived process may have listed it before a delete
@@ -160,13 +224,21 @@ class Destination:
 
     @property
     def canonical_url(self) -> str:
-        """The root as an absolute URL (``file:///abs/outputs``, ``s3://bucket/prefix``)."""
+        """The root as an absolute URL (``file:///abs/outputs``, ``s3://bucket/prefix``).
+
+        Raises:
+            StorageError: The destination's filesystem cannot be built.
+        """
         fs, root = self.filesystem()
         return str(fs.unstrip_protocol(root))
 
     @property
     def endpoint(self) -> str | None:
-        """The custom endpoint, if any (part of an object's identity, unlike credentials)."""
+        """The custom endpoint, if any (part of an object's identity, unlike credentials).
+
+        Read from ``storage_options["endpoint_url"]``, else
+        ``storage_options["client_kwargs"]["endpoint_url"]``; None when neither is set.
+        """
         options = dict(self.storage_options)
         client_kwargs = options.get("client_kwargs") or {}
         endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
@@ -174,7 +246,19 @@ class Destination:
 
 
 def check_object_key(key: str) -> str:
-    """Refuse keys that could escape their prefix or that stores treat differently."""
+    """Refuse keys that could escape their prefix or that stores treat differently.
+
+    Args:
+        key: A rendered object key, relative to the destination's root.
+
+    Returns:
+        ``key``, unchanged.
+
+    Raises:
+        JourneyValidationError: The key is empty, starts with ``/``, contains a backslash,
+            has an empty, ``.`` or ``..`` segment, has characters outside
+            ``A-Za-z0-9._-/=+@,:~``, or is longer than :data:`MAX_KEY_BYTES` bytes.
+    """
     if not key or not key.strip():
         raise JourneyValidationError("object key is empty")
     problems = []
@@ -194,7 +278,18 @@ def check_object_key(key: str) -> str:
 
 
 def check_key_template(template: str) -> list[str]:
-    """Return the field names of a key template; refuse attribute or index access."""
+    """Return the field names of a key template; refuse attribute or index access.
+
+    Args:
+        template: A :meth:`str.format` template such as ``"{campaign}/{index:04d}.{ext}"``.
+
+    Returns:
+        The names of its fields, in order of appearance.
+
+    Raises:
+        JourneyValidationError: The template is malformed, a field is not a plain name
+            (``{a.b}``, ``{a[0]}``, ``{}``, ``{0}``), or ``{ext}`` is missing.
+    """
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -214,7 +309,30 @@ def check_key_template(template: str) -> list[str]:
 
 
 def render_key(template: str, fields: Mapping[str, Any]) -> str:
-    """Fill a key template and check the result."""
+    """Fill a key template and check the result.
+
+    Args:
+        template: A key template (see :func:`check_key_template`).
+        fields: A value for each of the template's fields.
+
+    Returns:
+        The object key, checked by :func:`check_object_key`.
+
+    Raises:
+        JourneyValidationError: The template is refused, a field has no value, or the
+            rendered key is refused.
+
+    Example:
+        ```python
+        from prefect_journey.storage import render_key
+
+        key = render_key(
+            "{campaign}/{index:04d}-{slug}.{ext}",
+            {"campaign": "spring", "index": 7, "slug": "a-cat", "ext": "png"},
+        )
+        assert key == "spring/0007-a-cat.png"
+        ```
+    """
     missing = [name for name in check_key_template(template) if name not in fields]
     if missing:
         raise JourneyValidationError(f"key template {template!r} needs {', '.join(missing)}")
@@ -222,7 +340,24 @@ def render_key(template: str, fields: Mapping[str, Any]) -> str:
 
 
 def slugify(text: str, max_length: int = 60) -> str:
-    """A lowercase ASCII slug safe in any object key (``a-cat-in-a-hat``)."""
+    """A lowercase ASCII slug safe in any object key (``a-cat-in-a-hat``).
+
+    Args:
+        text: Free text, such as a prompt.
+        max_length: The most characters to keep; 60 by default.
+
+    Returns:
+        Runs of anything other than ASCII letters and digits become one ``-``, with none
+        at either end; ``"image"`` when nothing is left.
+
+    Example:
+        ```python
+        from prefect_journey.storage import slugify
+
+        assert slugify("A Cat in a Hat!") == "a-cat-in-a-hat"
+        assert slugify("???") == "image"
+        ```
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:max_length].rstrip("-") or "image"
 
@@ -243,7 +378,19 @@ async def _async_hop_check(request: httpx.Request) -> None:
 
 
 def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Client:
-    """An HTTP client for CDN downloads: no credentials, checked redirects."""
+    """An HTTP client for CDN downloads: no credentials, checked redirects.
+
+    The API key is never sent to the CDN: this client has no ``Authorization`` header. It
+    follows at most :data:`MAX_REDIRECTS` redirects, and every hop must be http(s), https
+    unless the host is loopback; a refused hop raises
+    :class:`~prefect_journey.errors.DownloadError` (not retryable).
+
+    Args:
+        transport: An httpx transport (tests, proxies); None uses httpx's default.
+
+    Returns:
+        A new client with :data:`DOWNLOAD_TIMEOUT`; the caller closes it.
+    """
     return httpx.Client(
         transport=transport,
         follow_redirects=True,
@@ -257,9 +404,17 @@ def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Clien
 def async_download_client(
     transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 100
 ) -> httpx.AsyncClient:
-    """Async twin of :func:`download_client`. One client shared by many concurrent
-    downloads needs ``max_connections`` of at least their number: past it a download waits
-    for a connection, and fails after the pool timeout (30 s)."""
+    """Async twin of :func:`download_client`: no credentials, checked redirects.
+
+    Args:
+        transport: An httpx async transport (tests, proxies); None uses httpx's default.
+        max_connections: The size of the connection pool; 100 by default. One client
+            shared by many concurrent downloads needs at least their number: past it a
+            download waits for a connection, and fails after the pool timeout (30 s).
+
+    Returns:
+        A new client with :data:`DOWNLOAD_TIMEOUT`; the caller closes it.
+    """
     return httpx.AsyncClient(
         transport=transport,
         limits=httpx.Limits(max_connections=max_connections),
@@ -302,7 +457,8 @@ class _LocalAtomicFile:
         if _CAN_START_WRITEBACK and self._not_written_back >= LOCAL_WRITEBACK_BYTES:
             self._handle.flush()
             # Linux starts writing back the dirty pages it is told are not needed, without
-            # waiting for the disk (200 MiB here: from 0.73 to 0.897 x a plain copy).
+            # waiting for the disk, so a large image's commit does not wait for all of it
+            # (BENCHMARKS.md measures the difference).
             os.posix_fadvise(self._handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._not_written_back = 0
         return written
@@ -547,8 +703,57 @@ def store_image(
     overwrite: bool = False,
     http: httpx.Client | None = None,
 ) -> StoredImage:
-    """Stream ``image_url`` into ``destination`` under ``key_template`` (``{task_id}``,
-    ``{ext}`` and any ``key_fields``). See the module docstring for the guarantees."""
+    """Stream ``image_url`` into ``destination`` under ``key_template``, verified.
+
+    Everything that can be checked (URL, template, size cap) is checked before the first
+    byte moves. The object is committed only once the whole image is verified; any failure
+    leaves nothing new at the key. See the module docstring for all the guarantees.
+
+    Args:
+        image_url: The image's http(s) URL (https unless the host is loopback), usually
+            :attr:`ImagineResult.image_url`.
+        destination: Where to store it: a :class:`Destination`, or an fsspec URL or folder
+            (then with no storage options).
+        task_id: The provider's task id; it fills ``{task_id}`` and is recorded in the
+            result.
+        key_template: The object key relative to the destination's root;
+            ``"{task_id}.{ext}"`` by default. ``{ext}`` (required) always comes from the
+            bytes: ``png``, ``jpg`` or ``webp``.
+        key_fields: Values for the template's other fields; None for none.
+        max_bytes: The size cap; a ``Content-Length`` or a running total above it aborts
+            the download. 100 MB by default.
+        overwrite: Replace an object already at the key. False (the default) never does:
+            the same bytes count as success (``created=False``), different bytes raise
+            :class:`~prefect_journey.errors.ObjectConflictError`.
+        http: A client from :func:`download_client` to reuse across downloads (left
+            open); None creates one for this call and closes it.
+
+    Returns:
+        The stored image: its URI, sha256, size, format and pixel size.
+
+    Raises:
+        DownloadError: The URL or a redirect is refused, the CDN answers other than 200,
+            the transfer fails, the image is above ``max_bytes``, or the bytes are not a
+            whole PNG, JPEG or WebP image. A refused URL and the size cap are not
+            retryable; the rest are.
+        JourneyValidationError: The key template or a rendered key is refused, a field has
+            no value, ``max_bytes`` is not positive, or ``destination`` is an empty URL.
+        ObjectConflictError: A different object is already at the key and ``overwrite``
+            is False.
+        StorageError: The destination is not usable (not retryable), or writing or
+            committing failed (retryable).
+
+    Example:
+        ```python
+        from prefect_journey import JourneyClient
+        from prefect_journey.storage import Destination, store_image
+
+        with JourneyClient() as client:
+            result = client.imagine(prompt="a lighthouse at dusk")
+        stored = store_image(result.image_url, Destination("./outputs"), task_id=result.task_id)
+        print(stored.uri, stored.width, stored.height)
+        ```
+    """
     writer = _prepare(
         image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
     )
@@ -585,7 +790,63 @@ async def astore_image(
     overwrite: bool = False,
     http: httpx.AsyncClient | None = None,
 ) -> StoredImage:
-    """Async twin of :func:`store_image`; store writes run in a worker thread."""
+    """Async twin of :func:`store_image`; store writes run in a worker thread.
+
+    The download runs on the event loop; hashing, verification and the store's writes and
+    commit run in worker threads, so the loop never waits on the store.
+
+    Args:
+        image_url: The image's http(s) URL (https unless the host is loopback), usually
+            :attr:`ImagineResult.image_url`.
+        destination: Where to store it: a :class:`Destination`, or an fsspec URL or folder
+            (then with no storage options).
+        task_id: The provider's task id; it fills ``{task_id}`` and is recorded in the
+            result.
+        key_template: The object key relative to the destination's root;
+            ``"{task_id}.{ext}"`` by default. ``{ext}`` (required) always comes from the
+            bytes: ``png``, ``jpg`` or ``webp``.
+        key_fields: Values for the template's other fields; None for none.
+        max_bytes: The size cap; a ``Content-Length`` or a running total above it aborts
+            the download. 100 MB by default.
+        overwrite: Replace an object already at the key. False (the default) never does:
+            the same bytes count as success (``created=False``), different bytes raise
+            :class:`~prefect_journey.errors.ObjectConflictError`.
+        http: A client from :func:`async_download_client` to reuse across downloads
+            (left open); None creates one for this call and closes it.
+
+    Returns:
+        The stored image: its URI, sha256, size, format and pixel size.
+
+    Raises:
+        DownloadError: The URL or a redirect is refused, the CDN answers other than 200,
+            the transfer fails, the image is above ``max_bytes``, or the bytes are not a
+            whole PNG, JPEG or WebP image. A refused URL and the size cap are not
+            retryable; the rest are.
+        JourneyValidationError: The key template or a rendered key is refused, a field has
+            no value, ``max_bytes`` is not positive, or ``destination`` is an empty URL.
+        ObjectConflictError: A different object is already at the key and ``overwrite``
+            is False.
+        StorageError: The destination is not usable (not retryable), or writing or
+            committing failed (retryable).
+
+    Example:
+        ```python
+        import asyncio
+
+        from prefect_journey import AsyncJourneyClient
+        from prefect_journey.storage import Destination, astore_image
+
+        async def main() -> None:
+            async with AsyncJourneyClient() as client:
+                result = await client.imagine(prompt="a lighthouse at dusk")
+            stored = await astore_image(
+                result.image_url, Destination("./outputs"), task_id=result.task_id
+            )
+            print(stored.uri)
+
+        asyncio.run(main())
+        ```
+    """
     writer = _prepare(
         image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
     )
@@ -646,8 +907,24 @@ def presign(
     storage_options: Mapping[str, Any] | None = None,
     expires_in: int = DEFAULT_PRESIGN_SECONDS,
 ) -> str:
-    """An https(s) URL for ``url``: http(s) passes through, ``s3://`` (or any store whose
-    filesystem can ``sign``) becomes a time-limited presigned URL."""
+    """An http(s) URL for ``url``: a time-limited presigned one for an object in a store.
+
+    The flows use it for ``s3://`` references and for the image artifacts of objects in a
+    bucket.
+
+    Args:
+        url: An http(s) URL, which passes through unchanged, or the URL of an object in a
+            store whose filesystem can ``sign`` (``s3://bucket/key``).
+        storage_options: Options for the store's filesystem (credentials, endpoint); None
+            for none.
+        expires_in: How long the link stays valid, in seconds; 24 hours by default.
+
+    Returns:
+        The http(s) URL.
+
+    Raises:
+        StorageError: The store cannot presign URLs; not retryable.
+    """
     if url.startswith(("http://", "https://")):
         return url
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))

@@ -103,6 +103,9 @@ class Settled:
 def settle(future: PrefectFuture[Any]) -> Settled:
     """Wait for ``future`` and read its outcome without raising.
 
+    Args:
+        future: A submitted task run.
+
     Returns:
         The value and whether it was a cache hit, or the run's own exception (a
         :class:`~prefect_journey.errors.JourneyError` with the state's message when the
@@ -128,7 +131,16 @@ def retry_safe_or_possibly_billed(
     task: Task[..., Any], task_run: TaskRun, state: State[Any]
 ) -> bool:
     """Default retry condition of :func:`imagine`: :func:`~prefect_journey.policy
-    .should_retry_generation`, counting the possibly-billed failures it lets through."""
+    .should_retry_generation`, counting the possibly-billed failures it lets through.
+
+    Args:
+        task: The task (Prefect's retry-condition signature).
+        task_run: The run that failed.
+        state: Its failed state.
+
+    Returns:
+        Whether Prefect retries the run.
+    """
     error = _failure(state)
     if isinstance(error, JourneyError) and error.possibly_billed:
         with _possibly_billed_lock:
@@ -138,6 +150,14 @@ def retry_safe_or_possibly_billed(
 
 def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Stricter retry condition: never risk paying twice.
+
+    Args:
+        task: The task (Prefect's retry-condition signature).
+        task_run: The run that failed.
+        state: Its failed state.
+
+    Returns:
+        True only for failures that cannot have been billed.
 
     Example:
         ```python
@@ -152,12 +172,27 @@ def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
 
 def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry condition of the storage tasks (:func:`~prefect_journey.policy
-    .should_retry_store`)."""
+    .should_retry_store`).
+
+    Args:
+        task: The task (Prefect's retry-condition signature).
+        task_run: The run that failed.
+        state: Its failed state.
+
+    Returns:
+        Whether Prefect retries the run.
+    """
     return policy.should_retry_store(_failure(state))
 
 
 def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
     """Accept a request or its fields (as a deployment parameter would pass them).
+
+    Args:
+        request: An :class:`~prefect_journey.models.ImagineRequest` or its fields.
+
+    Returns:
+        The checked request.
 
     Raises:
         JourneyValidationError: Neither, or fields that break a rule.
@@ -173,6 +208,12 @@ def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
 
 def check_variant(variant: str) -> str:
     """``variant`` if it is a short string.
+
+    Args:
+        variant: A label that is part of the cache key.
+
+    Returns:
+        ``variant``, unchanged.
 
     Raises:
         JourneyValidationError: Not a string, or longer than :data:`MAX_VARIANT_CHARS`.
@@ -192,6 +233,12 @@ SCHEDULED_DATE = "{scheduled_date}"
 
 def resolve_variant(variant: str) -> str:
     """``variant`` with :data:`SCHEDULED_DATE` replaced by the flow run's scheduled date (UTC).
+
+    Args:
+        variant: A label that may contain ``{scheduled_date}``.
+
+    Returns:
+        The label for this run.
 
     Example:
         ``resolve_variant("daily-{scheduled_date}")`` is ``"daily-2026-12-02"`` in a run
@@ -448,6 +495,9 @@ def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:
     An object's key is only known after its bytes arrive (the extension comes from them),
     so the materializing task is built here rather than decorated in advance. A URI that
     is not a valid asset key (a local path with spaces) is logged and skipped.
+
+    Args:
+        images: Each stored object with the prompt that made it.
     """
     assets: list[tuple[Asset, StoredImage]] = []
     for stored, prompt in images:

@@ -53,7 +53,21 @@ Emitter = Callable[[str, dict[str, str], dict[str, Any], uuid.UUID], bool]
 def emit_prefect_event(
     event: str, resource: dict[str, str], payload: dict[str, Any], event_id: uuid.UUID
 ) -> bool:
-    """Send the event to Prefect (``PREFECT_API_URL``); True if it was handed over."""
+    """Send the event to Prefect (``PREFECT_API_URL``); True if it was handed over.
+
+    Prefect is imported on the first call, not with this module.
+
+    Args:
+        event: The event's name, such as ``journey.task.finished``.
+        resource: The event's resource (``prefect.resource.id`` and any labels).
+        payload: The event's data.
+        event_id: The event's id; Prefect stores an event of a given id once, so a replayed
+            delivery is not recorded twice.
+
+    Returns:
+        True if Prefect's events worker took the event; False when Prefect sends no events
+        (events disabled, or no client that can send them).
+    """
     from prefect.events import emit_event
 
     return emit_event(event, resource=resource, payload=payload, id=event_id) is not None
@@ -85,7 +99,41 @@ class _SeenTaskIds:
 def create_webhook_app(
     secret: str | SecretStr, *, emit: Emitter = emit_prefect_event, path: str = WEBHOOK_PATH
 ) -> Starlette:
-    """The receiver as an ASGI app. ``emit`` sends events (Prefect's by default)."""
+    """The receiver as an ASGI app. ``emit`` sends events (Prefect's by default).
+
+    ``POST path`` takes deliveries and answers: 401 with no detail to a wrong or missing
+    secret; 413 to a body above :data:`MAX_BODY_BYTES`; 400 to anything but a task object;
+    202 ``{"ignored": status}`` to a task not yet finished or failed; 200
+    ``{"duplicate": true}`` to a task id already emitted; 503 when the event could not be
+    emitted, so that the provider retries; else 200 ``{"event": name}``.
+    ``GET /health`` answers 200 ``{"ok": true}``.
+
+    Args:
+        secret: The shared secret the provider sends in ``x-webhook-secret`` (the
+            request's ``webhook_secret``).
+        emit: Sends one event: called with the event's name, resource, payload and id,
+            returns whether it was sent; an exception counts as not sent. Defaults to
+            :func:`emit_prefect_event` (tests pass their own).
+        path: The path deliveries are POSTed to; :data:`WEBHOOK_PATH` by default.
+
+    Returns:
+        The Starlette app, to run with any ASGI server.
+
+    Raises:
+        ValueError: The secret is empty or blank.
+
+    Example:
+        ```python
+        import os
+
+        import uvicorn
+
+        from prefect_journey.webhooks import create_webhook_app
+
+        app = create_webhook_app(os.environ["JOURNEY_WEBHOOK_SECRET"])
+        uvicorn.run(app, host="127.0.0.1", port=8780)
+        ```
+    """
     expected = (secret.get_secret_value() if isinstance(secret, SecretStr) else secret).encode()
     if not expected.strip():
         raise ValueError(f"a webhook secret is required (set {settings.WEBHOOK_SECRET.name})")

@@ -93,7 +93,10 @@ def test_the_wheel_runs_the_campaign_flow_outside_the_checkout(tmp_path: Path) -
         for key, value in os.environ.items()
         if not key.startswith(("PREFECT_", "JOURNEY_", "PYTHON", "VIRTUAL_ENV"))
     }
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     result = json.loads(run(python, "-c", SCRIPT, cwd=empty, env=env).strip().splitlines()[-1])
 
     assert Path(result["package"]).is_relative_to(venv)

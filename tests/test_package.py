@@ -3,9 +3,11 @@ emulator start without importing Prefect."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,32 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
         prefect_journey.JourneyClinet  # noqa: B018
     with pytest.raises(ImportError):
         from prefect_journey import JourneyClinet  # noqa: F401
+
+
+def test_public_functions_and_classes_have_google_style_docstrings() -> None:
+    """The API reference is generated from the docstrings: every public function and class
+    has one, and every function with parameters documents them under ``Args:`` (an async
+    twin may say so instead)."""
+    package = Path(prefect_journey.__file__).parent
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue
+            if node.name.startswith("_") or _docstring_set_elsewhere(node):
+                continue
+            doc = ast.get_docstring(node) or ""
+            where = f"{path.relative_to(package)}:{node.name}"
+            if not doc:
+                missing.append(f"{where}: no docstring")
+            elif not isinstance(node, ast.ClassDef):
+                named = [a.arg for a in [*node.args.args, *node.args.kwonlyargs]]
+                if named and "Args:" not in doc and not doc.startswith("Async twin of"):
+                    missing.append(f"{where}: no Args section")
+    assert missing == []
+
+
+def _docstring_set_elsewhere(node: ast.AST) -> bool:
+    # functools.wraps(..., assigned=(..., "__doc__")) gives the function another's docstring.
+    decorators = getattr(node, "decorator_list", [])
+    return any("__doc__" in ast.unparse(decorator) for decorator in decorators)

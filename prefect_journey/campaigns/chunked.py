@@ -105,8 +105,17 @@ def run_chunked(
     max_concurrency: int,
     images_per_task_run: int,
 ) -> list[ItemOutcome]:
-    """Run ``todo`` in task runs of ``images_per_task_run`` images, at most
-    ``max_concurrency`` calls and stores in flight; one outcome per item."""
+    """Run ``todo`` in task runs of ``images_per_task_run`` images.
+
+    Args:
+        todo: The items to generate and store.
+        campaign: What every item of the run shares.
+        max_concurrency: Calls in flight at most (and stores, separately).
+        images_per_task_run: Images per chunk, each chunk one task run.
+
+    Returns:
+        One outcome per item.
+    """
     return asyncio.run(_run_chunks(todo, campaign, max_concurrency, images_per_task_run))
 
 

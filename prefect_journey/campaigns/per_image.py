@@ -81,7 +81,16 @@ def run_per_image(
     runner: TaskRunner[Any],
     max_concurrency: int,
 ) -> list[ItemOutcome]:
-    """Run ``todo`` as task runs on ``runner`` (started) and report each item as it ends.
+    """Run ``todo`` as task runs on ``runner`` and report each item as it ends.
+
+    Args:
+        todo: The items to generate and store.
+        campaign: What every item of the run shares.
+        runner: A started task runner (threads or Dask).
+        max_concurrency: Generations in flight at most.
+
+    Returns:
+        One outcome per item, in row order.
 
     The task runs belong to the campaign's flow run. ``runner`` is chosen at run time, so
     tasks go to it directly, as ``Task.submit`` would send them to the flow's own runner.

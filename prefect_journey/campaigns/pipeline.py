@@ -187,6 +187,13 @@ def look_up(plan: list[CampaignItem], campaign: Campaign) -> Lookup:
     A finished item (its image and its store both cached, the object still in place) is
     reported as it is: re-running a finished campaign costs seconds, not a task run per
     item.
+
+    Args:
+        plan: The campaign's checked items.
+        campaign: What the run shares (keys, destination).
+
+    Returns:
+        The cached images, the finished items and the objects to store again.
     """
     generated = {
         item.row: _as_result(cached_result(imagine, campaign.generation_key(item))) for item in plan
@@ -228,6 +235,16 @@ def preflight(
 ) -> int:
     """The credits ``todo`` can cost (cache hits excluded), checked against the budget and
     the account's balance before anything is spent.
+
+    Args:
+        todo: The items still to run.
+        generated: Each row's cached image, or None (from :func:`look_up`).
+        credentials: Whose balance to read; None for ``JOURNEY_API_KEY``.
+        max_credits: The run's budget, if any.
+        partial_budget: Run until the budget is spent instead of refusing.
+
+    Returns:
+        The most the items can cost.
 
     Raises:
         BudgetExceededError: Over ``max_credits`` (unless ``partial_budget``).
@@ -311,6 +328,15 @@ def report(
     campaign: Campaign, items: int, outcomes: list[ItemOutcome], *, allow_failures: bool
 ) -> CampaignReport:
     """Sum up the run, publish its summary table and log its ledger line.
+
+    Args:
+        campaign: The run.
+        items: How many items the campaign has.
+        outcomes: One per item.
+        allow_failures: Return the report even if some items were not stored.
+
+    Returns:
+        The report.
 
     Raises:
         CampaignFailedError: An item was not stored, unless ``allow_failures``.

@@ -1,7 +1,7 @@
 """A local JourneyAPI emulator that follows the documented contract.
 
 Start it with ``prefect-journey emulator --port 8765`` or, in Python, with
-:class:`EmulatorServer`. See the README's "Emulator" section.
+:class:`EmulatorServer`. See docs/emulator.md.
 """
 
 from prefect_journey.emulator.app import EmulatorState, create_app

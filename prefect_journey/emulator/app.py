@@ -8,9 +8,9 @@ Endpoints follow the documented contract:
 - ``GET /cdn/{task_id}.png``: the image, no auth (as a CDN URL)
 
 An image is rendered once, while its generation runs, and the CDN serves those bytes, as a
-real CDN serves a stored object: rendering on every GET made the emulator's CPU, not the
-client, set the pace of a benchmark on a small machine, and gave a retried download of a
-grainy image different bytes.
+real CDN serves a stored object: rendering on every GET would let the emulator's CPU, not
+the client, set the pace of a benchmark on a small machine, and would give a retried
+download of a grainy image different bytes.
 
 Bad key: 401 ``{}``. Bad body: 400 ``{"errors": [{"msg": ...}]}``. Out of credits: 402.
 
@@ -79,6 +79,29 @@ class _Task:
 
 @dataclass
 class EmulatorState:
+    """Everything the emulator knows: its settings, the account, the tasks and the ledger.
+
+    One per app, at ``app.state.emulator`` (and :attr:`EmulatorServer.state`); tests read and
+    change it directly. Building one calls :meth:`reset`.
+
+    Attributes:
+        config: The emulator's settings; changes apply to the next request.
+        credits: The credits left; :meth:`reset` restores ``config.credits``.
+        tasks: Every task created since the last reset, by task id.
+        calls: One entry per call received, in order (endpoint, status, time, and what the
+            call did: task id, credits, fault, ...).
+        webhooks: One entry per webhook delivery (task id, URL, whether it carried a
+            secret, and the answer's status code or the error's name).
+        images: What the CDN serves, by task id: sha256, bytes, format, width and height.
+        in_flight: Generations running now.
+        peak_in_flight: The most generations running at once since the last reset.
+        rng: The random source of latency jitter, JPEG-under-PNG choices and corruption;
+            seeded with ``config.faults.seed`` by :meth:`reset`.
+        renders: Rendered (or rendering) images by task id, oldest first; the oldest are
+            dropped past :data:`RENDERED_BYTES_KEPT`.
+        rendered_bytes: The bytes of the images held in ``renders``.
+    """
+
     config: EmulatorConfig
     credits: int = 0
     tasks: dict[str, _Task] = field(default_factory=dict)
@@ -95,6 +118,7 @@ class EmulatorState:
         self.reset()
 
     def reset(self) -> None:
+        """Forget tasks, calls, webhooks and images, restore the credits and reseed ``rng``."""
         self.credits = self.config.credits
         self.tasks.clear()
         self.calls.clear()
@@ -106,12 +130,29 @@ class EmulatorState:
         self.rng = random.Random(self.config.faults.seed)
 
     def record(self, endpoint: str, status: int | None, **extra: Any) -> dict[str, Any]:
-        """Log a call as it arrives; the returned entry is updated as the call proceeds."""
+        """Log a call as it arrives; the returned entry is updated as the call proceeds.
+
+        Args:
+            endpoint: ``"imagine"``, ``"fetch"``, ``"account"`` or ``"cdn"``.
+            status: The answer's status, or None while it is not known yet.
+            **extra: More fields of the entry (``task_id``, ``credits``, ``fault``, ...).
+
+        Returns:
+            The entry, already in :attr:`calls`.
+        """
         entry = {"endpoint": endpoint, "status": status, "at": time.time(), **extra}
         self.calls.append(entry)
         return entry
 
     def ledger(self) -> dict[str, Any]:
+        """What the emulator has done since the last reset (``GET /_emulator/ledger``).
+
+        Returns:
+            ``calls_total`` (API calls, downloads excluded), ``calls`` (a count per
+            endpoint), ``credits_charged``, ``credits_remaining``, ``billed_tasks``,
+            ``peak_concurrency``, ``webhooks_sent``, ``webhooks``, ``images`` (by task id)
+            and ``log`` (every call's entry).
+        """
         by_endpoint: dict[str, int] = {}
         for call in self.calls:
             by_endpoint[call["endpoint"]] = by_endpoint.get(call["endpoint"], 0) + 1
@@ -131,7 +172,18 @@ class EmulatorState:
 
     def start_render(self, task: _Task, encode_as: EncodedAs | None = None) -> asyncio.Task[bytes]:
         """Render ``task``'s image in a worker thread (once; see the module docstring).
-        ``encode_as`` None: PNG, or JPEG at the configured rate."""
+
+        Called on the event loop, which runs the returned task.
+
+        Args:
+            task: The task whose image to render, at its request's output size.
+            encode_as: ``"png"`` or ``"jpeg"``; None picks JPEG at the configured
+                ``jpeg_as_png_rate``, else PNG.
+
+        Returns:
+            The running render, also kept in :attr:`renders`; its result is the image's
+            bytes.
+        """
         if encode_as is None:
             jpeg = self.rng.random() < self.config.jpeg_as_png_rate
             encode_as = "jpeg" if jpeg else "png"
@@ -140,7 +192,16 @@ class EmulatorState:
         return render
 
     async def image(self, task: _Task) -> bytes:
-        """The bytes the CDN serves for ``task``, waiting for its render if it runs."""
+        """The bytes the CDN serves for ``task``, waiting for its render if it runs.
+
+        An image dropped to bound memory is rendered again, in its first format.
+
+        Args:
+            task: A task whose generation has started (not a failed one).
+
+        Returns:
+            The image's bytes.
+        """
         render = self.renders.get(task.task_id)
         if render is None:  # dropped to bound memory: render the same image again
             known = self.images.get(task.task_id)
@@ -209,7 +270,24 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def create_app(config: EmulatorConfig | None = None) -> Starlette:
-    """Build the emulator app; its :class:`EmulatorState` is ``app.state.emulator``."""
+    """Build the emulator app; its :class:`EmulatorState` is ``app.state.emulator``.
+
+    Args:
+        config: The emulator's settings; None for the defaults.
+
+    Returns:
+        The Starlette app, serving the endpoints of the module docstring.
+
+    Example:
+        ```python
+        import uvicorn
+
+        from prefect_journey.emulator import EmulatorConfig, create_app
+
+        app = create_app(EmulatorConfig(credits=100))
+        uvicorn.run(app, host="127.0.0.1", port=8765)
+        ```
+    """
     state = EmulatorState(config or EmulatorConfig())
 
     async def imagine(request: Request) -> Response:

@@ -26,8 +26,18 @@ class LatencyModel:
     """Generation time: ``base[resolution] + per_reference x references``, +/- jitter.
 
     Defaults follow public reports: a bare 1K image in ~8 s, 14 references at 1K in
-    30-60 s. ``time_scale`` multiplies everything (0.01 makes tests fast); ``fixed`` replaces
-    the model with one constant (benchmarks).
+    30-60 s. ``time_scale`` multiplies the modelled time (0.01 makes tests fast); ``fixed``
+    replaces the model, scale included, with one constant (benchmarks).
+
+    Attributes:
+        base: Seconds for a request without references, per resolution; 1K 8 s, 2K 12 s,
+            4K 20 s by default.
+        per_reference: Seconds added per reference image; 2.5 by default.
+        jitter: The share of the time drawn at random either way; 0.2 (+/- 20 %) by
+            default.
+        time_scale: Multiplies the modelled time; 1.0 by default.
+        fixed: Seconds every generation takes, whatever the request; None (the default)
+            uses the model.
     """
 
     base: dict[str, float] = field(default_factory=lambda: {"1K": 8.0, "2K": 12.0, "4K": 20.0})
@@ -37,6 +47,16 @@ class LatencyModel:
     fixed: float | None = None
 
     def seconds(self, reference_count: int, resolution: str | None, rng: random.Random) -> float:
+        """How long one generation takes.
+
+        Args:
+            reference_count: The number of reference images in the request.
+            resolution: ``"1K"``, ``"2K"`` or ``"4K"``; None means 1K.
+            rng: The random source of the jitter.
+
+        Returns:
+            ``fixed`` when set, else the modelled, jittered and scaled time, in seconds.
+        """
         if self.fixed is not None:
             return self.fixed
         nominal = self.base[resolution or "1K"] + self.per_reference * reference_count
@@ -50,6 +70,30 @@ class FaultPlan:
 
     Forced faults are taken first, in order, one per request of their family, which lets a
     test script an exact sequence ("429 then 503 then succeed").
+
+    Attributes:
+        rates: The probability of each fault kind (:data:`FAULT_KINDS`) per request of its
+            family, each within 0..1; one draw per request, so a family's rates should add
+            up to at most 1. Empty by default: no random faults.
+        seed: Seeds the random draws (and the emulator's other randomness at each reset);
+            0 by default.
+        retry_after: The ``Retry-After`` seconds sent with a 429 or 503; 1.0 by default.
+        slow_seconds: The extra wait of a ``slow`` answer; by default 300 s, past any
+            computed read timeout.
+        queue: Faults forced in order, per family: ``"api"`` (:data:`API_FAULTS`) and
+            ``"cdn"`` (:data:`CDN_FAULTS`); lists are accepted. Empty by default.
+
+    Raises:
+        ValueError: An unknown fault kind, a rate outside 0..1, or a queued fault of the
+            wrong family.
+
+    Example:
+        ```python
+        from prefect_journey.emulator import FaultPlan
+
+        plan = FaultPlan(rates={"500": 0.05}, queue={"api": ["429", "503"]}, seed=7)
+        assert plan.draw("api") == "429"
+        ```
     """
 
     rates: dict[str, float] = field(default_factory=dict)
@@ -74,6 +118,14 @@ class FaultPlan:
         self._rng = random.Random(self.seed)
 
     def draw(self, family: FaultFamily) -> str | None:
+        """The fault to inject into the next request of ``family``, if any.
+
+        Args:
+            family: ``"api"`` for the API endpoints, ``"cdn"`` for downloads.
+
+        Returns:
+            The next queued fault of the family, else one drawn at ``rates``, else None.
+        """
         if self.queue[family]:
             return self.queue[family].popleft()
         kinds = API_FAULTS if family == "api" else CDN_FAULTS
@@ -87,6 +139,33 @@ class FaultPlan:
 
 @dataclass
 class EmulatorConfig:
+    """The emulator's settings: accepted keys, the account, latency, faults and images.
+
+    Attributes:
+        api_keys: The keys accepted in the ``Authorization`` header;
+            ``("journey-emulator-key",)`` by default.
+        credits: The account's credits at start and after each reset; 10,000 by default.
+        latency: How long generations take; :class:`LatencyModel`'s defaults by default.
+        faults: The faults to inject; none by default.
+        jpeg_as_png_rate: The fraction of images served as JPEG bytes under their ``.png``
+            URL, as the real CDN does; 0 by default.
+        realistic_sizes: Adds photo-like grain so that PNG sizes match real outputs
+            (slower to render); False by default.
+        email: The account's e-mail address.
+        plan: The account's plan.
+
+    Example:
+        ```python
+        from prefect_journey.emulator import EmulatorConfig, FaultPlan, LatencyModel
+
+        config = EmulatorConfig(
+            credits=100,
+            latency=LatencyModel(time_scale=0.01),
+            faults=FaultPlan(rates={"429": 0.1}, seed=1),
+        )
+        ```
+    """
+
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
     credits: int = DEFAULT_CREDITS
     latency: LatencyModel = field(default_factory=LatencyModel)

@@ -22,8 +22,22 @@ def render_image(
 ) -> bytes:
     """An image of ``size`` whose colours come from the prompt and which shows the prompt.
 
-    ``noise`` adds grain so the PNG is as large as a real photo-like output (the benchmark
-    uses it); without it images compress to a few hundred KB and render fast.
+    The colours are derived from the prompt's SHA-256, so the same prompt gives the same
+    gradient; the text is the prompt (up to 12 wrapped lines) and a line with the task id
+    and the size.
+
+    Args:
+        prompt: The prompt, drawn on the image.
+        task_id: The task's id, drawn on the image.
+        size: The (width, height) in pixels.
+        encode_as: ``"png"`` (the default, compression level 1 for speed) or ``"jpeg"``
+            (quality 90).
+        noise: Adds grain so the PNG is as large as a real photo-like output (the benchmark
+            uses it); without it images compress to a few hundred KB and render fast. False
+            by default.
+
+    Returns:
+        The encoded image.
     """
     width, height = size
     seed = hashlib.sha256(prompt.encode()).digest()

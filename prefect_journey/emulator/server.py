@@ -42,7 +42,21 @@ def _uvicorn_server(app: ASGIApp, log_level: str) -> uvicorn.Server:
 
 
 class BackgroundServer:
-    """An ASGI app served by uvicorn on a loopback port, in a daemon thread."""
+    """An ASGI app served by uvicorn on a loopback port, in a daemon thread.
+
+    The socket is bound when the object is built, so :attr:`url` is known before
+    :meth:`start`. Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+
+    Args:
+        app: The ASGI app to serve.
+        host: The IPv4 address to bind; ``127.0.0.1`` by default.
+        port: The port to bind; 0 (the default) picks a free one.
+        log_level: uvicorn's log level; ``"warning"`` by default.
+
+    Attributes:
+        host: The bound address.
+        port: The bound port.
+    """
 
     def __init__(
         self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
@@ -56,9 +70,19 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
+        """The server's root URL, ``http://<host>:<port>``."""
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> Self:
+        """Start serving and wait until the server accepts connections.
+
+        Returns:
+            The server itself.
+
+        Raises:
+            RuntimeError: The server did not start within :data:`STARTUP_TIMEOUT` seconds,
+                or its thread ended.
+        """
         self._thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not self._server.started:
@@ -68,6 +92,7 @@ class BackgroundServer:
         return self
 
     def stop(self) -> None:
+        """Ask the server to exit, wait for its thread (up to 15 s) and close the socket."""
         self._server.should_exit = True
         self._thread.join(timeout=STARTUP_TIMEOUT)
         self._socket.close()
@@ -87,8 +112,27 @@ class BackgroundServer:
 class EmulatorServer(BackgroundServer):
     """The emulator on a loopback port in a daemon thread.
 
-    >>> with EmulatorServer(EmulatorConfig(credits=100)) as emulator:
-    ...     client = JourneyClient(emulator.api_key, base_url=emulator.url)
+    Args:
+        config: The emulator's settings; None for the defaults.
+        host: The IPv4 address to bind; ``127.0.0.1`` by default.
+        port: The port to bind; 0 (the default) picks a free one.
+        log_level: uvicorn's log level; ``"warning"`` by default.
+
+    Attributes:
+        config: The emulator's settings.
+        state: The running app's state, read and changed directly by tests.
+
+    Example:
+        ```python
+        from prefect_journey import JourneyClient
+        from prefect_journey.emulator import EmulatorConfig, EmulatorServer, LatencyModel
+
+        config = EmulatorConfig(credits=100, latency=LatencyModel(time_scale=0.01))
+        with EmulatorServer(config) as emulator:
+            with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+                result = client.imagine(prompt="a lighthouse at dusk")
+            print(result.image_url, emulator.ledger()["credits_remaining"])  # ... 96
+        ```
     """
 
     def __init__(
@@ -106,20 +150,45 @@ class EmulatorServer(BackgroundServer):
 
     @property
     def api_key(self) -> str:
+        """The first key the emulator accepts, to give a client."""
         return self.config.api_keys[0]
 
     def ledger(self) -> dict[str, Any]:
+        """The emulator's ledger, read over HTTP (``GET /_emulator/ledger``).
+
+        Returns:
+            The ledger, as :meth:`EmulatorState.ledger` describes it.
+        """
         response = httpx.get(f"{self.url}/_emulator/ledger", timeout=10)
         return response.json()  # type: ignore[no-any-return]
 
     def admin(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST to an admin endpoint: ``reset``, ``faults`` or ``config``."""
+        """POST to an admin endpoint: ``reset``, ``faults`` or ``config``.
+
+        Args:
+            action: ``"reset"``, ``"faults"`` (a new :class:`FaultPlan`'s fields) or
+                ``"config"`` (``time_scale``, ``fixed``, ``per_reference``, ``jitter``,
+                ``credits``, ``jpeg_as_png_rate``, ``realistic_sizes``).
+            body: The JSON body; None sends ``{}``.
+
+        Returns:
+            The endpoint's JSON answer.
+
+        Raises:
+            httpx.HTTPStatusError: The endpoint refused the request (a bad fault plan).
+        """
         response = httpx.post(f"{self.url}/_emulator/{action}", json=body or {}, timeout=10)
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
 
 def serve_forever(config: EmulatorConfig, *, host: str, port: int) -> None:
-    """Run in the foreground until interrupted (the CLI)."""
+    """Run in the foreground until interrupted (the CLI).
+
+    Args:
+        config: The emulator's settings.
+        host: The IPv4 address to bind.
+        port: The port to bind.
+    """
     server = _uvicorn_server(create_app(config), "info")
     server.run(sockets=[_bind(host, port)])
