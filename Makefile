@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo soak bench bench-recheck profile emulator clean
+.PHONY: test test-prefect-lowest lint demo soak bench bench-recheck profile emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -29,6 +29,11 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 	$(BIN)/pytest -m install
+
+# The Prefect-layer tests again on the lowest supported Prefect, in .venv-prefect-lowest
+# (pins and their reasons in constraints/prefect-lowest.txt). CI runs it after `make test`.
+test-prefect-lowest:
+	.ci/test-prefect-lowest
 
 # The demo keeps its Prefect database, results and cache in the checkout, so it neither
 # depends on nor alters ~/.prefect (whose database another Prefect version may own).
@@ -60,4 +65,4 @@ emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outputs .prefect profile.txt
+	rm -rf $(VENV) .venv-prefect-lowest .pytest_cache .mypy_cache .ruff_cache outputs .prefect profile.txt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
@@ -218,9 +219,14 @@ def generated_by_another_run(item: dict[str, Any], emulator: EmulatorServer) -> 
 
 
 def campaign_in_background(**parameters: Any) -> tuple[threading.Thread, list[CampaignReport]]:
-    """``batch_campaign(**parameters)`` started on a thread; its report lands in the list."""
+    """``batch_campaign(**parameters)`` started on a thread; its report lands in the list.
+    The thread runs in a copy of this one's context, so it sees the test harness's settings
+    (Prefect before 3.8.5 keeps them in the context only)."""
     reports: list[CampaignReport] = []
-    campaign = threading.Thread(target=lambda: reports.append(batch_campaign(**parameters)))
+    context = contextvars.copy_context()
+    campaign = threading.Thread(
+        target=lambda: context.run(lambda: reports.append(batch_campaign(**parameters)))
+    )
     campaign.start()
     return campaign, reports
 
