@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument("--aspect-ratio", default="1:1")
     imagine.add_argument("--resolution")
     imagine.add_argument("--destination", help="fsspec URL or folder to store the image in")
-    imagine.add_argument("--key-template", default="{task_id}.{ext}")
+    imagine.add_argument(
+        "--key-template", help="object key of the stored image (default: {task_id}.{ext})"
+    )
 
     webhooks = commands.add_parser(
         "webhooks", help="receive JourneyAPI webhooks and emit Prefect events"
@@ -89,11 +91,13 @@ def _parser() -> argparse.ArgumentParser:
 def _run_imagine(args: argparse.Namespace) -> int:
     from prefect_journey.client import JourneyClient
     from prefect_journey.models import ImagineRequest
-    from prefect_journey.storage import Destination, render_key, store_image
+    from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination, render_key, store_image
+
+    key_template = args.key_template or DEFAULT_KEY_TEMPLATE
 
     if args.destination:  # a bad destination or key must fail before a credit is spent
         Destination(args.destination).filesystem()
-        render_key(args.key_template, {"task_id": "task", "ext": "png"})
+        render_key(key_template, {"task_id": "task", "ext": "png"})
     request = ImagineRequest(
         prompt=args.prompt,
         image_urls=args.reference,
@@ -108,7 +112,7 @@ def _run_imagine(args: argparse.Namespace) -> int:
             result.image_url,
             args.destination,
             task_id=result.task_id,
-            key_template=args.key_template,
+            key_template=key_template,
         )
         output["stored"] = stored.model_dump()
     print(json.dumps(output, indent=2))
@@ -175,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 done, 1 the API or the store failed, 2 bad input or configuration.
     """
-    from prefect_journey.errors import JourneyError
+    from prefect_journey.errors import JourneyError, failure_text
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except JourneyError as exc:
         # Our messages never carry secrets; the traceback is not needed to act on them.
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {failure_text(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
     except ValueError as exc:
         parser.error(str(exc))

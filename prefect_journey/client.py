@@ -40,6 +40,7 @@ from prefect_journey.errors import (
     ServerError,
     ServiceUnavailableError,
     TaskFailedError,
+    failure_text,
     redact,
 )
 from prefect_journey.models import (
@@ -205,11 +206,11 @@ def error_for_transport(exc: httpx.HTTPError, request: httpx.Request) -> Journey
     where = f"{request.method} {request.url.scheme}://{request.url.netloc.decode()}"
     where += request.url.path
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return JourneyConnectionError(f"{where}: could not connect ({type(exc).__name__}: {exc})")
+        return JourneyConnectionError(f"{where}: could not connect ({failure_text(exc)})")
     if isinstance(exc, httpx.ReadTimeout):
         return JourneyTimeoutError(f"{where}: no answer within the read timeout")
     return ConnectionDroppedError(
-        f"{where}: connection failed after the request was sent ({type(exc).__name__}: {exc})"
+        f"{where}: connection failed after the request was sent ({failure_text(exc)})"
     )
 
 

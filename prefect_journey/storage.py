@@ -52,6 +52,7 @@ from prefect_journey.errors import (
     JourneyValidationError,
     ObjectConflictError,
     StorageError,
+    failure_text,
 )
 from prefect_journey.imageformat import ImageFormatError, ImageInfo, ImageVerifier, detect_format
 from prefect_journey.models import check_http_url
@@ -193,7 +194,7 @@ class Destination:
                 raise FileNotFoundError(f"{container!r} does not exist")
         except Exception as exc:
             raise StorageError(
-                f"destination {self.url!r} is not reachable: {type(exc).__name__}: {exc}",
+                f"destination {self.url!r} is not reachable: {failure_text(exc)}",
                 retryable=False,
             ) from None
 
@@ -769,7 +770,7 @@ def store_image(
     except httpx.HTTPError as exc:
         pipe.close(raise_error=False)
         writer.abort()
-        raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from None
+        raise DownloadError(f"image download failed: {failure_text(exc)}") from None
     except BaseException:
         pipe.close(raise_error=False)
         writer.abort()
@@ -862,7 +863,7 @@ async def astore_image(
     except httpx.HTTPError as exc:
         await asyncio.to_thread(pipe.close, raise_error=False)
         await asyncio.to_thread(writer.abort)
-        raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from None
+        raise DownloadError(f"image download failed: {failure_text(exc)}") from None
     except BaseException:
         await asyncio.to_thread(pipe.close, raise_error=False)
         await asyncio.to_thread(writer.abort)

@@ -56,6 +56,7 @@ from prefect_journey.publishing import (
     log_generation,
     log_stored,
 )
+from prefect_journey.settings import DEFAULT_DESTINATION
 from prefect_journey.storage import (
     DEFAULT_KEY_TEMPLATE,
     DEFAULT_MAX_BYTES,
@@ -389,7 +390,7 @@ STORE_OPTIONS: dict[str, Any] = {
 @task(name="journey-store-image", **STORE_OPTIONS)
 def store_image(
     result: ImagineResult,
-    destination: Any = "./outputs",
+    destination: Any = DEFAULT_DESTINATION,
     storage_options: Mapping[str, Any] | None = None,
     key_template: str = DEFAULT_KEY_TEMPLATE,
     key_fields: Mapping[str, Any] | None = None,
@@ -443,7 +444,7 @@ def store_image(
 @task(name="journey-astore-image", **STORE_OPTIONS)
 async def astore_image(
     result: ImagineResult,
-    destination: Any = "./outputs",
+    destination: Any = DEFAULT_DESTINATION,
     storage_options: Mapping[str, Any] | None = None,
     key_template: str = DEFAULT_KEY_TEMPLATE,
     key_fields: Mapping[str, Any] | None = None,

@@ -262,7 +262,7 @@ def preflight(
         return 0
     if max_credits is not None and cost > max_credits and not partial_budget:
         raise BudgetExceededError(
-            f"the batch can cost {cost} credits ({len(uncached)} uncached items x "
+            f"the campaign can cost {cost} credits ({len(uncached)} uncached items x "
             f"{CREDITS_PER_IMAGE}), above max_credits={max_credits}; "
             "raise max_credits or pass partial_budget=True"
         )
@@ -271,7 +271,7 @@ def preflight(
         balance = api.account().credits
     if needed > balance:
         raise InsufficientCreditsError(
-            f"the batch needs up to {needed} credits and the account has {balance}: top up first"
+            f"the campaign needs up to {needed} credits and the account has {balance}: top up first"
         )
     return cost
 

@@ -1,4 +1,5 @@
-"""batch_campaign: fan-out, limits, budgets, reporting and Dask, under a real Prefect server."""
+"""The campaign flows (batch_campaign, abatch_campaign) in both executors: fan-out, limits,
+budgets, reporting and Dask, under a real Prefect server."""
 
 from __future__ import annotations
 
