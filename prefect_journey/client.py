@@ -24,6 +24,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from prefect_journey import policy, settings
+from prefect_journey._moved import moved_names
 from prefect_journey.errors import (
     APIStatusError,
     AuthenticationError,
@@ -50,6 +51,10 @@ from prefect_journey.models import (
     ImagineResult,
     TaskStatus,
     check_http_url,
+)
+
+__getattr__ = moved_names(
+    __name__, {"DEFAULT_BASE_URL": "prefect_journey.settings:DEFAULT_BASE_URL"}
 )
 
 API_PREFIX = "/api/v1"

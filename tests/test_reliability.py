@@ -203,8 +203,7 @@ def test_killed_campaign_resumes_without_rebilling_or_duplicates(
     }
     command = [
         sys.executable,
-        "-m",
-        "flows.campaign_from_csv",
+        "flows/batch_campaign.py",
         str(source),
         "--campaign",
         tag,

@@ -1,6 +1,6 @@
 """Run a campaign sheet from the command line, with the package's campaign flow.
 
-    python -m flows.campaign_from_csv campaign.csv --campaign spring --max-credits 400
+    python flows/batch_campaign.py campaign.csv --campaign spring --max-credits 400
 
 Copy it and change what you need: everything it uses comes from ``prefect_journey``.
 """
