@@ -83,6 +83,13 @@ def run_per_image(
 ) -> list[ItemOutcome]:
     """Run ``todo`` as task runs on ``runner`` and report each item as it ends.
 
+    The task runs belong to the campaign's flow run. ``runner`` is chosen at run time, so
+    tasks go to it directly, as ``Task.submit`` would send them to the flow's own runner.
+    Generations are submitted through a window of ``max_concurrency`` (the run's bound on
+    calls in flight), so the pool's queue never holds a backlog of them and a finished
+    image's store starts at once instead of waiting behind every generation not yet started.
+    Workers only announce what finished; this thread submits and reports.
+
     Args:
         todo: The items to generate and store.
         campaign: What every item of the run shares.
@@ -91,20 +98,12 @@ def run_per_image(
 
     Returns:
         One outcome per item, in row order.
-
-    The task runs belong to the campaign's flow run. ``runner`` is chosen at run time, so
-    tasks go to it directly, as ``Task.submit`` would send them to the flow's own runner.
-    Generations are submitted through a window of ``max_concurrency`` (the run's bound on
-    calls in flight), so the pool's queue never holds a backlog of them and a finished
-    image's store starts at once instead of waiting behind every generation not yet started.
-    Workers only announce what finished; this thread submits and reports.
     """
     worst = max(policy.attempt_timeout(item.request) for item in todo)
     generate = imagine.with_options(timeout_seconds=worst)
     items = {item.row: item for item in todo}
     finished: queue.Queue[tuple[str, int, Settled]] = queue.Queue()
     generations: dict[int, PrefectFuture[Any]] = {}
-    stores: dict[int, PrefectFuture[Any]] = {}
     settled: dict[tuple[str, int], Settled] = {}
     waiting = deque(todo)
     busy_elsewhere = _generating_elsewhere(campaign)
@@ -144,7 +143,7 @@ def run_per_image(
             if result.value is not None:
                 # The value, not the future: the run is named after it; wait_for keeps the
                 # dependency in the UI.
-                stores[row] = submit_to(
+                store = submit_to(
                     runner,
                     store_and_publish.with_options(refresh_cache=row in campaign.restore),
                     wait_for=[generations[row]],
@@ -155,7 +154,7 @@ def run_per_image(
                     prompt=item.request.prompt,
                     campaign=campaign.name,
                 )
-                stores[row].add_done_callback(partial(_announce, finished, "stored", row))
+                store.add_done_callback(partial(_announce, finished, "stored", row))
                 continue
         # A cached store was declared by the run that made it.
         elif result.value is not None and not result.cached:
