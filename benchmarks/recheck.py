@@ -16,27 +16,28 @@ import math
 import os
 from typing import Any
 
-from benchmarks import orchestration, transfer
 from benchmarks.common import RUNS, emulator_process, median
 from benchmarks.run import RESULTS, load
 
-N = orchestration.TARGET_N
-
 
 def measure() -> dict[str, Any]:
-    """The N=200 orchestration rows (SQLite) and the transfer rows, measured now."""
+    """The N=200 orchestration rows (SQLite) and the transfer rows, measured now, with
+    Prefect's logging as quiet as in ``make bench`` (set before Prefect is imported)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from benchmarks import orchestration, transfer
+
+    n = orchestration.TARGET_N
     fresh = orchestration.median_on_a_fresh_server
     with emulator_process("--fixed-latency", str(orchestration.LATENCY)) as url:
         os.environ.update({"JOURNEY_API_KEY": orchestration.KEY, "JOURNEY_BASE_URL": url})
         row = {
-            "ideal": math.ceil(N / orchestration.CONCURRENCY) * orchestration.LATENCY,
-            "ours": fresh(RUNS, orchestration.ours, N),
-            "handwritten": median([orchestration.handwritten(url, N) for _ in range(RUNS)]),
-            "shape_floor": fresh(RUNS, orchestration.prefect_floor_of_our_shape, N),
-            "chunked": fresh(RUNS, orchestration.ours_chunked, N),
-            "chunked_floor": fresh(RUNS, orchestration.prefect_floor_of_chunked_shape, N),
+            "ideal": math.ceil(n / orchestration.CONCURRENCY) * orchestration.LATENCY,
+            "ours": fresh(RUNS, orchestration.ours, n),
+            "handwritten": median([orchestration.handwritten(url, n) for _ in range(RUNS)]),
+            "shape_floor": fresh(RUNS, orchestration.prefect_floor_of_our_shape, n),
+            "chunked": fresh(RUNS, orchestration.ours_chunked, n),
+            "chunked_floor": fresh(RUNS, orchestration.prefect_floor_of_chunked_shape, n),
         }
     return {"orchestration": row, "transfer": transfer.measure()}
 
@@ -58,8 +59,10 @@ def ratios(orchestration_row: dict[str, float]) -> dict[str, float]:
 def main() -> None:
     saved = load(RESULTS)
     now = measure()
+    from benchmarks import orchestration, transfer
+
     print(f"{'figure (N=200, SQLite)':<45} {'saved':>8} {'now':>8}")
-    before = ratios(saved["orchestration"]["by_n"][N])
+    before = ratios(saved["orchestration"]["by_n"][orchestration.TARGET_N])
     for name, value in ratios(now["orchestration"]).items():
         print(f"{name:<45} {before[name]:>8.3f} {value:>8.3f}")
     saved_transfer = {f.name: f.ratio for f in transfer.figures(saved["transfer"])}

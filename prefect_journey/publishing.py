@@ -158,15 +158,7 @@ def image_artifact(
 def report_image(
     stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
 ) -> None:
-    """Create the image artifact of one stored image (see :func:`image_artifact`).
-
-    Args:
-        stored: The object written.
-        result: The generation that made it.
-        destination: Where it was written (signs the link the UI shows).
-        prompt: The prompt that made it; shown through
-            :func:`~prefect_journey.models.display_text`.
-    """
+    """Create the image artifact of one stored image: :func:`image_artifact`, same arguments."""
     image_artifact(stored, result, destination, prompt).create()
 
 
