@@ -116,7 +116,12 @@ def run_chunked(
     Returns:
         One outcome per item.
     """
-    return asyncio.run(_run_chunks(todo, campaign, max_concurrency, images_per_task_run))
+    outcomes, new_objects = asyncio.run(
+        _run_chunks(todo, campaign, max_concurrency, images_per_task_run)
+    )
+    # After the loop has ended: the asset task run is sync, and nothing waits for it.
+    declare_assets(new_objects)  # one task run for the whole campaign
+    return outcomes
 
 
 async def _run_chunks(
@@ -124,7 +129,7 @@ async def _run_chunks(
     campaign: Campaign,
     max_concurrency: int,
     images_per_task_run: int,
-) -> list[ItemOutcome]:
+) -> tuple[list[ItemOutcome], list[tuple[StoredImage, str]]]:
     done = 0
 
     def finished(_: ItemOutcome) -> None:
@@ -170,14 +175,13 @@ async def _run_chunks(
             share = 1.0 if over else done / len(todo)
             await aupdate_progress_artifact(progress.id, 100.0 * share, client=prefect)
         results = running.result()
-    declare_assets(shared.new_objects)  # one task run for the whole campaign
     outcomes: list[ItemOutcome] = []
     for chunk, result in zip(chunks, results, strict=True):
         if isinstance(result, BaseException):  # the task run itself broke
             outcomes += [outcome(item, None, None, cached=False, error=result) for item in chunk]
         else:
             outcomes += result
-    return outcomes
+    return outcomes, shared.new_objects
 
 
 def _chunk_run_name() -> str:
