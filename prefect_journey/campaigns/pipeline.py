@@ -103,7 +103,17 @@ class CampaignFailedError(JourneyError):
 class Campaign:
     """What every item of one campaign run shares.
 
-    ``restore``: rows whose store is cached but whose object is gone (stored again).
+    Attributes:
+        name: The campaign's name (``{campaign}`` in keys, artifact keys, events).
+        destination: Where the images go.
+        key_template: Each object's key.
+        variant: Part of every image's cache key.
+        credentials: The API credentials; None for ``JOURNEY_API_KEY``.
+        budget: The run's credit budget, gating every paid attempt.
+        concurrency_limit: The Prefect global concurrency limit each attempt holds a slot of.
+        restore: Rows whose store is cached but whose object is gone (stored again).
+        base_url: The API root (part of every image's cache key); resolved from
+            ``credentials`` when not given.
     """
 
     name: str
@@ -122,6 +132,7 @@ class Campaign:
 
     @property
     def slug(self) -> str:
+        """The name as it appears in keys: lower case, dashes."""
         return slugify(self.name)
 
     def generation_key(self, item: CampaignItem) -> str:
