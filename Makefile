@@ -16,8 +16,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+# The whole suite runs on the newest Prefect (constraints/prefect-newest.txt); the lowest
+# supported one has its own target below.
+$(STAMP): pyproject.toml constraints/prefect-newest.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints/prefect-newest.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
