@@ -1,6 +1,6 @@
 """Deprecated: campaign input lives in :mod:`prefect_journey.campaigns.plan`."""
 
-from prefect_journey._moved import moved_names
+from prefect_journey.deprecations import moved_names
 
 __getattr__ = moved_names(
     __name__,

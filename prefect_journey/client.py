@@ -24,7 +24,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from prefect_journey import policy, settings
-from prefect_journey._moved import moved_names
+from prefect_journey.deprecations import moved_names
 from prefect_journey.errors import (
     APIStatusError,
     AuthenticationError,

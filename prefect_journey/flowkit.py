@@ -1,7 +1,7 @@
 """Deprecated: what the flows shared is split by concern (publishing, credentials,
 destinations, tasks, gate, campaigns.per_image)."""
 
-from prefect_journey._moved import moved_names
+from prefect_journey.deprecations import moved_names
 
 __getattr__ = moved_names(
     __name__,

@@ -28,7 +28,7 @@ import pydantic_core
 
 from prefect_journey import settings
 from prefect_journey._compat import RenewableFileSystemLockManager
-from prefect_journey._moved import moved_names
+from prefect_journey.deprecations import moved_names
 
 __getattr__ = moved_names(
     __name__,

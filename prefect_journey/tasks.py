@@ -36,10 +36,10 @@ from prefect.tasks import Task
 
 from prefect_journey import policy
 from prefect_journey._compat import is_cached, quiet_worker_thread_timeout_notice
-from prefect_journey._moved import moved_names
 from prefect_journey.budget import CreditBudget
 from prefect_journey.cache import DEFAULT_CACHE_EXPIRATION, IMAGINE_CACHE_POLICY, STORE_CACHE_POLICY
 from prefect_journey.credentials import JourneyCredentials, async_journey_client, journey_client
+from prefect_journey.deprecations import moved_names
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError
 from prefect_journey.gate import apaid_attempt, paid_attempt
