@@ -92,7 +92,13 @@ def test_hundred_items_stored_exactly_once_and_reported(
     rows = table.data if isinstance(table.data, list) else __import__("json").loads(table.data)
     assert sorted(r["uri"].removeprefix(f"s3://{bucket.name}/") for r in rows) == objects
     assert {r["status"] for r in rows} == {"stored"}
-    assert sum(a.type == "image" for a in artifacts) == 100
+    # One image artifact per stored object, none for anything else. Counted by object, not
+    # in total: Prefect's client sends a POST again after a read timeout or a 503 from a busy
+    # SQLite server, which can record an artifact twice.
+    image_uris = {
+        a.description.split("\n\n")[1].split(" (")[0] for a in artifacts if a.type == "image"
+    }
+    assert image_uris == {f"s3://{bucket.name}/{o}" for o in objects}
     [progress] = [a for a in artifacts if a.type == "progress"]
     assert float(progress.data) == 100.0
     # Prefect's "timeout cannot interrupt a worker thread" notice is filtered for our tasks
