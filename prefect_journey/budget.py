@@ -24,7 +24,14 @@ from typing import Any
 from prefect_journey.errors import JourneyError
 from prefect_journey.models import CREDITS_PER_IMAGE
 
-_EMPTY = {"in_flight": 0, "spent": 0, "calls": 0, "possibly_billed": 0, "refused": 0}
+_EMPTY = {
+    "in_flight": 0,
+    "spent": 0,
+    "calls": 0,
+    "possibly_billed": 0,
+    "recovered": 0,
+    "refused": 0,
+}
 
 
 class BudgetExceededError(JourneyError):
@@ -143,12 +150,30 @@ class CreditBudget:
             if error is not None and not not_billed:
                 state["possibly_billed"] += 1
 
+    def recovered(self, *, billed: bool) -> None:
+        """A possibly-billed attempt's fate became known from its webhook delivery.
+
+        It no longer counts as possibly billed; it counts as recovered, and its credits stay
+        spent only if the delivery shows an image was made.
+
+        Args:
+            billed: The delivery carried a finished image (False: the provider refused it,
+                which is not billed).
+        """
+        with self._locked() as state:
+            state["possibly_billed"] -= 1
+            state["recovered"] += 1
+            if not billed:
+                state["spent"] -= self.price
+
     def snapshot(self) -> dict[str, Any]:
         """Calls started, credits spent (possibly-billed counted), in flight, refusals.
 
         Returns:
             ``calls``, ``spent``, ``in_flight``, ``possibly_billed`` (attempts that ended
-            in a failure that may have been billed), ``refused`` and the budget's ``limit``.
+            in a failure that may have been billed and were not recovered), ``recovered``
+            (attempts whose lost answer came by webhook), ``refused`` and the budget's
+            ``limit``.
         """
         with self._locked() as state:
             return {**state, "limit": self.limit}

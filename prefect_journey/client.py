@@ -236,7 +236,20 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def _parse_task(body: dict[str, Any], path: str) -> TaskStatus:
+def parse_task(body: dict[str, Any], path: str) -> TaskStatus:
+    """A task body (``/imagine``, ``/fetch`` or a webhook delivery), checked.
+
+    Args:
+        body: The JSON object received.
+        path: Where it came from, to name it in errors.
+
+    Returns:
+        The task; a finished one has a valid ``image_url``.
+
+    Raises:
+        MalformedResponseError: The body is not the documented task shape.
+        TaskFailedError: The task failed; ``reason`` holds the API's error text.
+    """
     try:
         task = TaskStatus.model_validate(body)
     except ValidationError as exc:
@@ -387,7 +400,7 @@ class _ClientCore:
             idempotent=False,
             secrets=secrets,
         )
-        task = _parse_task(_json_object(response), "/imagine")
+        task = parse_task(_json_object(response), "/imagine")
         while task.status in _UNFINISHED:
             # The model is documented as synchronous; tolerate an unfinished answer anyway.
             if time.monotonic() - started > read_timeout:
@@ -396,7 +409,7 @@ class _ClientCore:
                 )
             yield POLL_INTERVAL
             task = yield from self._fetch_flow(http, task.task_id)
-        assert task.image_url is not None  # _parse_task guarantees it for finished tasks
+        assert task.image_url is not None  # parse_task guarantees it for finished tasks
         return ImagineResult(
             task_id=task.task_id,
             status=task.status,
@@ -420,7 +433,7 @@ class _ClientCore:
             idempotent=True,
             secrets=self._secrets(),
         )
-        return _parse_task(_json_object(response), "/fetch")
+        return parse_task(_json_object(response), "/fetch")
 
     def _account_flow(self, http: httpx.Client | httpx.AsyncClient) -> CallFlow[Account]:
         response, _ = yield from self._send(

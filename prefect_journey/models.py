@@ -437,6 +437,9 @@ class ImagineResult(_Model):
         attempts: Attempts made, including retries; 1 by default.
         possibly_billed_attempts: Earlier attempts whose outcome was unknown and which may
             have been billed; 0 by default.
+        recovered: The image came from the webhook delivery of an attempt whose answer was
+            lost, not from an HTTP answer (see :mod:`prefect_journey.recovery`); False by
+            default.
     """
 
     task_id: str
@@ -448,6 +451,10 @@ class ImagineResult(_Model):
     possibly_billed_attempts: int = Field(
         default=0,
         description="Earlier attempts whose outcome was unknown and which may have been billed.",
+    )
+    recovered: bool = Field(
+        default=False,
+        description="Recovered from the webhook delivery of an attempt whose answer was lost.",
     )
 
 

@@ -211,6 +211,24 @@ ATTEMPT_TIMEOUT_MARGIN = 15.0
 STORE_TIMEOUT = 180.0
 
 
+# --- Recovery of a possibly-billed generation -----------------------------------------------
+# The provider POSTs the finished task to the attempt's webhook when the generation ends,
+# whatever happened to the HTTP answer, and retries a refused delivery about 10, 30 and 90 s
+# later.
+PROVIDER_WEBHOOK_RETRY_DELAYS: tuple[float, ...] = (10.0, 30.0, 90.0)
+# A generation can still run for up to a minute after the client gave up (the read timeout
+# covers a p99, 4K with many references runs to 120 s).
+GENERATION_OVERRUN = 60.0
+# How long a possibly-billed attempt waits for its delivery before the retry ladder applies:
+# the overrun plus the provider's first two delivery retries, so a receiver that could not
+# reach the Prefect API for up to 40 s still recovers the image. Waiting costs time; not
+# waiting costs 4 credits.
+RECOVERY_WINDOW = GENERATION_OVERRUN + sum(PROVIDER_WEBHOOK_RETRY_DELAYS[:2])
+# How often the events API is asked for a delivery while waiting: a delivery is worth
+# seconds, a question costs one small query.
+RECOVERY_POLL_INTERVAL = 1.0
+
+
 def should_retry_generation(error: BaseException | None) -> bool:
     """Whether a failed paid generation is tried again.
 
@@ -297,10 +315,30 @@ def attempt_timeout(request: ImagineRequest) -> float:
     return CONNECT_TIMEOUT + read + ATTEMPT_TIMEOUT_MARGIN
 
 
-def worst_case_attempt_timeout() -> float:
+def worst_case_attempt_timeout(*, recovering: bool = False) -> float:
     """:func:`attempt_timeout` of the slowest request the rules allow (4K, 14 references).
+
+    Args:
+        recovering: Size it for an attempt that may also wait for deliveries (see
+            :func:`recovering_timeout`).
 
     Returns:
         The deadline in seconds.
     """
-    return CONNECT_TIMEOUT + read_timeout_for(MAX_REFERENCES, "4K") + ATTEMPT_TIMEOUT_MARGIN
+    timeout = CONNECT_TIMEOUT + read_timeout_for(MAX_REFERENCES, "4K") + ATTEMPT_TIMEOUT_MARGIN
+    return recovering_timeout(timeout, RECOVERY_WINDOW) if recovering else timeout
+
+
+def recovering_timeout(attempt: float, window: float) -> float:
+    """The deadline of an attempt that recovers: before its call it may wait for an earlier
+    run's attempt (that attempt's deadline plus the window), after it for its own delivery
+    (the window).
+
+    Args:
+        attempt: The call's own deadline (:func:`attempt_timeout`).
+        window: The recovery window.
+
+    Returns:
+        ``2 x (attempt + window)`` seconds.
+    """
+    return 2 * (attempt + window)

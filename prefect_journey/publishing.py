@@ -58,12 +58,14 @@ def log_generation(logger: Logger, result: ImagineResult) -> ImagineResult:
     """
     # Host and pid say which worker made the call when a campaign is spread over processes.
     logger.info(
-        "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d worker=%s/%d",
+        "task_id=%s latency=%.1fs credits=%d attempts=%d possibly_billed_retries=%d "
+        "recovered=%s worker=%s/%d",
         result.task_id,
         result.elapsed_seconds,
         result.credits_charged,
         result.attempts,
         result.possibly_billed_attempts,
+        "yes" if result.recovered else "no",
         socket.gethostname(),
         os.getpid(),
     )

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect_journey import policy
 from prefect_journey.errors import ConfigurationError
 
 
@@ -79,7 +80,20 @@ LOCK_LEASE_SECONDS = Variable(
 WEBHOOK_SECRET = Variable(
     "JOURNEY_WEBHOOK_SECRET",
     "(none)",
-    "The secret the webhook receiver expects in x-webhook-secret.",
+    "The secret the webhook receiver expects in x-webhook-secret, and that paid attempts "
+    "send with their webhook_url.",
+)
+WEBHOOK_URL = Variable(
+    "JOURNEY_WEBHOOK_URL",
+    "(none)",
+    "The public URL of the webhook receiver (https, or http on loopback), when no "
+    "JourneyWebhookReceiver block is named; with JOURNEY_WEBHOOK_SECRET it turns on the "
+    "recovery of possibly-billed generations.",
+)
+RECOVERY_WINDOW = Variable(
+    "JOURNEY_RECOVERY_WINDOW",
+    f"{policy.RECOVERY_WINDOW:g}",
+    "Seconds a possibly-billed attempt waits for its webhook delivery before it is retried.",
 )
 
 VARIABLES: tuple[Variable, ...] = (
@@ -93,6 +107,8 @@ VARIABLES: tuple[Variable, ...] = (
     BUDGET_DIR,
     LOCK_LEASE_SECONDS,
     WEBHOOK_SECRET,
+    WEBHOOK_URL,
+    RECOVERY_WINDOW,
 )
 
 DEFAULT_BASE_URL = BASE_URL.default
@@ -196,6 +212,21 @@ def lock_lease_seconds() -> float:
 def webhook_secret() -> str:
     """``JOURNEY_WEBHOOK_SECRET``, or an empty string when unset."""
     return _raw(WEBHOOK_SECRET) or ""
+
+
+def webhook_url() -> str | None:
+    """``JOURNEY_WEBHOOK_URL``, or None when unset."""
+    return _raw(WEBHOOK_URL)
+
+
+def recovery_window() -> float:
+    """``JOURNEY_RECOVERY_WINDOW`` in seconds, else :data:`~prefect_journey.policy.RECOVERY_WINDOW`.
+
+    Raises:
+        ConfigurationError: Not a positive number of seconds.
+    """
+    seconds = _positive_seconds(RECOVERY_WINDOW, minimum=0.0, inclusive=False)
+    return policy.RECOVERY_WINDOW if seconds is None else seconds
 
 
 def _positive_seconds(variable: Variable, *, minimum: float, inclusive: bool) -> float | None:

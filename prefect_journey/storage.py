@@ -22,6 +22,10 @@ The guarantees, in the order they are applied:
 6. A commit that fails may still have been applied (its answer lost, its repeats refused):
    before reporting the failure, the object at the key is read back, and if it is this
    image the store succeeded.
+7. Given an ``origin`` (the cache key of the request that made the image), the object
+   carries a record of what made it, committed with it: S3 user metadata, or extended
+   attributes on a local file (see :data:`RECORD_PREFIX`). :meth:`Destination.occupant`
+   reads it back, so a later run knows what a key holds before it pays for an image.
 
 This module does not import Prefect.
 """
@@ -37,9 +41,10 @@ import re
 import string
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 import fsspec
 import httpx
@@ -54,7 +59,13 @@ from prefect_journey.errors import (
     StorageError,
     failure_text,
 )
-from prefect_journey.imageformat import ImageFormatError, ImageInfo, ImageVerifier, detect_format
+from prefect_journey.imageformat import (
+    EXTENSIONS,
+    ImageFormatError,
+    ImageInfo,
+    ImageVerifier,
+    detect_format,
+)
 from prefect_journey.models import check_http_url
 
 logger = logging.getLogger("prefect_journey.storage")
@@ -86,6 +97,15 @@ DEFAULT_PRESIGN_SECONDS = 24 * 3600
 # If-None-Match), closing the race between our existence check and the commit. Elsewhere
 # a concurrent writer of the same key wins last; both write the same verified bytes.
 EXCLUSIVE_CREATE_PROTOCOLS = frozenset({"s3", "s3a"})
+# Stores whose objects carry user metadata (S3's ``x-amz-meta-*``), which holds an object's
+# record. A local file keeps it in extended attributes; other stores keep no record.
+METADATA_PROTOCOLS = frozenset({"s3", "s3a"})
+# The names of an object's record: S3 metadata keys, and after ``user.`` extended attribute
+# names (``journey-origin``, ``journey-task-id``, ``journey-sha256``, ...). A record lives on
+# the object itself, never beside it, so a folder or bucket holds exactly its images.
+RECORD_PREFIX = "journey-"
+_XATTR_NAMESPACE = "user."
+_CAN_RECORD_LOCALLY = hasattr(os, "setxattr")  # Linux; not macOS or Windows
 
 _SAFE_KEY_CHARS = re.compile(r"^[A-Za-z0-9._\-/=+@,:~]+$")
 
@@ -116,6 +136,23 @@ class StoredImage(BaseModel):
     height: int
     task_id: str
     created: bool = True
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """An object already at an image's key, and what its record says made it.
+
+    Attributes:
+        uri: The object's absolute URL.
+        origin: The recorded cache key of the request that made it; None when the object
+            has no record (stored without an ``origin``, or where no record is kept).
+        stored: The object as a :class:`StoredImage` (``created=False``) when its origin is
+            the one asked about and it is a whole image; else None.
+    """
+
+    uri: str
+    origin: str | None
+    stored: StoredImage | None
 
 
 @dataclass(frozen=True)
@@ -222,6 +259,52 @@ class Destination:
             return int(fs.info(path)["size"]) == stored.bytes
         except (OSError, KeyError, ValueError):
             return False
+
+    def occupant(
+        self, key_template: str, key_fields: Mapping[str, Any], origin: str
+    ) -> Occupant | None:
+        """The object an image of ``key_fields`` would be stored over, if there is one.
+
+        The extension comes from the bytes, so every extension the package writes is tried
+        (``png``, ``jpg``, ``webp``): one metadata read each on S3, until one is found. The
+        object is described from its record, or read back and hashed when the record lacks
+        the description (an S3 upload in parts begins before the last byte is known).
+
+        Args:
+            key_template: The object key's template; ``{task_id}``, if it has one, must be
+                in ``key_fields``.
+            key_fields: The values of the template's fields other than ``{ext}``.
+            origin: The cache key of the request whose image would be stored; the object is
+                described only if its record names this origin.
+
+        Returns:
+            The object at the first key found, or None when no key holds one.
+
+        Raises:
+            JourneyValidationError: The template or a rendered key is refused.
+            StorageError: The destination's filesystem cannot be built, or an object's
+                metadata cannot be read.
+        """
+        fs, root = self.filesystem()
+        for ext in dict.fromkeys(EXTENSIONS.values()):
+            key = render_key(key_template, {**key_fields, "ext": ext})
+            path = f"{root}/{key}" if root else key
+            uri = str(fs.unstrip_protocol(path))
+            fs.invalidate_cache(path)  # a long-lived process may have listed it before
+            try:
+                record = _read_record(fs, path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot read {uri}: {exc}") from None
+            recorded = record.get("origin")
+            if recorded != origin:
+                return Occupant(uri, recorded, None)
+            stored = _recorded_image(record, uri) or _read_image(
+                fs, path, uri, record.get("task-id", "")
+            )
+            return Occupant(uri, recorded, stored)
+        return None
 
     @property
     def canonical_url(self) -> str:
@@ -432,6 +515,112 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
     return {protocol} if isinstance(protocol, str) else set(protocol)
 
 
+def _record(origin: str, task_id: str, image: StoredImage | None) -> dict[str, str]:
+    """An object's record under its names: what made it and, once known, what it is.
+
+    Values are percent-encoded, as S3 metadata travels in HTTP headers (ASCII only).
+    """
+    fields = {"origin": origin, "task-id": task_id}
+    if image is not None:
+        fields |= {
+            "sha256": image.sha256,
+            "bytes": str(image.bytes),
+            "format": image.format,
+            "width": str(image.width),
+            "height": str(image.height),
+        }
+    return {RECORD_PREFIX + name: quote(value, safe="") for name, value in fields.items()}
+
+
+def _write_local_record(path: str, record: Mapping[str, str]) -> None:
+    """Set ``record`` as extended attributes of ``path``; skipped where the folder's
+    filesystem keeps none (the object is then stored without a record)."""
+    if not _CAN_RECORD_LOCALLY:
+        return
+    try:
+        for name, value in record.items():
+            os.setxattr(path, _XATTR_NAMESPACE + name, value.encode())
+    except OSError as exc:
+        logger.debug("%s: no record kept (%s)", path, exc)
+
+
+def _read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, str]:
+    """The record on the object at ``path`` by field name (``origin``, ``sha256``, ...);
+    empty when it has none. Raises FileNotFoundError when no object is there."""
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        try:
+            raw = {
+                name.removeprefix(_XATTR_NAMESPACE): os.getxattr(path, name).decode()
+                for name in os.listxattr(path)
+            }
+        except (AttributeError, OSError, UnicodeDecodeError):  # no extended attributes here
+            return {}
+    elif _protocols(fs) & METADATA_PROTOCOLS:
+        raw = fs.metadata(path)
+    elif fs.isfile(path):
+        return {}
+    else:
+        raise FileNotFoundError(path)
+    return {
+        name.removeprefix(RECORD_PREFIX): unquote(value)
+        for name, value in raw.items()
+        if name.startswith(RECORD_PREFIX)
+    }
+
+
+def _recorded_image(record: Mapping[str, str], uri: str) -> StoredImage | None:
+    """The image a whole record describes; None when the record lacks a field."""
+    try:
+        return StoredImage(
+            uri=uri,
+            sha256=record["sha256"],
+            bytes=int(record["bytes"]),
+            format=record["format"],
+            width=int(record["width"]),
+            height=int(record["height"]),
+            task_id=record["task-id"],
+            created=False,
+        )
+    except (KeyError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def _blocks(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[bytes]:
+    """The object at ``path``, read in :data:`DOWNLOAD_CHUNK` pieces."""
+    with fs.open(path, "rb", block_size=UPLOAD_PART_SIZE) as stored:
+        while block := stored.read(DOWNLOAD_CHUNK):
+            yield block
+
+
+def _read_image(
+    fs: fsspec.AbstractFileSystem, path: str, uri: str, task_id: str
+) -> StoredImage | None:
+    """The object at ``path`` described by reading it back; None if it is not a whole
+    image."""
+    verifier, digest = ImageVerifier(), hashlib.sha256()
+    try:
+        for block in _blocks(fs, path):
+            verifier.feed(block)
+            digest.update(block)
+        info = verifier.finish()
+    except ImageFormatError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from None
+    return StoredImage(
+        uri=uri,
+        sha256=digest.hexdigest(),
+        bytes=verifier.total,
+        format=info.format,
+        width=info.width,
+        height=info.height,
+        task_id=task_id,
+        created=False,
+    )
+
+
 class _LocalAtomicFile:
     """A local file written beside its final name and published by one atomic link/rename.
 
@@ -451,6 +640,8 @@ class _LocalAtomicFile:
         self.temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part")
         self._handle = open(self.temp, "xb")  # noqa: SIM115 - closed by close()
         self._not_written_back = 0
+        # Set on the file before it is published, so the object never appears without it.
+        self.record: Mapping[str, str] = {}
 
     def write(self, data: bytes) -> int:
         written = self._handle.write(data)
@@ -472,6 +663,8 @@ class _LocalAtomicFile:
 
     def commit(self) -> None:
         self.close()
+        if self.record:
+            _write_local_record(self.temp, self.record)
         if self.overwrite:
             os.replace(self.temp, self.path)
             return
@@ -498,8 +691,10 @@ class _ObjectWriter:
         key_fields: Mapping[str, Any],
         max_bytes: int,
         overwrite: bool,
+        origin: str | None,
     ) -> None:
         self.destination = destination
+        self.origin = origin
         self.task_id = task_id
         self.key_template = key_template
         self.key_fields = {"task_id": task_id, **key_fields}
@@ -555,11 +750,18 @@ class _ObjectWriter:
                 self._file = _LocalAtomicFile(self.path, overwrite=self.overwrite)
                 return
             exclusive = not self.overwrite and _protocols(self.fs) & EXCLUSIVE_CREATE_PROTOCOLS
+            # An upload in parts starts with its first part, before the image is known
+            # whole: its record then names what made it, and finish() completes it for a
+            # one-part upload.
+            metadata: dict[str, Any] = {}
+            if self.origin is not None and _protocols(self.fs) & METADATA_PROTOCOLS:
+                metadata["Metadata"] = _record(self.origin, self.task_id, None)
             self._file = self.fs.open(
                 self.path,
                 "xb" if exclusive else "wb",
                 autocommit=False,
                 block_size=UPLOAD_PART_SIZE,
+                **metadata,
             )
         except OSError as exc:
             raise StorageError(f"cannot write {self._uri()}: {exc}") from None
@@ -572,9 +774,19 @@ class _ObjectWriter:
             info = self.verifier.finish()
         except ImageFormatError as exc:
             raise DownloadError(f"image is not valid: {exc}") from None
-        digest = self.sha256.hexdigest()
-        created = True
+        image = StoredImage(
+            uri=self._uri(),
+            sha256=self.sha256.hexdigest(),
+            bytes=self.verifier.total,
+            format=info.format,
+            width=info.width,
+            height=info.height,
+            task_id=self.task_id,
+        )
+        digest = image.sha256
         if self._file is not None:
+            if self.origin is not None:
+                self._set_record(_record(self.origin, self.task_id, image))
             try:
                 self._file.close()
                 self._file.commit()
@@ -591,25 +803,24 @@ class _ObjectWriter:
                 logger.warning("%s: commit answered %s, but the object is stored", self._uri(), exc)
             self._file = None
         if self._existing:
-            created = False
             self._check_existing(digest)
-        return StoredImage(
-            uri=self._uri(),
-            sha256=digest,
-            bytes=self.verifier.total,
-            format=info.format,
-            width=info.width,
-            height=info.height,
-            task_id=self.task_id,
-            created=created,
-        )
+            return image.model_copy(update={"created": False})
+        return image
+
+    def _set_record(self, record: dict[str, str]) -> None:
+        """Attach ``record`` to the object before it is committed. An S3 upload sends it
+        when it starts, at the close before the commit unless a first part started it."""
+        if isinstance(self._file, _LocalAtomicFile):
+            self._file.record = record
+        elif _protocols(self.fs) & METADATA_PROTOCOLS:
+            self._file.s3_additional_kwargs["Metadata"] = record
 
     def _check_existing(self, digest: str) -> None:
+        assert self.path is not None  # set by _open, before anything exists or is written
         existing, size = hashlib.sha256(), 0
-        with self.fs.open(self.path, "rb", block_size=UPLOAD_PART_SIZE) as stored:
-            while block := stored.read(DOWNLOAD_CHUNK):
-                existing.update(block)
-                size += len(block)
+        for block in _blocks(self.fs, self.path):
+            existing.update(block)
+            size += len(block)
         if existing.hexdigest() != digest:
             raise ObjectConflictError(
                 f"{self._uri()} already exists with different content ({size} bytes, sha256 "
@@ -703,6 +914,7 @@ def store_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     overwrite: bool = False,
     http: httpx.Client | None = None,
+    origin: str | None = None,
 ) -> StoredImage:
     """Stream ``image_url`` into ``destination`` under ``key_template``, verified.
 
@@ -728,6 +940,12 @@ def store_image(
             :class:`~prefect_journey.errors.ObjectConflictError`.
         http: A client from :func:`download_client` to reuse across downloads (left
             open); None creates one for this call and closes it.
+        origin: The cache key of the request that made the image
+            (:func:`prefect_journey.cache.imagine_cache_key`). Recorded on the object with
+            the task id, sha256, size, format and pixel size, committed with it (S3
+            metadata, or extended attributes of a local file), so that
+            :meth:`Destination.occupant` can tell a later run what the key holds. None (the
+            default) records nothing.
 
     Returns:
         The stored image: its URI, sha256, size, format and pixel size.
@@ -756,7 +974,7 @@ def store_image(
         ```
     """
     writer = _prepare(
-        image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
+        image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite, origin
     )
     client = http or download_client()
     pipe = _WriteBehind(writer)
@@ -790,6 +1008,7 @@ async def astore_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     overwrite: bool = False,
     http: httpx.AsyncClient | None = None,
+    origin: str | None = None,
 ) -> StoredImage:
     """Async twin of :func:`store_image`; store writes run in a worker thread.
 
@@ -814,6 +1033,8 @@ async def astore_image(
             :class:`~prefect_journey.errors.ObjectConflictError`.
         http: A client from :func:`async_download_client` to reuse across downloads
             (left open); None creates one for this call and closes it.
+        origin: The cache key of the request that made the image, recorded on the object
+            (see :func:`store_image`); None (the default) records nothing.
 
     Returns:
         The stored image: its URI, sha256, size, format and pixel size.
@@ -849,7 +1070,7 @@ async def astore_image(
         ```
     """
     writer = _prepare(
-        image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite
+        image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite, origin
     )
     client = http or async_download_client()
     pipe = _WriteBehind(writer)
@@ -881,6 +1102,7 @@ def _prepare(
     key_fields: Mapping[str, Any] | None,
     max_bytes: int,
     overwrite: bool,
+    origin: str | None,
 ) -> _ObjectWriter:
     """Check everything that can be checked before the first byte moves."""
     try:
@@ -900,6 +1122,7 @@ def _prepare(
         key_fields=key_fields or {},
         max_bytes=max_bytes,
         overwrite=overwrite,
+        origin=origin,
     )
 
 

@@ -37,8 +37,18 @@ from prefect.tasks import Task
 from prefect_journey import policy
 from prefect_journey._compat import is_cached, quiet_worker_thread_timeout_notice
 from prefect_journey.budget import CreditBudget
-from prefect_journey.cache import DEFAULT_CACHE_EXPIRATION, IMAGINE_CACHE_POLICY, STORE_CACHE_POLICY
-from prefect_journey.credentials import JourneyCredentials, async_journey_client, journey_client
+from prefect_journey.cache import (
+    DEFAULT_CACHE_EXPIRATION,
+    IMAGINE_CACHE_POLICY,
+    STORE_CACHE_POLICY,
+    imagine_cache_key,
+)
+from prefect_journey.credentials import (
+    JourneyCredentials,
+    api_base_url,
+    async_journey_client,
+    journey_client,
+)
 from prefect_journey.deprecations import moved_names
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError
@@ -56,6 +66,16 @@ from prefect_journey.publishing import (
     Logger,
     log_generation,
     log_stored,
+)
+from prefect_journey.recovery import (
+    JourneyWebhookReceiver,
+    arecover_attempt,
+    arecover_earlier,
+    begin_attempt,
+    end_attempt,
+    load_receiver,
+    recover_attempt,
+    recover_earlier,
 )
 from prefect_journey.settings import DEFAULT_DESTINATION
 from prefect_journey.storage import (
@@ -315,7 +335,7 @@ IMAGINE_OPTIONS: dict[str, Any] = {
     "cache_policy": IMAGINE_CACHE_POLICY,
     "cache_expiration": DEFAULT_CACHE_EXPIRATION,
     "persist_result": True,
-    "timeout_seconds": policy.worst_case_attempt_timeout(),
+    "timeout_seconds": policy.worst_case_attempt_timeout(recovering=True),
     "tags": TAGS,
     "task_run_name": _imagine_run_name,
 }
@@ -328,8 +348,14 @@ def imagine(
     variant: str = "",
     budget: CreditBudget | None = None,
     concurrency_limit: str | None = None,
+    webhook: JourneyWebhookReceiver | None = None,
 ) -> ImagineResult:
     """Generate one image (``POST /api/v1/imagine``), paid once per identical request.
+
+    With a webhook receiver (``webhook``, or ``JOURNEY_WEBHOOK_URL`` and
+    ``JOURNEY_WEBHOOK_SECRET``), an attempt whose answer is lost is recovered from its
+    webhook delivery instead of being bought again, and an attempt an earlier run left in
+    flight is recovered before paying (see :mod:`prefect_journey.recovery`).
 
     Args:
         request: The request, or its fields as a mapping (as a deployment passes them).
@@ -338,9 +364,11 @@ def imagine(
             variant buys a new image of the same request.
         budget: A shared :class:`~prefect_journey.budget.CreditBudget` gating every attempt.
         concurrency_limit: A Prefect global concurrency limit held during each attempt.
+        webhook: The webhook receiver that turns on recovery; None reads the environment.
 
     Returns:
-        The finished image, with its attempts and possibly-billed retries counted.
+        The finished image, with its attempts and possibly-billed retries counted, and
+        ``recovered`` when it came from a webhook delivery.
 
     Raises:
         JourneyValidationError: Bad input, before any call.
@@ -360,14 +388,31 @@ def imagine(
         ```
     """
     request, variant = as_request(request), check_variant(variant)
+    receiver = webhook or load_receiver()
+    key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
+    if receiver is not None:
+        earlier = recover_earlier(key, request, receiver)
+        if earlier is not None:
+            return _finish(earlier, logger)
     with journey_client(credentials, **_CLIENT_OPTIONS) as client:
+        attempt = begin_attempt(key, receiver) if receiver else None
         try:
             with paid_attempt(budget, concurrency_limit):
-                result = client.imagine(request)
+                result = client.imagine(attempt.request(request) if attempt else request)
         except JourneyError as error:
-            time.sleep(_note_failure(logger, error))
-            raise
+            recovered = (
+                recover_attempt(key, attempt, receiver, error, budget)
+                if attempt and receiver
+                else None
+            )
+            if recovered is None:
+                time.sleep(_note_failure(logger, error))
+                raise
+            result = recovered
+        else:
+            if attempt is not None:
+                end_attempt(key, attempt)
     return _finish(result, logger)
 
 
@@ -378,17 +423,35 @@ async def aimagine(
     variant: str = "",
     budget: CreditBudget | None = None,
     concurrency_limit: str | None = None,
+    webhook: JourneyWebhookReceiver | None = None,
 ) -> ImagineResult:
     """Async twin of :func:`imagine`."""
     request, variant = as_request(request), check_variant(variant)
+    receiver = webhook or load_receiver()
+    key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
+    if receiver is not None:
+        earlier = await arecover_earlier(key, request, receiver)
+        if earlier is not None:
+            return _finish(earlier, logger)
     async with async_journey_client(credentials, **_CLIENT_OPTIONS) as client:
+        attempt = await asyncio.to_thread(begin_attempt, key, receiver) if receiver else None
         try:
             async with apaid_attempt(budget, concurrency_limit):
-                result = await client.imagine(request)
+                result = await client.imagine(attempt.request(request) if attempt else request)
         except JourneyError as error:
-            await asyncio.sleep(_note_failure(logger, error))
-            raise
+            recovered = (
+                await arecover_attempt(key, attempt, receiver, error, budget)
+                if attempt and receiver
+                else None
+            )
+            if recovered is None:
+                await asyncio.sleep(_note_failure(logger, error))
+                raise
+            result = recovered
+        else:
+            if attempt is not None:
+                await asyncio.to_thread(end_attempt, key, attempt)
     return _finish(result, logger)
 
 
@@ -420,6 +483,7 @@ def store_image(
     key_fields: Mapping[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     overwrite: bool = False,
+    origin: str | None = None,
 ) -> StoredImage:
     """Stream ``result.image_url`` into ``destination``, verified, or write nothing.
 
@@ -432,6 +496,9 @@ def store_image(
         key_fields: More fields for the key template.
         max_bytes: Refuse images larger than this.
         overwrite: Replace a different object at the key instead of failing.
+        origin: The cache key of the request that made the image, recorded on the object
+            (see :func:`prefect_journey.storage.store_image`); None records nothing. Not
+            part of the task's cache key.
 
     Returns:
         What was written: URI, format, size, sha256, whether it was created.
@@ -460,6 +527,7 @@ def store_image(
         key_fields=key_fields,
         max_bytes=max_bytes,
         overwrite=overwrite,
+        origin=origin,
     )
     log_stored(stored)
     return stored
@@ -474,6 +542,7 @@ async def astore_image(
     key_fields: Mapping[str, Any] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     overwrite: bool = False,
+    origin: str | None = None,
 ) -> StoredImage:
     """Async twin of :func:`store_image`."""
     stored = await _astore_image(
@@ -484,6 +553,7 @@ async def astore_image(
         key_fields=key_fields,
         max_bytes=max_bytes,
         overwrite=overwrite,
+        origin=origin,
     )
     log_stored(stored)
     return stored

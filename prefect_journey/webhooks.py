@@ -6,22 +6,30 @@ secret: no signature over the body, no timestamp. So this receiver:
 
 - compares the header with :func:`hmac.compare_digest` (constant time) and answers 401 with
   no detail to a wrong or missing secret;
+- on ``<path>/<token>`` (the deliveries of the package's own paid attempts, see
+  :mod:`prefect_journey.tokens`), accepts only a token minted with the same secret (404
+  otherwise) and only one task per token (409 to a token already used for another task);
 - accepts only a JSON object of at most :data:`MAX_BODY_BYTES` with a ``task_id`` and a
-  ``status``;
-- de-duplicates on ``task_id`` (the provider may deliver twice): a replay is acknowledged
-  with 200 and emits nothing. In memory, the last :data:`DEDUP_CAPACITY` task ids; across
-  restarts the event id is derived from the task id and status, so Prefect itself stores a
-  replayed event once;
+  ``status`` (the body is read no further than that);
+- de-duplicates (the provider may deliver twice): a replay is acknowledged with 200 and
+  emits nothing. In memory, the last :data:`DEDUP_CAPACITY` deliveries; across restarts the
+  event id is derived from the delivery, so Prefect itself stores a replayed event once;
 - emits ``journey.task.finished`` or ``journey.task.failed`` (resource
-  ``journey.task.<task_id>``), which a deployment trigger can turn into a flow run;
-- answers 503 if the event could not be emitted, so the provider retries.
+  ``journey.task.<task_id>``, labelled ``journey.attempt`` with the token's attempt id on
+  the token path), which a waiting run reads and a deployment trigger can turn into a
+  flow run;
+- answers 2xx only once the Prefect API has accepted the event, else 503, so that the
+  provider retries instead of dropping the delivery.
 
-Run it with ``JOURNEY_WEBHOOK_SECRET=... prefect-journey webhooks --port 8780``. The secret
-is read from the environment, never from the command line (which other users can see).
+Run it with ``JOURNEY_WEBHOOK_SECRET=... prefect-journey webhooks --port 8780`` and
+``PREFECT_API_URL`` naming the Prefect API; it refuses to start without a reachable one.
+The secret is read from the environment, never from the command line (which other users
+can see).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
@@ -30,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from pydantic import SecretStr, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,12 +46,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from prefect_journey import settings
+from prefect_journey.errors import ConfigurationError
 from prefect_journey.models import TaskStatus
+from prefect_journey.tokens import attempt_id, is_valid_token
 
 WEBHOOK_PATH = "/webhooks/journey"
 # A task result is a few hundred bytes; anything near this is not from the provider.
 MAX_BODY_BYTES = 64 * 1024
 DEDUP_CAPACITY = 100_000
+# The provider waits 10 s for an answer; the event must be accepted, or refused, before then.
+EMIT_DEADLINE = 8.0
+# Label of the event's resource naming the attempt (a digest of its token).
+ATTEMPT_LABEL = "journey.attempt"
 _EVENT_NAMESPACE = uuid.UUID("1b671a64-40d5-491e-99b0-da01ff1f3341")
 
 logger = logging.getLogger("prefect_journey.webhooks")
@@ -50,77 +65,135 @@ logger = logging.getLogger("prefect_journey.webhooks")
 Emitter = Callable[[str, dict[str, str], dict[str, Any], uuid.UUID], bool]
 
 
-def emit_prefect_event(
-    event: str, resource: dict[str, str], payload: dict[str, Any], event_id: uuid.UUID
-) -> bool:
-    """Send the event to Prefect (``PREFECT_API_URL``); True if it was handed over.
-
-    Prefect is imported on the first call, not with this module.
+def prefect_api_url(api_url: str | None = None) -> str:
+    """The Prefect API the receiver sends its events to, checked to answer.
 
     Args:
-        event: The event's name, such as ``journey.task.finished``.
-        resource: The event's resource (``prefect.resource.id`` and any labels).
-        payload: The event's data.
-        event_id: The event's id; Prefect stores an event of a given id once, so a replayed
-            delivery is not recorded twice.
+        api_url: The API's URL; None reads ``PREFECT_API_URL``.
 
     Returns:
-        True if Prefect's events worker took the event; False when Prefect sends no events
-        (events disabled, or no client that can send them).
+        The URL.
+
+    Raises:
+        ConfigurationError: No URL is set (Prefect would start a throwaway in-process
+            server, whose events nobody reads), or the API does not answer its health check.
     """
-    from prefect.events import emit_event
+    from prefect.settings import PREFECT_API_URL
 
-    return emit_event(event, resource=resource, payload=payload, id=event_id) is not None
+    url = api_url or PREFECT_API_URL.value()
+    if not url:
+        raise ConfigurationError(
+            "the webhook receiver needs PREFECT_API_URL: without it its events would go to a "
+            "throwaway in-process Prefect server and every delivery would be lost"
+        )
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ConfigurationError(
+            f"the Prefect API at {url} does not answer ({type(exc).__name__}); "
+            "start it, or fix PREFECT_API_URL"
+        ) from None
+    return str(url)
 
 
-class _SeenTaskIds:
-    """A bounded, thread-safe set of task ids, oldest forgotten first."""
+class PrefectEventSink:
+    """Sends one event to the Prefect API over HTTP and returns once the API accepted it.
+
+    Prefect's own ``emit_event`` hands the event to a background worker and returns at once;
+    acknowledging a delivery on that would lose it whenever the API is down. Here each event
+    is a ``POST /events`` that must succeed.
+
+    Args:
+        api_url: The Prefect API, as :func:`prefect_api_url` returns it.
+    """
+
+    def __init__(self, api_url: str) -> None:
+        self.api_url = api_url
+
+    def __call__(
+        self, event: str, resource: dict[str, str], payload: dict[str, Any], event_id: uuid.UUID
+    ) -> bool:
+        """Send one event; True once the API has accepted it, else raise."""
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.events import Event
+        from prefect.settings import PREFECT_API_KEY
+
+        body = Event.model_validate(
+            {"event": event, "resource": resource, "payload": payload, "id": event_id}
+        ).model_dump(mode="json")
+        with SyncPrefectClient(self.api_url, api_key=PREFECT_API_KEY.value()) as client:
+            client.request("POST", "/events", json=[body]).raise_for_status()
+        return True
+
+
+class _Seen:
+    """A bounded, thread-safe map of deliveries seen, oldest forgotten first."""
 
     def __init__(self, capacity: int) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, str] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def add(self, task_id: str) -> bool:
-        """Record ``task_id``; False if it was already there."""
+    def add(self, key: str, value: str = "") -> str | None:
+        """Record ``key`` with ``value``; the value already recorded, if there was one."""
         with self._lock:
-            if task_id in self._ids:
-                return False
-            self._ids[task_id] = None
-            if len(self._ids) > self._capacity:
-                self._ids.popitem(last=False)
-            return True
+            if key in self._seen:
+                return self._seen[key]
+            self._seen[key] = value
+            if len(self._seen) > self._capacity:
+                self._seen.popitem(last=False)
+            return None
 
-    def discard(self, task_id: str) -> None:
+    def discard(self, key: str) -> None:
         with self._lock:
-            self._ids.pop(task_id, None)
+            self._seen.pop(key, None)
+
+
+async def _body_within(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it passes ``limit`` bytes (the rest is never read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def create_webhook_app(
-    secret: str | SecretStr, *, emit: Emitter = emit_prefect_event, path: str = WEBHOOK_PATH
+    secret: str | SecretStr,
+    *,
+    emit: Emitter | None = None,
+    path: str = WEBHOOK_PATH,
+    api_url: str | None = None,
 ) -> Starlette:
-    """The receiver as an ASGI app. ``emit`` sends events (Prefect's by default).
+    """The receiver as an ASGI app.
 
-    ``POST path`` takes deliveries and answers: 401 with no detail to a wrong or missing
-    secret; 413 to a body above :data:`MAX_BODY_BYTES`; 400 to anything but a task object;
-    202 ``{"ignored": status}`` to a task not yet finished or failed; 200
-    ``{"duplicate": true}`` to a task id already emitted; 503 when the event could not be
-    emitted, so that the provider retries; else 200 ``{"event": name}``.
-    ``GET /health`` answers 200 ``{"ok": true}``.
+    ``POST path`` and ``POST path/<token>`` take deliveries and answer: 401 with no detail
+    to a wrong or missing secret; 404 to a token not minted with the secret; 413 to a body
+    above :data:`MAX_BODY_BYTES`; 400 to anything but a task object; 202
+    ``{"ignored": status}`` to a task not yet finished or failed; 409 to a token already
+    used for another task; 200 ``{"duplicate": true}`` to a delivery already emitted; 503
+    when the event was not accepted by the Prefect API, so that the provider retries; else
+    200 ``{"event": name}``. ``GET /health`` answers 200 ``{"ok": true}``.
 
     Args:
         secret: The shared secret the provider sends in ``x-webhook-secret`` (the
-            request's ``webhook_secret``).
+            request's ``webhook_secret``), which also signs the attempt tokens.
         emit: Sends one event: called with the event's name, resource, payload and id,
-            returns whether it was sent; an exception counts as not sent. Defaults to
-            :func:`emit_prefect_event` (tests pass their own).
+            returns True once it was accepted; False or an exception counts as not sent.
+            None (the default) posts to the Prefect API (:class:`PrefectEventSink`).
         path: The path deliveries are POSTed to; :data:`WEBHOOK_PATH` by default.
+        api_url: The Prefect API for the default ``emit``; None reads ``PREFECT_API_URL``.
 
     Returns:
         The Starlette app, to run with any ASGI server.
 
     Raises:
         ValueError: The secret is empty or blank.
+        ConfigurationError: ``emit`` is None and no Prefect API is set or reachable.
 
     Example:
         ```python
@@ -134,17 +207,19 @@ def create_webhook_app(
         uvicorn.run(app, host="127.0.0.1", port=8780)
         ```
     """
-    expected = (secret.get_secret_value() if isinstance(secret, SecretStr) else secret).encode()
-    if not expected.strip():
+    plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    if not plain.strip():
         raise ValueError(f"a webhook secret is required (set {settings.WEBHOOK_SECRET.name})")
-    seen = _SeenTaskIds(DEDUP_CAPACITY)
+    expected = plain.encode()
+    sink = emit if emit is not None else PrefectEventSink(prefect_api_url(api_url))
+    seen = _Seen(DEDUP_CAPACITY)
 
-    async def receive(request: Request) -> Response:
+    async def deliver(request: Request, attempt: str | None) -> Response:
         provided = request.headers.get("x-webhook-secret", "").encode()
         if not hmac.compare_digest(provided, expected):
             return JSONResponse({}, status_code=401)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        body = await _body_within(request, MAX_BODY_BYTES)
+        if body is None:
             return JSONResponse({"error": "body too large"}, status_code=413)
         try:
             task = TaskStatus.model_validate_json(body)
@@ -152,26 +227,55 @@ def create_webhook_app(
             return JSONResponse({"error": "expected a task object with task_id and status"}, 400)
         if task.status not in ("finished", "failed"):
             return JSONResponse({"ignored": task.status}, status_code=202)
-        if not seen.add(task.task_id):
+        resource = {"prefect.resource.id": f"journey.task.{task.task_id}"}
+        delivery = f"{task.task_id}:{task.status}"
+        earlier: str | None = None
+        if attempt is not None:
+            resource[ATTEMPT_LABEL] = attempt
+            earlier = seen.add(f"attempt:{attempt}", task.task_id)
+            if earlier is not None and earlier != task.task_id:
+                return JSONResponse({"error": "token already used"}, status_code=409)
+            delivery = f"{attempt}:{delivery}"
+        if seen.add(delivery) is not None:
             return JSONResponse({"duplicate": True})
         event = f"journey.task.{task.status}"
+        event_id = uuid.uuid5(_EVENT_NAMESPACE, delivery)
         payload = task.model_dump(exclude_none=True)
-        resource = {"prefect.resource.id": f"journey.task.{task.task_id}"}
-        event_id = uuid.uuid5(_EVENT_NAMESPACE, f"{task.task_id}:{task.status}")
         try:
-            emitted = emit(event, resource, payload, event_id)
+            emitted = await asyncio.wait_for(
+                asyncio.to_thread(sink, event, resource, payload, event_id), EMIT_DEADLINE
+            )
         except Exception as exc:
             logger.warning("could not emit %s for task %s: %s", event, task.task_id, exc)
             emitted = False
-        if not emitted:
-            seen.discard(task.task_id)  # let the provider's retry try again
+        if not emitted:  # let the provider's retry try again
+            seen.discard(delivery)
+            if attempt is not None and earlier is None:
+                seen.discard(f"attempt:{attempt}")
             return JSONResponse({"error": "event not emitted"}, status_code=503)
         logger.info("task %s %s: emitted %s", task.task_id, task.status, event)
         return JSONResponse({"event": event})
 
+    async def receive(request: Request) -> Response:
+        return await deliver(request, None)
+
+    async def receive_for_attempt(request: Request) -> Response:
+        token = request.path_params["token"]
+        if not is_valid_token(token, plain):
+            # The secret is checked first, so a token is never judged for a stranger.
+            provided = request.headers.get("x-webhook-secret", "").encode()
+            status = 404 if hmac.compare_digest(provided, expected) else 401
+            return JSONResponse({}, status_code=status)
+        return await deliver(request, attempt_id(token))
+
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    base = path.rstrip("/")
     return Starlette(
-        routes=[Route(path, receive, methods=["POST"]), Route("/health", health, methods=["GET"])]
+        routes=[
+            Route(base, receive, methods=["POST"]),
+            Route(base + "/{token}", receive_for_attempt, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ]
     )

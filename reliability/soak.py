@@ -5,6 +5,11 @@
 Nothing may be lost: every item is either stored exactly once, with the bytes the emulator
 made for its task (sha256 checked against the emulator's ledger), or reported failed with a
 reason; no other object is in the bucket.
+
+The run has a webhook receiver in front of a real Prefect server, so possibly-billed answers
+are recovered from their deliveries (which have faults of their own); ``credits_wasted``
+(credits charged - 4 x images stored) must stay within :data:`MAX_WASTED_SHARE` of the
+credits charged. ``--no-receiver`` shows what the same faults cost without recovery.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import secrets
 import sys
 import tempfile
 import uuid
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +37,19 @@ API_FAULTS = {
     "failed": 0.02,
 }
 CDN_FAULTS = {"truncate": 0.125, "corrupt": 0.125}
+# Faults of the webhook deliveries themselves (tests cover lost and late ones one by one).
+WEBHOOK_FAULTS = {"duplicate": 0.02}
 S3_FAULT_RATE = 0.25
 # "slow" answers after SLOW_SECONDS; the client gives up after READ_TIMEOUT.
 SLOW_SECONDS = 3.0
 READ_TIMEOUT = 1.5
+# Deliveries come within seconds here (scaled-down generations, fast delivery retries); the
+# window leaves room for the Prefect server to store their events.
+RECOVERY_WINDOW = 30.0
+WEBHOOK_RETRY_DELAYS = (0.5, 1.0, 2.0)
+SECRET = secrets.token_hex(16)  # a fresh one per soak
+# credits_wasted / credits_charged at most, with a receiver.
+MAX_WASTED_SHARE = 0.01
 
 
 @dataclass
@@ -47,7 +63,13 @@ class SoakResult:
     credits_charged: int
     emulator_credits: int
     possibly_billed: int
+    recovered: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def credits_wasted(self) -> int:
+        """Credits that bought no kept image: charged - 4 x distinct images stored."""
+        return self.emulator_credits - 4 * self.stored_once
 
     @property
     def nothing_lost(self) -> bool:
@@ -67,7 +89,8 @@ class SoakResult:
             f"soak items={self.items} stored={self.stored} stored_exactly_once={self.stored_once} "
             f"corrupt_objects={self.corrupt} orphan_objects={self.orphans} calls={self.calls} "
             f"credits_charged={self.credits_charged} emulator_charged={self.emulator_credits} "
-            f"possibly_billed_retries={self.possibly_billed} failures={failures} "
+            f"possibly_billed_retries={self.possibly_billed} recovered={self.recovered} "
+            f"credits_wasted={self.credits_wasted} failures={failures} "
             f"nothing_lost={'yes' if self.nothing_lost else 'NO'}"
         )
 
@@ -76,7 +99,7 @@ def configure_faults(emulator: Any, seed: int) -> None:
     emulator.admin(
         "faults",
         {
-            "rates": {**API_FAULTS, **CDN_FAULTS},
+            "rates": {**API_FAULTS, **CDN_FAULTS, **WEBHOOK_FAULTS},
             "seed": seed,
             "retry_after": 0.2,
             "slow_seconds": SLOW_SECONDS,
@@ -136,6 +159,7 @@ def run_soak(
         credits_charged=report.credits_charged,
         emulator_credits=ledger["credits_charged"],
         possibly_billed=report.possibly_billed_retries,
+        recovered=report.recovered,
         failures=failures,
     )
 
@@ -145,6 +169,9 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--no-receiver", action="store_true", help="no webhook receiver: no recovery"
+    )
     args = parser.parse_args()
 
     home = tempfile.mkdtemp(prefix="journey-soak-")
@@ -164,6 +191,8 @@ def main() -> int:
     import boto3
     import s3fs
     from moto.server import ThreadedMotoServer
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
 
     from prefect_journey.emulator import (
         BackgroundServer,
@@ -171,6 +200,7 @@ def main() -> int:
         EmulatorServer,
         LatencyModel,
     )
+    from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
     from reliability.faulty_s3 import create_proxy
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
@@ -181,8 +211,14 @@ def main() -> int:
     bucket = "journey-soak"
     boto3.client("s3", endpoint_url=direct, region_name="us-east-1").create_bucket(Bucket=bucket)
     proxy_app, s3_counters = create_proxy(direct, S3_FAULT_RATE, seed=args.seed)
-    emulator_config = EmulatorConfig(latency=LatencyModel(time_scale=0.01), credits=10**7)
-    with EmulatorServer(emulator_config) as emulator, BackgroundServer(proxy_app) as proxy:
+    emulator_config = EmulatorConfig(
+        latency=LatencyModel(time_scale=0.01),
+        credits=10**7,
+        webhook_retry_delays=WEBHOOK_RETRY_DELAYS,
+    )
+    with ExitStack() as stack:
+        emulator = stack.enter_context(EmulatorServer(emulator_config))
+        proxy = stack.enter_context(BackgroundServer(proxy_app))
         os.environ.update(
             {
                 "JOURNEY_API_KEY": emulator.api_key,
@@ -190,6 +226,19 @@ def main() -> int:
                 "AWS_ENDPOINT_URL_S3": proxy.url,
             }
         )
+        if not args.no_receiver:
+            # The receiver needs a Prefect server it can reach: a real one, not the
+            # in-process server a flow alone would start.
+            stack.enter_context(prefect_test_harness())
+            app = create_webhook_app(SECRET, api_url=PREFECT_API_URL.value())
+            receiver = stack.enter_context(BackgroundServer(app))
+            os.environ.update(
+                {
+                    "JOURNEY_WEBHOOK_URL": f"{receiver.url}{WEBHOOK_PATH}",
+                    "JOURNEY_WEBHOOK_SECRET": SECRET,
+                    "JOURNEY_RECOVERY_WINDOW": str(RECOVERY_WINDOW),
+                }
+            )
         configure_faults(emulator, args.seed)
         result = run_soak(
             args.items,
@@ -200,7 +249,10 @@ def main() -> int:
         )
     moto.stop()
     print(f"{result.line()} s3_writes={s3_counters['writes']} s3_faults={s3_counters['faults']}")
-    return 0 if result.nothing_lost else 1
+    wasted_ok = args.no_receiver or result.credits_wasted <= MAX_WASTED_SHARE * max(
+        result.emulator_credits, 1
+    )
+    return 0 if result.nothing_lost and wasted_ok else 1
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
+from prefect.settings import PREFECT_API_URL
 
 from prefect_journey import ImageDestination, JourneyCredentials
-from prefect_journey.emulator import EmulatorServer
+from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.flows.character_series import character_series
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.policy import attempt_timeout
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import aimagine, astore_image, imagine, store_image
+from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
 from . import prefect_api
 from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket
@@ -270,7 +272,10 @@ def test_async_tasks(journey_env: EmulatorServer, tmp_path: Path) -> None:
 
 
 def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
-    journey_env: EmulatorServer, tmp_path: Path, prefect_harness: Path
+    journey_env: EmulatorServer,
+    tmp_path: Path,
+    prefect_harness: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     JourneyCredentials(api_key=SENTINEL_KEY, base_url=journey_env.url).save(
         "sentinel", overwrite=True
@@ -306,7 +311,32 @@ def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
         return fast_imagine(request, credentials)
 
     states.append(with_webhook(return_state=True))
-    assert [s.is_completed() for s in states] == [True, False, True]
+
+    # A lost answer recovered through the receiver: the attempt's token and the webhook
+    # secret travel in the request only.
+    receiver = BackgroundServer(
+        create_webhook_app(SENTINEL_WEBHOOK_SECRET, api_url=PREFECT_API_URL.value())
+    )
+    with receiver:
+        monkeypatch.setenv("JOURNEY_WEBHOOK_URL", f"{receiver.url}{WEBHOOK_PATH}")
+        monkeypatch.setenv("JOURNEY_WEBHOOK_SECRET", SENTINEL_WEBHOOK_SECRET)
+        monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "20")
+        journey_env.admin("faults", {"queue": {"api": ["500"]}})
+        states.append(
+            generate_and_store(
+                unique("sentinel recovered"),
+                destination=str(tmp_path),
+                credentials_block="sentinel",
+                return_state=True,
+            )
+        )
+    assert [s.is_completed() for s in states] == [True, False, True, True]
+    tokens = [
+        t.request.webhook_url.rsplit("/", 1)[1]
+        for t in journey_env.state.tasks.values()
+        if t.request.webhook_url and t.request.webhook_url.startswith(receiver.url)
+    ]
+    assert len(tokens) == 1  # one paid attempt: its lost answer was recovered, not bought again
     run_ids = [prefect_api.flow_run_id(s) for s in states]
 
     seen: list[str] = prefect_api.logs(run_ids)
@@ -326,3 +356,4 @@ def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
     for text in seen:
         assert SENTINEL_KEY not in text
         assert SENTINEL_WEBHOOK_SECRET not in text
+        assert tokens[0] not in text

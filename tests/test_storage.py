@@ -20,6 +20,7 @@ from prefect_journey.storage import (
     DOWNLOAD_CHUNK,
     UPLOAD_PART_SIZE,
     Destination,
+    Occupant,
     astore_image,
     check_object_key,
     presign,
@@ -384,3 +385,67 @@ def test_async_store(emulator: EmulatorServer, bucket: Bucket) -> None:
     )
     assert stored.sha256 == served_sha256(emulator, result.task_id)
     assert bucket.objects() == [f"{result.task_id}.png"]
+
+
+def _destination(kind: str, bucket: Bucket, tmp_path: Path) -> Destination:
+    if kind == "s3":
+        return Destination(f"{bucket.url}/records", bucket.storage_options)
+    return Destination(str(tmp_path / "records"))
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_the_origin_is_recorded_on_the_object_and_read_back(
+    emulator: EmulatorServer, bucket: Bucket, tmp_path: Path, kind: str
+) -> None:
+    destination = _destination(kind, bucket, tmp_path)
+    made, plain = generate(emulator, prompt="made"), generate(emulator, prompt="plain")
+    template = "{name}.{ext}"
+    assert destination.occupant(template, {"name": "made"}, "origin-a") is None
+    stored = store_image(
+        made.image_url,
+        destination,
+        task_id=made.task_id,
+        key_template=template,
+        key_fields={"name": "made"},
+        origin="origin-a",
+    )
+    assert destination.occupant(template, {"name": "made"}, "origin-a") == Occupant(
+        stored.uri, "origin-a", stored.model_copy(update={"created": False})
+    )
+    # Another request's object is named, not described.
+    assert destination.occupant(template, {"name": "made"}, "origin-b") == Occupant(
+        stored.uri, "origin-a", None
+    )
+    # Without an origin, an object is stored as before, with no record.
+    unrecorded = store_image(
+        plain.image_url,
+        destination,
+        task_id=plain.task_id,
+        key_template=template,
+        key_fields={"name": "plain"},
+    )
+    assert destination.occupant(template, {"name": "plain"}, "origin-a") == Occupant(
+        unrecorded.uri, None, None
+    )
+    if kind == "s3":  # the record is the object's metadata: the bucket holds only images
+        assert bucket.fs().metadata(stored.uri)["journey-sha256"] == stored.sha256
+        assert bucket.objects() == ["records/made.png", "records/plain.png"]
+    else:
+        assert local_files(tmp_path / "records") == ["made.png", "plain.png"]
+
+
+def test_an_upload_in_parts_records_its_origin_and_is_described_by_reading_it(
+    emulator: EmulatorServer, bucket: Bucket
+) -> None:
+    emulator.admin("config", {"realistic_sizes": True})  # tens of MB: several parts
+    try:
+        result = generate(emulator, resolution="4K")
+        destination = Destination(bucket.url, bucket.storage_options)
+        stored = store_image(
+            result.image_url, destination, task_id=result.task_id, origin="origin-4k"
+        )
+    finally:
+        emulator.admin("config", {"realistic_sizes": False})
+    assert stored.bytes > UPLOAD_PART_SIZE
+    found = destination.occupant("{task_id}.{ext}", {"task_id": result.task_id}, "origin-4k")
+    assert found == Occupant(stored.uri, "origin-4k", stored.model_copy(update={"created": False}))

@@ -64,6 +64,12 @@ from prefect_journey.publishing import (
     log_stored,
     progress_key,
 )
+from prefect_journey.recovery import (
+    arecover_attempt,
+    arecover_earlier,
+    begin_attempt,
+    end_attempt,
+)
 from prefect_journey.storage import StoredImage, astore_image, async_download_client
 from prefect_journey.tasks import TAGS, declare_assets, imagine
 
@@ -266,9 +272,15 @@ async def _cached_or_generated(
     """The cached result ``found`` under ``key``'s lock, or a new one, paid and cached."""
     if isinstance(found, ImagineResult):
         return found, True
+    receiver = campaign.receiver
+    if receiver is not None:
+        earlier = await arecover_earlier(key, item.request, receiver, shared.prefect)
+        if earlier is not None:
+            await asyncio.to_thread(cache_result, imagine, key, earlier, holder)
+            return log_generation(get_run_logger(), earlier), False
     async with shared.generations:
         result, attempts, possibly_billed = await _retrying(
-            lambda: _paid_call(item, campaign, shared),
+            lambda: _paid_call(item, key, campaign, shared),
             policy.GENERATION_RETRY_DELAYS,
             policy.should_retry_generation,
             "imagine",
@@ -280,15 +292,37 @@ async def _cached_or_generated(
     return log_generation(get_run_logger(), result), False
 
 
-async def _paid_call(item: CampaignItem, campaign: Campaign, shared: SharedRun) -> ImagineResult:
+async def _paid_call(
+    item: CampaignItem, key: str, campaign: Campaign, shared: SharedRun
+) -> ImagineResult:
     limit = policy.attempt_timeout(item.request)
-    async with apaid_attempt(campaign.budget, campaign.concurrency_limit):
-        try:
-            return await asyncio.wait_for(shared.api.imagine(item.request), limit)
-        except TimeoutError:
-            # Like a task timeout: possibly billed, never retried (the HTTP read timeout, set
-            # below this, normally fires first with a clearer error).
-            raise TimeoutError(f"no answer within the attempt timeout ({limit:.0f} s)") from None
+    receiver = campaign.receiver
+    attempt = await asyncio.to_thread(begin_attempt, key, receiver) if receiver else None
+    try:
+        async with apaid_attempt(campaign.budget, campaign.concurrency_limit):
+            try:
+                result = await asyncio.wait_for(
+                    shared.api.imagine(attempt.request(item.request) if attempt else item.request),
+                    limit,
+                )
+            except TimeoutError:
+                # Like a task timeout: possibly billed, never retried (the HTTP read timeout,
+                # set below this, normally fires first with a clearer error).
+                raise TimeoutError(
+                    f"no answer within the attempt timeout ({limit:.0f} s)"
+                ) from None
+    except JourneyError as error:
+        if attempt is None or receiver is None:
+            raise
+        recovered = await arecover_attempt(
+            key, attempt, receiver, error, campaign.budget, shared.prefect
+        )
+        if recovered is None:
+            raise
+        return recovered
+    if attempt is not None:
+        await asyncio.to_thread(end_attempt, key, attempt)
+    return result
 
 
 async def _store(
@@ -308,6 +342,8 @@ async def _store(
                 key_template=campaign.key_template,
                 key_fields=item.key_fields,
                 http=shared.downloads,
+                overwrite=campaign.overwrite,
+                origin=campaign.generation_key(item),
             ),
             policy.STORE_RETRY_DELAYS,
             policy.should_retry_store,

@@ -100,6 +100,8 @@ def run_per_image(
         One outcome per item, in row order.
     """
     worst = max(policy.attempt_timeout(item.request) for item in todo)
+    if campaign.receiver is not None:
+        worst = policy.recovering_timeout(worst, campaign.receiver.recovery_window_seconds)
     generate = imagine.with_options(timeout_seconds=worst)
     items = {item.row: item for item in todo}
     finished: queue.Queue[tuple[str, int, Settled]] = queue.Queue()
@@ -120,6 +122,7 @@ def run_per_image(
             variant=campaign.variant,
             budget=campaign.budget,
             concurrency_limit=campaign.concurrency_limit,
+            webhook=campaign.receiver,
         )
         generations[item.row].add_done_callback(partial(_announce, finished, "generated", item.row))
 
@@ -153,6 +156,8 @@ def run_per_image(
                     key_fields=item.key_fields,
                     prompt=item.request.prompt,
                     campaign=campaign.name,
+                    origin=campaign.generation_key(item),
+                    overwrite=campaign.overwrite,
                 )
                 store.add_done_callback(partial(_announce, finished, "stored", row))
                 continue

@@ -34,10 +34,22 @@ from prefect_journey.budget import BudgetExceededError, CreditBudget
 from prefect_journey.cache import cached_result, imagine_cache_key, store_cache_key
 from prefect_journey.campaigns.plan import CampaignItem
 from prefect_journey.credentials import JourneyCredentials, api_base_url, journey_client
-from prefect_journey.errors import InsufficientCreditsError, JourneyError, failure_text
+from prefect_journey.errors import (
+    InsufficientCreditsError,
+    JourneyError,
+    ObjectConflictError,
+    failure_text,
+)
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult, display_text
 from prefect_journey.publishing import emit_stored_event, report_image
-from prefect_journey.storage import Destination, StoredImage, slugify
+from prefect_journey.recovery import JourneyWebhookReceiver
+from prefect_journey.storage import (
+    Destination,
+    Occupant,
+    StoredImage,
+    check_key_template,
+    slugify,
+)
 from prefect_journey.tasks import STORE_OPTIONS, imagine, store_image
 
 # Metadata reads in parallel when looking for objects an earlier run stored (one HEAD each
@@ -55,20 +67,24 @@ class ItemOutcome(BaseModel):
     """One item of a campaign: what it produced, or why it did not.
 
     ``status`` is ``stored``, ``failed`` or ``skipped`` (the credit budget ran out before its
-    call); ``cached`` says the image came from an earlier run (no credit spent).
+    call); ``cached`` says the image came from an earlier run (no credit spent);
+    ``recovered`` says it came from the webhook delivery of an attempt whose answer was lost
+    (not bought again). The fields are in the summary table's column order: status and
+    reason next to the prompt, where the UI shows them without scrolling.
     """
 
     row: int
     prompt: str
     status: Status
+    reason: str = ""
     task_id: str = ""
     latency_s: float = 0.0
     credits: int = 0
     attempts: int = 0
     cached: bool = False
+    recovered: bool = False
     uri: str = ""
     sha256: str = ""
-    reason: str = ""
 
 
 class CampaignReport(BaseModel):
@@ -84,6 +100,7 @@ class CampaignReport(BaseModel):
     credits_charged: int
     possibly_billed_retries: int
     outcomes: list[ItemOutcome]
+    recovered: int = 0
 
     def ledger_line(self) -> str:
         """The run's one-line ledger, as logged and shown on the summary artifact."""
@@ -91,7 +108,8 @@ class CampaignReport(BaseModel):
             f"items={self.items} stored={self.stored} failed={self.failed} skipped={self.skipped} "
             f"cache_hits={self.cache_hits} calls={self.calls} "
             f"credits_charged={self.credits_charged} "
-            f"possibly_billed_retries={self.possibly_billed_retries}"
+            f"possibly_billed_retries={self.possibly_billed_retries} "
+            f"recovered={self.recovered}"
         )
 
 
@@ -114,6 +132,9 @@ class Campaign:
         restore: Rows whose store is cached but whose object is gone (stored again).
         base_url: The API root (part of every image's cache key); resolved from
             ``credentials`` when not given.
+        receiver: The webhook receiver that turns on the recovery of possibly-billed
+            attempts; None for none.
+        overwrite: Replace the objects at the run's keys instead of refusing them.
     """
 
     name: str
@@ -125,6 +146,8 @@ class Campaign:
     concurrency_limit: str | None
     restore: frozenset[int] = frozenset()
     base_url: str = field(default="")
+    receiver: JourneyWebhookReceiver | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.base_url:
@@ -142,7 +165,7 @@ class Campaign:
     def store_key(self, item: CampaignItem, generated: ImagineResult) -> str:
         """The cache key of storing ``generated`` for ``item`` (the store task's)."""
         return store_cache_key(
-            generated.task_id, self.destination, self.key_template, item.key_fields
+            generated.task_id, self.destination, self.key_template, item.key_fields, self.overwrite
         )
 
 
@@ -157,6 +180,8 @@ def store_and_publish(
     key_fields: dict[str, Any],
     prompt: str,
     campaign: str,
+    origin: str | None = None,
+    overwrite: bool = False,
 ) -> StoredImage:
     """``store_image`` plus the image artifact and the ``journey.image.stored`` event, in one
     task run: a cached re-run skips all three. Same cache key as ``store_image``; prompt and
@@ -169,11 +194,20 @@ def store_and_publish(
         key_fields: The item's key fields.
         prompt: The item's prompt (artifact and event).
         campaign: The campaign's name (event).
+        origin: The cache key of the image's request, recorded on the object.
+        overwrite: Replace a different object at the key instead of failing.
 
     Returns:
         What was written.
     """
-    stored = store_image.fn(result, destination, key_template=key_template, key_fields=key_fields)
+    stored = store_image.fn(
+        result,
+        destination,
+        key_template=key_template,
+        key_fields=key_fields,
+        overwrite=overwrite,
+        origin=origin,
+    )
     report_image(stored, result, destination, prompt)
     emit_stored_event(stored, prompt, campaign)
     return stored
@@ -185,11 +219,18 @@ def store_and_publish(
 @dataclass
 class Lookup:
     """What earlier runs left: each row's cached image (or None), the rows finished (image
-    and object in place), and the rows whose object must be stored again."""
+    and object in place), the rows whose object must be stored again, and the rows refused
+    before their call (their key holds an object this run could not store over)."""
 
     generated: dict[int, ImagineResult | None]
     finished: dict[int, ItemOutcome]
     restore: set[int]
+    refused: dict[int, ItemOutcome] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> dict[int, ItemOutcome]:
+        """The rows whose outcome is known before any call: finished or refused."""
+        return self.finished | self.refused
 
 
 def look_up(plan: list[CampaignItem], campaign: Campaign) -> Lookup:
@@ -197,14 +238,21 @@ def look_up(plan: list[CampaignItem], campaign: Campaign) -> Lookup:
 
     A finished item (its image and its store both cached, the object still in place) is
     reported as it is: re-running a finished campaign costs seconds, not a task run per
-    item.
+    item. An item that would be paid for (no cached image) and whose key cannot depend on
+    the call (no ``{task_id}``) is looked for at its key, since cache records expire and
+    stay on the machine that wrote them while objects stay: see :func:`look_at_keys`.
 
     Args:
         plan: The campaign's checked items.
-        campaign: What the run shares (keys, destination).
+        campaign: What the run shares (keys, destination); when it overwrites, the keys are
+            not looked at.
 
     Returns:
-        The cached images, the finished items and the objects to store again.
+        The cached images, the finished items, the objects to store again and the items
+        refused before their call.
+
+    Raises:
+        StorageError: An object's metadata cannot be read.
     """
     generated = {
         item.row: _as_result(cached_result(imagine, campaign.generation_key(item))) for item in plan
@@ -217,19 +265,84 @@ def look_up(plan: list[CampaignItem], campaign: Campaign) -> Lookup:
         stored = cached_result(store_and_publish, campaign.store_key(item, result))
         if isinstance(stored, StoredImage):
             cached[item.row] = (result, stored)
-    if not cached:
-        return Lookup(generated, {}, set())
-    with ThreadPoolExecutor(min(OBJECT_CHECKS, len(cached))) as pool:
-        present = list(
-            pool.map(campaign.destination.holds, (stored for _, stored in cached.values()))
+    finished: dict[int, ItemOutcome] = {}
+    if cached:
+        with ThreadPoolExecutor(min(OBJECT_CHECKS, len(cached))) as pool:
+            present = list(
+                pool.map(campaign.destination.holds, (stored for _, stored in cached.values()))
+            )
+        items = {item.row: item for item in plan}
+        finished = {
+            row: outcome(items[row], result, stored, cached=True)
+            for (row, (result, stored)), there in zip(cached.items(), present, strict=True)
+            if there
+        }
+    restore = set(cached) - set(finished)
+    if campaign.overwrite or "task_id" in check_key_template(campaign.key_template):
+        return Lookup(generated, finished, restore)
+    found, refused = look_at_keys([i for i in plan if generated[i.row] is None], campaign)
+    return Lookup(generated, finished | found, restore, refused)
+
+
+def look_at_keys(
+    todo: list[CampaignItem], campaign: Campaign
+) -> tuple[dict[int, ItemOutcome], dict[int, ItemOutcome]]:
+    """What already sits at the keys of ``todo``, read from the objects' records.
+
+    An object made from an item's request (its recorded origin is the item's
+    :meth:`Campaign.generation_key`) makes the item done: stored, cached, no credit. Any
+    other object (another request's, or one with no record) fails the item before its call,
+    which would buy an image that cannot be stored there. Keys are read
+    :data:`OBJECT_CHECKS` at a time.
+
+    Args:
+        todo: Items that would be paid for; their key template has no ``{task_id}``.
+        campaign: What the run shares (keys, destination).
+
+    Returns:
+        The items found done, and the items refused, each with its outcome, by row.
+
+    Raises:
+        StorageError: An object's metadata cannot be read.
+    """
+    if not todo:
+        return {}, {}
+
+    def occupant(item: CampaignItem) -> Occupant | None:
+        return campaign.destination.occupant(
+            campaign.key_template, item.key_fields, campaign.generation_key(item)
         )
-    items = {item.row: item for item in plan}
-    finished = {
-        row: outcome(items[row], result, stored, cached=True)
-        for (row, (result, stored)), there in zip(cached.items(), present, strict=True)
-        if there
-    }
-    return Lookup(generated, finished, set(cached) - set(finished))
+
+    with ThreadPoolExecutor(min(OBJECT_CHECKS, len(todo))) as pool:
+        occupants = list(pool.map(occupant, todo))
+    found: dict[int, ItemOutcome] = {}
+    refused: dict[int, ItemOutcome] = {}
+    for item, there in zip(todo, occupants, strict=True):
+        if there is None:
+            continue
+        if there.stored is not None:
+            done = outcome(item, None, there.stored, cached=True)
+            found[item.row] = done.model_copy(
+                update={"task_id": there.stored.task_id, "cached": True}
+            )
+        else:
+            conflict = ObjectConflictError(_occupied(there, campaign.generation_key(item)))
+            refused[item.row] = outcome(item, None, None, cached=False, error=conflict)
+    return found, refused
+
+
+def _occupied(there: Occupant, origin: str) -> str:
+    """Why an item fails before its call, naming its key and the ways out."""
+    if there.origin is None:
+        what = "holds an object with no record of the request that made it"
+    elif there.origin != origin:
+        what = "holds an image made by another request"
+    else:
+        what = "holds an object of this request that is not a whole image"
+    return (
+        f"{there.uri} {what}; not paying for an image that cannot be stored there: pass "
+        "overwrite=True to replace it, or use another key template"
+    )
 
 
 def _as_result(value: Any) -> ImagineResult | None:
@@ -327,6 +440,7 @@ def outcome(
             "credits": 0 if cached else generated.credits_charged,
             "attempts": 0 if cached else generated.attempts,
             "cached": cached,
+            "recovered": generated.recovered and not cached,
         }
     if stored is not None:
         return ItemOutcome(**fields, status="stored", uri=stored.uri, sha256=stored.sha256)
@@ -365,6 +479,7 @@ def report(
         credits_charged=ledger.get("spent", 0),
         possibly_billed_retries=ledger.get("possibly_billed", 0),
         outcomes=outcomes,
+        recovered=sum(o.recovered for o in outcomes),
     )
     call_sync(
         create_table_artifact,

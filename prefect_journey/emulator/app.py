@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -90,8 +89,9 @@ class EmulatorState:
         tasks: Every task created since the last reset, by task id.
         calls: One entry per call received, in order (endpoint, status, time, and what the
             call did: task id, credits, fault, ...).
-        webhooks: One entry per webhook delivery (task id, URL, whether it carried a
-            secret, and the answer's status code or the error's name).
+        webhooks: One entry per webhook delivery attempt (task id, URL, whether it carried
+            a secret, the delivery fault if any, and the answer's status code or the
+            error's name); a ``lost`` delivery has one entry with neither.
         images: What the CDN serves, by task id: sha256, bytes, format, width and height.
         in_flight: Generations running now.
         peak_in_flight: The most generations running at once since the last reset.
@@ -100,6 +100,7 @@ class EmulatorState:
         renders: Rendered (or rendering) images by task id, oldest first; the oldest are
             dropped past :data:`RENDERED_BYTES_KEPT`.
         rendered_bytes: The bytes of the images held in ``renders``.
+        background: Generations and webhook deliveries running on their own.
     """
 
     config: EmulatorConfig
@@ -113,12 +114,19 @@ class EmulatorState:
     rng: random.Random = field(default_factory=random.Random)
     renders: OrderedDict[str, asyncio.Task[bytes]] = field(default_factory=OrderedDict)
     rendered_bytes: int = 0
+    background: set[asyncio.Future[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Forget tasks, calls, webhooks and images, restore the credits and reseed ``rng``."""
+        """Forget tasks, calls, webhooks and images, restore the credits and reseed ``rng``.
+
+        Generations and deliveries still running are cancelled (safe from any thread).
+        """
+        for running in list(self.background):
+            running.get_loop().call_soon_threadsafe(running.cancel)
+        self.background.clear()
         self.credits = self.config.credits
         self.tasks.clear()
         self.calls.clear()
@@ -164,7 +172,7 @@ class EmulatorState:
             "credits_remaining": self.credits,
             "billed_tasks": [c["task_id"] for c in self.calls if c.get("credits")],
             "peak_concurrency": self.peak_in_flight,
-            "webhooks_sent": len(self.webhooks),
+            "webhooks_sent": sum("status_code" in w or "error" in w for w in self.webhooks),
             "webhooks": list(self.webhooks),
             "images": dict(self.images),
             "log": list(self.calls),
@@ -320,35 +328,18 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             state.start_render(task)
         state.credits -= CREDITS_PER_IMAGE
         entry.update(task_id=task.task_id, credits=CREDITS_PER_IMAGE)
-        state.in_flight += 1
-        state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
-        try:
-            await asyncio.sleep(
-                state.config.latency.seconds(
-                    len(task_request.image_urls), task_request.resolution, state.rng
-                )
-            )
-            if fault == "slow":
-                await asyncio.sleep(state.config.faults.slow_seconds)
-        finally:
-            state.in_flight -= 1
+        cdn_url = str(request.url_for("cdn", name=f"{task.task_id}.png"))
+        # The generation runs on its own: a caller that hangs up (or is killed) neither stops
+        # it nor its webhook delivery, as on the provider's side.
+        generation = asyncio.ensure_future(_generate(state, task, entry, fault, cdn_url))
+        state.background.add(generation)
+        generation.add_done_callback(state.background.discard)
+        await asyncio.shield(generation)
 
-        entry["status"] = 500 if fault == "500" else 200
-        if fault == "failed":
-            # A refusal (content policy) is not billed.
-            state.credits += CREDITS_PER_IMAGE
-            entry["credits"] = 0
-            task.status, task.error = "failed", "Content policy violation"
-        else:
-            task.status = "finished"
-            task.image_url = str(request.url_for("cdn", name=f"{task.task_id}.png"))
-        background = _webhook_task(state, task)
         if fault == "500":
-            return JSONResponse({}, status_code=500, background=background)
+            return JSONResponse({}, status_code=500)
         if fault == "malformed":
-            return Response(
-                "<html>upstream error</html>", media_type="text/html", background=background
-            )
+            return Response("<html>upstream error</html>", media_type="text/html")
         body: dict[str, Any] = {"task_id": task.task_id, "status": task.status}
         if fault == "failed":
             body["error"] = task.error
@@ -357,7 +348,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         if fault == "drop":
             raw = bytes(JSONResponse(body).body)
             return _CutShortResponse(raw[: len(raw) // 2], len(raw), "application/json")
-        return JSONResponse(body, background=background)
+        return JSONResponse(body)
 
     async def fetch(request: Request) -> Response:
         if not _authorised(state, request):
@@ -478,21 +469,67 @@ def _streamed(data: bytes, *, announce_length: bool = True) -> Response:
     return StreamingResponse(chunks(), media_type="image/png", headers=headers)
 
 
-def _webhook_task(state: EmulatorState, task: _Task) -> BackgroundTask | None:
+async def _generate(
+    state: EmulatorState, task: _Task, entry: dict[str, Any], fault: str | None, cdn_url: str
+) -> None:
+    """One generation, from billing to its end and its webhook delivery."""
+    request = task.request
+    state.in_flight += 1
+    state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+    try:
+        seconds = state.config.latency.seconds(
+            len(request.image_urls), request.resolution, state.rng
+        )
+        await asyncio.sleep(seconds)
+        if fault == "slow":
+            await asyncio.sleep(state.config.faults.slow_seconds)
+    finally:
+        state.in_flight -= 1
+    entry["status"] = 500 if fault == "500" else 200
+    if fault == "failed":
+        # A refusal (content policy) is not billed.
+        state.credits += CREDITS_PER_IMAGE
+        entry["credits"] = 0
+        task.status, task.error = "failed", "Content policy violation"
+    else:
+        task.status, task.image_url = "finished", cdn_url
+    if request.webhook_url is not None:
+        delivery = asyncio.ensure_future(_deliver(state, task))
+        state.background.add(delivery)
+        delivery.add_done_callback(state.background.discard)
+
+
+async def _deliver(state: EmulatorState, task: _Task) -> None:
+    """POST the finished task to its webhook as the provider does: after
+    ``config.webhook_delay``, again after each of ``config.webhook_retry_delays`` until a 2xx,
+    with the delivery faults of the plan."""
     url = task.request.webhook_url
-    if url is None:
-        return None
+    assert url is not None
     secret = task.request.webhook_secret
-
-    async def deliver() -> None:
-        headers = {"x-webhook-secret": secret.get_secret_value()} if secret else {}
-        entry: dict[str, Any] = {"task_id": task.task_id, "url": url, "signed": bool(secret)}
-        try:
-            async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as client:
+    fault = state.config.faults.draw("webhook")
+    base: dict[str, Any] = {"task_id": task.task_id, "url": url, "signed": bool(secret)}
+    if fault == "lost":
+        state.webhooks.append({**base, "fault": fault})
+        return
+    headers = {"x-webhook-secret": secret.get_secret_value()} if secret else {}
+    if fault == "wrong_secret":
+        headers = {"x-webhook-secret": "not-the-secret"}
+    delay = state.config.webhook_delay
+    if fault == "late":
+        delay += state.config.faults.late_seconds
+    waits = (delay, *state.config.webhook_retry_delays)
+    sends = 2 if fault == "duplicate" else 1
+    async with httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as client:
+        for wait in waits:
+            await asyncio.sleep(wait)
+            entry = {**base, "fault": fault}
+            try:
                 response = await client.post(url, json=task.as_json(), headers=headers)
-            entry["status_code"] = response.status_code
-        except httpx.HTTPError as exc:
-            entry["error"] = type(exc).__name__
-        state.webhooks.append(entry)
-
-    return BackgroundTask(deliver)
+                entry["status_code"] = response.status_code
+            except httpx.HTTPError as exc:
+                entry["error"] = type(exc).__name__
+            state.webhooks.append(entry)
+            if entry.get("status_code", 0) // 100 == 2:
+                sends -= 1
+                if not sends:
+                    return

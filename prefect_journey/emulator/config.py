@@ -14,8 +14,16 @@ from typing import Literal
 API_FAULTS = ("400", "429", "503", "500", "drop", "slow", "failed", "malformed")
 # Faults of the CDN download.
 CDN_FAULTS = ("truncate", "corrupt")
-FAULT_KINDS = API_FAULTS + CDN_FAULTS
-FaultFamily = Literal["api", "cdn"]
+# Faults of a webhook delivery: never sent, sent twice, sent after ``late_seconds``, or sent
+# with a wrong secret (the receiver refuses it, the provider retries, and gives up).
+WEBHOOK_FAULTS = ("lost", "duplicate", "late", "wrong_secret")
+FAULT_KINDS = API_FAULTS + CDN_FAULTS + WEBHOOK_FAULTS
+FaultFamily = Literal["api", "cdn", "webhook"]
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "api": API_FAULTS,
+    "cdn": CDN_FAULTS,
+    "webhook": WEBHOOK_FAULTS,
+}
 
 DEFAULT_API_KEY = "journey-emulator-key"
 DEFAULT_CREDITS = 10_000
@@ -80,8 +88,11 @@ class FaultPlan:
         retry_after: The ``Retry-After`` seconds sent with a 429 or 503; 1.0 by default.
         slow_seconds: The extra wait of a ``slow`` answer; by default 300 s, past any
             computed read timeout.
-        queue: Faults forced in order, per family: ``"api"`` (:data:`API_FAULTS`) and
-            ``"cdn"`` (:data:`CDN_FAULTS`); lists are accepted. Empty by default.
+        late_seconds: The extra wait of a ``late`` webhook delivery; by default 600 s, past
+            any recovery window.
+        queue: Faults forced in order, per family: ``"api"`` (:data:`API_FAULTS`),
+            ``"cdn"`` (:data:`CDN_FAULTS`) and ``"webhook"`` (:data:`WEBHOOK_FAULTS`);
+            lists are accepted. Empty by default.
 
     Raises:
         ValueError: An unknown fault kind, a rate outside 0..1, or a queued fault of the
@@ -101,7 +112,8 @@ class FaultPlan:
     retry_after: float = 1.0
     # "Slower than the client's timeout": the default is past any computed read timeout.
     slow_seconds: float = 300.0
-    queue: dict[str, deque[str]] = field(default_factory=lambda: {"api": deque(), "cdn": deque()})
+    late_seconds: float = 600.0
+    queue: dict[str, deque[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for kind, rate in self.rates.items():
@@ -109,27 +121,33 @@ class FaultPlan:
                 raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
             if not 0 <= rate <= 1:
                 raise ValueError(f"fault rate for {kind!r} must be within 0..1")
-        self.queue = {family: deque(self.queue.get(family, ())) for family in ("api", "cdn")}
-        for family in ("api", "cdn"):
-            allowed = API_FAULTS if family == "api" else CDN_FAULTS
+        unknown = set(self.queue) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown fault families {sorted(unknown)}; known: {list(FAMILIES)}")
+        self.queue = {family: deque(self.queue.get(family, ())) for family in FAMILIES}
+        for family, allowed in FAMILIES.items():
             for kind in self.queue[family]:
                 if kind not in allowed:
                     raise ValueError(f"fault {kind!r} cannot be queued for {family}")
         self._rng = random.Random(self.seed)
+        # Deliveries draw from their own stream, so that asking for webhooks leaves the
+        # seeded API and CDN faults of a run as they were.
+        self._webhook_rng = random.Random(f"webhook:{self.seed}")
 
     def draw(self, family: FaultFamily) -> str | None:
         """The fault to inject into the next request of ``family``, if any.
 
         Args:
-            family: ``"api"`` for the API endpoints, ``"cdn"`` for downloads.
+            family: ``"api"`` for the API endpoints, ``"cdn"`` for downloads, ``"webhook"``
+                for webhook deliveries.
 
         Returns:
             The next queued fault of the family, else one drawn at ``rates``, else None.
         """
         if self.queue[family]:
             return self.queue[family].popleft()
-        kinds = API_FAULTS if family == "api" else CDN_FAULTS
-        roll = self._rng.random()
+        kinds = FAMILIES[family]
+        roll = (self._webhook_rng if family == "webhook" else self._rng).random()
         for kind in kinds:
             roll -= self.rates.get(kind, 0.0)
             if roll < 0:
@@ -151,6 +169,10 @@ class EmulatorConfig:
             URL, as the real CDN does; 0 by default.
         realistic_sizes: Adds photo-like grain so that PNG sizes match real outputs
             (slower to render); False by default.
+        webhook_delay: Seconds between a generation's end and its webhook delivery; 0 by
+            default.
+        webhook_retry_delays: The waits before each retry of a refused or failed delivery;
+            the provider's 10, 30 and 90 s by default.
         email: The account's e-mail address.
         plan: The account's plan.
 
@@ -174,5 +196,7 @@ class EmulatorConfig:
     jpeg_as_png_rate: float = 0.0
     # Photo-like grain so PNG sizes match real outputs (slower to render).
     realistic_sizes: bool = False
+    webhook_delay: float = 0.0
+    webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 90.0)
     email: str = "emulator@example.com"
     plan: str = "emulator"

@@ -40,6 +40,7 @@ from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.gate import concurrency_limit_exists
 from prefect_journey.models import display_text
+from prefect_journey.recovery import load_receiver
 from prefect_journey.tasks import check_variant, resolve_variant
 
 # The Prefect global concurrency limit a campaign uses when it exists (create it once per
@@ -68,6 +69,8 @@ def batch_campaign(
     allow_failures: bool = False,
     task_runner: str | None = None,
     images_per_task_run: int = 1,
+    webhook_block: str | None = None,
+    overwrite: bool = False,
 ) -> CampaignReport:
     """Generate and store every item of a campaign.
 
@@ -91,6 +94,11 @@ def batch_campaign(
         images_per_task_run: 1 gives every image its own task runs; more runs that many
             images per task run (same caching, retries, budget and reporting, a fraction of
             Prefect's per-run cost; thread runner only).
+        webhook_block: A saved ``JourneyWebhookReceiver``: an attempt whose answer is lost
+            is recovered from its webhook delivery instead of being bought again; default
+            ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
+        overwrite: Replace the objects already at the campaign's keys; by default an item
+            whose key holds another request's object fails before its call.
 
     Returns:
         The report: counts, credits, and one outcome per item.
@@ -133,12 +141,29 @@ def batch_campaign(
     runner = make_task_runner(task_runner, 2 * max_concurrency)
     target = load_destination(destination, destination_block)  # fails before spending
     credentials = load_credentials(credentials_block)
-    run = Campaign(campaign, target, key_template, variant, credentials, None, None)
+    run = Campaign(
+        campaign,
+        target,
+        key_template,
+        variant,
+        credentials,
+        None,
+        None,
+        receiver=load_receiver(webhook_block),  # fails before spending
+        overwrite=overwrite,
+    )
     found = look_up(plan, run)
-    todo = [item for item in plan if item.row not in found.finished]
+    todo = [item for item in plan if item.row not in found.settled]
     logger = get_run_logger()
     if found.finished:
         logger.info("%d of %d items were stored by an earlier run", len(found.finished), len(plan))
+    if found.refused:
+        logger.warning(
+            "%d of %d items fail before their call: their keys hold other objects (pass "
+            "overwrite=True to replace them, or use another key template)",
+            len(found.refused),
+            len(plan),
+        )
     preflight(
         todo,
         found.generated,
@@ -159,7 +184,7 @@ def batch_campaign(
         concurrency_limit=limit,
         restore=frozenset(found.restore),
     )
-    outcomes = list(found.finished.values())
+    outcomes = list(found.settled.values())
     if todo and images_per_task_run > 1:
         outcomes += run_chunked(todo, run, max_concurrency, images_per_task_run)
     elif todo:
