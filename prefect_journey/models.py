@@ -457,6 +457,13 @@ class ImagineResult(_Model):
         description="Recovered from the webhook delivery of an attempt whose answer was lost.",
     )
 
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        # Cache records pickle results; a record written before a field existed lacks it.
+        for name, info in type(self).model_fields.items():
+            if not info.is_required():
+                state["__dict__"].setdefault(name, info.get_default(call_default_factory=True))
+        super().__setstate__(state)
+
 
 class TaskStatus(BaseModel):
     """A task as ``/fetch`` (and webhook deliveries) report it; unknown fields are ignored.
