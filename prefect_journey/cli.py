@@ -129,7 +129,9 @@ def _run_webhooks(args: argparse.Namespace) -> int:
     print(
         f"JourneyAPI webhook receiver on http://{args.host}:{args.port}{WEBHOOK_PATH}", flush=True
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # No access log: a delivery's path carries its attempt's token, which is never logged;
+    # the receiver logs each delivery itself, naming the task.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import select
+import socket
+import socketserver
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -9,12 +15,22 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.settings import PREFECT_API_URL
 
 from prefect_journey.client import JourneyClient
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
-from prefect_journey.webhooks import MAX_BODY_BYTES, WEBHOOK_PATH, create_webhook_app
+from prefect_journey.errors import ConfigurationError
+from prefect_journey.tokens import attempt_id, mint_token
+from prefect_journey.webhooks import (
+    ATTEMPT_LABEL,
+    MAX_BODY_BYTES,
+    WEBHOOK_PATH,
+    create_webhook_app,
+    prefect_api_url,
+)
 
 from . import prefect_api
+from .conftest import free_port
 
 SECRET = "whsec-receiver-test"
 
@@ -160,3 +176,164 @@ def test_events_reach_prefect(emulator: EmulatorServer) -> None:
         ]
         assert len(matching) == 1 and matching[0]["payload"]["image_url"] == result.image_url
         assert SECRET not in str(matching)
+
+
+# --- Per-attempt tokens --------------------------------------------------------------------
+
+
+class ResourceRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.resources: list[dict[str, str]] = []
+
+    def __call__(
+        self, event: str, resource: dict[str, str], payload: dict[str, Any], event_id: uuid.UUID
+    ) -> bool:
+        self.resources.append(resource)
+        return super().__call__(event, resource, payload, event_id)
+
+
+def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = ResourceRecorder()
+    token = mint_token(SECRET)
+    task = {"task_id": "t-9", "status": "finished", "image_url": "https://cdn.example.com/9.png"}
+    with (
+        caplog.at_level(logging.DEBUG),
+        BackgroundServer(create_webhook_app(SECRET, emit=recorder)) as server,
+    ):
+        base = f"{server.url}{WEBHOOK_PATH}"
+        signed = {"x-webhook-secret": SECRET}
+
+        def post(path: str, **kwargs: Any) -> int:
+            return httpx.post(f"{base}/{path}", **kwargs).status_code
+
+        assert post(token, json=task, headers=signed) == 200
+        assert post(token, json=task, headers=signed) == 200  # a replay: acknowledged, once
+        other_task = {**task, "task_id": "t-10"}
+        assert post(token, json=other_task, headers=signed) == 409  # a reused token
+        assert post(mint_token("another secret"), json=task, headers=signed) == 404
+        assert post(token[:-1], json=task, headers=signed) == 404  # malformed
+        assert post(token.upper(), json=task, headers=signed) == 404
+        assert post(token, json=task, headers={"x-webhook-secret": "wrong"}) == 401
+        assert post(mint_token(SECRET), content=b"not json", headers=signed) == 400
+
+        def endless() -> Iterator[bytes]:  # no content-length: read until the limit only
+            for _ in range(MAX_BODY_BYTES // 1024 + 2):
+                yield b" " * 1024
+
+        assert post(mint_token(SECRET), content=endless(), headers=signed) == 413
+    assert len(recorder.events) == 1
+    assert recorder.resources == [
+        {"prefect.resource.id": "journey.task.t-9", ATTEMPT_LABEL: attempt_id(token)}
+    ]
+    # The receiver's own log lines; httpx's are the sending side's (the provider's here).
+    for record in caplog.records:
+        if not record.name.startswith("httpx"):
+            assert SECRET not in record.getMessage() and token not in record.getMessage()
+
+
+def test_the_receiver_needs_a_reachable_prefect_api(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prefect.settings import temporary_settings
+
+    from prefect_journey.cli import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ConfigurationError, match="PREFECT_API_URL"):
+            create_webhook_app(SECRET)
+        monkeypatch.setenv("JOURNEY_WEBHOOK_SECRET", SECRET)
+        assert main(["webhooks", "--port", "0"]) != 0
+        assert "PREFECT_API_URL" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="does not answer"):
+        prefect_api_url(f"http://127.0.0.1:{free_port()}/api")
+
+
+class SwitchableProxy:
+    """A TCP forwarder on a loopback port to ``target``, which can be taken down (connections
+    refused, open ones cut) and brought back on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._open: set[socket.socket] = set()
+
+    def up(self) -> None:
+        proxy = self
+
+        class Pump(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                upstream = socket.create_connection(proxy.target)
+                pair = (self.request, upstream)
+                proxy._open.update(pair)
+                try:
+                    while True:
+                        readable, _, _ = select.select(pair, [], [], 1.0)
+                        for source in readable:
+                            data = source.recv(65536)
+                            if not data:
+                                return
+                            (upstream if source is self.request else self.request).sendall(data)
+                except OSError:
+                    return
+                finally:
+                    upstream.close()
+                    proxy._open.difference_update(pair)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Pump)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for connection in list(self._open):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_delivery_is_acknowledged_only_once_prefect_has_its_event(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = httpx.URL(str(PREFECT_API_URL.value()))
+    proxy = SwitchableProxy((api.host, api.port or 80))
+    proxy.up()
+    app = create_webhook_app(SECRET, api_url=f"http://127.0.0.1:{proxy.port}{api.path}")
+    monkeypatch.setattr(emulator.state.config, "webhook_retry_delays", (2.0, 2.0, 10.0))
+    token = mint_token(SECRET)
+    try:
+        with BackgroundServer(app) as server:
+            proxy.down()  # the Prefect API is unreachable
+            with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+                result = client.imagine(
+                    prompt="acknowledged once safe",
+                    webhook_url=f"{server.url}{WEBHOOK_PATH}/{token}",
+                    webhook_secret=SECRET,
+                )
+            [refused] = wait_for_webhooks(emulator, 1)
+            assert refused["status_code"] == 503  # so the provider retries
+            proxy.up()  # back
+            deliveries = wait_for_webhooks(emulator, 2)
+            assert [d["status_code"] for d in deliveries] == [503, 200]
+    finally:
+        proxy.down()
+    resource = f"journey.task.{result.task_id}"
+    deadline = time.monotonic() + 30
+    while True:
+        matching = [
+            e
+            for e in prefect_api.events("journey.task.finished")
+            if e["resource"]["prefect.resource.id"] == resource
+        ]
+        if matching:
+            break
+        assert time.monotonic() < deadline, "event not in Prefect"
+        time.sleep(0.5)
+    assert len(matching) == 1
+    assert matching[0]["resource"][ATTEMPT_LABEL] == attempt_id(token)
+    assert token not in str(matching) and SECRET not in str(matching)
