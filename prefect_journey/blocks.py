@@ -2,11 +2,12 @@
 
 The ``prefect.collections`` entry point names this module: Prefect imports it when its
 server starts, when a worker starts and when a block is loaded by its type's slug, and
-importing it defines both block types, so Prefect can find and register them. The
+importing it defines the block types, so Prefect can find and register them. The
 package root loads nothing until it is used (see :mod:`prefect_journey`).
 """
 
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import ImageDestination
+from prefect_journey.recovery import JourneyWebhookReceiver
 
-__all__ = ["ImageDestination", "JourneyCredentials"]
+__all__ = ["ImageDestination", "JourneyCredentials", "JourneyWebhookReceiver"]

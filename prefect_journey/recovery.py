@@ -73,12 +73,14 @@ class JourneyWebhookReceiver(Block):
     on the recovery of possibly-billed generations (see :mod:`prefect_journey.recovery`).
 
     Example:
+        Load a saved receiver and run a campaign that recovers lost answers:
         ```python
+        from prefect_journey.flows import batch_campaign
         from prefect_journey.recovery import JourneyWebhookReceiver
 
-        JourneyWebhookReceiver(
-            url="https://hooks.example.com/webhooks/journey", secret="..."
-        ).save("journey-hooks")
+        receiver = JourneyWebhookReceiver.load("BLOCK_NAME")
+        print(receiver.url, receiver.recovery_window_seconds)
+        batch_campaign(items=[{"prompt": "a lighthouse at dusk"}], webhook_block="BLOCK_NAME")
         ```
     """
 

@@ -20,6 +20,7 @@ from prefect_journey import ImageDestination, JourneyCredentials
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.emulator import EmulatorServer
 from prefect_journey.errors import JourneyValidationError
+from prefect_journey.recovery import JourneyWebhookReceiver, load_receiver
 from prefect_journey.storage import Destination
 
 from .conftest import SENTINEL_KEY
@@ -47,6 +48,32 @@ class TestImageDestinationStandards(_OfflineLogoSuite):
     @pytest.fixture
     def block(self) -> type[Block]:
         return ImageDestination
+
+
+class TestJourneyWebhookReceiverStandards(_OfflineLogoSuite):
+    @pytest.fixture
+    def block(self) -> type[Block]:
+        return JourneyWebhookReceiver
+
+
+def test_webhook_receiver_block_checks_its_fields_and_keeps_the_secret() -> None:
+    receiver = JourneyWebhookReceiver(
+        url="https://hooks.example.com/webhooks/journey", secret=SENTINEL_KEY
+    )
+    assert SENTINEL_KEY not in repr(receiver) + str(receiver.model_dump())
+    attempt = receiver.new_attempt()
+    assert SENTINEL_KEY not in repr(attempt) and attempt.id not in attempt.webhook_url
+    for bad in (
+        {"url": "http://hooks.example.com/x"},
+        {"secret": "  "},
+        {"recovery_window_seconds": 0},
+    ):
+        fields: dict[str, Any] = {"url": "https://h.example.com/x", "secret": "s", **bad}
+        with pytest.raises(ValueError):
+            JourneyWebhookReceiver(**fields)
+    receiver.save("sentinel-receiver", overwrite=True)
+    loaded = load_receiver("sentinel-receiver")
+    assert loaded is not None and loaded.secret.get_secret_value() == SENTINEL_KEY
 
 
 def test_credentials_build_clients_and_keep_the_key_secret(emulator: EmulatorServer) -> None:
@@ -133,6 +160,7 @@ def test_collection_registers_against_a_real_prefect_server() -> None:
     )
     assert "journeyapi-credentials" in listing.stdout
     assert "journeyapi-image-destination" in listing.stdout
+    assert "journeyapi-webhook-receiver" in listing.stdout
 
 
 def test_prefect_finds_the_blocks_through_the_collection_entry_point() -> None:

@@ -65,6 +65,22 @@ def wait_for_webhooks(emulator: EmulatorServer, count: int) -> list[dict[str, An
     return list(emulator.ledger()["webhooks"])
 
 
+def finished_events(task_id: str, *, wait: bool = True) -> list[dict[str, Any]]:
+    """The ``journey.task.finished`` events of ``task_id`` in Prefect, once there is one
+    (events are stored asynchronously) unless ``wait`` is False."""
+    deadline = time.monotonic() + 30
+    while True:
+        matching = [
+            e
+            for e in prefect_api.events("journey.task.finished")
+            if e["resource"]["prefect.resource.id"] == f"journey.task.{task_id}"
+        ]
+        if matching or not wait:
+            return matching
+        assert time.monotonic() < deadline, "event not in Prefect"
+        time.sleep(0.5)
+
+
 def test_emulator_delivery_becomes_one_event(
     emulator: EmulatorServer, receiver: tuple[str, Recorder]
 ) -> None:
@@ -156,24 +172,9 @@ def test_events_reach_prefect(emulator: EmulatorServer) -> None:
             json={"task_id": result.task_id, "status": "finished"},
             headers={"x-webhook-secret": SECRET},
         )
-        resource = f"journey.task.{result.task_id}"
-        deadline = time.monotonic() + 30
-        while True:
-            matching = [
-                e
-                for e in prefect_api.events("journey.task.finished")
-                if e["resource"]["prefect.resource.id"] == resource
-            ]
-            if matching:
-                break
-            assert time.monotonic() < deadline, "event not in Prefect"
-            time.sleep(0.5)
-        time.sleep(1)
-        matching = [
-            e
-            for e in prefect_api.events("journey.task.finished")
-            if e["resource"]["prefect.resource.id"] == resource
-        ]
+        finished_events(result.task_id)
+        time.sleep(1)  # a second delivery would be stored by now
+        matching = finished_events(result.task_id, wait=False)
         assert len(matching) == 1 and matching[0]["payload"]["image_url"] == result.image_url
         assert SECRET not in str(matching)
 
@@ -322,18 +323,7 @@ def test_a_delivery_is_acknowledged_only_once_prefect_has_its_event(
             assert [d["status_code"] for d in deliveries] == [503, 200]
     finally:
         proxy.down()
-    resource = f"journey.task.{result.task_id}"
-    deadline = time.monotonic() + 30
-    while True:
-        matching = [
-            e
-            for e in prefect_api.events("journey.task.finished")
-            if e["resource"]["prefect.resource.id"] == resource
-        ]
-        if matching:
-            break
-        assert time.monotonic() < deadline, "event not in Prefect"
-        time.sleep(0.5)
+    matching = finished_events(result.task_id)
     assert len(matching) == 1
     assert matching[0]["resource"][ATTEMPT_LABEL] == attempt_id(token)
     assert token not in str(matching) and SECRET not in str(matching)
