@@ -16,15 +16,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL
 
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.storage import StoredImage
+from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 from reliability.faulty_s3 import create_proxy
-from reliability.soak import READ_TIMEOUT, S3_FAULT_RATE, configure_faults, run_soak
+from reliability.soak import (
+    READ_TIMEOUT,
+    RECOVERY_WINDOW,
+    S3_FAULT_RATE,
+    WEBHOOK_RETRY_DELAYS,
+    configure_faults,
+    run_soak,
+)
 
 from .conftest import Bucket
+
+SOAK_SECRET = "whsec-soak-test"
 
 
 def _hold_and_die(directory: str, key: str) -> None:
@@ -168,15 +179,23 @@ def test_soak_60_items_loses_nothing(
 ) -> None:
     bucket, _ = faulty_bucket
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", str(READ_TIMEOUT))
-    configure_faults(journey_env, seed=11)
-    result = run_soak(
-        60, emulator=journey_env, bucket=bucket.name, s3_fs=bucket.fs(), concurrency=8
-    )
+    # With a receiver, as `make soak` runs: every lost answer is recovered from its delivery.
+    app = create_webhook_app(SOAK_SECRET, api_url=PREFECT_API_URL.value())
+    monkeypatch.setattr(journey_env.state.config, "webhook_retry_delays", WEBHOOK_RETRY_DELAYS)
+    with BackgroundServer(app) as receiver:
+        monkeypatch.setenv("JOURNEY_WEBHOOK_URL", f"{receiver.url}{WEBHOOK_PATH}")
+        monkeypatch.setenv("JOURNEY_WEBHOOK_SECRET", SOAK_SECRET)
+        monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", str(RECOVERY_WINDOW))
+        configure_faults(journey_env, seed=11)
+        result = run_soak(
+            60, emulator=journey_env, bucket=bucket.name, s3_fs=bucket.fs(), concurrency=8
+        )
     print(result.line())
     assert result.nothing_lost, result.line()
     assert result.stored >= 50  # retries recover almost everything
     assert result.credits_charged == result.emulator_credits  # our ledger matches the bill
     assert sum(result.failures.values()) == 60 - result.stored
+    assert result.recovered > 0 and result.possibly_billed == 0, result.line()
 
 
 @pytest.mark.usefixtures("prefect_harness")
