@@ -27,10 +27,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The whole check: lint, the default suite, then the wheel installed into a fresh environment.
+# The whole check: lint, the default suite, the wheel installed into a fresh environment, then
+# the slow suites (campaigns killed mid-run and resumed).
 test: lint
 	$(BIN)/pytest
 	$(BIN)/pytest -m install
+	$(BIN)/pytest -m slow
 
 # The Prefect-layer tests again on the lowest supported Prefect, in .venv-prefect-lowest
 # (pins and their reasons in constraints/prefect-lowest.txt). CI runs it after `make test`.
