@@ -29,7 +29,6 @@ _EMPTY = {
     "spent": 0,
     "calls": 0,
     "possibly_billed": 0,
-    "recovered": 0,
     "refused": 0,
 }
 
@@ -153,8 +152,8 @@ class CreditBudget:
     def recovered(self, *, billed: bool) -> None:
         """A possibly-billed attempt's fate became known from its webhook delivery.
 
-        It no longer counts as possibly billed; it counts as recovered, and its credits stay
-        spent only if the delivery shows an image was made.
+        It no longer counts as possibly billed, and its credits stay spent only if the
+        delivery shows an image was made.
 
         Args:
             billed: The delivery carried a finished image (False: the provider refused it,
@@ -162,7 +161,6 @@ class CreditBudget:
         """
         with self._locked() as state:
             state["possibly_billed"] -= 1
-            state["recovered"] += 1
             if not billed:
                 state["spent"] -= self.price
 
@@ -171,9 +169,8 @@ class CreditBudget:
 
         Returns:
             ``calls``, ``spent``, ``in_flight``, ``possibly_billed`` (attempts that ended
-            in a failure that may have been billed and were not recovered), ``recovered``
-            (attempts whose lost answer came by webhook), ``refused`` and the budget's
-            ``limit``.
+            in a failure that may have been billed and whose fate no webhook delivery told),
+            ``refused`` and the budget's ``limit``.
         """
         with self._locked() as state:
             return {**state, "limit": self.limit}

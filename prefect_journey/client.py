@@ -161,7 +161,7 @@ def error_for_response(response: httpx.Response, secrets: tuple[str, ...] = ()) 
     Args:
         response: The answer; its request's method and path name the call in the message.
         secrets: Values removed from the server's error text (the API key, a webhook
-            secret); none by default.
+            secret, a webhook URL); none by default.
 
     Returns:
         The error, for the caller to retry or raise (it is not raised here).
@@ -345,6 +345,9 @@ class _ClientCore:
         secrets = [self._api_key.get_secret_value()]
         if request is not None and request.webhook_secret is not None:
             secrets.append(request.webhook_secret.get_secret_value())
+        if request is not None and request.webhook_url is not None:
+            # A webhook URL may carry an attempt's token (prefect_journey.recovery).
+            secrets.append(request.webhook_url)
         return tuple(secrets)
 
     def _send(

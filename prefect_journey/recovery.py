@@ -27,6 +27,7 @@ Without a receiver, nothing here runs and a possibly-billed failure is retried a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,13 +36,15 @@ from typing import cast
 
 from prefect.blocks.core import Block
 from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.events import EventPage
 from prefect.events.filters import (
     EventFilter,
     EventNameFilter,
     EventOccurredFilter,
     EventResourceFilter,
 )
-from prefect.events.schemas.events import ResourceSpecification
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from prefect.tasks import Task
 from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator
 
@@ -53,8 +56,14 @@ from prefect_journey.client import parse_task
 from prefect_journey.credentials import DOCUMENTATION_URL, LOGO_URL
 from prefect_journey.errors import ConfigurationError, JourneyError, TaskFailedError
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineRequest, ImagineResult, check_http_url
-from prefect_journey.tokens import attempt_id, delivery_url, mint_token
-from prefect_journey.webhooks import ATTEMPT_LABEL
+from prefect_journey.publishing import Logger
+from prefect_journey.tokens import (
+    ATTEMPT_EVENT_PREFIX,
+    attempt_id,
+    attempt_resource,
+    delivery_url,
+    mint_token,
+)
 
 # The attempt records of an image live beside its cache record, under this prefix.
 ATTEMPTS_KEY_PREFIX = "journey-attempts-"
@@ -144,6 +153,24 @@ class JourneyWebhookReceiver(Block):
             ``failed_at`` plus the recovery window.
         """
         return failed_at + self.recovery_window_seconds
+
+
+def task_timeout(request: ImagineRequest, receiver: JourneyWebhookReceiver | None) -> float:
+    """The timeout of an ``imagine`` task run for ``request``: its attempt's deadline, and
+    with a receiver the waits for deliveries too (:func:`~prefect_journey.policy
+    .recovering_timeout`).
+
+    Args:
+        request: The request.
+        receiver: The receiver in use, if any.
+
+    Returns:
+        Seconds.
+    """
+    attempt = policy.attempt_timeout(request)
+    if receiver is None:
+        return attempt
+    return policy.recovering_timeout(attempt, receiver.recovery_window_seconds)
 
 
 def load_receiver(block_name: str | None = None) -> JourneyWebhookReceiver | None:
@@ -264,13 +291,14 @@ def _imagine_task() -> Task[..., ImagineResult]:
 
 
 def delivery_filter(records: Iterable[AttemptRecord]) -> EventFilter:
-    """The events API filter of the deliveries of ``records``' attempts.
+    """The events API filter of the deliveries of ``records``' attempts, as of now.
 
     Args:
         records: The attempts.
 
     Returns:
-        ``journey.task.*`` events labelled with one of the attempts' ids.
+        ``journey.attempt.*`` events of the attempts' resources, up to a little past now
+        (built again for every question: a filter's end is fixed when it is built).
     """
     records = list(records)
     since = datetime.fromtimestamp(min(r.sent_at for r in records), UTC) - CLOCK_SKEW
@@ -278,11 +306,8 @@ def delivery_filter(records: Iterable[AttemptRecord]) -> EventFilter:
         occurred=EventOccurredFilter.model_validate(
             {"since": since, "until": datetime.now(UTC) + CLOCK_SKEW}
         ),
-        event=EventNameFilter(prefix=["journey.task."]),
-        resource=EventResourceFilter(
-            id_prefix=["journey.task."],
-            labels=ResourceSpecification({ATTEMPT_LABEL: [r.id for r in records]}),
-        ),
+        event=EventNameFilter(prefix=[ATTEMPT_EVENT_PREFIX]),
+        resource=EventResourceFilter(id=[attempt_resource(r.id) for r in records]),
     )
 
 
@@ -291,30 +316,53 @@ def delivered_result(
 ) -> ImagineResult | None:
     """The result a delivery carries, if one of ``payloads`` (event payloads) has one.
 
+    A payload that is not a valid task is passed over: it cannot be a result.
+
     Args:
         payloads: The payloads of the deliveries found, in any order.
         records: The attempts they belong to (the first one dates the result).
         charged: The credits this run paid for the attempt (0 for an earlier run's).
 
     Returns:
-        The finished image, marked ``recovered``; None when nothing was delivered.
+        The finished image, marked ``recovered``; None when nothing usable was delivered.
 
     Raises:
-        TaskFailedError: The delivered task failed (the provider refused the image).
-        MalformedResponseError: The delivery is not a task.
+        TaskFailedError: The delivered task failed (the provider refused the image) and no
+            delivery carries an image.
     """
-    if not payloads:
-        return None
-    finished = [p for p in payloads if p.get("status") == "finished"]
-    task = parse_task(dict(finished[0] if finished else payloads[0]), "webhook delivery")
-    assert task.image_url is not None  # parse_task guarantees it for finished tasks
-    return ImagineResult(
-        task_id=task.task_id,
-        status=task.status,
-        image_url=task.image_url,
-        elapsed_seconds=round(time.time() - records[0].sent_at, 3),
-        credits_charged=charged,
-        recovered=True,
+    refusal: TaskFailedError | None = None
+    for payload in payloads:
+        try:
+            task = parse_task(dict(payload), "webhook delivery")
+        except TaskFailedError as error:
+            refusal = error
+            continue
+        except JourneyError as error:
+            _logger().warning("a delivery was not a usable task: %s", error)
+            continue
+        if task.status == "finished" and task.image_url is not None:
+            return ImagineResult(
+                task_id=task.task_id,
+                status=task.status,
+                image_url=task.image_url,
+                elapsed_seconds=round(time.time() - records[0].sent_at, 3),
+                credits_charged=charged,
+                recovered=True,
+            )
+    if refusal is not None:
+        raise refusal
+    return None
+
+
+def _payloads(page: EventPage) -> list[dict[str, object]]:
+    return [dict(event.payload) for event in page.events]
+
+
+def _unanswered(error: Exception) -> None:
+    # The events API may be briefly unreachable (a restart, a busy database): the delivery
+    # may still be there at the next question, so waiting goes on.
+    _logger().warning(
+        "could not ask Prefect for deliveries (%s); asking again", type(error).__name__
     )
 
 
@@ -334,13 +382,18 @@ def wait_for_delivery(
     Raises:
         TaskFailedError: The delivered task failed.
     """
-    event_filter = delivery_filter(records)
     with get_client(sync_client=True) as client:
         while True:
-            page = client.read_events(filter=event_filter, limit=DELIVERIES_READ)
-            found = delivered_result([e.payload for e in page.events], records, charged=charged)
-            if found is not None or time.time() >= deadline:
-                return found
+            try:
+                page = client.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)
+            except Exception as error:  # any failure to ask is "nothing yet"
+                _unanswered(error)
+            else:
+                found = delivered_result(_payloads(page), records, charged=charged)
+                if found is not None:
+                    return found
+            if time.time() >= deadline:
+                return None
             time.sleep(min(policy.RECOVERY_POLL_INTERVAL, max(0.0, deadline - time.time())))
 
 
@@ -352,16 +405,28 @@ async def await_delivery(
     client: PrefectClient | None = None,
 ) -> ImagineResult | None:
     """Async twin of :func:`wait_for_delivery`; ``client`` is a Prefect client to reuse."""
-    event_filter = delivery_filter(records)
     async with get_client() if client is None else _Borrowed(client) as api:
         while True:
-            page = await api.read_events(filter=event_filter, limit=DELIVERIES_READ)
-            found = delivered_result([e.payload for e in page.events], records, charged=charged)
-            if found is not None or time.time() >= deadline:
-                return found
+            try:
+                page = await api.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)
+            except Exception as error:  # any failure to ask is "nothing yet"
+                _unanswered(error)
+            else:
+                found = delivered_result(_payloads(page), records, charged=charged)
+                if found is not None:
+                    return found
+            if time.time() >= deadline:
+                return None
             await asyncio.sleep(
                 min(policy.RECOVERY_POLL_INTERVAL, max(0.0, deadline - time.time()))
             )
+
+
+def _logger() -> Logger:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a run, as a plain function
+        return logging.getLogger(__name__)
 
 
 class _Borrowed:
@@ -382,8 +447,27 @@ class _Borrowed:
 # executor (one event loop): the decisions are shared, only the waiting differs.
 
 
+def receiver_for(
+    request: ImagineRequest, receiver: JourneyWebhookReceiver | None
+) -> JourneyWebhookReceiver | None:
+    """The receiver that recovers ``request``'s attempts: none for a request that carries
+    its own webhook (the provider delivers to one URL, and that one is the caller's).
+
+    Args:
+        request: The request to send.
+        receiver: The configured receiver, if any.
+
+    Returns:
+        ``receiver``, or None.
+    """
+    return None if request.webhook_url is not None else receiver
+
+
 def begin_attempt(key: str, receiver: JourneyWebhookReceiver) -> Attempt:
     """A new attempt for the image of ``key``, recorded before it is sent.
+
+    Called inside the attempt's gate, right before the call, so that the record dates the
+    call and not its wait for a slot.
 
     Args:
         key: The image's cache key; the caller holds its lock.
@@ -408,16 +492,29 @@ def end_attempt(key: str, attempt: Attempt | None) -> None:
         save_attempts(key, [r for r in recorded_attempts(key) if r.id != attempt.id])
 
 
+def _waiting(attempt: Attempt, error: JourneyError, window: float) -> None:
+    _logger().warning(
+        "the answer of attempt %s is lost (%s); waiting up to %.0f s for its webhook delivery",
+        attempt.id,
+        type(error).__name__,
+        window,
+    )
+
+
 def _settle(
     budget: CreditBudget | None, key: str, attempt: Attempt, found: ImagineResult | None
 ) -> ImagineResult | None:
     end_attempt(key, attempt)
-    if found is not None and budget is not None:
+    if found is None:
+        _logger().warning("no delivery of attempt %s within the window", attempt.id)
+        return None
+    _logger().info("recovered task %s from attempt %s's delivery", found.task_id, attempt.id)
+    if budget is not None:
         budget.recovered(billed=True)
     return found
 
 
-def _failed_delivery(budget: CreditBudget | None, key: str, attempt: Attempt) -> None:
+def _refused(budget: CreditBudget | None, key: str, attempt: Attempt) -> None:
     end_attempt(key, attempt)
     if budget is not None:
         budget.recovered(billed=False)  # a refused image is not billed
@@ -449,12 +546,13 @@ def recover_attempt(
     if not error.possibly_billed:
         end_attempt(key, attempt)
         return None
+    _waiting(attempt, error, receiver.recovery_window_seconds)
     try:
         found = wait_for_delivery(
             [attempt.record], receiver.deadline(time.time()), charged=CREDITS_PER_IMAGE
         )
     except TaskFailedError:
-        _failed_delivery(budget, key, attempt)
+        _refused(budget, key, attempt)
         raise
     return _settle(budget, key, attempt, found)
 
@@ -471,6 +569,7 @@ async def arecover_attempt(
     if not error.possibly_billed:
         await asyncio.to_thread(end_attempt, key, attempt)
         return None
+    _waiting(attempt, error, receiver.recovery_window_seconds)
     try:
         found = await await_delivery(
             [attempt.record],
@@ -479,7 +578,7 @@ async def arecover_attempt(
             client=client,
         )
     except TaskFailedError:
-        await asyncio.to_thread(_failed_delivery, budget, key, attempt)
+        await asyncio.to_thread(_refused, budget, key, attempt)
         raise
     return await asyncio.to_thread(_settle, budget, key, attempt, found)
 
@@ -505,7 +604,21 @@ def _earlier(
     records = recorded_attempts(key)
     window = receiver.recovery_window_seconds
     deadline = max((earlier_deadline(r, request, window) for r in records), default=0.0)
+    if records:
+        _logger().warning(
+            "an earlier run left %d attempt(s) of this image unsettled; looking for their "
+            "deliveries (for up to %.0f s) before paying again",
+            len(records),
+            max(0.0, deadline - time.time()),
+        )
     return records, deadline
+
+
+def _forget_earlier(key: str, found: ImagineResult | None) -> ImagineResult | None:
+    save_attempts(key, [])
+    if found is not None:
+        _logger().info("recovered task %s from an earlier run's attempt", found.task_id)
+    return found
 
 
 def recover_earlier(
@@ -514,7 +627,9 @@ def recover_earlier(
     """Before paying: the delivered image of an attempt an earlier run recorded for the same
     request and never settled (it was killed with the call in flight).
 
-    Attempts still inside their window are waited for; the records are then forgotten.
+    Attempts still inside their window are waited for. The records are forgotten once the
+    question is answered (an image, a refusal, or nothing by the deadline); an interrupted
+    wait keeps them for the next try.
 
     Args:
         key: The image's cache key; the caller holds its lock.
@@ -531,9 +646,11 @@ def recover_earlier(
     if not records:
         return None
     try:
-        return wait_for_delivery(records, deadline, charged=0)
-    finally:
-        save_attempts(key, [])
+        found = wait_for_delivery(records, deadline, charged=0)
+    except TaskFailedError:
+        _forget_earlier(key, None)
+        raise
+    return _forget_earlier(key, found)
 
 
 async def arecover_earlier(
@@ -547,6 +664,8 @@ async def arecover_earlier(
     if not records:
         return None
     try:
-        return await await_delivery(records, deadline, charged=0, client=client)
-    finally:
-        await asyncio.to_thread(save_attempts, key, [])
+        found = await await_delivery(records, deadline, charged=0, client=client)
+    except TaskFailedError:
+        await asyncio.to_thread(_forget_earlier, key, None)
+        raise
+    return await asyncio.to_thread(_forget_earlier, key, found)

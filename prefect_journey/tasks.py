@@ -74,6 +74,7 @@ from prefect_journey.recovery import (
     begin_attempt,
     end_attempt,
     load_receiver,
+    receiver_for,
     recover_attempt,
     recover_earlier,
 )
@@ -388,7 +389,7 @@ def imagine(
         ```
     """
     request, variant = as_request(request), check_variant(variant)
-    receiver = webhook or load_receiver()
+    receiver = receiver_for(request, webhook or load_receiver())
     key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
     if receiver is not None:
@@ -396,9 +397,10 @@ def imagine(
         if earlier is not None:
             return _finish(earlier, logger)
     with journey_client(credentials, **_CLIENT_OPTIONS) as client:
-        attempt = begin_attempt(key, receiver) if receiver else None
+        attempt = None
         try:
             with paid_attempt(budget, concurrency_limit):
+                attempt = begin_attempt(key, receiver) if receiver else None
                 result = client.imagine(attempt.request(request) if attempt else request)
         except JourneyError as error:
             recovered = (
@@ -427,7 +429,7 @@ async def aimagine(
 ) -> ImagineResult:
     """Async twin of :func:`imagine`."""
     request, variant = as_request(request), check_variant(variant)
-    receiver = webhook or load_receiver()
+    receiver = receiver_for(request, webhook or load_receiver())
     key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
     if receiver is not None:
@@ -435,9 +437,11 @@ async def aimagine(
         if earlier is not None:
             return _finish(earlier, logger)
     async with async_journey_client(credentials, **_CLIENT_OPTIONS) as client:
-        attempt = await asyncio.to_thread(begin_attempt, key, receiver) if receiver else None
+        attempt = None
         try:
             async with apaid_attempt(budget, concurrency_limit):
+                if receiver is not None:
+                    attempt = await asyncio.to_thread(begin_attempt, key, receiver)
                 result = await client.imagine(attempt.request(request) if attempt else request)
         except JourneyError as error:
             recovered = (

@@ -22,6 +22,12 @@ import secrets
 # 32 hex digits of nonce, 32 of MAC: 128 bits each.
 NONCE_HEX = 32
 TOKEN_PATTERN = re.compile(rf"[0-9a-f]{{{2 * NONCE_HEX}}}")
+# Deliveries of the package's own attempts are Prefect events named ``journey.attempt.<status>``
+# about the resource ``journey.attempt.<attempt id>``: apart from ``journey.task.*``, which
+# deployment triggers react to for requests sent with a user's own webhook.
+ATTEMPT_EVENT_PREFIX = "journey.attempt."
+# The label of that resource naming the provider's task.
+TASK_ID_LABEL = "journey.task_id"
 # The MAC covers this label too, so a token cannot be confused with another use of the secret.
 _LABEL = b"prefect-journey attempt token v1:"
 
@@ -75,6 +81,18 @@ def attempt_id(token: str) -> str:
         32 hex digits.
     """
     return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def attempt_resource(attempt: str) -> str:
+    """The Prefect resource id of an attempt's deliveries.
+
+    Args:
+        attempt: The attempt's id (:func:`attempt_id`).
+
+    Returns:
+        ``journey.attempt.<attempt>``.
+    """
+    return f"{ATTEMPT_EVENT_PREFIX}{attempt}"
 
 
 def delivery_url(receiver_url: str, token: str) -> str:

@@ -15,9 +15,10 @@ secret: no signature over the body, no timestamp. So this receiver:
   emits nothing. In memory, the last :data:`DEDUP_CAPACITY` deliveries; across restarts the
   event id is derived from the delivery, so Prefect itself stores a replayed event once;
 - emits ``journey.task.finished`` or ``journey.task.failed`` (resource
-  ``journey.task.<task_id>``, labelled ``journey.attempt`` with the token's attempt id on
-  the token path), which a waiting run reads and a deployment trigger can turn into a
-  flow run;
+  ``journey.task.<task_id>``), which a deployment trigger can turn into a flow run; on the
+  token path ``journey.attempt.finished`` or ``journey.attempt.failed`` instead (resource
+  ``journey.attempt.<attempt id>``, labelled ``journey.task_id``), which the waiting run
+  reads and which starts no deployment meant for the deliveries of users' own webhooks;
 - answers 2xx only once the Prefect API has accepted the event, else 503, so that the
   provider retries instead of dropping the delivery.
 
@@ -36,7 +37,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import SecretStr, ValidationError
@@ -47,8 +48,14 @@ from starlette.routing import Route
 
 from prefect_journey import settings
 from prefect_journey.errors import ConfigurationError
-from prefect_journey.models import TaskStatus
-from prefect_journey.tokens import attempt_id, is_valid_token
+from prefect_journey.models import TaskStatus, check_http_url
+from prefect_journey.tokens import (
+    ATTEMPT_EVENT_PREFIX,
+    TASK_ID_LABEL,
+    attempt_id,
+    attempt_resource,
+    is_valid_token,
+)
 
 WEBHOOK_PATH = "/webhooks/journey"
 # A task result is a few hundred bytes; anything near this is not from the provider.
@@ -56,9 +63,10 @@ MAX_BODY_BYTES = 64 * 1024
 DEDUP_CAPACITY = 100_000
 # The provider waits 10 s for an answer; the event must be accepted, or refused, before then.
 EMIT_DEADLINE = 8.0
-# Label of the event's resource naming the attempt (a digest of its token).
-ATTEMPT_LABEL = "journey.attempt"
 _EVENT_NAMESPACE = uuid.UUID("1b671a64-40d5-491e-99b0-da01ff1f3341")
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 logger = logging.getLogger("prefect_journey.webhooks")
 
@@ -66,7 +74,7 @@ Emitter = Callable[[str, dict[str, str], dict[str, Any], uuid.UUID], bool]
 
 
 def prefect_api_url(api_url: str | None = None) -> str:
-    """The Prefect API the receiver sends its events to, checked to answer.
+    """The Prefect API the receiver sends its events to, checked to answer this receiver.
 
     Args:
         api_url: The API's URL; None reads ``PREFECT_API_URL``.
@@ -76,7 +84,9 @@ def prefect_api_url(api_url: str | None = None) -> str:
 
     Raises:
         ConfigurationError: No URL is set (Prefect would start a throwaway in-process
-            server, whose events nobody reads), or the API does not answer its health check.
+            server, whose events nobody reads), the API does not answer its health check,
+            or it refuses this receiver's credentials (``PREFECT_API_KEY`` or
+            ``PREFECT_API_AUTH_STRING``).
     """
     from prefect.settings import PREFECT_API_URL
 
@@ -93,6 +103,14 @@ def prefect_api_url(api_url: str | None = None) -> str:
             f"the Prefect API at {url} does not answer ({type(exc).__name__}); "
             "start it, or fix PREFECT_API_URL"
         ) from None
+    try:  # the health check needs no credentials; reading events does
+        with PrefectEventSink(str(url)).client() as client:
+            client.read_events(limit=1)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"the Prefect API at {url} refuses this receiver ({type(exc).__name__}): check "
+            "PREFECT_API_KEY or PREFECT_API_AUTH_STRING"
+        ) from None
     return str(url)
 
 
@@ -101,7 +119,8 @@ class PrefectEventSink:
 
     Prefect's own ``emit_event`` hands the event to a background worker and returns at once;
     acknowledging a delivery on that would lose it whenever the API is down. Here each event
-    is a ``POST /events`` that must succeed.
+    is a ``POST /events`` that must succeed, with the credentials Prefect's settings hold
+    (``PREFECT_API_KEY``, ``PREFECT_API_AUTH_STRING``).
 
     Args:
         api_url: The Prefect API, as :func:`prefect_api_url` returns it.
@@ -110,18 +129,44 @@ class PrefectEventSink:
     def __init__(self, api_url: str) -> None:
         self.api_url = api_url
 
+    def client(self) -> SyncPrefectClient:
+        """A client of the API with this process's Prefect credentials.
+
+        Returns:
+            A new client, to use as a context manager.
+        """
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+        return SyncPrefectClient(
+            self.api_url,
+            api_key=PREFECT_API_KEY.value(),
+            auth_string=PREFECT_API_AUTH_STRING.value(),
+        )
+
     def __call__(
         self, event: str, resource: dict[str, str], payload: dict[str, Any], event_id: uuid.UUID
     ) -> bool:
-        """Send one event; True once the API has accepted it, else raise."""
-        from prefect.client.orchestration import SyncPrefectClient
+        """Send one event.
+
+        Args:
+            event: The event's name.
+            resource: Its resource.
+            payload: Its data.
+            event_id: Its id (Prefect stores an event of a given id once).
+
+        Returns:
+            True once the API has accepted it.
+
+        Raises:
+            httpx.HTTPError: The API could not be reached or refused the event.
+        """
         from prefect.events import Event
-        from prefect.settings import PREFECT_API_KEY
 
         body = Event.model_validate(
             {"event": event, "resource": resource, "payload": payload, "id": event_id}
         ).model_dump(mode="json")
-        with SyncPrefectClient(self.api_url, api_key=PREFECT_API_KEY.value()) as client:
+        with self.client() as client:
             client.request("POST", "/events", json=[body]).raise_for_status()
         return True
 
@@ -147,6 +192,14 @@ class _Seen:
     def discard(self, key: str) -> None:
         with self._lock:
             self._seen.pop(key, None)
+
+
+def _is_image_url(url: str | None) -> bool:
+    try:
+        check_http_url(url or "", what="image_url")
+    except ValueError:
+        return False
+    return True
 
 
 async def _body_within(request: Request, limit: int) -> bytes | None:
@@ -227,18 +280,24 @@ def create_webhook_app(
             return JSONResponse({"error": "expected a task object with task_id and status"}, 400)
         if task.status not in ("finished", "failed"):
             return JSONResponse({"ignored": task.status}, status_code=202)
+        if task.status == "finished" and not _is_image_url(task.image_url):
+            return JSONResponse({"error": "a finished task needs its image_url"}, 400)
+        event = f"journey.task.{task.status}"
         resource = {"prefect.resource.id": f"journey.task.{task.task_id}"}
         delivery = f"{task.task_id}:{task.status}"
         earlier: str | None = None
         if attempt is not None:
-            resource[ATTEMPT_LABEL] = attempt
             earlier = seen.add(f"attempt:{attempt}", task.task_id)
             if earlier is not None and earlier != task.task_id:
                 return JSONResponse({"error": "token already used"}, status_code=409)
+            event = f"{ATTEMPT_EVENT_PREFIX}{task.status}"
+            resource = {
+                "prefect.resource.id": attempt_resource(attempt),
+                TASK_ID_LABEL: task.task_id,
+            }
             delivery = f"{attempt}:{delivery}"
         if seen.add(delivery) is not None:
             return JSONResponse({"duplicate": True})
-        event = f"journey.task.{task.status}"
         event_id = uuid.uuid5(_EVENT_NAMESPACE, delivery)
         payload = task.model_dump(exclude_none=True)
         try:

@@ -133,7 +133,6 @@ def test_budget_counts_spent_in_flight_and_refunds(tmp_path: Path) -> None:
         "spent": 12,
         "calls": 4,
         "possibly_billed": 1,
-        "recovered": 0,
         "refused": 1,
         "limit": 12,
     }
@@ -152,7 +151,6 @@ def test_the_budget_file_stays_whole_as_its_state_shrinks(tmp_path: Path) -> Non
         "spent": 0,
         "calls": 3,
         "possibly_billed": 0,
-        "recovered": 0,
         "refused": 0,
     }
 

@@ -4,6 +4,7 @@ and a real Prefect server's events API, in both executors of the campaign pipeli
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import flow
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import TaskFailedError
 from prefect_journey.flows.campaign import batch_campaign
+from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.recovery import AttemptRecord, delivered_result
+from prefect_journey.tasks import aimagine, imagine
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -128,12 +132,40 @@ def test_without_a_receiver_a_lost_answer_is_bought_again(
     assert journey_env.ledger()["webhooks_sent"] == 0
 
 
+def test_aimagine_recovers_too(recovering: EmulatorServer) -> None:
+    recovering.admin("faults", {"queue": {"api": ["drop"]}})
+
+    @flow
+    async def one() -> ImagineResult:
+        return await aimagine(ImagineRequest(prompt=f"async recovered {uuid.uuid4().hex}"))
+
+    result = asyncio.run(one())
+    assert result.recovered and result.credits_charged == 4
+    assert recovering.ledger()["credits_charged"] == 4
+
+
+def test_a_request_with_its_own_webhook_is_not_recovered(recovering: EmulatorServer) -> None:
+    own = "http://127.0.0.1:9/their-own-hook"
+
+    @flow
+    def one() -> ImagineResult:
+        return imagine(ImagineRequest(prompt=f"own hook {uuid.uuid4().hex}", webhook_url=own))
+
+    one()
+    [task] = recovering.state.tasks.values()
+    assert task.request.webhook_url == own  # the caller's webhook, not replaced by a token
+
+
 def test_a_failed_delivery_is_the_typed_failure() -> None:
     record = AttemptRecord(id="a" * 32, sent_at=time.time())
     payload = {"task_id": "t-1", "status": "failed", "error": "Content policy violation"}
     with pytest.raises(TaskFailedError, match="Content policy violation"):
         delivered_result([payload], [record], charged=4)
     assert delivered_result([], [record], charged=4) is None
+    # A payload that is not a task is passed over; a finished one wins over a refusal.
+    finished = {"task_id": "t-2", "status": "finished", "image_url": "https://cdn.example/2.png"}
+    found = delivered_result([{"status": "finished"}, payload, finished], [record], charged=0)
+    assert found is not None and found.task_id == "t-2" and found.recovered
 
 
 @pytest.mark.slow

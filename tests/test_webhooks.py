@@ -20,9 +20,8 @@ from prefect.settings import PREFECT_API_URL
 from prefect_journey.client import JourneyClient
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import ConfigurationError
-from prefect_journey.tokens import attempt_id, mint_token
+from prefect_journey.tokens import TASK_ID_LABEL, attempt_id, attempt_resource, mint_token
 from prefect_journey.webhooks import (
-    ATTEMPT_LABEL,
     MAX_BODY_BYTES,
     WEBHOOK_PATH,
     create_webhook_app,
@@ -65,19 +64,19 @@ def wait_for_webhooks(emulator: EmulatorServer, count: int) -> list[dict[str, An
     return list(emulator.ledger()["webhooks"])
 
 
-def finished_events(task_id: str, *, wait: bool = True) -> list[dict[str, Any]]:
-    """The ``journey.task.finished`` events of ``task_id`` in Prefect, once there is one
+def events_about(name: str, resource_id: str, *, wait: bool = True) -> list[dict[str, Any]]:
+    """The events called ``name`` about ``resource_id`` in Prefect, once there is one
     (events are stored asynchronously) unless ``wait`` is False."""
     deadline = time.monotonic() + 30
     while True:
         matching = [
             e
-            for e in prefect_api.events("journey.task.finished")
-            if e["resource"]["prefect.resource.id"] == f"journey.task.{task_id}"
+            for e in prefect_api.events(name)
+            if e["resource"]["prefect.resource.id"] == resource_id
         ]
         if matching or not wait:
             return matching
-        assert time.monotonic() < deadline, "event not in Prefect"
+        assert time.monotonic() < deadline, f"no {name} event about {resource_id} in Prefect"
         time.sleep(0.5)
 
 
@@ -172,9 +171,10 @@ def test_events_reach_prefect(emulator: EmulatorServer) -> None:
             json={"task_id": result.task_id, "status": "finished"},
             headers={"x-webhook-secret": SECRET},
         )
-        finished_events(result.task_id)
+        resource = f"journey.task.{result.task_id}"
+        events_about("journey.task.finished", resource)
         time.sleep(1)  # a second delivery would be stored by now
-        matching = finished_events(result.task_id, wait=False)
+        matching = events_about("journey.task.finished", resource, wait=False)
         assert len(matching) == 1 and matching[0]["payload"]["image_url"] == result.image_url
         assert SECRET not in str(matching)
 
@@ -223,9 +223,11 @@ def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCapture
                 yield b" " * 1024
 
         assert post(mint_token(SECRET), content=endless(), headers=signed) == 413
-    assert len(recorder.events) == 1
+        no_image = {"task_id": "t-11", "status": "finished"}
+        assert post(mint_token(SECRET), json=no_image, headers=signed) == 400
+    assert [event for event, _ in recorder.events] == ["journey.attempt.finished"]
     assert recorder.resources == [
-        {"prefect.resource.id": "journey.task.t-9", ATTEMPT_LABEL: attempt_id(token)}
+        {"prefect.resource.id": attempt_resource(attempt_id(token)), TASK_ID_LABEL: "t-9"}
     ]
     # The receiver's own log lines; httpx's are the sending side's (the provider's here).
     for record in caplog.records:
@@ -323,7 +325,6 @@ def test_a_delivery_is_acknowledged_only_once_prefect_has_its_event(
             assert [d["status_code"] for d in deliveries] == [503, 200]
     finally:
         proxy.down()
-    matching = finished_events(result.task_id)
-    assert len(matching) == 1
-    assert matching[0]["resource"][ATTEMPT_LABEL] == attempt_id(token)
+    matching = events_about("journey.attempt.finished", attempt_resource(attempt_id(token)))
+    assert len(matching) == 1 and matching[0]["resource"][TASK_ID_LABEL] == result.task_id
     assert token not in str(matching) and SECRET not in str(matching)

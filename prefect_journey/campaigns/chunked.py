@@ -69,6 +69,7 @@ from prefect_journey.recovery import (
     arecover_earlier,
     begin_attempt,
     end_attempt,
+    receiver_for,
 )
 from prefect_journey.storage import StoredImage, astore_image, async_download_client
 from prefect_journey.tasks import TAGS, declare_assets, imagine
@@ -272,7 +273,7 @@ async def _cached_or_generated(
     """The cached result ``found`` under ``key``'s lock, or a new one, paid and cached."""
     if isinstance(found, ImagineResult):
         return found, True
-    receiver = campaign.receiver
+    receiver = receiver_for(item.request, campaign.receiver)
     if receiver is not None:
         earlier = await arecover_earlier(key, item.request, receiver, shared.prefect)
         if earlier is not None:
@@ -296,10 +297,12 @@ async def _paid_call(
     item: CampaignItem, key: str, campaign: Campaign, shared: SharedRun
 ) -> ImagineResult:
     limit = policy.attempt_timeout(item.request)
-    receiver = campaign.receiver
-    attempt = await asyncio.to_thread(begin_attempt, key, receiver) if receiver else None
+    receiver = receiver_for(item.request, campaign.receiver)
+    attempt = None
     try:
         async with apaid_attempt(campaign.budget, campaign.concurrency_limit):
+            if receiver is not None:
+                attempt = await asyncio.to_thread(begin_attempt, key, receiver)
             try:
                 result = await asyncio.wait_for(
                     shared.api.imagine(attempt.request(item.request) if attempt else item.request),

@@ -19,7 +19,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from prefect_journey import policy, settings
+from prefect_journey import settings
 from prefect_journey._compat import call_sync, submit_to
 from prefect_journey.cache import locked_elsewhere, record_store
 from prefect_journey.campaigns.pipeline import (
@@ -32,6 +32,7 @@ from prefect_journey.campaigns.plan import CampaignItem
 from prefect_journey.errors import ConfigurationError
 from prefect_journey.models import display_text
 from prefect_journey.publishing import PROGRESS_INTERVAL, progress_key
+from prefect_journey.recovery import task_timeout
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import Settled, declare_assets, imagine, settle
 
@@ -99,9 +100,7 @@ def run_per_image(
     Returns:
         One outcome per item, in row order.
     """
-    worst = max(policy.attempt_timeout(item.request) for item in todo)
-    if campaign.receiver is not None:
-        worst = policy.recovering_timeout(worst, campaign.receiver.recovery_window_seconds)
+    worst = max(task_timeout(item.request, campaign.receiver) for item in todo)
     generate = imagine.with_options(timeout_seconds=worst)
     items = {item.row: item for item in todo}
     finished: queue.Queue[tuple[str, int, Settled]] = queue.Queue()

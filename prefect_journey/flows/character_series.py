@@ -15,8 +15,8 @@ from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError, failure_text
 from prefect_journey.models import ImagineRequest, ImagineResult, display_text
-from prefect_journey.policy import attempt_timeout
 from prefect_journey.publishing import image_row, publish_summary, report_image
+from prefect_journey.recovery import load_receiver, task_timeout
 from prefect_journey.storage import StoredImage, slugify
 from prefect_journey.tasks import (
     check_variant,
@@ -43,6 +43,7 @@ def character_series(
     variant: str = "",
     credentials_block: str | None = None,
     destination_block: str | None = None,
+    webhook_block: str | None = None,
 ) -> list[StoredImage]:
     """One image per scene with the same reference images, scenes in parallel; stored as
     ``{series}/{index:02d}-{scene slug}.{ext}``.
@@ -58,6 +59,9 @@ def character_series(
         variant: Part of every cache key (``"{scheduled_date}"``: new images each day).
         credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
         destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        webhook_block: A saved ``JourneyWebhookReceiver``: a lost answer is recovered from
+            its webhook delivery instead of being bought again; default
+            ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
 
     Returns:
         The stored objects, in scene order.
@@ -89,8 +93,11 @@ def character_series(
         )
         for scene in scenes
     ]
-    generate = imagine.with_options(timeout_seconds=attempt_timeout(requests[0]))
-    results = [generate.submit(request, credentials, variant) for request in requests]
+    receiver = load_receiver(webhook_block)
+    generate = imagine.with_options(timeout_seconds=task_timeout(requests[0], receiver))
+    results = [
+        generate.submit(request, credentials, variant, webhook=receiver) for request in requests
+    ]
     stores = [
         store_image.submit(
             # Prefect passes the future's value; its overloads only type values.

@@ -11,8 +11,8 @@ from prefect import flow
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.models import ImagineRequest
-from prefect_journey.policy import attempt_timeout
 from prefect_journey.publishing import image_row, publish_summary, report_image
+from prefect_journey.recovery import load_receiver, task_timeout
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import (
     check_variant,
@@ -34,6 +34,7 @@ def generate_and_store(
     variant: str = "",
     credentials_block: str | None = None,
     destination_block: str | None = None,
+    webhook_block: str | None = None,
 ) -> StoredImage:
     """imagine -> store, with an image artifact, a summary and the object as an asset.
 
@@ -48,6 +49,9 @@ def generate_and_store(
             date) gives a new image each day while a re-run of the same day costs nothing.
         credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
         destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        webhook_block: A saved ``JourneyWebhookReceiver``: a lost answer is recovered from
+            its webhook delivery instead of being bought again; default
+            ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
 
     Returns:
         The stored object.
@@ -72,8 +76,9 @@ def generate_and_store(
     request = ImagineRequest(
         prompt=prompt, image_urls=reference_urls, aspect_ratio=aspect_ratio, resolution=resolution
     )
-    result = imagine.with_options(timeout_seconds=attempt_timeout(request))(
-        request, credentials, variant
+    receiver = load_receiver(webhook_block)
+    result = imagine.with_options(timeout_seconds=task_timeout(request, receiver))(
+        request, credentials, variant, webhook=receiver
     )
     stored = store_image(result, target)
     declare_assets([(stored, prompt)])
