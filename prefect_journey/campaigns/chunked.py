@@ -53,7 +53,7 @@ from prefect_journey.campaigns.pipeline import (
 from prefect_journey.campaigns.plan import CampaignItem
 from prefect_journey.client import AsyncJourneyClient
 from prefect_journey.credentials import async_journey_client
-from prefect_journey.errors import JourneyError
+from prefect_journey.errors import JourneyError, JourneyTimeoutError
 from prefect_journey.gate import apaid_attempt
 from prefect_journey.models import ImagineResult, display_text
 from prefect_journey.publishing import (
@@ -65,6 +65,7 @@ from prefect_journey.publishing import (
     progress_key,
 )
 from prefect_journey.recovery import (
+    Attempt,
     arecover_attempt,
     arecover_earlier,
     begin_attempt,
@@ -279,13 +280,12 @@ async def _cached_or_generated(
         if earlier is not None:
             await asyncio.to_thread(cache_result, imagine, key, earlier, holder)
             return log_generation(get_run_logger(), earlier), False
-    async with shared.generations:
-        result, attempts, possibly_billed = await _retrying(
-            lambda: _paid_call(item, key, campaign, shared),
-            policy.GENERATION_RETRY_DELAYS,
-            policy.should_retry_generation,
-            "imagine",
-        )
+    result, attempts, possibly_billed = await _retrying(
+        lambda: _paid_call(item, key, campaign, shared),
+        policy.GENERATION_RETRY_DELAYS,
+        policy.should_retry_generation,
+        "imagine",
+    )
     result = result.model_copy(
         update={"attempts": attempts, "possibly_billed_attempts": possibly_billed}
     )
@@ -296,36 +296,46 @@ async def _cached_or_generated(
 async def _paid_call(
     item: CampaignItem, key: str, campaign: Campaign, shared: SharedRun
 ) -> ImagineResult:
+    """One paid attempt, holding one of the run's generation slots for its call only: the
+    wait for a lost answer's delivery, and the pause before a retry, leave the slot to the
+    run's other images."""
     limit = policy.attempt_timeout(item.request)
     receiver = receiver_for(item.request, campaign.receiver)
     attempt = None
     try:
-        async with apaid_attempt(campaign.budget, campaign.concurrency_limit):
+        async with shared.generations, apaid_attempt(campaign.budget, campaign.concurrency_limit):
             if receiver is not None:
                 attempt = await asyncio.to_thread(begin_attempt, key, receiver)
-            try:
-                result = await asyncio.wait_for(
-                    shared.api.imagine(attempt.request(item.request) if attempt else item.request),
-                    limit,
-                )
-            except TimeoutError:
-                # Like a task timeout: possibly billed, never retried (the HTTP read timeout,
-                # set below this, normally fires first with a clearer error).
-                raise TimeoutError(
-                    f"no answer within the attempt timeout ({limit:.0f} s)"
-                ) from None
+            result = await asyncio.wait_for(
+                shared.api.imagine(attempt.request(item.request) if attempt else item.request),
+                limit,
+            )
     except JourneyError as error:
-        if attempt is None or receiver is None:
-            raise
-        recovered = await arecover_attempt(
-            key, attempt, receiver, error, campaign.budget, shared.prefect
-        )
-        if recovered is None:
-            raise
-        return recovered
+        return await _recovered_or_raise(key, attempt, campaign, shared, error)
+    except TimeoutError:
+        # Like a task timeout: possibly billed, never retried (the HTTP read timeout, set
+        # below this, normally fires first with a clearer error); its delivery may come.
+        lost = JourneyTimeoutError(f"no answer within the attempt timeout ({limit:.0f} s)")
+        try:
+            return await _recovered_or_raise(key, attempt, campaign, shared, lost)
+        except JourneyTimeoutError:
+            raise TimeoutError(str(lost)) from None
     if attempt is not None:
         await asyncio.to_thread(end_attempt, key, attempt)
     return result
+
+
+async def _recovered_or_raise(
+    key: str, attempt: Attempt | None, campaign: Campaign, shared: SharedRun, error: JourneyError
+) -> ImagineResult:
+    """The delivered image of a failed attempt, else ``error`` raised."""
+    if attempt is not None and campaign.receiver is not None:
+        recovered = await arecover_attempt(
+            key, attempt, campaign.receiver, error, campaign.budget, shared.prefect
+        )
+        if recovered is not None:
+            return recovered
+    raise error
 
 
 async def _store(
