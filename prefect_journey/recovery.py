@@ -13,8 +13,8 @@ every paid attempt of both campaign executors and of the ``imagine`` tasks:
    of the ``imagine`` records before the request leaves, under the image's cache key, so a
    run resumed on any worker that shares the result storage finds it;
 3. on a possibly-billed failure, waits up to the recovery window for the attempt's delivery,
-   which the receiver (``prefect-journey webhooks``) turned into a ``journey.task.*`` Prefect
-   event labelled with the attempt's id: a finished task becomes the attempt's result (no new
+   which the receiver (``prefect-journey webhooks``) turned into a ``journey.attempt.*``
+   Prefect event about the attempt: a finished task becomes the attempt's result (no new
    paid call), a failed one its typed failure. Only when the window ends with nothing does
    the retry policy of :mod:`prefect_journey.policy` apply;
 4. before paying for an image, looks for deliveries of attempts an earlier run recorded for
@@ -255,13 +255,17 @@ def recorded_attempts(key: str) -> list[AttemptRecord]:
         key: The image's cache key (the ``imagine`` task's).
 
     Returns:
-        The records, oldest first; empty when there are none or they cannot be read.
+        The records, oldest first; empty when there are none.
+
+    Raises:
+        Exception: The record exists and cannot be read (the result store's error): an
+            unreadable record is not taken for none, which would let it be overwritten.
     """
     store = record_store(_imagine_task())
-    try:
-        value = store.read(_records_key(key)).result
-    except Exception:  # no record (the usual case) or an unreadable one: nothing to recover
+    records_key = _records_key(key)
+    if not store.exists(records_key):
         return []
+    value = store.read(records_key).result
     return [AttemptRecord.model_validate(item) for item in value] if isinstance(value, list) else []
 
 
