@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
@@ -25,6 +26,7 @@ from prefect_journey.flows.campaign import batch_campaign
 from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.recovery import AttemptRecord, delivered_result
 from prefect_journey.tasks import aimagine, imagine
+from prefect_journey.tokens import mint_token
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -121,6 +123,37 @@ def test_a_duplicated_delivery_is_one_result(
     )
     assert (report.stored, report.recovered, report.calls, report.credits_charged) == (2, 1, 2, 8)
     assert len(list(tmp_path.rglob("*.png"))) == 2
+
+
+@BOTH_MODES
+def test_another_runs_delivery_never_becomes_this_runs_result(
+    recovering: EmulatorServer,
+    receiver_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    images_per_task_run: int,
+) -> None:
+    # Another run's attempt (a token minted with the same secret) delivers an image while
+    # this run's own delivery is lost: this run buys its image again rather than take that one.
+    foreign = {
+        "task_id": "foreign-task",
+        "status": "finished",
+        "image_url": "https://cdn.example.com/f.png",
+    }
+    answer = httpx.post(
+        f"{receiver_url}/{mint_token(SECRET)}", json=foreign, headers={"x-webhook-secret": SECRET}
+    )
+    assert answer.status_code == 200
+    monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "3")
+    recovering.admin("faults", {"queue": {"api": ["500"], "webhook": ["lost"]}})
+    report = batch_campaign(
+        items=items(1),
+        campaign="foreign",
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+    )
+    assert (report.stored, report.recovered, report.calls) == (1, 0, 2)
+    assert report.outcomes[0].task_id in recovering.ledger()["billed_tasks"]
 
 
 def test_without_a_receiver_a_lost_answer_is_bought_again(
