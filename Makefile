@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-prefect-lowest lint demo soak bench bench-recheck profile emulator clean
+.PHONY: test test-prefect-lowest lint docs demo soak bench bench-recheck profile emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -27,12 +27,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The whole check: lint, the default suite, the wheel installed into a fresh environment, then
-# the slow suites (campaigns killed mid-run and resumed).
-test: lint
+# The whole check: lint, the documentation site, the default suite, the wheel installed into a
+# fresh environment, then the slow suites (campaigns killed mid-run and resumed).
+test: lint docs
 	$(BIN)/pytest
 	$(BIN)/pytest -m install
 	$(BIN)/pytest -m slow
+
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link, a missing page or
+# an API reference that does not resolve fails the build. CI builds it on every submission.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The Prefect-layer tests again on the lowest supported Prefect, in .venv-prefect-lowest
 # (pins and their reasons in constraints/prefect-lowest.txt). CI runs it after `make test`.
@@ -69,4 +74,4 @@ emulator: $(STAMP)
 	$(BIN)/prefect-journey emulator --port 8765
 
 clean:
-	rm -rf $(VENV) .venv-prefect-lowest .pytest_cache .mypy_cache .ruff_cache outputs .prefect profile.txt
+	rm -rf $(VENV) .venv-prefect-lowest .pytest_cache .mypy_cache .ruff_cache outputs .prefect profile.txt site

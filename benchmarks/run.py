@@ -129,7 +129,7 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
         "",
         f"From `make bench` at {results['commit']}, {results['measured_at']}, on "
         f"{results['machine']}. Each figure is a ratio to a baseline measured in the same run; "
-        "[BENCHMARKS.md](../BENCHMARKS.md) has the values behind them, Prefect's own floors and "
+        "[BENCHMARKS.md](benchmarks-report.md) has the values behind them, Prefect's own floors and "
         "the other batch sizes. Prefect's database is the test harness's SQLite unless the "
         "figure says PostgreSQL.",
         "",

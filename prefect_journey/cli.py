@@ -8,7 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from prefect_journey.models import ImagineResult
+    from prefect_journey.storage import StoredImage
 
 
 def _fault(value: str) -> tuple[str, float]:
@@ -79,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument(
         "--key-template", help="object key of the stored image (default: {task_id}.{ext})"
     )
+    imagine.add_argument(
+        "--json", action="store_true", help="print the result (and stored object) as JSON"
+    )
 
     webhooks = commands.add_parser(
         "webhooks", help="receive JourneyAPI webhooks and emit Prefect events"
@@ -104,19 +116,57 @@ def _run_imagine(args: argparse.Namespace) -> int:
         aspect_ratio=args.aspect_ratio,
         resolution=args.resolution,
     )
-    with JourneyClient() as client:
+    # Progress goes to stderr, and only to a terminal: stdout stays the result alone.
+    console = Console(stderr=True)
+    shown = console.is_terminal and not args.json
+    with JourneyClient() as client, _working(console, "generating", shown):
         result = client.imagine(request)
-    output: dict[str, object] = {"result": result.model_dump()}
+    stored = None
     if args.destination:
-        stored = store_image(
-            result.image_url,
-            args.destination,
-            task_id=result.task_id,
-            key_template=key_template,
-        )
-        output["stored"] = stored.model_dump()
-    print(json.dumps(output, indent=2))
+        with _working(console, "storing", shown):
+            stored = store_image(
+                result.image_url,
+                args.destination,
+                task_id=result.task_id,
+                key_template=key_template,
+            )
+    if args.json:
+        output: dict[str, object] = {"result": result.model_dump()}
+        if stored is not None:
+            output["stored"] = stored.model_dump()
+        print(json.dumps(output, indent=2))
+    else:
+        print(_summary(result, stored))
     return 0
+
+
+@contextmanager
+def _working(console: Console, what: str, shown: bool) -> Iterator[None]:
+    """A spinner with the time elapsed while ``what`` runs (a generation takes 30-60 s with
+    nothing to show), when ``shown``; else nothing."""
+    if not shown:
+        yield
+        return
+    columns = (SpinnerColumn(), TextColumn(f"{what}…"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        progress.add_task(what, total=None)
+        yield
+
+
+def _summary(result: ImagineResult, stored: StoredImage | None) -> str:
+    """What a person reads after ``imagine``: where the image is, its size, what it cost."""
+    lines = [
+        f"image ready in {result.elapsed_seconds:.1f} s: task {result.task_id}, "
+        f"{result.credits_charged} credits"
+    ]
+    if stored is None:
+        lines.append(f"at {result.image_url} (the provider keeps it for 14 days)")
+    else:
+        size = f"{stored.bytes / 1e6:.1f} MB" if stored.bytes >= 100_000 else f"{stored.bytes} B"
+        lines.append(
+            f"stored at {stored.uri} ({stored.format}, {stored.width}x{stored.height}, {size})"
+        )
+    return "\n".join(lines)
 
 
 def _run_webhooks(args: argparse.Namespace) -> int:

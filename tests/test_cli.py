@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_p
         "16:9",
         "--destination",
         str(tmp_path),
+        "--json",
     )
     assert done.returncode == 0, done.stderr
     output = json.loads(done.stdout)
@@ -61,3 +63,43 @@ def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
     )
     assert wrong.returncode == 1 and "AuthenticationError" in wrong.stderr
     assert SENTINEL_KEY not in wrong.stdout + wrong.stderr
+
+
+def test_a_person_reads_a_summary_and_a_pipe_gets_no_progress(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    done = run(emulator, "imagine", "--prompt", "a kite", "--destination", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("image ready in ") and lines[0].endswith(", 4 credits")
+    assert lines[1].startswith(f"stored at file://{tmp_path}") and "png, 1024x1024" in lines[1]
+    assert done.stderr == ""  # not a terminal: no spinner
+
+
+def test_a_terminal_sees_that_it_is_working(emulator: EmulatorServer) -> None:
+    emulator.admin("config", {"fixed": 1.5})
+    env = {**os.environ, "JOURNEY_API_KEY": SENTINEL_KEY, "JOURNEY_BASE_URL": emulator.url}
+    env.update({"TERM": "xterm-256color", "COLUMNS": "100"})
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "prefect_journey.cli", "imagine", "--prompt", "a kite"],
+        env=env,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    ) as child:
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert child.wait(timeout=60) == 0
+    os.close(controller)
+    text = seen.decode(errors="replace")
+    assert "generating…" in text and "0:00:01" in text  # the spinner and the time elapsed
+    assert "image ready in" in text and SENTINEL_KEY not in text
