@@ -158,6 +158,9 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
             for m in transfer.memory_growth(results["transfer"])
         ),
         "",
+        "![Campaign wall time as a ratio to the ideal, by campaign size: batch_campaign in both "
+        "execution modes, a hand-written flow and Prefect's floor](images/bench-orchestration.png)",
+        "",
         README_FIGURES_END,
     ]
 
@@ -275,6 +278,9 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
 
 
 def render(results: dict[str, Any]) -> None:
+    from benchmarks.charts import orchestration_chart
+
+    orchestration_chart(results["orchestration"])
     report = ROOT / "BENCHMARKS.md"
     new_report, new_figures_page = rendered(
         results, report.read_text() if report.exists() else "", FIGURES_PAGE.read_text()

@@ -5,7 +5,10 @@ No timing here: these tests read the figures `make bench` saved, they measure no
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks import run
+from benchmarks.charts import ORCHESTRATION_CHART, orchestration_chart
 from benchmarks.common import ROOT, Figure
 
 
@@ -36,3 +39,10 @@ def test_a_figure_is_met_or_missed_against_its_target() -> None:
     assert status(0.9, ">= 0.9") == "met"
     assert status(0.899, ">= 0.9") == "missed"
     assert status(3.0, "") == ""
+
+
+def test_the_chart_is_drawn_from_the_saved_results_and_shown_on_the_page(tmp_path: Path) -> None:
+    chart = orchestration_chart(run.load(run.RESULTS)["orchestration"], tmp_path / "c.png")
+    assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
+    assert ORCHESTRATION_CHART.exists()
+    assert f"(images/{ORCHESTRATION_CHART.name})" in run.FIGURES_PAGE.read_text()
