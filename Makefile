@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-prefect-lowest lint docs demo soak bench bench-recheck profile emulator clean
+.PHONY: test test-prefect-lowest lint docs ui screenshots demo soak bench bench-recheck profile emulator clean
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -38,6 +38,18 @@ test: lint docs
 # an API reference that does not resolve fails the build. CI builds it on every submission.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# A real `prefect server` with its UI on http://127.0.0.1:4200, the emulator, the Blocks, the
+# deployments, the example flow and a campaign; prints where each shows, until Ctrl-C.
+ui: $(STAMP)
+	$(BIN)/python -m tools.showcase
+
+# The same runs, captured by Debian's Chromium through Playwright into docs/images/ui-*.png,
+# the pictures the docs show. Not part of `make test`: it installs a browser.
+screenshots: $(STAMP)
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/pip install --quiet -e '.[dev,screenshots]' -c constraints/prefect-newest.txt
+	$(BIN)/python -m tools.showcase --capture docs/images
 
 # The Prefect-layer tests again on the lowest supported Prefect, in .venv-prefect-lowest
 # (pins and their reasons in constraints/prefect-lowest.txt). CI runs it after `make test`.

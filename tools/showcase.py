@@ -1,0 +1,332 @@
+"""The package as a Prefect user sees it: ``make ui`` shows it live, ``make screenshots``
+takes the pictures the docs show.
+
+Both start a real ``prefect server`` (its own home and database in a temporary folder) and the
+JourneyAPI emulator, register and save the package's Blocks, deploy
+``deployments/prefect.yaml``, and run the example flow and a campaign. Then:
+
+- ``python -m tools.showcase`` (``make ui``) keeps them up and prints where to look in the
+  UI, until Ctrl-C. The images are stored in ``./outputs``.
+- ``python -m tools.showcase --capture docs/images`` (``make screenshots``) captures the UI's
+  pages with headless Chromium (Debian's ``chromium``, driven by Playwright through
+  ``executable_path``: no browser is downloaded) into ``docs/images/ui-*.png``.
+
+The emulator runs as long as the server: an image artifact of a local folder links to the
+emulator's CDN, which holds its images in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import SecretStr
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "docs" / "images"
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+PREFECT = (sys.executable, "-m", "prefect")
+CHROMIUM = "/usr/bin/chromium"
+# Prefect's own default, so the address is the one Prefect's docs show.
+UI_PORT = 4200
+# Chromium's own connections (updates, sync, safe browsing) are refused on a closed network;
+# these flags keep it from trying. --no-sandbox: the captures run as root in CI containers.
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
+CAMPAIGN_PROMPTS = (
+    "a lighthouse on a cliff at dusk, watercolor",
+    "a red bicycle leaning on a bakery window, morning light",
+    "a fox reading a newspaper in a cafe, gouache",
+    "a paper boat on a rainy street, close-up",
+    "a tram crossing a bridge in the fog",
+    "a cat asleep on a stack of books, warm lamp",
+)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """What the captures look at: ids read back from the Prefect API."""
+
+    flow_run: str
+    image_artifact: str
+    campaign_run: str
+    summary_artifact: str
+    progress_artifact: str
+    deployment: str
+
+
+def image_loaded(page: Page) -> None:
+    """Wait until the page shows a picture (not a placeholder icon)."""
+    page.wait_for_function(
+        "() => [...document.images].some(i => i.complete && i.naturalWidth > 256)"
+    )
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One picture: its file, the UI page (``{...}`` from :class:`Runs`), and what shows it
+    loaded: a text only the loaded page has, and an extra wait if the page needs one."""
+
+    name: str
+    page: str
+    shown: str
+    ready: Callable[[Page], None] | None = None
+
+
+# The docs pages embed these file names (a test checks that each is shown somewhere).
+PICTURES = (
+    Shot("ui-flow-run.png", "/runs/flow-run/{flow_run}", "stored task_id="),
+    Shot(
+        "ui-image-artifact.png", "/artifacts/artifact/{image_artifact}", "Image URL", image_loaded
+    ),
+    Shot("ui-campaign-run.png", "/runs/flow-run/{campaign_run}", "items to run"),
+    Shot("ui-campaign-summary.png", "/artifacts/artifact/{summary_artifact}", "credits_charged="),
+    Shot("ui-campaign-progress.png", "/artifacts/artifact/{progress_artifact}", "Progress: 100%"),
+    Shot("ui-block-form.png", "/blocks/catalog/journeyapi-credentials/create", "API Key"),
+    Shot("ui-deployment.png", "/deployments/deployment/{deployment}", "every day"),
+)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, port: int) -> Iterator[str]:
+    """``prefect server start`` on ``port`` with its own home; yields its base URL (UI and
+    ``/api``)."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    base = f"http://127.0.0.1:{port}"
+    # The UI asks the API at this address (its default is port 4200).
+    env["PREFECT_UI_API_URL"] = f"{base}/api"
+    env.pop("PREFECT_API_URL", None)
+    with (home / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: healthy(f"{base}/api"), "the Prefect server to answer", server)
+            yield base
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def healthy(api: str) -> bool:
+    """Whether the Prefect API answers its health check."""
+    try:
+        return httpx.get(f"{api}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(
+    condition: Callable[[], Any],
+    what: str,
+    process: subprocess.Popen[Any] | None = None,
+    timeout: float = 180,
+) -> Any:
+    """Poll ``condition`` until it is truthy; fail naming ``what`` on timeout or exit."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"gave up waiting for {what}: the process exited")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.5)
+    return value
+
+
+def prefect_cli(*args: str) -> None:
+    """One ``prefect`` command against the server the environment points at."""
+    subprocess.run([*PREFECT, *args], cwd=ROOT, check=True, capture_output=True)
+
+
+def run_flows(api: str, outputs: Path) -> Runs:
+    """Save the Blocks, deploy, run the example flow and a campaign; read back their ids."""
+    # Imported here: Prefect reads its settings from the environment when first imported.
+    from prefect_journey import ImageDestination, JourneyCredentials
+    from prefect_journey.flows import batch_campaign, generate_and_store
+
+    prefect_cli("block", "register", "-m", "prefect_journey")
+    JourneyCredentials(
+        api_key=SecretStr(os.environ["JOURNEY_API_KEY"]), base_url=os.environ["JOURNEY_BASE_URL"]
+    ).save("journey", overwrite=True)
+    ImageDestination(url=str(outputs)).save("journey-images", overwrite=True)
+    prefect_cli("work-pool", "create", "journey-pool", "--type", "process")
+    prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML))
+
+    single = generate_and_store(
+        "a lighthouse on a cliff at dusk, watercolor, warm light",
+        aspect_ratio="16:9",
+        resolution="2K",
+        credentials_block="journey",
+        destination_block="journey-images",
+        return_state=True,
+    )
+    campaign = batch_campaign(
+        items=[{"prompt": prompt} for prompt in CAMPAIGN_PROMPTS],
+        campaign="spring-launch",
+        credentials_block="journey",
+        destination_block="journey-images",
+        max_concurrency=3,
+        max_credits=100,
+        return_state=True,
+    )
+    flow_run = str(single.state_details.flow_run_id)
+    campaign_run = str(campaign.state_details.flow_run_id)
+    return Runs(
+        flow_run=flow_run,
+        image_artifact=artifact_id(api, flow_run, "image"),
+        campaign_run=campaign_run,
+        summary_artifact=artifact_id(api, campaign_run, "table"),
+        progress_artifact=artifact_id(api, campaign_run, "progress"),
+        deployment=httpx.get(f"{api}/deployments/name/generate-and-store/daily-postcard")
+        .raise_for_status()
+        .json()["id"],
+    )
+
+
+def artifact_id(api: str, flow_run: str, kind: str) -> str:
+    """The first artifact of type ``kind`` a flow run (or one of its task runs) created."""
+    found = (
+        httpx.post(
+            f"{api}/artifacts/filter",
+            json={
+                "flow_runs": {"id": {"any_": [flow_run]}},
+                "artifacts": {"type": {"any_": [kind]}},
+            },
+        )
+        .raise_for_status()
+        .json()
+    )
+    if not found:
+        raise SystemExit(f"flow run {flow_run} created no {kind} artifact")
+    return str(min(found, key=lambda artifact: artifact["created"])["id"])
+
+
+def capture(base: str, runs: Runs, out: Path, chromium: str) -> list[Path]:
+    """Each page of :data:`PICTURES`, as the UI draws it, into ``out``.
+
+    A page is captured once its loaded state is on screen, so an error page fails the run
+    instead of becoming a picture.
+    """
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            for shot in PICTURES:
+                url = base + shot.page.format(**dataclasses.asdict(runs))
+                page.goto(url, wait_until="networkidle", timeout=60_000)
+                page.get_by_text(shot.shown).first.wait_for(timeout=60_000)
+                if shot.ready is not None:
+                    shot.ready(page)
+                # The run graph lays itself out after its data arrives.
+                page.wait_for_timeout(2_000)
+                page.screenshot(path=out / shot.name)
+                written.append(out / shot.name)
+        finally:
+            browser.close()
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Show the runs in the UI until Ctrl-C, or capture :data:`PICTURES` with ``--capture``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--capture", type=Path, metavar="FOLDER", help="take the pictures")
+    parser.add_argument("--chromium", default=CHROMIUM)
+    parser.add_argument("--port", type=int, default=UI_PORT, help="the UI's port (make ui)")
+    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs", help="(make ui)")
+    args = parser.parse_args(argv)
+    if args.capture and not Path(args.chromium).exists():
+        raise SystemExit(f"no Chromium at {args.chromium}: apt-get install chromium")
+
+    from prefect_journey.emulator import EmulatorConfig, EmulatorServer, LatencyModel
+
+    with tempfile.TemporaryDirectory(prefix="journey-showcase-") as scratch:
+        home = Path(scratch)
+        port = free_port() if args.capture else args.port
+        with (
+            prefect_server(home, port) as base,
+            EmulatorServer(EmulatorConfig(latency=LatencyModel(time_scale=0.05))) as emulator,
+        ):
+            os.environ.update(
+                PREFECT_HOME=str(home),
+                PREFECT_API_URL=f"{base}/api",
+                JOURNEY_API_KEY=emulator.api_key,
+                JOURNEY_BASE_URL=emulator.url,
+            )
+            outputs = home / "outputs" if args.capture else args.outputs.resolve()
+            runs = run_flows(f"{base}/api", outputs)
+            flush_run_logs()
+            if args.capture:
+                for path in capture(base, runs, args.capture, args.chromium):
+                    print(path)
+            else:
+                show(base, runs, outputs)
+
+
+def flush_run_logs() -> None:
+    """Send the runs' buffered log lines now, while the server still answers."""
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+
+
+def show(base: str, runs: Runs, outputs: Path) -> None:
+    """Print where each part shows in the UI, then wait for Ctrl-C."""
+    print(
+        f"""
+The Prefect UI: {base}
+  the example flow's run ........ {base}/runs/flow-run/{runs.flow_run}
+  its image ..................... {base}/artifacts/artifact/{runs.image_artifact}
+  a campaign's run .............. {base}/runs/flow-run/{runs.campaign_run}
+  its summary table ............. {base}/artifacts/artifact/{runs.summary_artifact}
+  the scheduled deployment ...... {base}/deployments/deployment/{runs.deployment}
+  the package's Blocks .......... {base}/blocks
+The images are in {outputs}. Ctrl-C stops the server and the emulator.""",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
