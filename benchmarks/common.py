@@ -21,6 +21,13 @@ RUNS = 3  # every figure is the median of at least this many runs
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def commit() -> str:
+    """The checkout's short commit, which every saved measurement names."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -88,6 +88,20 @@ def handwritten(url: str, n: int) -> float:
         return time.perf_counter() - started
 
 
+def campaign_parameters(
+    n: int, destination: str, prompts: list[str] | None = None, images_per_task_run: int = 1
+) -> dict[str, Any]:
+    """The parameters of every benchmarked campaign: ``n`` new prompts (or ``prompts``) at
+    concurrency C, with no Prefect concurrency limit, stored under ``destination``."""
+    return {
+        "items": [{"prompt": p} for p in prompts or _prompts(n)],
+        "destination": destination,
+        "max_concurrency": CONCURRENCY,
+        "concurrency_limit": None,
+        "images_per_task_run": images_per_task_run,
+    }
+
+
 def ours(
     n: int,
     folder: str | None = None,
@@ -98,15 +112,8 @@ def ours(
     """One campaign's makespan; ``asynchronous``: run it as ``abatch_campaign``."""
     from prefect_journey.flows.campaign import abatch_campaign, batch_campaign
 
-    items = [{"prompt": p} for p in prompts or _prompts(n)]
     with tempfile.TemporaryDirectory() as scratch:
-        parameters: dict[str, Any] = {
-            "items": items,
-            "destination": folder or scratch,
-            "max_concurrency": CONCURRENCY,
-            "concurrency_limit": None,
-            "images_per_task_run": images_per_task_run,
-        }
+        parameters = campaign_parameters(n, folder or scratch, prompts, images_per_task_run)
         started = time.perf_counter()
         if asynchronous:
             asyncio.run(abatch_campaign(**parameters))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, RUNS, Figure, verdict
+from benchmarks.common import ROOT, RUNS, Figure, commit, verdict
 
 # BENCHMARKS.md from this line on is the analysis, written by hand: a run keeps it and
 # rewrites only the figures above it.
@@ -161,7 +161,51 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
         "![Campaign wall time as a ratio to the ideal, by campaign size: batch_campaign in both "
         "execution modes, a hand-written flow and Prefect's floor](images/bench-orchestration.png)",
         "",
+        *timeline_figure(results["timeline"]),
         README_FIGURES_END,
+    ]
+
+
+def timeline_figure(timeline: dict[str, Any]) -> list[str]:
+    """The timeline chart on the figures page, with what its gaps are."""
+    from benchmarks.timeline import MODES, moments
+
+    n, ideal = timeline["n"], timeline["ideal"]
+    per_image, chunked = (moments(timeline, mode) for mode in MODES)
+
+    def both(say: Callable[[dict[str, float]], str]) -> str:
+        return f"{say(per_image)} with a task run per image, {say(chunked)} chunked"
+
+    return [
+        f"![A {n}-image campaign's paid calls on a timeline, in both execution modes, with the "
+        "ideal makespan, the flow run's start and end, when the flow returns, and Prefect's "
+        "client's retries](images/bench-timeline.png)",
+        "",
+        f"One {n}-image campaign per mode (of {timeline['runs']} runs, the one of median wall "
+        f"time, measured {timeline['measured_at']} at {timeline['commit']}; every moment in "
+        "[BENCHMARKS.md](benchmarks-report.md#a-campaigns-timeline)): a bar per paid call, "
+        "from the emulator receiving it to its generation's end, on a row per concurrency "
+        f"slot, against the ideal of back-to-back waves of {timeline['concurrency']} calls "
+        f"ending at {ideal:g} s. The grey stretches have no call in flight: before the first "
+        "call Prefect creates and starts the flow run, the campaign is planned and the first "
+        "task runs start ("
+        + both(lambda m: f"{m['first_call']:.1f} s")
+        + "), after the last the last images are stored and published and Prefect ends the "
+        "flow run ("
+        + both(lambda m: f"{m['flow_end'] - m['last_call_end']:.1f} s")
+        + "), and in between the calls stall while Prefect's client waits to retry a request "
+        "the server (the test harness's SQLite) refused, in red ("
+        + both(
+            lambda m: (
+                f"{m['retries']:.0f} waits over {m['retry_waits']:.1f} s"
+                if m["retries"]
+                else "none"
+            )
+        )
+        + "); within the waves each freed slot waits for its next call (median "
+        + both(lambda m: f"{m['slot_wait']:.2f} s")
+        + "), so the waves drift apart.",
+        "",
     ]
 
 
@@ -175,20 +219,19 @@ def measure() -> dict[str, Any]:
     """Every benchmark, with when, where and at which commit it ran."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from benchmarks import orchestration, startup, transfer
+    from benchmarks import orchestration, startup, timeline, transfer
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "50,200,1000").split(","))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     started = datetime.now(UTC)
     results = {
         "machine": machine(),
-        "commit": commit,
+        "commit": commit(),
         "startup": startup.measure(),
         "transfer": transfer.measure(),
         # on fresh Prefect servers, one per figure
         "orchestration": orchestration.measure(sizes),
+        # with its own time and commit: `python -m benchmarks.timeline` measures it alone
+        "timeline": timeline.measure(),
     }
     return {"measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC", **results}
 
@@ -205,7 +248,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
     """BENCHMARKS.md and the figures page, docs/benchmarks.md (given as they are), with the
     figures of ``results``; the hand-written analysis below the report's marker and the rest
     of the figures page stay."""
-    from benchmarks import orchestration, startup, transfer
+    from benchmarks import orchestration, startup, timeline, transfer
     from prefect_journey.campaigns.chunked import RECOMMENDED_IMAGES_PER_TASK_RUN
 
     start, moved, orchestrated = (
@@ -250,6 +293,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         ),
         "",
         *database_table(orchestrated),
+        *timeline.report_table(results["timeline"]),
         *rerun_table(orchestrated),
         "## Transfer memory",
         "",
@@ -278,9 +322,10 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
 
 
 def render(results: dict[str, Any]) -> None:
-    from benchmarks.charts import orchestration_chart
+    from benchmarks.charts import orchestration_chart, timeline_chart
 
     orchestration_chart(results["orchestration"])
+    timeline_chart(results["timeline"])
     report = ROOT / "BENCHMARKS.md"
     new_report, new_figures_page = rendered(
         results, report.read_text() if report.exists() else "", FIGURES_PAGE.read_text()

@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import run
-from benchmarks.charts import ORCHESTRATION_CHART, orchestration_chart
+import pytest
+
+from benchmarks import run, timeline
+from benchmarks.charts import (
+    ORCHESTRATION_CHART,
+    TIMELINE_CHART,
+    orchestration_chart,
+    timeline_chart,
+)
 from benchmarks.common import ROOT, Figure
 
 
@@ -46,3 +53,54 @@ def test_the_chart_is_drawn_from_the_saved_results_and_shown_on_the_page(tmp_pat
     assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
     assert ORCHESTRATION_CHART.exists()
     assert f"(images/{ORCHESTRATION_CHART.name})" in run.FIGURES_PAGE.read_text()
+
+
+def test_the_timeline_chart_is_drawn_from_the_saved_results_and_shown_on_the_page(
+    tmp_path: Path,
+) -> None:
+    saved = run.load(run.RESULTS)["timeline"]
+    chart = timeline_chart(saved, tmp_path / "t.png")
+    again = timeline_chart(saved, tmp_path / "again.png")
+    assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
+    assert chart.read_bytes() == again.read_bytes()  # no timestamp: same results, same bytes
+    assert TIMELINE_CHART.exists()
+    assert f"(images/{TIMELINE_CHART.name})" in run.FIGURES_PAGE.read_text()
+    assert set(saved["modes"]) == set(timeline.MODES)
+    for mode in saved["modes"].values():
+        assert len(mode["calls"]) == saved["n"]
+
+
+def test_measuring_the_timeline_alone_rewrites_only_its_key() -> None:
+    saved = run.RESULTS.read_text()
+    assert timeline.merged(saved, run.load(run.RESULTS)["timeline"]) == saved
+    changed = timeline.merged(saved, {"n": 1})
+    assert '"timeline": {\n  "n": 1\n }' in changed
+    assert changed.split('"timeline"')[0] == saved.split('"timeline"')[0]
+
+
+def test_a_timeline_s_idle_stretches_slots_and_waits() -> None:
+    from benchmarks.charts import slots
+
+    calls = [[1.0, 3.0], [1.5, 3.5], [3.2, 5.0], [6.0, 8.0]]
+    assert timeline.idle(calls, 9.0) == [(0.0, 1.0), (5.0, 6.0), (8.0, 9.0)]
+    assert slots(calls) == [0, 1, 0, 0]
+    assert timeline.covered([[0.0, 2.0], [1.0, 3.0], [5.0, 6.0]]) == 4.0
+    shape = {
+        "per_image": {
+            "calls": calls,
+            "retries": [[0.5, 0.5]],
+            "flow_run_start": 0.2,
+            "flow_run_end": 8.5,
+            "flow_end": 9.0,
+            "images_per_task_run": 1,
+        }
+    }
+    m = timeline.moments({"concurrency": 2, "modes": shape}, "per_image")
+    assert (m["first_call"], m["last_call_end"], m["stalled"], m["longest_stall"]) == (
+        1.0,
+        8.0,
+        1.0,
+        1.0,
+    )
+    # the third call takes the slot the first end freed, the fourth the second's
+    assert m["slot_wait"] == pytest.approx((0.2 + 2.5) / 2) and m["retries"] == 1

@@ -206,3 +206,15 @@ def test_ledger_tracks_peak_concurrency_and_reset(emulator: EmulatorServer) -> N
     assert ledger["peak_concurrency"] == 5 and ledger["credits_charged"] == 20
     emulator.admin("reset")
     assert emulator.ledger()["calls_total"] == 0
+
+
+def test_the_ledger_says_when_each_generation_started_and_ended(emulator: EmulatorServer) -> None:
+    emulator.admin("config", {"fixed": 0.2})
+    with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
+        before = time.time()
+        client.imagine(prompt="timed")
+        after = time.time()
+    (call,) = [c for c in emulator.ledger()["log"] if c["endpoint"] == "imagine"]
+    assert before <= call["at"] < call["ended_at"] <= after
+    assert call["ended_at"] - call["at"] >= 0.19  # the generation's fixed latency, not less
+    assert all("ended_at" not in c for c in emulator.ledger()["log"] if c["endpoint"] != "imagine")

@@ -16,7 +16,8 @@ Bad key: 401 ``{}``. Bad body: 400 ``{"errors": [{"msg": ...}]}``. Out of credit
 
 Admin endpoints for tests and operators (no auth; the emulator binds to loopback):
 
-- ``GET /_emulator/ledger``: calls received, credits charged, webhooks sent, images served
+- ``GET /_emulator/ledger``: calls received (each with when it arrived and, for a
+  generation, when it ended), credits charged, webhooks sent, images served
 - ``POST /_emulator/reset``: forget tasks and the ledger, restore credits
 - ``POST /_emulator/faults``: replace the fault plan (``rates``, ``queue``, ``seed``, ...)
 - ``POST /_emulator/config``: change latency, credits or the JPEG-under-PNG rate at run time
@@ -87,8 +88,10 @@ class EmulatorState:
         config: The emulator's settings; changes apply to the next request.
         credits: The credits left; :meth:`reset` restores ``config.credits``.
         tasks: Every task created since the last reset, by task id.
-        calls: One entry per call received, in order (endpoint, status, time, and what the
-            call did: task id, credits, fault, ...).
+        calls: One entry per call received, in order (endpoint, status, ``at``: the wall
+            time it arrived, and what the call did: task id, credits, fault, ...); a call
+            that started a generation also has ``ended_at``, the wall time it ended, so a
+            benchmark can draw when each paid call ran.
         webhooks: One entry per webhook delivery attempt (task id, URL, whether it carried
             a secret, the delivery fault if any, and the answer's status code or the
             error's name); a ``lost`` delivery has one entry with neither.
@@ -159,7 +162,8 @@ class EmulatorState:
             ``calls_total`` (API calls, downloads excluded), ``calls`` (a count per
             endpoint), ``credits_charged``, ``credits_remaining``, ``billed_tasks``,
             ``peak_concurrency``, ``webhooks_sent``, ``webhooks``, ``images`` (by task id)
-            and ``log`` (every call's entry).
+            and ``log`` (every call's entry, with ``at`` and, for a generation,
+            ``ended_at``: see :attr:`calls`).
         """
         by_endpoint: dict[str, int] = {}
         for call in self.calls:
@@ -485,6 +489,7 @@ async def _generate(
             await asyncio.sleep(state.config.faults.slow_seconds)
     finally:
         state.in_flight -= 1
+    entry["ended_at"] = time.time()
     entry["status"] = 500 if fault == "500" else 200
     if fault == "failed":
         # A refusal (content policy) is not billed.
