@@ -35,10 +35,7 @@ def orchestration_chart(orchestrated: dict[str, Any], path: Path = ORCHESTRATION
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     by_n = {int(n): r for n, r in orchestrated["by_n"].items()}
     sizes = sorted(by_n)
@@ -96,10 +93,7 @@ def timeline_chart(timeline: dict[str, Any], path: Path = TIMELINE_CHART) -> Pat
     Returns:
         ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from benchmarks.timeline import idle, mode_label
 
@@ -168,3 +162,13 @@ def timeline_chart(timeline: dict[str, Any], path: Path = TIMELINE_CHART) -> Pat
     figure.savefig(path, metadata={"Software": None})
     plt.close(figure)
     return path
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -20,10 +20,12 @@ from prefect.client.schemas.objects import State
 from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.logging.handlers import PrefectConsoleHandler
 from prefect.results import ResultStore, get_result_store
 from prefect.task_runners import TaskRunner
 from prefect.tasks import Task
 from prefect.utilities.callables import get_call_parameters
+from rich.console import Console
 
 R = TypeVar("R")
 
@@ -203,3 +205,21 @@ class RenewableFileSystemLockManager(FileSystemLockManager):
         cached = self._locks.get(key)
         if cached is not None:
             cached["expiration"] = expiration
+
+
+# --- Prefect's console log handler -----------------------------------------------------------
+# Relies on: the ``console`` attribute (a rich ``Console``) of ``PrefectConsoleHandler``, the
+# handler Prefect's logging configuration puts on the root logger.
+# Why: a live progress bar has to draw on the console Prefect prints its log lines on, so that
+# they scroll above the bar instead of tearing it; Prefect offers no accessor for it.
+def prefect_console() -> Console | None:
+    """The console Prefect prints its log lines on, if its console handler is installed.
+
+    Returns:
+        The root logger's ``PrefectConsoleHandler``'s console, else None.
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            console: Console = handler.console
+            return console
+    return None

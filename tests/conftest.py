@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pty
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +25,31 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 TEST_TIME_SCALE = 0.01
 SENTINEL_KEY = "sk-SENTINEL-9f8e7d6c5b4a"
 SENTINEL_WEBHOOK_SECRET = "whsec-SENTINEL-0a1b2c3d"
+
+
+def run_in_terminal(command: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    """Run ``command`` with a pseudo-terminal as its stdin, stdout and stderr, as a person
+    would in a shell; fail unless it exits 0. Returns everything it wrote, decoded."""
+    env = {**env, "TERM": "xterm-256color", "COLUMNS": "160"}
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        command, env=env, stdin=terminal, stdout=terminal, stderr=terminal
+    ) as child:
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        status = child.wait(timeout=timeout)
+    os.close(controller)
+    text = seen.decode(errors="replace")
+    assert status == 0, text[-3000:]
+    return text
 
 
 def free_port() -> int:

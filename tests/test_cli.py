@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
 from pathlib import Path
 
 from prefect_journey.emulator import EmulatorServer
 
-from .conftest import SENTINEL_KEY
+from .conftest import SENTINEL_KEY, run_in_terminal
 
 
 def run(emulator: EmulatorServer, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,27 +78,7 @@ def test_a_person_reads_a_summary_and_a_pipe_gets_no_progress(
 def test_a_terminal_sees_that_it_is_working(emulator: EmulatorServer) -> None:
     emulator.admin("config", {"fixed": 1.5})
     env = {**os.environ, "JOURNEY_API_KEY": SENTINEL_KEY, "JOURNEY_BASE_URL": emulator.url}
-    env.update({"TERM": "xterm-256color", "COLUMNS": "100"})
-    controller, terminal = pty.openpty()
-    with subprocess.Popen(
-        [sys.executable, "-m", "prefect_journey.cli", "imagine", "--prompt", "a kite"],
-        env=env,
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-    ) as child:
-        os.close(terminal)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        assert child.wait(timeout=60) == 0
-    os.close(controller)
-    text = seen.decode(errors="replace")
+    command = [sys.executable, "-m", "prefect_journey.cli", "imagine", "--prompt", "a kite"]
+    text = run_in_terminal(command, env, timeout=60)
     assert "generating…" in text and "0:00:01" in text  # the spinner and the time elapsed
     assert "image ready in" in text and SENTINEL_KEY not in text

@@ -23,6 +23,7 @@ from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
 from prefect.results import ResultStore
 from prefect.task_runners import ThreadPoolTaskRunner
+from rich.console import Console
 
 from prefect_journey import _compat
 from prefect_journey.locking import LeasedFileSystemLockManager
@@ -40,7 +41,13 @@ UNDOCUMENTED_IMPORTS = {
     ("prefect.utilities.callables", "get_call_parameters"),
     ("prefect.utilities.math", "clamped_poisson_interval"),
 }
-UNDOCUMENTED_ATTRIBUTES = {"update_for_task", "_lock_path_for_key", "_locks", "_get_lock_info"}
+UNDOCUMENTED_ATTRIBUTES = {
+    "update_for_task",
+    "_lock_path_for_key",
+    "_locks",
+    "_get_lock_info",
+    "console",
+}
 
 
 def test_only_the_compat_module_uses_private_or_undocumented_prefect_names() -> None:
@@ -168,3 +175,11 @@ def test_lock_files_can_be_found_renewed_and_read_while_half_written(tmp_path: P
     assert locks.is_locked("key")  # read again until filled, not a ValueError
     locks.release_lock("key", "holder")
     assert not locks.is_locked("key")
+
+
+def test_prefect_prints_its_log_lines_on_the_console_handlers_rich_console() -> None:
+    console = _compat.prefect_console()
+    assert isinstance(console, Console)
+    with console.capture() as captured:
+        logging.getLogger("prefect.journey-test").warning("a line for the progress bar's console")
+    assert "a line for the progress bar's console" in captured.get()

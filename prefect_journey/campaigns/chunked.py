@@ -51,6 +51,7 @@ from prefect_journey.campaigns.pipeline import (
     store_and_publish,
 )
 from prefect_journey.campaigns.plan import CampaignItem
+from prefect_journey.campaigns.progress import CampaignProgress
 from prefect_journey.client import AsyncJourneyClient
 from prefect_journey.credentials import async_journey_client
 from prefect_journey.errors import JourneyError, JourneyTimeoutError
@@ -112,6 +113,7 @@ def run_chunked(
     campaign: Campaign,
     max_concurrency: int,
     images_per_task_run: int,
+    progress: CampaignProgress,
 ) -> list[ItemOutcome]:
     """Run ``todo`` in task runs of ``images_per_task_run`` images.
 
@@ -120,12 +122,13 @@ def run_chunked(
         campaign: What every item of the run shares.
         max_concurrency: Calls in flight at most (and stores, separately).
         images_per_task_run: Images per chunk, each chunk one task run.
+        progress: Told of each item as it ends.
 
     Returns:
         One outcome per item.
     """
     outcomes, new_objects = asyncio.run(
-        _run_chunks(todo, campaign, max_concurrency, images_per_task_run)
+        _run_chunks(todo, campaign, max_concurrency, images_per_task_run, progress)
     )
     # After the loop has ended: the asset task run is sync, and nothing waits for it.
     declare_assets(new_objects)  # one task run for the whole campaign
@@ -137,13 +140,8 @@ async def _run_chunks(
     campaign: Campaign,
     max_concurrency: int,
     images_per_task_run: int,
+    progress: CampaignProgress,
 ) -> tuple[list[ItemOutcome], list[tuple[StoredImage, str]]]:
-    done = 0
-
-    def finished(_: ItemOutcome) -> None:
-        nonlocal done
-        done += 1
-
     chunks = [
         todo[start : start + images_per_task_run]
         for start in range(0, len(todo), images_per_task_run)
@@ -162,7 +160,7 @@ async def _run_chunks(
             generations=asyncio.Semaphore(max_concurrency),
             stores=asyncio.Semaphore(max_concurrency),
             window=asyncio.Semaphore(2 * max_concurrency),
-            finished=finished,
+            finished=progress.finished,
         )
         # Every chunk starts at once: the slots, not the chunks, bound the work, so a chunk
         # waiting on one slow image never leaves a slot idle.
@@ -171,8 +169,8 @@ async def _run_chunks(
             return_exceptions=True,
         )
         # Created while the chunks start, not before: the first calls do not wait for it.
-        progress = await ProgressArtifact(
-            progress=0.0,
+        progress_artifact = await ProgressArtifact(
+            progress=100.0 * progress.share,
             key=progress_key(campaign.slug),
             description=f"campaign {display_text(campaign.name)}",
         ).acreate(client=prefect)
@@ -180,8 +178,8 @@ async def _run_chunks(
         while not over:
             await asyncio.wait([running], timeout=PROGRESS_INTERVAL)
             over = running.done()  # read before the update, so the last one says 100
-            share = 1.0 if over else done / len(todo)
-            await aupdate_progress_artifact(progress.id, 100.0 * share, client=prefect)
+            share = 1.0 if over else progress.share
+            await aupdate_progress_artifact(progress_artifact.id, 100.0 * share, client=prefect)
         results = running.result()
     outcomes: list[ItemOutcome] = []
     for chunk, result in zip(chunks, results, strict=True):

@@ -29,6 +29,7 @@ from prefect_journey.campaigns.pipeline import (
     store_and_publish,
 )
 from prefect_journey.campaigns.plan import CampaignItem
+from prefect_journey.campaigns.progress import CampaignProgress
 from prefect_journey.errors import ConfigurationError
 from prefect_journey.models import display_text
 from prefect_journey.publishing import PROGRESS_INTERVAL, progress_key
@@ -81,6 +82,7 @@ def run_per_image(
     campaign: Campaign,
     runner: TaskRunner[Any],
     max_concurrency: int,
+    progress: CampaignProgress,
 ) -> list[ItemOutcome]:
     """Run ``todo`` as task runs on ``runner`` and report each item as it ends.
 
@@ -96,6 +98,7 @@ def run_per_image(
         campaign: What every item of the run shares.
         runner: A started task runner (threads or Dask).
         max_concurrency: Generations in flight at most.
+        progress: Told of each item as it ends.
 
     Returns:
         One outcome per item, in row order.
@@ -127,16 +130,16 @@ def run_per_image(
 
     for _ in range(max_concurrency):
         submit_next_generation()
-    progress = call_sync(
+    progress_artifact = call_sync(
         create_progress_artifact,
-        0.0,
+        100.0 * progress.share,
         key=progress_key(campaign.slug),
         description=f"campaign {display_text(campaign.name)}",
     )
     last_progress = time.monotonic()
     new_objects: list[tuple[StoredImage, str]] = []
-    remaining = len(items)
-    while remaining:
+    outcomes: dict[int, ItemOutcome] = {}
+    while len(outcomes) < len(items):
         stage, row, result = finished.get()
         settled[stage, row] = result
         item = items[row]
@@ -163,27 +166,22 @@ def run_per_image(
         # A cached store was declared by the run that made it.
         elif result.value is not None and not result.cached:
             new_objects.append((result.value, item.request.prompt))
-        remaining -= 1
-        if time.monotonic() - last_progress > PROGRESS_INTERVAL or not remaining:
-            share = (len(items) - remaining) / len(items)
-            call_sync(update_progress_artifact, progress, 100.0 * share)
-            last_progress = time.monotonic()
-    declare_assets(new_objects)  # one task run for the whole campaign
-    outcomes = []
-    for row in sorted(items):
         generated = settled["generated", row]
         stored = settled.get(("stored", row))
-        last = stored or generated
-        outcomes.append(
-            outcome(
-                items[row],
-                generated.value,
-                stored.value if stored else None,
-                cached=generated.value is not None and generated.cached,
-                error=last.error,
-            )
+        outcomes[row] = outcome(
+            item,
+            generated.value,
+            stored.value if stored else None,
+            cached=generated.value is not None and generated.cached,
+            error=(stored or generated).error,
         )
-    return outcomes
+        progress.finished(outcomes[row])
+        over = len(outcomes) == len(items)
+        if time.monotonic() - last_progress > PROGRESS_INTERVAL or over:
+            call_sync(update_progress_artifact, progress_artifact, 100.0 * progress.share)
+            last_progress = time.monotonic()
+    declare_assets(new_objects)  # one task run for the whole campaign
+    return [outcomes[row] for row in sorted(items)]
 
 
 def _announce(

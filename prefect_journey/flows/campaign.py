@@ -35,6 +35,7 @@ from prefect_journey.campaigns.pipeline import (
     report,
 )
 from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items, read_items
+from prefect_journey.campaigns.progress import campaign_progress
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
@@ -185,11 +186,12 @@ def batch_campaign(
         restore=frozenset(found.restore),
     )
     outcomes = list(found.settled.values())
-    if todo and images_per_task_run > 1:
-        outcomes += run_chunked(todo, run, max_concurrency, images_per_task_run)
-    elif todo:
-        with runner:
-            outcomes += run_per_image(todo, run, runner, max_concurrency)
+    with campaign_progress(campaign, len(plan), outcomes, run.budget) as progress:
+        if todo and images_per_task_run > 1:
+            outcomes += run_chunked(todo, run, max_concurrency, images_per_task_run, progress)
+        elif todo:
+            with runner:
+                outcomes += run_per_image(todo, run, runner, max_concurrency, progress)
     return report(run, len(plan), outcomes, allow_failures=allow_failures)
 
 

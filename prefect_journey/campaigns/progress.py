@@ -1,0 +1,140 @@
+"""How far a campaign is: the share its progress artifact shows and, when the flow runs on a
+terminal, a live progress bar beside Prefect's log lines.
+
+Both executors report each item as it ends (:meth:`CampaignProgress.finished`). The bar
+draws on the console Prefect prints its log lines on, so they scroll above it instead of
+tearing it; without a terminal (a worker, a pipe, CI) nothing is drawn.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.theme import Theme
+
+from prefect_journey._compat import prefect_console
+from prefect_journey.budget import CreditBudget
+from prefect_journey.campaigns.pipeline import ItemOutcome
+from prefect_journey.models import display_text
+
+# The bar's redraws a second, and how often it reads the budget file for the credits spent.
+BAR_REFRESHES_PER_SECOND = 4
+CREDITS_READ_INTERVAL = 0.5
+CAMPAIGN_NAME_CHARS = 30
+
+
+class CampaignProgress:
+    """Counts of a campaign's finished items; thread-safe (each executor reports from its
+    own thread or event loop).
+
+    Attributes:
+        total: Items in the campaign.
+        done: Items finished, cache hits found before the run included.
+        stored: Items stored (cache hits included).
+        cache_hits: Items whose image an earlier run paid for.
+        failed: Items that failed.
+        skipped: Items the budget refused.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        budget: CreditBudget | None = None,
+        bar: Progress | None = None,
+    ) -> None:
+        self.total = total
+        self.done = self.stored = self.cache_hits = self.failed = self.skipped = 0
+        self._budget = budget
+        self._bar = bar
+        self._bar_task = bar.add_task("", total=total, summary="") if bar else None
+        self._credits = 0
+        self._credits_read = 0.0
+        self._lock = threading.Lock()
+        self._draw()
+
+    @property
+    def share(self) -> float:
+        """The share of items finished, 0 to 1 (1 for an empty campaign)."""
+        return self.done / self.total if self.total else 1.0
+
+    def finished(self, outcome: ItemOutcome) -> None:
+        """Count one finished item and redraw the bar, if there is one.
+
+        Args:
+            outcome: The item's outcome.
+        """
+        with self._lock:
+            self.done += 1
+            self.stored += outcome.status == "stored"
+            self.cache_hits += outcome.cached
+            self.failed += outcome.status == "failed"
+            self.skipped += outcome.status == "skipped"
+            self._draw()
+
+    def _draw(self) -> None:
+        if self._bar is None or self._bar_task is None:
+            return
+        now = time.monotonic()
+        if self._budget and (now - self._credits_read > CREDITS_READ_INTERVAL or self.share == 1):
+            self._credits = int(self._budget.snapshot()["spent"])
+            self._credits_read = now
+        summary = (
+            f"stored {self.stored} · cache hits {self.cache_hits} · failed {self.failed}"
+            + (f" · skipped {self.skipped}" if self.skipped else "")
+            + f" · {self._credits} credits"
+        )
+        self._bar.update(self._bar_task, completed=self.done, summary=summary)
+
+
+@contextmanager
+def campaign_progress(
+    name: str,
+    total: int,
+    settled: Iterable[ItemOutcome] = (),
+    budget: CreditBudget | None = None,
+) -> Iterator[CampaignProgress]:
+    """A campaign's progress, drawn live while the block runs when stderr is a terminal.
+
+    Args:
+        name: The campaign's name, shown before the bar.
+        total: Items in the campaign.
+        settled: Outcomes known before the run (cache hits, refused keys).
+        budget: The run's budget, for the credits spent.
+
+    Yields:
+        The progress the executors report to.
+    """
+    console = prefect_console() or Console(stderr=True)
+    bar = None
+    if console.is_terminal:
+        bar = Progress(
+            TextColumn(f"campaign {display_text(name, CAMPAIGN_NAME_CHARS)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[summary]}"),
+            TimeElapsedColumn(),
+            console=console,
+            refresh_per_second=BAR_REFRESHES_PER_SECOND,
+        )
+    with _styled(console) if bar is not None else nullcontext(), bar or nullcontext():
+        progress = CampaignProgress(total, budget, bar)
+        for outcome in settled:
+            progress.finished(outcome)
+        yield progress
+
+
+@contextmanager
+def _styled(console: Console) -> Iterator[None]:
+    """Rich's default styles on ``console`` for the bar's life: Prefect's console knows only
+    the styles of its log lines (its theme does not inherit rich's), and the bar's columns
+    name rich's."""
+    console.push_theme(Theme())
+    try:
+        yield
+    finally:
+        console.pop_theme()

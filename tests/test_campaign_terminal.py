@@ -1,0 +1,94 @@
+"""A campaign started from a terminal: a live progress bar beside Prefect's log lines, and
+nothing of it when the output is not a terminal."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
+
+from prefect_journey.campaigns.pipeline import ItemOutcome
+from prefect_journey.campaigns.progress import CampaignProgress
+from prefect_journey.emulator import EmulatorServer
+
+from .conftest import SENTINEL_KEY, run_in_terminal
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "flows" / "batch_campaign.py"
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def sheet(folder: Path, items: int) -> Path:
+    path = folder / "sheet.csv"
+    run = uuid.uuid4().hex[:8]
+    path.write_text("prompt\n" + "".join(f"poster {i} of run {run}\n" for i in range(items)))
+    return path
+
+
+def example_env(emulator: EmulatorServer) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
+        "JOURNEY_API_KEY": SENTINEL_KEY,
+        "JOURNEY_BASE_URL": emulator.url,
+    }
+
+
+@pytest.mark.parametrize("images_per_task_run", [1, 3], ids=["per-image", "chunked"])
+def test_a_terminal_shows_a_live_bar_beside_the_log_lines(
+    emulator: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
+    emulator.admin("config", {"fixed": 0.4})
+    command = [sys.executable, str(EXAMPLE), str(sheet(tmp_path, 6)), "--campaign", "posters"]
+    command += ["--destination", str(tmp_path / "out"), "--max-concurrency", "2"]
+    command += ["--images-per-task-run", str(images_per_task_run)]
+    # Without the terminal's escape sequences (colours, cursor moves): what a person reads.
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", run_in_terminal(command, example_env(emulator)))
+    # The bar is redrawn as items end (several states of it reach the terminal), and its
+    # last state counts every item and the credits the emulator billed.
+    assert text.count("campaign posters") >= 3
+    assert "6/6" in text and "stored 6 · cache hits 0 · failed 0 · 24 credits" in text
+    assert "Finished in state Completed" in text  # Prefect's log lines still reach it
+    assert "credits_charged=24" in text  # the example's own last line
+    assert SENTINEL_KEY not in text
+
+
+def test_a_pipe_gets_the_log_lines_and_no_bar(emulator: EmulatorServer, tmp_path: Path) -> None:
+    command = [sys.executable, str(EXAMPLE), str(sheet(tmp_path, 3)), "--campaign", "posters"]
+    command += ["--destination", str(tmp_path / "out")]
+    done = subprocess.run(
+        command, env=example_env(emulator), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Finished in state Completed" in done.stderr
+    printed = done.stdout + done.stderr
+    assert "· cache hits" not in printed and "━" not in printed  # no bar, not even its end
+    assert "\x1b[?25l" not in printed  # rich hides the cursor only to draw a live bar
+
+
+def test_progress_counts_each_outcome_once_across_threads() -> None:
+    progress = CampaignProgress(total=400)
+    statuses = ["stored", "failed", "skipped", "stored"]
+    outcomes = [
+        ItemOutcome(row=row, prompt="p", status=statuses[row % 4], cached=row % 8 == 0)
+        for row in range(1, 401)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(progress.finished, outcomes))
+    assert (progress.done, progress.stored, progress.failed, progress.skipped) == (
+        400,
+        200,
+        100,
+        100,
+    )
+    assert progress.cache_hits == 50 and progress.share == 1.0
+    assert CampaignProgress(total=0).share == 1.0
