@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -323,9 +324,17 @@ The Prefect UI: {base}
 The images are in {outputs}. Ctrl-C stops the server and the emulator.""",
         flush=True,
     )
+    # Ctrl-C or a plain `kill` ends the wait, and the server and the emulator stop with it
+    # (also when started in the background, where SIGINT starts out ignored).
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(3600)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
