@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,24 +31,33 @@ SENTINEL_WEBHOOK_SECRET = "whsec-SENTINEL-0a1b2c3d"
 
 def run_in_terminal(command: list[str], env: dict[str, str], timeout: float = 120) -> str:
     """Run ``command`` with a pseudo-terminal as its stdin, stdout and stderr, as a person
-    would in a shell; fail unless it exits 0. Returns everything it wrote, decoded."""
+    would in a shell; fail unless it exits 0 within ``timeout``. Returns everything it
+    wrote, decoded."""
     env = {**env, "TERM": "xterm-256color", "COLUMNS": "160"}
+    deadline = time.monotonic() + timeout
     controller, terminal = pty.openpty()
-    with subprocess.Popen(
-        command, env=env, stdin=terminal, stdout=terminal, stderr=terminal
-    ) as child:
+    streams = {"stdin": terminal, "stdout": terminal, "stderr": terminal}
+    with subprocess.Popen(command, env=env, **streams) as child:
         os.close(terminal)
         seen = b""
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        status = child.wait(timeout=timeout)
-    os.close(controller)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no end after {timeout} s: {seen[-3000:]!r}"
+                if not select.select([controller], [], [], left)[0]:
+                    continue
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            status = child.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            if child.poll() is None:
+                child.kill()
+            os.close(controller)
     text = seen.decode(errors="replace")
     assert status == 0, text[-3000:]
     return text

@@ -142,7 +142,17 @@ def prefect_server(home: Path, port: int) -> Iterator[str]:
             yield base
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` of the loopback interface."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def healthy(api: str) -> bool:
@@ -277,12 +287,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.capture and not Path(args.chromium).exists():
         raise SystemExit(f"no Chromium at {args.chromium}: apt-get install chromium")
+    port = free_port() if args.capture else args.port
+    if not port_is_free(port):
+        raise SystemExit(f"port {port} is in use (another Prefect server?): pass --port")
+    # Ctrl-C or a plain `kill` at any moment stops the server and the emulator on the way
+    # out (also when started in the background, where SIGINT starts out ignored).
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _interrupt)
 
     from prefect_journey.emulator import EmulatorConfig, EmulatorServer, LatencyModel
 
     with tempfile.TemporaryDirectory(prefix="journey-showcase-") as scratch:
         home = Path(scratch)
-        port = free_port() if args.capture else args.port
         with (
             prefect_server(home, port) as base,
             EmulatorServer(EmulatorConfig(latency=LatencyModel(time_scale=0.05))) as emulator,
@@ -293,7 +309,10 @@ def main(argv: list[str] | None = None) -> None:
                 JOURNEY_API_KEY=emulator.api_key,
                 JOURNEY_BASE_URL=emulator.url,
             )
-            outputs = home / "outputs" if args.capture else args.outputs.resolve()
+            # A folder per run: a campaign's keys hold the last run's images otherwise, and
+            # this run's emulator makes other requests of them (refused, as they should be).
+            run_folder = f"ui-{time.strftime('%Y%m%d-%H%M%S')}"
+            outputs = home / "outputs" if args.capture else args.outputs.resolve() / run_folder
             runs = run_flows(f"{base}/api", outputs)
             flush_run_logs()
             if args.capture:
@@ -319,15 +338,12 @@ The Prefect UI: {base}
   its image ..................... {base}/artifacts/artifact/{runs.image_artifact}
   a campaign's run .............. {base}/runs/flow-run/{runs.campaign_run}
   its summary table ............. {base}/artifacts/artifact/{runs.summary_artifact}
+  its progress .................. {base}/artifacts/artifact/{runs.progress_artifact}
   the scheduled deployment ...... {base}/deployments/deployment/{runs.deployment}
   the package's Blocks .......... {base}/blocks
 The images are in {outputs}. Ctrl-C stops the server and the emulator.""",
         flush=True,
     )
-    # Ctrl-C or a plain `kill` ends the wait, and the server and the emulator stop with it
-    # (also when started in the background, where SIGINT starts out ignored).
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(3600)
@@ -338,4 +354,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before the runs were shown: everything is stopped
+        sys.exit(130)

@@ -184,7 +184,10 @@ async def _run_chunks(
     outcomes: list[ItemOutcome] = []
     for chunk, result in zip(chunks, results, strict=True):
         if isinstance(result, BaseException):  # the task run itself broke
-            outcomes += [outcome(item, None, None, cached=False, error=result) for item in chunk]
+            broken = [outcome(item, None, None, cached=False, error=result) for item in chunk]
+            for item_outcome in broken:
+                progress.finished(item_outcome)
+            outcomes += broken
         else:
             outcomes += result
     return outcomes, shared.new_objects

@@ -25,7 +25,8 @@ from prefect_journey.models import display_text
 # The bar's redraws a second, and how often it reads the budget file for the credits spent.
 BAR_REFRESHES_PER_SECOND = 4
 CREDITS_READ_INTERVAL = 0.5
-CAMPAIGN_NAME_CHARS = 30
+LABEL_CHARS = 40
+_one_bar = threading.Lock()
 
 
 class CampaignProgress:
@@ -46,12 +47,16 @@ class CampaignProgress:
         total: int,
         budget: CreditBudget | None = None,
         bar: Progress | None = None,
+        label: str = "",
     ) -> None:
         self.total = total
         self.done = self.stored = self.cache_hits = self.failed = self.skipped = 0
         self._budget = budget
         self._bar = bar
-        self._bar_task = bar.add_task("", total=total, summary="") if bar else None
+        self._bar_task = None
+        if bar is not None:
+            label = display_text(label, LABEL_CHARS)
+            self._bar_task = bar.add_task(label, total=total, summary="")
         self._credits = 0
         self._credits_read = 0.0
         self._lock = threading.Lock()
@@ -110,22 +115,38 @@ def campaign_progress(
         The progress the executors report to.
     """
     console = prefect_console() or Console(stderr=True)
+    # One bar at a time: a second campaign in the same process (threads, gathered async
+    # flows) counts without drawing, instead of stacking live displays on one console.
+    drawing = _on_a_terminal(console) and _one_bar.acquire(blocking=False)
     bar = None
-    if console.is_terminal:
+    if drawing:
         bar = Progress(
-            TextColumn(f"campaign {display_text(name, CAMPAIGN_NAME_CHARS)}"),
+            # Names are data: neither format fields nor rich markup.
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[summary]}"),
+            TextColumn("{task.fields[summary]}", markup=False),
             TimeElapsedColumn(),
             console=console,
             refresh_per_second=BAR_REFRESHES_PER_SECOND,
         )
-    with _styled(console) if bar is not None else nullcontext(), bar or nullcontext():
-        progress = CampaignProgress(total, budget, bar)
-        for outcome in settled:
-            progress.finished(outcome)
-        yield progress
+    try:
+        with _styled(console) if bar is not None else nullcontext(), bar or nullcontext():
+            progress = CampaignProgress(total, budget, bar, label=f"campaign {name}")
+            for outcome in settled:
+                progress.finished(outcome)
+            yield progress
+    finally:
+        if drawing:
+            _one_bar.release()
+
+
+def _on_a_terminal(console: Console) -> bool:
+    """Whether ``console`` writes to a real terminal: rich's own test also says yes when
+    colours are forced (``FORCE_COLOR``, ``TTY_COMPATIBLE``), as CI logs often are, and a
+    redrawn bar there is hundreds of lines of escape codes."""
+    isatty = getattr(console.file, "isatty", None)
+    return console.is_terminal and callable(isatty) and bool(isatty())
 
 
 @contextmanager
