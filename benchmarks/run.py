@@ -197,7 +197,8 @@ def timeline_figure(timeline: dict[str, Any]) -> list[str]:
         "the server (the test harness's SQLite) refused, in red ("
         + both(
             lambda m: (
-                f"{m['retries']:.0f} waits over {m['retry_waits']:.1f} s"
+                f"{m['retries']:.0f} wait{'s' if m['retries'] != 1 else ''} over "
+                f"{m['retry_waits']:.1f} s"
                 if m["retries"]
                 else "none"
             )
