@@ -28,7 +28,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # The whole check: lint, the documentation site, the default suite, the wheel installed into a
-# fresh environment, then the slow suites (campaigns killed mid-run and resumed).
+# fresh environment, then the slow suites (the 60-item soak, campaigns killed mid-run and
+# resumed, make ui).
 test: lint docs
 	$(BIN)/pytest
 	$(BIN)/pytest -m install

@@ -173,6 +173,7 @@ def test_a_commit_whose_answer_was_lost_is_reported_stored(
     assert bucket.objects() == [f"{result.task_id}.png"] and bucket.pending_uploads() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_soak_60_items_loses_nothing(
     journey_env: EmulatorServer, faulty_bucket: tuple[Bucket, str], monkeypatch: pytest.MonkeyPatch
@@ -198,6 +199,7 @@ def test_soak_60_items_loses_nothing(
     assert result.recovered > 0 and result.possibly_billed == 0, result.line()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_killed_campaign_resumes_without_rebilling_or_duplicates(
     journey_env: EmulatorServer, bucket: Bucket, prefect_harness: Path, tmp_path: Path
