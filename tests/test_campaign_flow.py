@@ -59,6 +59,7 @@ def destination_block(bucket: Bucket) -> str:
     return name
 
 
+@pytest.mark.slow  # scale: a hundred items through a real server
 def test_hundred_items_stored_exactly_once_and_reported(
     journey_env: EmulatorServer, bucket: Bucket, destination_block: str
 ) -> None:
