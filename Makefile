@@ -27,13 +27,18 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The whole check: lint, the documentation site, the default suite, the wheel installed into a
-# fresh environment, then the slow suites (the 60-item soak, campaigns killed mid-run and
-# resumed, make ui).
+# The suite runs in worker processes (pytest-xdist), more of them than the 2 cores: most of a
+# test's time is a wait (an emulated generation, a Prefect server, a subprocess), not work.
+# Tests are handed out one at a time, the long ones first (tests/conftest.py), so no worker
+# ends the run alone. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 4
+PARALLEL := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+
+# The whole check: lint, the documentation site, then every test in one run: the default suite,
+# the wheel installed into a fresh environment (marker install) and the long suites (marker
+# slow: the 60-item soak, campaigns killed mid-run and resumed, make ui).
 test: lint docs
-	$(BIN)/pytest
-	$(BIN)/pytest -m install
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest $(PARALLEL) -m 'slow or install or not slow'
 
 # The documentation site (mkdocs.yml) into site/; --strict: a broken link, a missing page or
 # an API reference that does not resolve fails the build. CI builds it on every submission.
@@ -55,7 +60,7 @@ screenshots: $(STAMP)
 # The Prefect-layer tests again on the lowest supported Prefect, in .venv-prefect-lowest
 # (pins and their reasons in constraints/prefect-lowest.txt). CI runs it after `make test`.
 test-prefect-lowest:
-	.ci/test-prefect-lowest
+	.ci/test-prefect-lowest $(PARALLEL)
 
 # The demo keeps its Prefect database, results and cache in the checkout, so it neither
 # depends on nor alters ~/.prefect (whose database another Prefect version may own).

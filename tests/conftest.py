@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pty
 import select
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +24,14 @@ from prefect_journey.emulator import EmulatorConfig, EmulatorServer, FaultPlan, 
 # No cloud metadata lookups, no telemetry: the tests never leave loopback.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Each pytest process (each xdist worker) gets a Prefect home of its own, set before anything
+# imports Prefect (which reads it once): the image locks live under it, so two workers never
+# share one, and no test touches the user's ~/.prefect. Subprocesses of a test inherit it.
+_PREFECT_HOME = tempfile.mkdtemp(
+    prefix=f"journey-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"
+)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
 
 # Generation latency in tests: 1 % of the realistic model (a bare 1K image in ~80 ms).
 TEST_TIME_SCALE = 0.01
@@ -61,6 +71,53 @@ def run_in_terminal(command: list[str], env: dict[str, str], timeout: float = 12
     text = seen.decode(errors="replace")
     assert status == 0, text[-3000:]
     return text
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (marked ``slow`` or ``install``) first: xdist hands tests out in this
+    order, so each starts on a worker of its own while the short ones fill the other workers
+    and the run does not end waiting for a long test started last."""
+    items.sort(
+        key=lambda item: (
+            not item.get_closest_marker("slow") and not item.get_closest_marker("install")
+        )
+    )
+
+
+# A test that runs longer than this says why in its docstring.
+LONG_TEST_SECONDS = 5.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Marks the report of a test that ran longer than :data:`LONG_TEST_SECONDS` without a
+    docstring; the mark travels with the report from an xdist worker to the main process."""
+    report = yield
+    explained = getattr(getattr(item, "function", None), "__doc__", None)
+    if report.when == "call" and report.duration > LONG_TEST_SECONDS and not explained:
+        report.user_properties.append(("long_without_reason", report.duration))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Lists the tests that ran longer than :data:`LONG_TEST_SECONDS` without saying why.
+
+    A list, not a failure: a test's duration depends on the machine's load, and a check that
+    fails on a busy machine would be a flaky one."""
+    unexplained = [
+        (report.nodeid, dict(report.user_properties)["long_without_reason"])
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if "long_without_reason" in dict(getattr(report, "user_properties", []))
+    ]
+    if unexplained:
+        terminalreporter.write_sep("=", f"tests over {LONG_TEST_SECONDS:.0f} s with no docstring")
+        for nodeid, seconds in sorted(unexplained, key=lambda found: -found[1]):
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -139,6 +139,8 @@ def test_s3_bucket_block_is_read_duck_typed() -> None:
 
 
 def test_collection_registers_against_a_real_prefect_server() -> None:
+    """prefect block register runs in a subprocess, which imports Prefect and the package's
+    Blocks."""
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}

@@ -63,6 +63,8 @@ def destination_block(bucket: Bucket) -> str:
 def test_hundred_items_stored_exactly_once_and_reported(
     journey_env: EmulatorServer, bucket: Bucket, destination_block: str
 ) -> None:
+    """A hundred images, each two task runs on a real Prefect server, then the 200 task runs,
+    the artifacts and the events read back from its API."""
     state = batch_campaign(
         items=items(100),
         campaign="Spring 100",
@@ -125,6 +127,8 @@ def wait_for_stored_events(report: CampaignReport) -> None:
 def test_images_per_task_run_stores_each_image_once_in_a_few_task_runs(
     journey_env: EmulatorServer, bucket: Bucket, destination_block: str
 ) -> None:
+    """30 images of 0.2 s, six at a time, through a 503, a possibly-billed 500 (retried after
+    the ladder's first pause, 2 s +/- 50 %) and a truncated download."""
     batch = items(30)
     journey_env.admin("config", {"fixed": 0.2})
     # Retried inside the chunk: not billed, possibly billed, a truncated download.
@@ -178,6 +182,7 @@ def test_images_per_task_run_stores_each_image_once_in_a_few_task_runs(
 def test_async_flow_runs_the_same_campaign(
     journey_env: EmulatorServer, bucket: Bucket, destination_block: str, images_per_task_run: int
 ) -> None:
+    """Two campaign runs of the async flow, each with Prefect's per-run start-up."""
     # Same parameters, so a deployment of either shows the same form.
     assert abatch_campaign.parameters == batch_campaign.parameters
     batch = items(6)
@@ -411,6 +416,8 @@ def test_half_budget_stops_new_calls_at_the_limit(
 def test_retries_count_against_the_budget(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """The possibly-billed 500 is retried after the ladder's first pause (2 s +/- 50 %), one
+    image at a time."""
     journey_env.admin("faults", {"queue": {"api": ["500"]}})
     state = batch_campaign(
         images_per_task_run=images_per_task_run,
@@ -445,6 +452,9 @@ def test_concurrency_never_exceeds_max_concurrency(
 def test_global_concurrency_limit_is_shared(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """8 images of 0.3 s through a limit of 2 slots taken from the Prefect server: four rounds
+    at least; Prefect 3.8's client waits much longer between tries for a busy slot (about a
+    minute in all)."""
     name = f"journey-imagine-{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
@@ -463,6 +473,7 @@ def test_global_concurrency_limit_is_shared(
 def test_failed_items_do_not_stop_the_batch_and_rerun_redoes_only_them(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """Two campaign runs of 6 images, one at a time."""
     batch = items(6)
     journey_env.admin("faults", {"queue": {"api": ["failed"]}})
     state = batch_campaign(
@@ -486,6 +497,8 @@ def test_failed_items_do_not_stop_the_batch_and_rerun_redoes_only_them(
 def test_rerun_of_a_finished_campaign_runs_no_task_and_restores_a_deleted_object(
     journey_env: EmulatorServer, tmp_path: Path
 ) -> None:
+    """Three campaign runs, and a wait for the server to record the task runs (Prefect records
+    them from their events, a moment after they ran)."""
     batch = items(4)
     batch_campaign(items=batch, destination=str(tmp_path), max_concurrency=4)
     files = sorted(tmp_path.rglob("*.png"))
@@ -539,6 +552,8 @@ def test_bad_campaign_input_is_reported_before_any_call(
 def test_campaign_from_a_file_in_a_bucket(
     journey_env: EmulatorServer, bucket: Bucket, destination_block: str
 ) -> None:
+    """A campaign run whose items are read from a bucket on the moto server, with s3fs started
+    for it."""
     lines = "\n".join(f'{{"prompt": "jsonl item {i} {uuid.uuid4().hex[:6]}"}}' for i in range(3))
     bucket.fs().pipe(f"{bucket.name}/input/c.jsonl", lines.encode())
     # The campaign file is read with the same s3fs options as the env would give.
@@ -564,6 +579,8 @@ def test_batch_on_a_local_dask_cluster(
     monkeypatch: pytest.MonkeyPatch,
     flow_kind: str,
 ) -> None:
+    """Starts a local Dask cluster, whose worker processes each import Prefect and the package
+    before the 8 images run on them."""
     monkeypatch.setenv("JOURNEY_TASK_RUNNER", "dask")
     monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
     parameters = {"items": items(8), "destination_block": destination_block, "max_concurrency": 4}

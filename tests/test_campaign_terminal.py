@@ -53,6 +53,8 @@ def example_env(emulator: EmulatorServer) -> dict[str, str]:
 def test_a_terminal_shows_a_live_bar_beside_the_log_lines(
     emulator: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """A campaign in a subprocess on a pseudo-terminal: the process imports Prefect and starts
+    its own client before the first image."""
     emulator.admin("config", {"fixed": 0.4})
     # A name with format fields and rich markup in it: shown as it is, never interpreted.
     name = "posters {0} [/b]"
@@ -70,6 +72,8 @@ def test_a_terminal_shows_a_live_bar_beside_the_log_lines(
 
 
 def test_a_pipe_gets_the_log_lines_and_no_bar(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """A campaign in a subprocess writing into a pipe: the process imports Prefect and starts
+    its own client before the first image."""
     command = [sys.executable, str(EXAMPLE), str(sheet(tmp_path, 3)), "--campaign", "posters"]
     command += ["--destination", str(tmp_path / "out")]
     # Colours forced, as CI logs often are: still not a terminal to draw a bar on.

@@ -44,6 +44,7 @@ def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_p
 
 
 def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
+    """Five runs of the CLI, each a subprocess that imports the package."""
     for fault in ["500", "drop", "malformed", "failed"]:
         emulator.admin("faults", {"queue": {"api": [fault]}})
         done = run(emulator, "imagine", "--prompt", "p")

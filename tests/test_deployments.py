@@ -23,7 +23,7 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`prefect server start` in a subprocess with its own home and database; yields the
     environment that points a CLI or a client at it."""
@@ -130,6 +130,8 @@ def matches_cron(start: str, cron: str, timezone: str) -> bool:
 
 
 def test_prefect_yaml_deploys_with_its_schedules(prefect_server: dict[str, str]) -> None:
+    """prefect deploy in a subprocess, then a wait for the server's scheduler (every 2 s) to
+    create the scheduled runs."""
     prefect_cli(prefect_server, "work-pool", "create", "journey-pool", "--type", "process")
     prefect_cli(
         prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)
@@ -158,6 +160,8 @@ def webhook_triggers(env: dict[str, str]) -> list[str]:
 
 
 def test_serve_script_serves_the_same_schedules(prefect_server: dict[str, str]) -> None:
+    """deployments/serve.py in a subprocess (it imports Prefect and the flows), then a wait for
+    its deployments to appear."""
     api = prefect_server["PREFECT_API_URL"]
     for deployment in httpx.post(f"{api}/deployments/filter", json={}).json():
         # SQLite answers 503 while the scheduler holds its write lock: try again.

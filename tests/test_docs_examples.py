@@ -106,6 +106,8 @@ def test_every_page_with_python_has_examples_found() -> None:
 def test_example_runs(
     example: Example, emulator: EmulatorServer, bucket: Bucket, tmp_path: Path
 ) -> None:
+    """Each example runs in a fresh interpreter or shell, which imports Prefect (2-3 s of CPU)
+    before the example's own flow runs against the Prefect server."""
     if example.skipped_because:
         pytest.skip(example.skipped_because)
     boto3.client(

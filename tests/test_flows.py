@@ -115,6 +115,8 @@ def test_safe_failures_are_retried_by_prefect(journey_env: EmulatorServer, tmp_p
 
 
 def test_the_real_flow_retries_a_429(journey_env: EmulatorServer, tmp_path: Path) -> None:
+    """The flow's retry waits the ladder's first pause (2 s +/- 50 %), longer than the server's
+    0.05 s Retry-After."""
     journey_env.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 0.05})
     stored = generate_and_store(unique("retry in the flow"), destination=str(tmp_path))
     assert local_files(tmp_path) == [f"{stored.task_id}.png"] and calls(journey_env) == 2
@@ -158,6 +160,7 @@ def test_client_errors_fail_at_once_without_retry(
 def test_cached_rerun_is_free_and_a_new_variant_is_not(
     journey_env: EmulatorServer, tmp_path: Path
 ) -> None:
+    """Three flow runs, each with Prefect's per-run start-up."""
     prompt = unique("a daily postcard")
     first = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-25")
     journey_env.admin("reset")
@@ -279,6 +282,9 @@ def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
     prefect_harness: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Four flow runs: two wait out the retry ladder's first pauses (2 s +/- 50 % each), one
+    recovers a lost answer through a receiver and the events API; then all they left in the API
+    is read back."""
     JourneyCredentials(api_key=SENTINEL_KEY, base_url=journey_env.url).save(
         "sentinel", overwrite=True
     )

@@ -96,6 +96,7 @@ def test_a_rerun_from_a_fresh_prefect_home_pays_nothing(
     kind: str,
     images_per_task_run: int,
 ) -> None:
+    """Two campaign runs, the second with a fresh Prefect home, in a bucket or a folder."""
     where, batch = Where(kind, bucket, tmp_path), items(uuid.uuid4().hex[:8])
     first = batch_campaign(
         items=batch, campaign=CAMPAIGN, images_per_task_run=images_per_task_run, **where.options
@@ -134,6 +135,8 @@ def test_a_rerun_from_a_fresh_prefect_home_pays_nothing(
 def test_keys_holding_other_requests_images_fail_before_any_call_unless_overwrite(
     journey_env: EmulatorServer, bucket: Bucket, tmp_path: Path, kind: str
 ) -> None:
+    """Three campaign runs on the same keys, in a bucket or a folder, and the second's logs
+    read back from the API."""
     where, batch = Where(kind, bucket, tmp_path), items(uuid.uuid4().hex[:8])
     first = batch_campaign(items=batch, campaign=CAMPAIGN, variant="first", **where.options)
     objects = where.objects()

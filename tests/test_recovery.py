@@ -66,6 +66,8 @@ def items(n: int) -> list[dict[str, Any]]:
 def test_lost_answers_are_recovered_not_bought_again(
     recovering: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """Each lost answer waits for its webhook delivery: the emulator, the receiver and the
+    Prefect events API, which the run asks once a second."""
     # Every way an answer can be lost after the image was made and billed.
     recovering.admin(
         "faults", {"queue": {"api": ["500", "drop", "malformed", "slow"]}, "slow_seconds": 2.0}
@@ -95,6 +97,8 @@ def test_an_undelivered_attempt_is_retried_after_the_window(
     images_per_task_run: int,
     delivery_fault: str,
 ) -> None:
+    """The attempt waits out a 3 s recovery window, then the retry ladder's first pause (2 s
+    +/- 50 %), before it pays again."""
     monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "3")
     recovering.admin(
         "faults", {"queue": {"api": ["500"], "webhook": [delivery_fault]}, "late_seconds": 30}
@@ -114,6 +118,8 @@ def test_an_undelivered_attempt_is_retried_after_the_window(
 def test_a_duplicated_delivery_is_one_result(
     recovering: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """The dropped answer waits for its delivery through the receiver and the events API, which
+    the run asks once a second."""
     recovering.admin("faults", {"queue": {"api": ["drop"], "webhook": ["duplicate"]}})
     report = batch_campaign(
         items=items(2),
@@ -133,6 +139,8 @@ def test_another_runs_delivery_never_becomes_this_runs_result(
     monkeypatch: pytest.MonkeyPatch,
     images_per_task_run: int,
 ) -> None:
+    """The attempt waits out a 3 s recovery window, then the retry ladder's first pause (2 s
+    +/- 50 %), before it pays again."""
     # Another run's attempt (a token minted with the same secret) delivers an image while
     # this run's own delivery is lost: this run buys its image again rather than take that one.
     foreign = {

@@ -44,6 +44,8 @@ def _hold_and_die(directory: str, key: str) -> None:
 
 
 def test_a_dead_holders_lock_lapses_and_a_live_one_is_renewed(tmp_path: Path) -> None:
+    """A spawned process takes a lock and dies; then a lock is held across more than two 1 s
+    leases, so that a renewal must have happened meanwhile."""
     process = multiprocessing.get_context("spawn").Process(
         target=_hold_and_die, args=(str(tmp_path), "k")
     )
@@ -178,6 +180,8 @@ def test_a_commit_whose_answer_was_lost_is_reported_stored(
 def test_soak_60_items_loses_nothing(
     journey_env: EmulatorServer, faulty_bucket: tuple[Bucket, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """60 items through 25 % injected faults (API, CDN, S3): the retry ladder's pauses and the
+    waits for deliveries add up to most of a minute."""
     bucket, _ = faulty_bucket
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", str(READ_TIMEOUT))
     # With a receiver, as `make soak` runs: every lost answer is recovered from its delivery.
@@ -204,6 +208,8 @@ def test_soak_60_items_loses_nothing(
 def test_killed_campaign_resumes_without_rebilling_or_duplicates(
     journey_env: EmulatorServer, bucket: Bucket, prefect_harness: Path, tmp_path: Path
 ) -> None:
+    """Two campaign processes (each imports Prefect) of 16 images at 0.5 s, two at a time; the
+    second waits out the killed run's 5 s leases."""
     from prefect.settings import PREFECT_API_URL
 
     journey_env.admin("config", {"fixed": 0.5})

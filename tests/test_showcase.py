@@ -33,6 +33,8 @@ def test_every_picture_is_shown_by_a_docs_page() -> None:
 
 @pytest.mark.slow
 def test_make_ui_shows_the_runs_until_ctrl_c(tmp_path: Path) -> None:
+    """make ui starts a real prefect server on a database migrated from scratch, the emulator,
+    the example flow, a campaign and the deployments."""
     port = free_port()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)

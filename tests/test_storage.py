@@ -186,6 +186,8 @@ class _RacingTransport(httpx.BaseTransport):
 def test_an_object_created_during_the_upload_is_kept_and_the_upload_aborted(
     emulator: EmulatorServer, bucket: Bucket
 ) -> None:
+    """A realistic 4K image (tens of MB) generated, downloaded, and uploaded in parts to the
+    moto server while another writer races it."""
     emulator.admin("config", {"realistic_sizes": True})  # tens of MB: several parts
     try:
         result = generate(emulator, resolution="4K")

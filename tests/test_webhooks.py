@@ -161,6 +161,8 @@ def test_blank_secret_is_refused() -> None:
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_events_reach_prefect(emulator: EmulatorServer) -> None:
+    """Waits for the Prefect server to store the emitted events (the events API shows them a
+    moment after they were accepted)."""
     with BackgroundServer(create_webhook_app(SECRET)) as server:
         url = f"{server.url}{WEBHOOK_PATH}"
         with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
@@ -303,6 +305,7 @@ class SwitchableProxy:
 def test_a_delivery_is_acknowledged_only_once_prefect_has_its_event(
     emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The refused delivery comes again after 2 s, as the provider retries one."""
     api = httpx.URL(str(PREFECT_API_URL.value()))
     proxy = SwitchableProxy((api.host, api.port or 80))
     proxy.up()
