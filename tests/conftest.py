@@ -32,6 +32,8 @@ _PREFECT_HOME = tempfile.mkdtemp(
     prefix=f"journey-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"
 )
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
+# Named too: some Prefect releases derive the default from the default home, not this one.
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
 
 # Generation latency in tests: 1 % of the realistic model (a bare 1K image in ~80 ms).
 TEST_TIME_SCALE = 0.01

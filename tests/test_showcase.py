@@ -37,7 +37,9 @@ def test_make_ui_shows_the_runs_until_ctrl_c(tmp_path: Path) -> None:
     the example flow, a campaign and the deployments."""
     port = free_port()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
+    # As a person runs it: Prefect's API and results where make ui puts them.
+    for name in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        env.pop(name, None)
     command = ["-m", "tools.showcase", "--port", str(port), "--outputs", str(tmp_path / "outputs")]
     ui = subprocess.Popen(
         [sys.executable, *command],
