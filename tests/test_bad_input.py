@@ -509,6 +509,8 @@ def test_bad_input_fails_before_any_call(
     kind: str,
     fragment: str,
 ) -> None:
+    """The flow and task cases each run a flow, with Prefect's per-run start-up, until it
+    fails."""
     what, message = case(journey_env, tmp_path)
     assert what == kind, message
     assert fragment in message

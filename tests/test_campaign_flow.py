@@ -437,6 +437,7 @@ def test_retries_count_against_the_budget(
 def test_concurrency_never_exceeds_max_concurrency(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
+    """12 images of 0.3 s, three at a time: four rounds at least."""
     journey_env.admin("config", {"fixed": 0.3})
     batch_campaign(
         images_per_task_run=images_per_task_run,

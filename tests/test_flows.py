@@ -229,6 +229,8 @@ def test_jpeg_bytes_are_stored_as_jpg(
 def test_character_series_presigns_once_and_reruns_free(
     journey_env: EmulatorServer, bucket: Bucket, s3_destination: str
 ) -> None:
+    """Two runs of the character series flow, three images each, with references presigned on
+    the moto server."""
     fs = bucket.fs()
     for name in ("ana", "bo"):
         fs.pipe(f"{bucket.name}/characters/{name}.png", name.encode())

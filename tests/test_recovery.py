@@ -167,6 +167,8 @@ def test_another_runs_delivery_never_becomes_this_runs_result(
 def test_without_a_receiver_a_lost_answer_is_bought_again(
     journey_env: EmulatorServer, tmp_path: Path
 ) -> None:
+    """The possibly-billed 500 is paid again after the retry ladder's first pause (2 s +/- 50
+    %)."""
     journey_env.admin("faults", {"queue": {"api": ["500"]}})
     report = batch_campaign(items=items(1), campaign="no-receiver", destination=str(tmp_path))
     assert (report.stored, report.recovered, report.calls, report.credits_charged) == (1, 0, 2, 8)

@@ -99,6 +99,8 @@ def test_the_lease_comes_from_the_environment(
 def test_concurrent_identical_runs_are_billed_once(
     journey_env: EmulatorServer, tmp_path: Path
 ) -> None:
+    """Two flow runs at once on the same 1 s image: the second waits for the first's lock, then
+    reads its cached result."""
     journey_env.admin("config", {"fixed": 1.0})
     prompt = f"the same image, twice at once #{uuid.uuid4().hex[:8]}"
     results: list[StoredImage] = []

@@ -439,6 +439,8 @@ def test_the_origin_is_recorded_on_the_object_and_read_back(
 def test_an_upload_in_parts_records_its_origin_and_is_described_by_reading_it(
     emulator: EmulatorServer, bucket: Bucket
 ) -> None:
+    """A realistic 4K image (tens of MB) generated, downloaded and uploaded in parts to the
+    moto server."""
     emulator.admin("config", {"realistic_sizes": True})  # tens of MB: several parts
     try:
         result = generate(emulator, resolution="4K")
