@@ -29,8 +29,8 @@ lint: $(STAMP)
 
 # The suite runs in worker processes (pytest-xdist), more of them than the 2 cores: most of a
 # test's time is a wait (an emulated generation, a Prefect server, a subprocess), not work.
-# Tests are handed out one at a time, the long ones first (tests/conftest.py), so no worker
-# ends the run alone. TEST_WORKERS=0 runs everything in this process.
+# Tests are handed out as workers free up, the long ones early (tests/conftest.py), so the
+# run does not end waiting for a long test started last. TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 4
 PARALLEL := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 

@@ -8,6 +8,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -34,6 +35,7 @@ _PREFECT_HOME = tempfile.mkdtemp(
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 # Named too: some Prefect releases derive the default from the default home, not this one.
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
+assert "prefect" not in sys.modules, "Prefect was imported before its home was set"
 
 # Generation latency in tests: 1 % of the realistic model (a bare 1K image in ~80 ms).
 TEST_TIME_SCALE = 0.01
@@ -76,14 +78,18 @@ def run_in_terminal(command: list[str], env: dict[str, str], timeout: float = 12
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests (marked ``slow`` or ``install``) first: xdist hands tests out in this
-    order, so each starts on a worker of its own while the short ones fill the other workers
-    and the run does not end waiting for a long test started last."""
-    items.sort(
-        key=lambda item: (
-            not item.get_closest_marker("slow") and not item.get_closest_marker("install")
-        )
-    )
+    """The long tests (marked ``slow`` or ``install``) early, in every other place: xdist
+    gives each worker the next two tests to begin with, then one more each time it is free.
+    So each worker starts one long test beside a short one, the rest of the long ones go to
+    the first workers to free up, and the run does not end waiting for a long test started
+    last."""
+    long: list[pytest.Item] = []
+    short: list[pytest.Item] = []
+    for item in items:
+        is_long = item.get_closest_marker("slow") or item.get_closest_marker("install")
+        (long if is_long else short).append(item)
+    paired = [test for pair in zip(long, short, strict=False) for test in pair]
+    items[:] = paired + long[len(short) :] + short[len(long) :]
 
 
 # A test that runs longer than this says why in its docstring.
@@ -175,8 +181,15 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from prefect.testing.utilities import prefect_test_harness
 
     storage = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness():
-        yield storage
+    # The variable too, so that a test's subprocesses (which inherit it) store there as well:
+    # Prefect reads it before PREFECT_LOCAL_STORAGE_PATH.
+    before = os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
+    try:
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness():
+            yield storage
+    finally:
+        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = before
 
 
 @pytest.fixture(scope="session")

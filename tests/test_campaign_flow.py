@@ -474,7 +474,7 @@ def test_global_concurrency_limit_is_shared(
 def test_failed_items_do_not_stop_the_batch_and_rerun_redoes_only_them(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
-    """Two campaign runs of 6 images, one at a time."""
+    """Two campaign runs of 6 images, the first one image at a time."""
     batch = items(6)
     journey_env.admin("faults", {"queue": {"api": ["failed"]}})
     state = batch_campaign(

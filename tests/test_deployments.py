@@ -23,6 +23,8 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
+# Session scope: the two tests below may run on different workers, each then starting its own;
+# module scope would start it again each time a worker comes back to this file.
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`prefect server start` in a subprocess with its own home and database; yields the

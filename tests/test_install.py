@@ -1,6 +1,7 @@
 """The wheel, as another team gets it: built, installed into a fresh virtual environment outside
 the checkout, and its campaign flow run from an empty folder against the emulator and the
-session's Prefect server.
+session's Prefect server (the fresh environment is a client of it, as a team's worker is of
+theirs; the server runs the same Prefect, from the same frozen versions).
 
 Marked ``install`` (a fresh environment takes a minute to fill), so a quick ``pytest`` leaves
 it out; ``make test``, and so CI, runs it with the rest of the suite.
