@@ -28,14 +28,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Each pytest process (each xdist worker) gets a Prefect home of its own, set before anything
 # imports Prefect (which reads it once): the image locks live under it, so two workers never
-# share one, and no test touches the user's ~/.prefect. Subprocesses of a test inherit it.
-_PREFECT_HOME = tempfile.mkdtemp(
-    prefix=f"journey-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"
-)
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
-# Named too: some Prefect releases derive the default from the default home, not this one.
-os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
-assert "prefect" not in sys.modules, "Prefect was imported before its home was set"
+# share one, and no test touches the user's ~/.prefect. Subprocesses of a test inherit it; a
+# process a test spawns that imports this module again (multiprocessing) keeps it too.
+_HOME_PREFIX = f"journey-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"
+_INHERITED_HOME = os.environ.get("PREFECT_HOME", "")
+_OWN_HOME = not os.path.basename(_INHERITED_HOME).startswith(_HOME_PREFIX)
+if _OWN_HOME:
+    _PREFECT_HOME = tempfile.mkdtemp(prefix=_HOME_PREFIX)
+    os.environ["PREFECT_HOME"] = _PREFECT_HOME
+    # Named too: some Prefect releases derive the default from the default home, not this one.
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
+else:
+    _PREFECT_HOME = _INHERITED_HOME
 
 # Generation latency in tests: 1 % of the realistic model (a bare 1K image in ~80 ms).
 TEST_TIME_SCALE = 0.01
@@ -124,8 +128,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if "prefect" in sys.modules:  # imported by a plugin, before this module set the home
+        from prefect.settings import PREFECT_HOME
+
+        assert str(PREFECT_HOME.value()) == _PREFECT_HOME, "Prefect was imported too early"
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+    if _OWN_HOME:
+        shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 def free_port() -> int:
