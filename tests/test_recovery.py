@@ -28,6 +28,7 @@ from prefect_journey.recovery import AttemptRecord, delivered_result
 from prefect_journey.tasks import aimagine, imagine
 from prefect_journey.tokens import mint_token
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
+from reliability.soak import READ_TIMEOUT, SLOW_SECONDS
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -52,7 +53,8 @@ def recovering(
     monkeypatch.setenv("JOURNEY_WEBHOOK_URL", receiver_url)
     monkeypatch.setenv("JOURNEY_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", str(WINDOW))
-    monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "1.5")
+    # Seconds of room over a generation, as in the soak (reliability/soak.py says why).
+    monkeypatch.setenv("JOURNEY_READ_TIMEOUT", str(READ_TIMEOUT))
     monkeypatch.setattr(journey_env.state.config, "webhook_retry_delays", (0.5, 1.0, 2.0))
     return journey_env
 
@@ -70,7 +72,8 @@ def test_lost_answers_are_recovered_not_bought_again(
     Prefect events API, which the run asks once a second."""
     # Every way an answer can be lost after the image was made and billed.
     recovering.admin(
-        "faults", {"queue": {"api": ["500", "drop", "malformed", "slow"]}, "slow_seconds": 2.0}
+        "faults",
+        {"queue": {"api": ["500", "drop", "malformed", "slow"]}, "slow_seconds": SLOW_SECONDS},
     )
     report = batch_campaign(
         items=items(4),
