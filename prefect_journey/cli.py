@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the result (and stored object) as JSON"
     )
 
+    commands.add_parser(
+        "new-secret",
+        help="print a new webhook secret (64 random hex digits) for JOURNEY_WEBHOOK_SECRET",
+    )
     webhooks = commands.add_parser(
         "webhooks", help="receive JourneyAPI webhooks and emit Prefect events"
     )
@@ -185,6 +189,13 @@ def _run_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_new_secret(args: argparse.Namespace) -> int:
+    from prefect_journey.signing import new_secret
+
+    print(new_secret())
+    return 0
+
+
 def _run_emulator(args: argparse.Namespace) -> int:
     from prefect_journey import settings
     from prefect_journey.emulator import (
@@ -219,7 +230,12 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"emulator": _run_emulator, "imagine": _run_imagine, "webhooks": _run_webhooks}
+_COMMANDS = {
+    "emulator": _run_emulator,
+    "imagine": _run_imagine,
+    "new-secret": _run_new_secret,
+    "webhooks": _run_webhooks,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -243,6 +243,23 @@ class TaskFailedError(JourneyError):
         self.reason = reason
 
 
+class UnverifiedDeliveryError(JourneyError):
+    """A webhook event is not proven: the receiver did not sign it, or the provider's
+    ``/fetch`` does not confirm the task it names. Nothing is downloaded or stored for it.
+
+    Args:
+        message: What did not check.
+        task_id: The task the event named.
+
+    Attributes:
+        task_id: The task the event named.
+    """
+
+    def __init__(self, message: str, *, task_id: str | None = None):
+        super().__init__(message)
+        self.task_id = task_id
+
+
 class DownloadError(JourneyError):
     """The image could not be fetched, or its bytes are truncated or corrupt.
 

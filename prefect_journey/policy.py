@@ -329,6 +329,36 @@ def worst_case_attempt_timeout(*, recovering: bool = False) -> float:
     return recovering_timeout(timeout, RECOVERY_WINDOW) if recovering else timeout
 
 
+def delivery_deadline(sent_at: float, request: ImagineRequest, window: float) -> float:
+    """Until when a paid attempt's webhook delivery is waited for.
+
+    Counted from when the attempt was sent, not from when it failed: a gateway can answer
+    502 early while the provider goes on generating for as long as the attempt could have
+    taken, and the delivery comes when the generation ends.
+
+    Args:
+        sent_at: When the attempt was sent (epoch seconds).
+        request: Its request (sizes :func:`attempt_timeout`).
+        window: The recovery window.
+
+    Returns:
+        ``sent_at + attempt_timeout(request) + window``, epoch seconds.
+    """
+    return sent_at + attempt_timeout(request) + window
+
+
+def attempt_record_expiry(deadline: float) -> float:
+    """When an attempt's record is dropped: after every delivery retry of the provider.
+
+    Args:
+        deadline: The attempt's :func:`delivery_deadline`.
+
+    Returns:
+        Epoch seconds past which nothing can be delivered for the attempt.
+    """
+    return deadline + sum(PROVIDER_WEBHOOK_RETRY_DELAYS)
+
+
 def recovering_timeout(attempt: float, window: float) -> float:
     """The deadline of an attempt that recovers: before its call it may wait for an earlier
     run's attempt (that attempt's deadline plus the window), after it for its own delivery

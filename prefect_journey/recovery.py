@@ -1,4 +1,4 @@
-"""Recover a possibly-billed generation instead of buying it again.
+"""Recover a possibly-billed generation instead of buying it again, believing only proof.
 
 ``imagine`` is a synchronous paid call: the ``task_id`` arrives only with the finished image,
 so when the answer is lost (read timeout, dropped connection, 500/502/504, a malformed 2xx)
@@ -8,20 +8,29 @@ whatever happened to the HTTP answer. With a receiver configured
 (:class:`JourneyWebhookReceiver`, or ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``),
 every paid attempt of both campaign executors and of the ``imagine`` tasks:
 
-1. mints a token (:mod:`prefect_journey.tokens`) and sends ``webhook_url=<receiver>/<token>``;
-2. records the attempt (its id, never the token, and when it was sent) in the result store
-   of the ``imagine`` records before the request leaves, under the image's cache key, so a
-   run resumed on any worker that shares the result storage finds it;
-3. on a possibly-billed failure, waits up to the recovery window for the attempt's delivery,
-   which the receiver (``prefect-journey webhooks``) turned into a ``journey.attempt.*``
-   Prefect event about the attempt: a finished task becomes the attempt's result (no new
-   paid call), a failed one its typed failure. Only when the window ends with nothing does
-   the retry policy of :mod:`prefect_journey.policy` apply;
-4. before paying for an image, looks for deliveries of attempts an earlier run recorded for
+1. mints a token (:mod:`prefect_journey.tokens`) and sends ``webhook_url=<receiver>/<token>``
+   with the provider secret derived from the webhook secret (:mod:`prefect_journey.signing`);
+2. records the attempt (:mod:`prefect_journey.attempts`: its id, never the token, when it
+   was sent, until when its delivery is waited for) before the request leaves, so a run
+   resumed on any worker that shares the result storage finds it;
+3. on a possibly-billed failure, waits for the attempt's delivery until the attempt's
+   deadline (sent + the attempt's timeout + the recovery window), reading the
+   ``journey.attempt.*`` Prefect events the receiver (``prefect-journey webhooks``) emits. A
+   delivery is believed only when it is **proven**: the receiver's signature over the
+   attempt, task, status and image URL checks (so writing events to Prefect is not enough),
+   and the provider's free ``/fetch`` of the task answers the same status and image URL. A
+   finished task then becomes the attempt's result (no new paid call), a failed one its
+   typed failure. A delivery that fails either check is refused with a warning naming the
+   attempt, and the wait goes on for a real one. Only when the deadline passes with nothing
+   does the retry policy of :mod:`prefect_journey.policy` apply;
+4. on a 503 or 408 ("not now": nothing should have been made), keeps the record until its
+   deadline all the same, so that each check before paying asks once for a late delivery;
+5. before paying for an image, looks for deliveries of attempts an earlier run recorded for
    the same request (a run killed while its calls were in flight) and waits for those still
-   inside their window.
+   before their deadline.
 
-Without a receiver, nothing here runs and a possibly-billed failure is retried as before.
+Without a receiver, nothing here runs and a possibly-billed failure is retried as the
+policy says.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import cast
+from uuid import UUID
 
 from prefect.blocks.core import Block
 from prefect.client.orchestration import PrefectClient, get_client
@@ -45,18 +55,31 @@ from prefect.events.filters import (
 )
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
-from prefect.tasks import Task
-from pydantic import BaseModel, Field, HttpUrl, SecretStr, field_validator
+from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
 
 from prefect_journey import policy, settings
 from prefect_journey._compat import call_sync
+from prefect_journey.attempts import AttemptRecord, recorded_attempts, save_attempts
 from prefect_journey.budget import CreditBudget
-from prefect_journey.cache import record_store
-from prefect_journey.client import parse_task
+from prefect_journey.client import AsyncJourneyClient, JourneyClient
 from prefect_journey.credentials import DOCUMENTATION_URL, LOGO_URL
-from prefect_journey.errors import ConfigurationError, JourneyError, TaskFailedError
-from prefect_journey.models import CREDITS_PER_IMAGE, ImagineRequest, ImagineResult, check_http_url
+from prefect_journey.errors import (
+    ConfigurationError,
+    JourneyError,
+    NotFoundError,
+    ServiceUnavailableError,
+    TaskFailedError,
+    UnverifiedDeliveryError,
+)
+from prefect_journey.models import (
+    CREDITS_PER_IMAGE,
+    ImagineRequest,
+    ImagineResult,
+    TaskStatus,
+    check_http_url,
+)
 from prefect_journey.publishing import Logger
+from prefect_journey.signing import SIGNATURE_FIELD, WebhookKeys, check_secret
 from prefect_journey.tokens import (
     ATTEMPT_EVENT_PREFIX,
     attempt_id,
@@ -65,13 +88,12 @@ from prefect_journey.tokens import (
     mint_token,
 )
 
-# The attempt records of an image live beside its cache record, under this prefix.
-ATTEMPTS_KEY_PREFIX = "journey-attempts-"
 # A receiver's clock may run behind ours: deliveries are looked for from this long before the
 # attempt was sent.
 CLOCK_SKEW = timedelta(minutes=5)
-# Deliveries read per question: one per attempt of one image, with room for replays.
-DELIVERIES_READ = 20
+# Deliveries read per question: one per attempt of one image, with room for replays and
+# forgeries (each is judged once).
+DELIVERIES_READ = 50
 
 
 class JourneyWebhookReceiver(Block):
@@ -108,7 +130,10 @@ class JourneyWebhookReceiver(Block):
     )
     secret: SecretStr = Field(
         default=...,
-        description="The secret the receiver expects (its JOURNEY_WEBHOOK_SECRET).",
+        description=(
+            "The receiver's JOURNEY_WEBHOOK_SECRET: 32 random bytes or more "
+            "(make one with `prefect-journey new-secret`)."
+        ),
     )
     recovery_window_seconds: float = Field(
         default=policy.RECOVERY_WINDOW,
@@ -125,34 +150,37 @@ class JourneyWebhookReceiver(Block):
     @field_validator("secret")
     @classmethod
     def _check_secret(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("the webhook secret must not be blank")
+        check_secret(value.get_secret_value())
         return value
 
-    def new_attempt(self) -> Attempt:
-        """A new attempt: a fresh token, stamped now.
+    @property
+    def signing_keys(self) -> WebhookKeys:
+        """The keys derived from the secret (:mod:`prefect_journey.signing`)."""
+        return WebhookKeys.from_secret(self.secret)
+
+    def new_attempt(self, request: ImagineRequest) -> Attempt:
+        """A new attempt at ``request``: a fresh token, stamped now, with its deadline.
+
+        Args:
+            request: The request it sends (sizes its deadline).
 
         Returns:
             The attempt, to record and then send with :meth:`Attempt.request`.
         """
-        token = mint_token(self.secret.get_secret_value())
+        keys = self.signing_keys
+        token = mint_token(keys.token_key)
+        sent_at = time.time()
+        deadline = policy.delivery_deadline(sent_at, request, self.recovery_window_seconds)
         return Attempt(
-            id=attempt_id(token),
-            sent_at=time.time(),
+            record=AttemptRecord(
+                id=attempt_id(token),
+                sent_at=sent_at,
+                deadline=deadline,
+                expires_at=policy.attempt_record_expiry(deadline),
+            ),
             webhook_url=delivery_url(self.url, token),
-            webhook_secret=self.secret,
+            webhook_secret=keys.provider_secret,
         )
-
-    def deadline(self, failed_at: float) -> float:
-        """When waiting for a delivery after a failure ends.
-
-        Args:
-            failed_at: When the attempt failed (epoch seconds).
-
-        Returns:
-            ``failed_at`` plus the recovery window.
-        """
-        return failed_at + self.recovery_window_seconds
 
 
 def task_timeout(request: ImagineRequest, receiver: JourneyWebhookReceiver | None) -> float:
@@ -206,26 +234,18 @@ def load_receiver(block_name: str | None = None) -> JourneyWebhookReceiver | Non
         raise ConfigurationError(f"{settings.WEBHOOK_URL.name}: {exc}") from None
 
 
-class AttemptRecord(BaseModel):
-    """One paid attempt, as recorded before it was sent: what a resumed run reads."""
-
-    id: str
-    sent_at: float
-
-
 @dataclass(frozen=True)
 class Attempt:
     """One paid attempt: its record, and the webhook it sends (never recorded or logged)."""
 
-    id: str
-    sent_at: float
+    record: AttemptRecord
     webhook_url: str = field(repr=False)
     webhook_secret: SecretStr = field(repr=False)
 
     @property
-    def record(self) -> AttemptRecord:
-        """What is recorded of the attempt."""
-        return AttemptRecord(id=self.id, sent_at=self.sent_at)
+    def id(self) -> str:
+        """The attempt's id (a digest of its token)."""
+        return self.record.id
 
     def request(self, request: ImagineRequest) -> ImagineRequest:
         """``request`` with this attempt's ``webhook_url`` and ``webhook_secret``.
@@ -241,54 +261,32 @@ class Attempt:
         )
 
 
-# --- Attempt records ---------------------------------------------------------------------------
-
-
-def _records_key(key: str) -> str:
-    return ATTEMPTS_KEY_PREFIX + key
-
-
-def recorded_attempts(key: str) -> list[AttemptRecord]:
-    """The attempts recorded for the image of cache key ``key`` and not yet settled.
+def webhook_keys(block_name: str | None = None) -> WebhookKeys:
+    """The keys of the receiver's secret: the named block's, else ``JOURNEY_WEBHOOK_SECRET``'s.
 
     Args:
-        key: The image's cache key (the ``imagine`` task's).
+        block_name: A saved :class:`JourneyWebhookReceiver`; None reads the environment.
 
     Returns:
-        The records, oldest first; empty when there are none.
+        The keys.
 
     Raises:
-        Exception: The record exists and cannot be read (the result store's error): an
-            unreadable record is not taken for none, which would let it be overwritten.
+        ConfigurationError: No secret is configured, or it is too weak.
     """
-    store = record_store(_imagine_task())
-    records_key = _records_key(key)
-    if not store.exists(records_key):
-        return []
-    value = store.read(records_key).result
-    return [AttemptRecord.model_validate(item) for item in value] if isinstance(value, list) else []
-
-
-def save_attempts(key: str, records: Iterable[AttemptRecord]) -> None:
-    """Replace the attempt records of ``key``'s image.
-
-    The caller holds the image's lock (the task engine's, or the chunked executor's), so
-    reading and rewriting the list is safe.
-
-    Args:
-        key: The image's cache key.
-        records: The attempts still to settle; empty once the image is settled.
-    """
-    record_store(_imagine_task()).write(
-        [record.model_dump() for record in records], key=_records_key(key)
-    )
-
-
-def _imagine_task() -> Task[..., ImagineResult]:
-    # Imported on use: the tasks import this module.
-    from prefect_journey.tasks import imagine
-
-    return imagine
+    if block_name:
+        return cast(
+            JourneyWebhookReceiver, call_sync(JourneyWebhookReceiver.load, block_name)
+        ).signing_keys
+    secret = settings.webhook_secret()
+    if not secret:
+        raise ConfigurationError(
+            f"checking the receiver's signature needs its secret: set "
+            f"{settings.WEBHOOK_SECRET.name} or name a JourneyWebhookReceiver block"
+        )
+    try:
+        return WebhookKeys.from_secret(secret)
+    except ValueError as exc:
+        raise ConfigurationError(f"{settings.WEBHOOK_SECRET.name}: {exc}") from None
 
 
 # --- Deliveries --------------------------------------------------------------------------------
@@ -315,51 +313,179 @@ def delivery_filter(records: Iterable[AttemptRecord]) -> EventFilter:
     )
 
 
-def delivered_result(
-    payloads: list[dict[str, object]], records: list[AttemptRecord], *, charged: int
-) -> ImagineResult | None:
-    """The result a delivery carries, if one of ``payloads`` (event payloads) has one.
+@dataclass(frozen=True)
+class Delivery:
+    """One ``journey.attempt.*`` event as read: which attempt it is about and what it says."""
 
-    A payload that is not a valid task is passed over: it cannot be a result.
+    event_id: UUID
+    attempt: str
+    payload: dict[str, object]
+
+
+def deliveries(page: EventPage) -> list[Delivery]:
+    """The deliveries of an events page.
 
     Args:
-        payloads: The payloads of the deliveries found, in any order.
-        records: The attempts they belong to (the first one dates the result).
+        page: What the events API answered.
+
+    Returns:
+        One :class:`Delivery` per event.
+    """
+    return [
+        Delivery(
+            event_id=event.id,
+            attempt=event.resource.id.removeprefix(ATTEMPT_EVENT_PREFIX),
+            payload=dict(event.payload),
+        )
+        for event in page.events
+    ]
+
+
+def signed_task(delivery: Delivery, keys: WebhookKeys) -> TaskStatus | None:
+    """The finished or failed task ``delivery`` carries, if the receiver signed it.
+
+    Args:
+        delivery: The delivery.
+        keys: The keys of the receiver's secret.
+
+    Returns:
+        The task; None (with a warning naming the attempt) for anything else.
+    """
+    try:
+        task = TaskStatus.model_validate(delivery.payload)
+    except ValidationError:
+        _refused(delivery, "it is not a task")
+        return None
+    if task.status not in ("finished", "failed"):
+        _refused(delivery, f"its task is {task.status}, not finished or failed")
+        return None
+    if not keys.signed(
+        delivery.payload.get(SIGNATURE_FIELD),
+        attempt=delivery.attempt,
+        task_id=task.task_id,
+        status=task.status,
+        image_url=task.image_url,
+    ):
+        _refused(delivery, "its signature is not the receiver's")
+        return None
+    return task
+
+
+# What the provider's /fetch answered about a delivered task: the task, or the failure.
+Confirmation = TaskStatus | JourneyError
+# Asked again at the next question: the provider could not be asked, or not yet.
+AGAIN = "again"
+
+
+def proven_result(
+    delivery: Delivery,
+    task: TaskStatus,
+    confirmation: Confirmation,
+    records: list[AttemptRecord],
+    *,
+    charged: int,
+) -> ImagineResult | str | None:
+    """What a signed delivery proves, once the provider was asked about its task.
+
+    Args:
+        delivery: The delivery.
+        task: Its signed task (:func:`signed_task`).
+        confirmation: The provider's ``/fetch`` of ``task.task_id``, or how it failed.
+        records: The attempts waited for (the first one dates the result).
         charged: The credits this run paid for the attempt (0 for an earlier run's).
 
     Returns:
-        The finished image, marked ``recovered``; None when nothing usable was delivered.
+        The delivered image, marked ``recovered``, when the provider reports the same
+        finished image; :data:`AGAIN` when the provider could not confirm it yet; None
+        (with a warning) when it contradicts the delivery.
 
     Raises:
-        TaskFailedError: The delivered task failed (the provider refused the image) and no
-            delivery carries an image.
+        TaskFailedError: The delivery and the provider both say the task failed.
     """
-    refusal: TaskFailedError | None = None
-    for payload in payloads:
-        try:
-            task = parse_task(dict(payload), "webhook delivery")
-        except TaskFailedError as error:
-            refusal = error
-            continue
-        except JourneyError as error:
-            _logger().warning("a delivery was not a usable task: %s", error)
-            continue
-        if task.status == "finished" and task.image_url is not None:
-            return ImagineResult(
-                task_id=task.task_id,
-                status=task.status,
-                image_url=task.image_url,
-                elapsed_seconds=round(time.time() - records[0].sent_at, 3),
-                credits_charged=charged,
-                recovered=True,
-            )
-    if refusal is not None:
-        raise refusal
-    return None
+    if isinstance(confirmation, TaskFailedError):
+        if task.status == "failed":
+            raise confirmation
+        _refused(delivery, f"the provider reports task {task.task_id} failed")
+        return None
+    if isinstance(confirmation, NotFoundError):
+        _refused(delivery, f"the provider does not know task {task.task_id}")
+        return None
+    if isinstance(confirmation, JourneyError):
+        _logger().warning(
+            "could not ask the provider about task %s delivered for attempt %s (%s); asking again",
+            task.task_id,
+            delivery.attempt,
+            type(confirmation).__name__,
+        )
+        return AGAIN
+    if confirmation.status != "finished" or task.status != "finished":
+        if confirmation.status in ("finished", "failed"):
+            _refused(delivery, f"the provider reports task {task.task_id} {confirmation.status}")
+            return None
+        return AGAIN  # the provider has not finished it yet: no delivery is due before
+    if confirmation.image_url != task.image_url or task.image_url is None:
+        _refused(delivery, f"its image URL is not the one the provider reports for {task.task_id}")
+        return None
+    return ImagineResult(
+        task_id=task.task_id,
+        status="finished",
+        image_url=task.image_url,
+        elapsed_seconds=round(time.time() - records[0].sent_at, 3),
+        credits_charged=charged,
+        recovered=True,
+    )
 
 
-def _payloads(page: EventPage) -> list[dict[str, object]]:
-    return [dict(event.payload) for event in page.events]
+def proven_task_event(
+    *, task_id: str, image_url: str, signature: object, keys: WebhookKeys, api: JourneyClient
+) -> TaskStatus:
+    """The finished task a ``journey.task.finished`` event announces, once proven: the
+    receiver signed it, and the provider's ``/fetch`` reports the same finished image.
+
+    Args:
+        task_id: The task the event names.
+        image_url: The image URL it names.
+        signature: The signature it carries (anything: events come from outside).
+        keys: The keys of the receiver's secret.
+        api: The provider's client.
+
+    Returns:
+        The task, as the provider reports it.
+
+    Raises:
+        UnverifiedDeliveryError: The signature does not check, or the provider does not
+            know the task, reports it failed or unfinished, or with another image URL.
+        JourneyError: The provider could not be asked (the client's errors).
+    """
+    if not keys.signed(
+        signature, attempt=None, task_id=task_id, status="finished", image_url=image_url
+    ):
+        raise UnverifiedDeliveryError(
+            f"the event for task {task_id} is not signed by the webhook receiver: refused, "
+            "nothing downloaded",
+            task_id=task_id,
+        )
+    try:
+        task = api.fetch(task_id)
+    except (NotFoundError, TaskFailedError) as error:
+        raise UnverifiedDeliveryError(
+            f"the provider does not confirm task {task_id} ({type(error).__name__}): refused, "
+            "nothing downloaded",
+            task_id=task_id,
+        ) from None
+    if task.status != "finished" or task.image_url != image_url:
+        raise UnverifiedDeliveryError(
+            f"the provider reports task {task_id} {task.status} with another image than the "
+            "event's: refused, nothing downloaded",
+            task_id=task_id,
+        )
+    return task
+
+
+def _refused(delivery: Delivery, why: str) -> None:
+    _logger().warning(
+        "refused a delivery for attempt %s: %s; waiting for a proven one", delivery.attempt, why
+    )
 
 
 def _unanswered(error: Exception) -> None:
@@ -370,22 +496,76 @@ def _unanswered(error: Exception) -> None:
     )
 
 
+def _confirm(api: JourneyClient, task_id: str) -> Confirmation:
+    try:
+        return api.fetch(task_id)
+    except JourneyError as error:
+        return error
+
+
+async def _aconfirm(api: AsyncJourneyClient, task_id: str) -> Confirmation:
+    try:
+        return await api.fetch(task_id)
+    except JourneyError as error:
+        return error
+
+
+class _Judge:
+    """Judges each delivery once (a refused one stays refused), across the questions of one
+    wait, and says what the wait should do next."""
+
+    def __init__(self, records: list[AttemptRecord], keys: WebhookKeys, charged: int) -> None:
+        self.records, self.keys, self.charged = records, keys, charged
+        self.judged: set[UUID] = set()
+
+    def new(self, page: EventPage) -> list[tuple[Delivery, TaskStatus]]:
+        """The signed deliveries of ``page`` not judged yet (unsigned ones are refused)."""
+        found = []
+        for delivery in deliveries(page):
+            if delivery.event_id in self.judged:
+                continue
+            task = signed_task(delivery, self.keys)
+            if task is None:
+                self.judged.add(delivery.event_id)
+            else:
+                found.append((delivery, task))
+        return found
+
+    def verdict(
+        self, delivery: Delivery, task: TaskStatus, confirmation: Confirmation
+    ) -> ImagineResult | None:
+        """The proven result, if the provider confirms ``delivery``."""
+        verdict = proven_result(delivery, task, confirmation, self.records, charged=self.charged)
+        if verdict == AGAIN:
+            return None
+        self.judged.add(delivery.event_id)
+        return verdict if isinstance(verdict, ImagineResult) else None
+
+
 def wait_for_delivery(
-    records: list[AttemptRecord], deadline: float, *, charged: int
+    records: list[AttemptRecord],
+    deadline: float,
+    *,
+    keys: WebhookKeys,
+    api: JourneyClient,
+    charged: int,
 ) -> ImagineResult | None:
-    """Ask the Prefect events API for a delivery of ``records`` until ``deadline``.
+    """Ask the Prefect events API for a proven delivery of ``records`` until ``deadline``.
 
     Args:
         records: The attempts whose delivery would do.
         deadline: When to stop (epoch seconds); asked at least once.
+        keys: The keys of the receiver's secret (checks the signatures).
+        api: The provider's client (confirms the delivered task with ``/fetch``).
         charged: The credits this run paid for the attempt (0 for an earlier run's).
 
     Returns:
-        The recovered image; None when nothing came in time.
+        The recovered image; None when nothing proven came in time.
 
     Raises:
-        TaskFailedError: The delivered task failed.
+        TaskFailedError: The delivered task failed, and the provider confirms it.
     """
+    judge = _Judge(records, keys, charged)
     with get_client(sync_client=True) as client:
         while True:
             try:
@@ -393,9 +573,10 @@ def wait_for_delivery(
             except Exception as error:  # any failure to ask is "nothing yet"
                 _unanswered(error)
             else:
-                found = delivered_result(_payloads(page), records, charged=charged)
-                if found is not None:
-                    return found
+                for delivery, task in judge.new(page):
+                    found = judge.verdict(delivery, task, _confirm(api, task.task_id))
+                    if found is not None:
+                        return found
             if time.time() >= deadline:
                 return None
             time.sleep(min(policy.RECOVERY_POLL_INTERVAL, max(0.0, deadline - time.time())))
@@ -405,20 +586,26 @@ async def await_delivery(
     records: list[AttemptRecord],
     deadline: float,
     *,
+    keys: WebhookKeys,
+    api: AsyncJourneyClient,
     charged: int,
     client: PrefectClient | None = None,
 ) -> ImagineResult | None:
     """Async twin of :func:`wait_for_delivery`; ``client`` is a Prefect client to reuse."""
-    async with get_client() if client is None else _Borrowed(client) as api:
+    judge = _Judge(records, keys, charged)
+    async with get_client() if client is None else _Borrowed(client) as events:
         while True:
             try:
-                page = await api.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)
+                page = await events.read_events(
+                    filter=delivery_filter(records), limit=DELIVERIES_READ
+                )
             except Exception as error:  # any failure to ask is "nothing yet"
                 _unanswered(error)
             else:
-                found = delivered_result(_payloads(page), records, charged=charged)
-                if found is not None:
-                    return found
+                for delivery, task in judge.new(page):
+                    found = judge.verdict(delivery, task, await _aconfirm(api, task.task_id))
+                    if found is not None:
+                        return found
             if time.time() >= deadline:
                 return None
             await asyncio.sleep(
@@ -467,8 +654,8 @@ def receiver_for(
     return None if request.webhook_url is not None else receiver
 
 
-def begin_attempt(key: str, receiver: JourneyWebhookReceiver) -> Attempt:
-    """A new attempt for the image of ``key``, recorded before it is sent.
+def begin_attempt(key: str, receiver: JourneyWebhookReceiver, request: ImagineRequest) -> Attempt:
+    """A new attempt at ``request`` for the image of ``key``, recorded before it is sent.
 
     Called inside the attempt's gate, right before the call, so that the record dates the
     call and not its wait for a slot.
@@ -476,50 +663,67 @@ def begin_attempt(key: str, receiver: JourneyWebhookReceiver) -> Attempt:
     Args:
         key: The image's cache key; the caller holds its lock.
         receiver: Where its delivery goes.
+        request: The request it sends.
 
     Returns:
         The attempt, to send with :meth:`Attempt.request`.
     """
-    attempt = receiver.new_attempt()
+    attempt = receiver.new_attempt(request)
     save_attempts(key, [*recorded_attempts(key), attempt.record])
     return attempt
 
 
-def end_attempt(key: str, attempt: Attempt | None) -> None:
-    """Forget a settled attempt (answered, recovered, failed, or waited out).
+def end_attempt(key: str, attempt: Attempt | None, error: JourneyError | None = None) -> None:
+    """Settle an attempt by how it ended.
 
     Args:
         key: The image's cache key; the caller holds its lock.
         attempt: The attempt; None (no receiver) does nothing.
+        error: How it failed. None (it brought the image) and the provider's refusal
+            (:class:`TaskFailedError`) settle every attempt of the image. A 503/408
+            (:class:`ServiceUnavailableError`) should have made nothing, but its record stays
+            until its deadline, so that a check before paying still asks for a late delivery
+            (a gateway may have answered for a provider at work). Any other failure forgets
+            the attempt.
     """
-    if attempt is not None:
-        save_attempts(key, [r for r in recorded_attempts(key) if r.id != attempt.id])
+    if attempt is None:
+        return
+    settled = error is None or isinstance(error, TaskFailedError)
+    others = [] if settled else [r for r in recorded_attempts(key) if r.id != attempt.id]
+    if isinstance(error, ServiceUnavailableError):
+        others.append(attempt.record.model_copy(update={"answered": "unavailable"}))
+    save_attempts(key, others)
 
 
-def _waiting(attempt: Attempt, error: JourneyError, window: float) -> None:
+def _waiting(attempt: Attempt, error: JourneyError) -> None:
     _logger().warning(
         "the answer of attempt %s is lost (%s); waiting up to %.0f s for its webhook delivery",
         attempt.id,
         type(error).__name__,
-        window,
+        max(0.0, attempt.record.deadline - time.time()),
     )
 
 
 def _settle(
-    budget: CreditBudget | None, key: str, attempt: Attempt, found: ImagineResult | None
+    budget: CreditBudget | None,
+    key: str,
+    attempt: Attempt,
+    error: JourneyError,
+    found: ImagineResult | None,
 ) -> ImagineResult | None:
-    end_attempt(key, attempt)
     if found is None:
-        _logger().warning("no delivery of attempt %s within the window", attempt.id)
+        end_attempt(key, attempt, error)
+        _logger().warning("no proven delivery of attempt %s by its deadline", attempt.id)
         return None
+    end_attempt(key, attempt)
     _logger().info("recovered task %s from attempt %s's delivery", found.task_id, attempt.id)
     if budget is not None:
         budget.recovered(billed=True)
     return found
 
 
-def _refused(budget: CreditBudget | None, key: str, attempt: Attempt) -> None:
-    end_attempt(key, attempt)
+def _refusal(budget: CreditBudget | None, key: str, attempt: Attempt) -> None:
+    end_attempt(key, attempt)  # the provider's answer settles the image
     if budget is not None:
         budget.recovered(billed=False)  # a refused image is not billed
 
@@ -530,35 +734,41 @@ def recover_attempt(
     receiver: JourneyWebhookReceiver,
     error: JourneyError,
     budget: CreditBudget | None,
+    api: JourneyClient,
 ) -> ImagineResult | None:
     """After ``attempt`` failed with ``error``: its delivered image, if it may have been
-    billed and the delivery comes within the recovery window.
+    billed and a proven delivery comes by the attempt's deadline.
 
     Args:
         key: The image's cache key; the caller holds its lock.
         attempt: The failed attempt.
-        receiver: Its receiver (and recovery window).
+        receiver: Its receiver (the keys that check deliveries).
         error: How it failed; only a possibly-billed failure is waited for.
         budget: The run's budget, told when the attempt's fate is known.
+        api: The provider's client, to confirm a delivery with ``/fetch``.
 
     Returns:
         The recovered image; None when the failure is to be handled as usual.
 
     Raises:
-        TaskFailedError: The delivery says the provider refused the image.
+        TaskFailedError: The provider confirms the delivery's refusal of the image.
     """
     if not error.possibly_billed:
-        end_attempt(key, attempt)
+        end_attempt(key, attempt, error)
         return None
-    _waiting(attempt, error, receiver.recovery_window_seconds)
+    _waiting(attempt, error)
     try:
         found = wait_for_delivery(
-            [attempt.record], receiver.deadline(time.time()), charged=CREDITS_PER_IMAGE
+            [attempt.record],
+            attempt.record.deadline,
+            keys=receiver.signing_keys,
+            api=api,
+            charged=CREDITS_PER_IMAGE,
         )
     except TaskFailedError:
-        _refused(budget, key, attempt)
+        _refusal(budget, key, attempt)
         raise
-    return _settle(budget, key, attempt, found)
+    return _settle(budget, key, attempt, error, found)
 
 
 async def arecover_attempt(
@@ -567,51 +777,37 @@ async def arecover_attempt(
     receiver: JourneyWebhookReceiver,
     error: JourneyError,
     budget: CreditBudget | None,
+    api: AsyncJourneyClient,
     client: PrefectClient | None = None,
 ) -> ImagineResult | None:
     """Async twin of :func:`recover_attempt`; ``client`` is a Prefect client to reuse."""
     if not error.possibly_billed:
-        await asyncio.to_thread(end_attempt, key, attempt)
+        await asyncio.to_thread(end_attempt, key, attempt, error)
         return None
-    _waiting(attempt, error, receiver.recovery_window_seconds)
+    _waiting(attempt, error)
     try:
         found = await await_delivery(
             [attempt.record],
-            receiver.deadline(time.time()),
+            attempt.record.deadline,
+            keys=receiver.signing_keys,
+            api=api,
             charged=CREDITS_PER_IMAGE,
             client=client,
         )
     except TaskFailedError:
-        await asyncio.to_thread(_refused, budget, key, attempt)
+        await asyncio.to_thread(_refusal, budget, key, attempt)
         raise
-    return await asyncio.to_thread(_settle, budget, key, attempt, found)
+    return await asyncio.to_thread(_settle, budget, key, attempt, error, found)
 
 
-def earlier_deadline(record: AttemptRecord, request: ImagineRequest, window: float) -> float:
-    """Until when an earlier run's attempt can still be delivered: its call's own deadline
-    (the generation may still run) plus the recovery window.
-
-    Args:
-        record: The earlier attempt.
-        request: Its request (sizes its call's deadline).
-        window: The recovery window.
-
-    Returns:
-        Epoch seconds.
-    """
-    return record.sent_at + policy.attempt_timeout(request) + window
-
-
-def _earlier(
-    key: str, request: ImagineRequest, receiver: JourneyWebhookReceiver
-) -> tuple[list[AttemptRecord], float]:
+def _earlier(key: str) -> tuple[list[AttemptRecord], float]:
     records = recorded_attempts(key)
-    window = receiver.recovery_window_seconds
-    deadline = max((earlier_deadline(r, request, window) for r in records), default=0.0)
+    # A 503/408's delivery is looked for, not waited for: nothing should have been made.
+    deadline = max((r.deadline for r in records if not r.answered), default=time.time())
     if records:
         _logger().warning(
-            "an earlier run left %d attempt(s) of this image unsettled; looking for their "
-            "deliveries (for up to %.0f s) before paying again",
+            "%d attempt(s) of this image are unsettled; looking for their deliveries "
+            "(for up to %.0f s) before paying again",
             len(records),
             max(0.0, deadline - time.time()),
         )
@@ -619,57 +815,63 @@ def _earlier(
 
 
 def _forget_earlier(key: str, found: ImagineResult | None) -> ImagineResult | None:
-    save_attempts(key, [])
+    now = time.time()
+    # An image found, or refused, settles every attempt; else a 503/408's record stays until
+    # its own deadline, so the next check still asks.
+    kept = [] if found is not None else [r for r in recorded_attempts(key) if r.deadline > now]
+    save_attempts(key, kept)
     if found is not None:
-        _logger().info("recovered task %s from an earlier run's attempt", found.task_id)
+        _logger().info("recovered task %s from an earlier attempt", found.task_id)
     return found
 
 
 def recover_earlier(
-    key: str, request: ImagineRequest, receiver: JourneyWebhookReceiver
+    key: str, receiver: JourneyWebhookReceiver, api: JourneyClient
 ) -> ImagineResult | None:
-    """Before paying: the delivered image of an attempt an earlier run recorded for the same
-    request and never settled (it was killed with the call in flight).
+    """Before paying: the delivered image of an attempt recorded for the same image and not
+    settled (a run killed with the call in flight, or a 503/408 still before its deadline).
 
-    Attempts still inside their window are waited for. The records are forgotten once the
+    Attempts still before their deadline are waited for. The records are forgotten once the
     question is answered (an image, a refusal, or nothing by the deadline); an interrupted
     wait keeps them for the next try.
 
     Args:
         key: The image's cache key; the caller holds its lock.
-        request: The request (sizes the earlier attempts' deadlines).
-        receiver: The receiver (and recovery window).
+        receiver: The receiver (the keys that check deliveries).
+        api: The provider's client, to confirm a delivery with ``/fetch``.
 
     Returns:
         The recovered image, at no charge to this run; None when there is none.
 
     Raises:
-        TaskFailedError: The delivery says the provider refused the image.
+        TaskFailedError: The provider confirms the delivery's refusal of the image.
     """
-    records, deadline = _earlier(key, request, receiver)
+    records, deadline = _earlier(key)
     if not records:
         return None
     try:
-        found = wait_for_delivery(records, deadline, charged=0)
+        found = wait_for_delivery(records, deadline, keys=receiver.signing_keys, api=api, charged=0)
     except TaskFailedError:
-        _forget_earlier(key, None)
+        save_attempts(key, [])
         raise
     return _forget_earlier(key, found)
 
 
 async def arecover_earlier(
     key: str,
-    request: ImagineRequest,
     receiver: JourneyWebhookReceiver,
+    api: AsyncJourneyClient,
     client: PrefectClient | None = None,
 ) -> ImagineResult | None:
     """Async twin of :func:`recover_earlier`; ``client`` is a Prefect client to reuse."""
-    records, deadline = await asyncio.to_thread(_earlier, key, request, receiver)
+    records, deadline = await asyncio.to_thread(_earlier, key)
     if not records:
         return None
     try:
-        found = await await_delivery(records, deadline, charged=0, client=client)
+        found = await await_delivery(
+            records, deadline, keys=receiver.signing_keys, api=api, charged=0, client=client
+        )
     except TaskFailedError:
-        await asyncio.to_thread(_forget_earlier, key, None)
+        await asyncio.to_thread(save_attempts, key, [])
         raise
     return await asyncio.to_thread(_forget_earlier, key, found)

@@ -392,19 +392,18 @@ def imagine(
     receiver = receiver_for(request, webhook or load_receiver())
     key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
-    if receiver is not None:
-        earlier = recover_earlier(key, request, receiver)
+    with journey_client(credentials, **_CLIENT_OPTIONS) as client:
+        earlier = recover_earlier(key, receiver, client) if receiver else None
         if earlier is not None:
             return _finish(earlier, logger)
-    with journey_client(credentials, **_CLIENT_OPTIONS) as client:
         attempt = None
         try:
             with paid_attempt(budget, concurrency_limit):
-                attempt = begin_attempt(key, receiver) if receiver else None
+                attempt = begin_attempt(key, receiver, request) if receiver else None
                 result = client.imagine(attempt.request(request) if attempt else request)
         except JourneyError as error:
             recovered = (
-                recover_attempt(key, attempt, receiver, error, budget)
+                recover_attempt(key, attempt, receiver, error, budget, client)
                 if attempt and receiver
                 else None
             )
@@ -413,8 +412,7 @@ def imagine(
                 raise
             result = recovered
         else:
-            if attempt is not None:
-                end_attempt(key, attempt)
+            end_attempt(key, attempt)
     return _finish(result, logger)
 
 
@@ -432,20 +430,19 @@ async def aimagine(
     receiver = receiver_for(request, webhook or load_receiver())
     key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
-    if receiver is not None:
-        earlier = await arecover_earlier(key, request, receiver)
+    async with async_journey_client(credentials, **_CLIENT_OPTIONS) as client:
+        earlier = await arecover_earlier(key, receiver, client) if receiver else None
         if earlier is not None:
             return _finish(earlier, logger)
-    async with async_journey_client(credentials, **_CLIENT_OPTIONS) as client:
         attempt = None
         try:
             async with apaid_attempt(budget, concurrency_limit):
                 if receiver is not None:
-                    attempt = await asyncio.to_thread(begin_attempt, key, receiver)
+                    attempt = await asyncio.to_thread(begin_attempt, key, receiver, request)
                 result = await client.imagine(attempt.request(request) if attempt else request)
         except JourneyError as error:
             recovered = (
-                await arecover_attempt(key, attempt, receiver, error, budget)
+                await arecover_attempt(key, attempt, receiver, error, budget, client)
                 if attempt and receiver
                 else None
             )

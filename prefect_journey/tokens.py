@@ -1,9 +1,10 @@
 """Per-attempt webhook tokens: unguessable, unique per paid attempt, checkable by the receiver.
 
 A paid attempt sends ``webhook_url=<receiver URL>/<token>``. A token is 32 random hex digits
-followed by 32 hex digits of an HMAC-SHA256 over them keyed with the webhook secret, so the
-receiver can tell a token a run minted from one it did not without sharing any state with
-the runs, and nobody without the secret can make one up.
+followed by 32 hex digits of an HMAC-SHA256 over them keyed with the token key derived from
+the webhook secret (:class:`~prefect_journey.signing.WebhookKeys`), so the receiver can tell
+a token a run minted from one it did not without sharing any state with the runs, and
+nobody without the secret can make one up.
 
 The token itself goes only into the request. Everything else (the receiver's Prefect event,
 the attempt record a resumed run reads, log lines) names the attempt by its digest,
@@ -28,39 +29,31 @@ TOKEN_PATTERN = re.compile(rf"[0-9a-f]{{{2 * NONCE_HEX}}}")
 ATTEMPT_EVENT_PREFIX = "journey.attempt."
 # The label of that resource naming the provider's task.
 TASK_ID_LABEL = "journey.task_id"
-# The MAC covers this label too, so a token cannot be confused with another use of the secret.
-_LABEL = b"prefect-journey attempt token v1:"
 
 
-def _mac(nonce: str, secret: str) -> str:
-    digest = hmac.new(secret.encode(), _LABEL + nonce.encode(), hashlib.sha256).hexdigest()
-    return digest[:NONCE_HEX]
+def _mac(nonce: str, key: bytes) -> str:
+    return hmac.new(key, nonce.encode(), hashlib.sha256).hexdigest()[:NONCE_HEX]
 
 
-def mint_token(secret: str) -> str:
+def mint_token(key: bytes) -> str:
     """A new token for one paid attempt.
 
     Args:
-        secret: The webhook secret the receiver checks.
+        key: The token key (:attr:`~prefect_journey.signing.WebhookKeys.token_key`).
 
     Returns:
         64 lower-case hex digits: a random nonce and its MAC.
-
-    Raises:
-        ValueError: The secret is empty or blank.
     """
-    if not secret.strip():
-        raise ValueError("a webhook secret is required to mint attempt tokens")
     nonce = secrets.token_hex(NONCE_HEX // 2)
-    return nonce + _mac(nonce, secret)
+    return nonce + _mac(nonce, key)
 
 
-def is_valid_token(token: str, secret: str) -> bool:
-    """Whether ``token`` has the token's shape and was minted with ``secret``.
+def is_valid_token(token: str, key: bytes) -> bool:
+    """Whether ``token`` has the token's shape and was minted with ``key``.
 
     Args:
         token: The last segment of a delivery's path.
-        secret: The webhook secret.
+        key: The token key.
 
     Returns:
         True for a well-formed token whose MAC matches (compared in constant time).
@@ -68,7 +61,7 @@ def is_valid_token(token: str, secret: str) -> bool:
     if not TOKEN_PATTERN.fullmatch(token):
         return False
     nonce, mac = token[:NONCE_HEX], token[NONCE_HEX:]
-    return hmac.compare_digest(mac, _mac(nonce, secret))
+    return hmac.compare_digest(mac, _mac(nonce, key))
 
 
 def attempt_id(token: str) -> str:

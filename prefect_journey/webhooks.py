@@ -2,10 +2,11 @@
 
 The provider POSTs the finished task (the ``/fetch`` shape) to ``webhook_url`` with the
 request's ``webhook_secret`` in the ``x-webhook-secret`` header. That is a bare shared
-secret: no signature over the body, no timestamp. So this receiver:
+secret: no signature over the body, no timestamp. The receiver is configured with the
+webhook secret and uses only keys derived from it (:mod:`prefect_journey.signing`). It:
 
-- compares the header with :func:`hmac.compare_digest` (constant time) and answers 401 with
-  no detail to a wrong or missing secret;
+- compares the header with the provider secret (:func:`hmac.compare_digest`, constant
+  time) and answers 401 with no detail to a wrong or missing one;
 - on ``<path>/<token>`` (the deliveries of the package's own paid attempts, see
   :mod:`prefect_journey.tokens`), accepts only a token minted with the same secret (404
   otherwise) and only one task per token (409 to a token already used for another task);
@@ -19,6 +20,9 @@ secret: no signature over the body, no timestamp. So this receiver:
   token path ``journey.attempt.finished`` or ``journey.attempt.failed`` instead (resource
   ``journey.attempt.<attempt id>``, labelled ``journey.task_id``), which the waiting run
   reads and which starts no deployment meant for the deliveries of users' own webhooks;
+- signs each event (``signature`` in its payload, keyed by the event key): whoever may
+  write events to the Prefect API still cannot make one a run or the webhook-triggered
+  store believes;
 - answers 2xx only once the Prefect API has accepted the event, else 503, so that the
   provider retries instead of dropping the delivery.
 
@@ -46,9 +50,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from prefect_journey import settings
 from prefect_journey.errors import ConfigurationError
 from prefect_journey.models import TaskStatus, check_http_url
+from prefect_journey.signing import SIGNATURE_FIELD, WebhookKeys
 from prefect_journey.tokens import (
     ATTEMPT_EVENT_PREFIX,
     TASK_ID_LABEL,
@@ -233,8 +237,8 @@ def create_webhook_app(
     200 ``{"event": name}``. ``GET /health`` answers 200 ``{"ok": true}``.
 
     Args:
-        secret: The shared secret the provider sends in ``x-webhook-secret`` (the
-            request's ``webhook_secret``), which also signs the attempt tokens.
+        secret: The webhook secret; the provider secret (sent in ``x-webhook-secret``),
+            the token key and the event key are derived from it.
         emit: Sends one event: called with the event's name, resource, payload and id,
             returns True once it was accepted; False or an exception counts as not sent.
             None (the default) posts to the Prefect API (:class:`PrefectEventSink`).
@@ -245,7 +249,7 @@ def create_webhook_app(
         The Starlette app, to run with any ASGI server.
 
     Raises:
-        ValueError: The secret is empty or blank.
+        WeakSecretError: The secret could be guessed (a ValueError).
         ConfigurationError: ``emit`` is None and no Prefect API is set or reachable.
 
     Example:
@@ -260,10 +264,8 @@ def create_webhook_app(
         uvicorn.run(app, host="127.0.0.1", port=8780)
         ```
     """
-    plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-    if not plain.strip():
-        raise ValueError(f"a webhook secret is required (set {settings.WEBHOOK_SECRET.name})")
-    expected = plain.encode()
+    keys = WebhookKeys.from_secret(secret)
+    expected = keys.provider_secret.get_secret_value().encode()
     sink = emit if emit is not None else PrefectEventSink(prefect_api_url(api_url))
     seen = _Seen(DEDUP_CAPACITY)
 
@@ -300,6 +302,9 @@ def create_webhook_app(
             return JSONResponse({"duplicate": True})
         event_id = uuid.uuid5(_EVENT_NAMESPACE, delivery)
         payload = task.model_dump(exclude_none=True)
+        payload[SIGNATURE_FIELD] = keys.sign(
+            attempt=attempt, task_id=task.task_id, status=task.status, image_url=task.image_url
+        )
         try:
             emitted = await asyncio.wait_for(
                 asyncio.to_thread(sink, event, resource, payload, event_id), EMIT_DEADLINE
@@ -320,7 +325,7 @@ def create_webhook_app(
 
     async def receive_for_attempt(request: Request) -> Response:
         token = request.path_params["token"]
-        if not is_valid_token(token, plain):
+        if not is_valid_token(token, keys.token_key):
             # The secret is checked first, so a token is never judged for a stranger.
             provided = request.headers.get("x-webhook-secret", "").encode()
             status = 404 if hmac.compare_digest(provided, expected) else 401

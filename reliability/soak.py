@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import secrets
 import sys
 import tempfile
 import uuid
@@ -25,6 +24,8 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
+
+from prefect_journey.signing import new_secret
 
 # Faults per request kind, 25 % in all for each of the API, the CDN and S3 writes.
 API_FAULTS = {
@@ -50,7 +51,7 @@ READ_TIMEOUT = 4.0
 # window leaves room for the Prefect server to store their events.
 RECOVERY_WINDOW = 30.0
 WEBHOOK_RETRY_DELAYS = (0.5, 1.0, 2.0)
-SECRET = secrets.token_hex(16)  # a fresh one per soak
+SECRET = new_secret()  # a fresh one per soak
 # credits_wasted / credits_charged at most, with a receiver.
 MAX_WASTED_SHARE = 0.01
 

@@ -43,8 +43,11 @@ else:
 
 # Generation latency in tests: 1 % of the realistic model (a bare 1K image in ~80 ms).
 TEST_TIME_SCALE = 0.01
+# A fresh harness migrates its SQLite database before it answers (about 10 s alone); on a
+# loaded 2-core machine, with other workers starting theirs, that passed the default 30 s.
+HARNESS_STARTUP_TIMEOUT = 120
 SENTINEL_KEY = "sk-SENTINEL-9f8e7d6c5b4a"
-SENTINEL_WEBHOOK_SECRET = "whsec-SENTINEL-0a1b2c3d"
+SENTINEL_WEBHOOK_SECRET = "whsec-SENTINEL-0a1b2c3d4e5f60718293a4b5c6d7e8f9fa0b1c2d3e4f5061728394a5"
 
 
 def run_in_terminal(command: list[str], env: dict[str, str], timeout: float = 120) -> str:
@@ -198,7 +201,10 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     before = os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
     try:
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness():
+        with (
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
+            prefect_test_harness(server_startup_timeout=HARNESS_STARTUP_TIMEOUT),
+        ):
             yield storage
     finally:
         os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = before

@@ -20,10 +20,11 @@ from prefect_journey import ImageDestination, JourneyCredentials
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.emulator import EmulatorServer
 from prefect_journey.errors import JourneyValidationError
+from prefect_journey.models import ImagineRequest
 from prefect_journey.recovery import JourneyWebhookReceiver, load_receiver
 from prefect_journey.storage import Destination
 
-from .conftest import SENTINEL_KEY
+from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET
 
 LOGO = Path(prefect_journey.__file__).parent / "assets" / "logo.png"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -58,22 +59,29 @@ class TestJourneyWebhookReceiverStandards(_OfflineLogoSuite):
 
 def test_webhook_receiver_block_checks_its_fields_and_keeps_the_secret() -> None:
     receiver = JourneyWebhookReceiver(
-        url="https://hooks.example.com/webhooks/journey", secret=SENTINEL_KEY
+        url="https://hooks.example.com/webhooks/journey", secret=SENTINEL_WEBHOOK_SECRET
     )
-    assert SENTINEL_KEY not in repr(receiver) + str(receiver.model_dump())
-    attempt = receiver.new_attempt()
-    assert SENTINEL_KEY not in repr(attempt) and attempt.id not in attempt.webhook_url
+    assert SENTINEL_WEBHOOK_SECRET not in repr(receiver) + str(receiver.model_dump())
+    attempt = receiver.new_attempt(ImagineRequest(prompt="p"))
+    assert SENTINEL_WEBHOOK_SECRET not in repr(attempt) and attempt.id not in attempt.webhook_url
+    # The provider is given a key derived from the secret, never the secret.
+    assert attempt.webhook_secret.get_secret_value() != SENTINEL_WEBHOOK_SECRET
     for bad in (
         {"url": "http://hooks.example.com/x"},
         {"secret": "  "},
+        {"secret": "a-short-secret"},
         {"recovery_window_seconds": 0},
     ):
-        fields: dict[str, Any] = {"url": "https://h.example.com/x", "secret": "s", **bad}
+        fields: dict[str, Any] = {
+            "url": "https://h.example.com/x",
+            "secret": SENTINEL_WEBHOOK_SECRET,
+            **bad,
+        }
         with pytest.raises(ValueError):
             JourneyWebhookReceiver(**fields)
     receiver.save("sentinel-receiver", overwrite=True)
     loaded = load_receiver("sentinel-receiver")
-    assert loaded is not None and loaded.secret.get_secret_value() == SENTINEL_KEY
+    assert loaded is not None and loaded.secret.get_secret_value() == SENTINEL_WEBHOOK_SECRET
 
 
 def test_credentials_build_clients_and_keep_the_key_secret(emulator: EmulatorServer) -> None:

@@ -18,6 +18,7 @@ from prefect_journey.flows.character_series import character_series
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.policy import RECOVERY_WINDOW, attempt_timeout, recovering_timeout
+from prefect_journey.signing import WebhookKeys
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import aimagine, astore_image, imagine, store_image
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
@@ -363,7 +364,11 @@ def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
     assert persisted, "results and cache keys are persisted"
     seen += [p.read_bytes().decode("latin-1") for p in persisted]
     assert len(seen) > 20
+    # What the provider was sent in the secret's place is a secret too (it passes the
+    # receiver's header check).
+    provider_secret = WebhookKeys.from_secret(SENTINEL_WEBHOOK_SECRET).provider_secret
+    provider_secret = provider_secret.get_secret_value()
     for text in seen:
         assert SENTINEL_KEY not in text
-        assert SENTINEL_WEBHOOK_SECRET not in text
+        assert SENTINEL_WEBHOOK_SECRET not in text and provider_secret not in text
         assert tokens[0] not in text

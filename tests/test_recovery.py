@@ -5,10 +5,12 @@ and a real Prefect server's events API, in both executors of the campaign pipeli
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,21 +20,29 @@ from typing import Any
 import httpx
 import pytest
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.events import Event
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
+from prefect_journey import policy
+from prefect_journey.attempts import AttemptRecord, records_left
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
-from prefect_journey.errors import TaskFailedError
+from prefect_journey.errors import JourneyConnectionError, NotFoundError, TaskFailedError
 from prefect_journey.flows.campaign import batch_campaign
-from prefect_journey.models import ImagineRequest, ImagineResult
-from prefect_journey.recovery import AttemptRecord, delivered_result
+from prefect_journey.models import ImagineRequest, ImagineResult, TaskStatus
+from prefect_journey.recovery import Delivery, proven_result, signed_task
+from prefect_journey.signing import SIGNATURE_FIELD, WebhookKeys, new_secret
 from prefect_journey.tasks import aimagine, imagine
-from prefect_journey.tokens import mint_token
+from prefect_journey.tokens import attempt_id, attempt_resource, mint_token
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 from reliability.soak import READ_TIMEOUT, SLOW_SECONDS
 
+from . import prefect_api
+
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-SECRET = "whsec-recovery-test"
+SECRET = "whsec-recovery-test-2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0"
+KEYS = WebhookKeys.from_secret(SECRET)
 # Long enough for the server to store a delivered event, short enough for a test.
 WINDOW = 20.0
 BOTH_MODES = pytest.mark.parametrize("images_per_task_run", [1, 4])
@@ -56,6 +66,10 @@ def recovering(
     # Seconds of room over a generation, as in the soak (reliability/soak.py says why).
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", str(READ_TIMEOUT))
     monkeypatch.setattr(journey_env.state.config, "webhook_retry_delays", (0.5, 1.0, 2.0))
+    # An attempt's delivery is waited for until sent + its timeout + the window; the connect
+    # timeout and the margin in that timeout are scaled down with everything else here.
+    monkeypatch.setattr(policy, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(policy, "ATTEMPT_TIMEOUT_MARGIN", 0.5)
     return journey_env
 
 
@@ -152,7 +166,9 @@ def test_another_runs_delivery_never_becomes_this_runs_result(
         "image_url": "https://cdn.example.com/f.png",
     }
     answer = httpx.post(
-        f"{receiver_url}/{mint_token(SECRET)}", json=foreign, headers={"x-webhook-secret": SECRET}
+        f"{receiver_url}/{mint_token(KEYS.token_key)}",
+        json=foreign,
+        headers={"x-webhook-secret": KEYS.provider_secret.get_secret_value()},
     )
     assert answer.status_code == 200
     monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "3")
@@ -202,16 +218,197 @@ def test_a_request_with_its_own_webhook_is_not_recovered(recovering: EmulatorSer
     assert task.request.webhook_url == own  # the caller's webhook, not replaced by a token
 
 
-def test_a_failed_delivery_is_the_typed_failure() -> None:
-    record = AttemptRecord(id="a" * 32, sent_at=time.time())
-    payload = {"task_id": "t-1", "status": "failed", "error": "Content policy violation"}
-    with pytest.raises(TaskFailedError, match="Content policy violation"):
-        delivered_result([payload], [record], charged=4)
-    assert delivered_result([], [record], charged=4) is None
-    # A payload that is not a task is passed over; a finished one wins over a refusal.
-    finished = {"task_id": "t-2", "status": "finished", "image_url": "https://cdn.example/2.png"}
-    found = delivered_result([{"status": "finished"}, payload, finished], [record], charged=0)
-    assert found is not None and found.task_id == "t-2" and found.recovered
+def signed(attempt: str, **task: Any) -> Delivery:
+    """A delivery of ``task`` for ``attempt`` as the receiver signs it."""
+    signature = KEYS.sign(
+        attempt=attempt,
+        task_id=task["task_id"],
+        status=task["status"],
+        image_url=task.get("image_url"),
+    )
+    return Delivery(uuid.uuid4(), attempt, {**task, SIGNATURE_FIELD: signature})
+
+
+def test_only_a_signed_delivery_that_the_provider_confirms_is_believed() -> None:
+    now = time.time()
+    records = [AttemptRecord(id="a" * 32, sent_at=now, deadline=now + 9, expires_at=now + 99)]
+    image = "https://cdn.example.com/t-1.png"
+    finished = {"task_id": "t-1", "status": "finished", "image_url": image}
+    delivery = signed("a" * 32, **finished)
+    task = signed_task(delivery, KEYS)
+    assert task is not None
+    confirmed = TaskStatus(task_id="t-1", status="finished", image_url=image)
+    found = proven_result(delivery, task, confirmed, records, charged=4)
+    assert isinstance(found, ImagineResult) and found.recovered and found.credits_charged == 4
+    # Unsigned, signed with another secret's key, or for another attempt: not a delivery.
+    forged = Delivery(uuid.uuid4(), "a" * 32, {**finished, SIGNATURE_FIELD: "0" * 64})
+    assert signed_task(forged, KEYS) is None
+    assert signed_task(Delivery(uuid.uuid4(), "a" * 32, dict(finished)), KEYS) is None
+    assert signed_task(delivery, WebhookKeys.from_secret(new_secret())) is None
+    assert signed_task(Delivery(uuid.uuid4(), "b" * 32, delivery.payload), KEYS) is None
+    # Signed, but the provider disagrees: another image, unknown, refused, not finished.
+    moved = TaskStatus(task_id="t-1", status="finished", image_url="https://evil.example/x.png")
+    assert proven_result(delivery, task, moved, records, charged=4) is None
+    unknown = NotFoundError("Task not found")
+    assert proven_result(delivery, task, unknown, records, charged=4) is None
+    refused = TaskFailedError("task t-1 failed: no", task_id="t-1")
+    assert proven_result(delivery, task, refused, records, charged=4) is None
+    pending = TaskStatus(task_id="t-1", status="processing")
+    assert proven_result(delivery, task, pending, records, charged=4) == "again"
+    cut = JourneyConnectionError("connection refused")
+    assert proven_result(delivery, task, cut, records, charged=4) == "again"
+    # A refusal is believed when the provider reports it too.
+    failed = signed("a" * 32, task_id="t-2", status="failed", error="Content policy violation")
+    failed_task = signed_task(failed, KEYS)
+    assert failed_task is not None
+    with pytest.raises(TaskFailedError):
+        proven_result(failed, failed_task, refused, records, charged=4)
+    done = TaskStatus(task_id="t-2", status="finished", image_url=image)
+    assert proven_result(failed, failed_task, done, records, charged=4) is None
+
+
+def emit_while_waiting(emulator: EmulatorServer, make_event: Any) -> threading.Thread:
+    """Emit, with a plain Prefect client, the event ``make_event(attempt_id)`` returns about
+    the first attempt the emulator receives, as soon as it has received one."""
+
+    def forge() -> None:
+        deadline = time.monotonic() + 60
+        while not [t for t in emulator.state.tasks.values() if t.request.webhook_url]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [task] = [t for t in emulator.state.tasks.values() if t.request.webhook_url]
+        attempt = attempt_id(str(task.request.webhook_url).rsplit("/", 1)[1])
+        event, payload = make_event(attempt)
+        body = Event.model_validate(
+            {
+                "event": event,
+                "resource": {"prefect.resource.id": attempt_resource(attempt)},
+                "payload": payload,
+                "id": uuid.uuid4(),
+            }
+        ).model_dump(mode="json")
+        with get_client(sync_client=True) as client:
+            client.request("POST", "/events", json=[body]).raise_for_status()
+
+    thread = threading.Thread(target=forge)
+    thread.start()
+    return thread
+
+
+FOREIGN_IMAGE = "https://evil.example.com/not-from-the-provider.png"
+
+
+@BOTH_MODES
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        pytest.param(
+            lambda attempt: (
+                "journey.attempt.finished",
+                {"task_id": "forged", "status": "finished", "image_url": FOREIGN_IMAGE},
+            ),
+            id="finished-unsigned",
+        ),
+        pytest.param(
+            lambda attempt: (
+                "journey.attempt.failed",
+                {"task_id": "forged", "status": "failed", "error": "Content policy violation"},
+            ),
+            id="failed-unsigned",
+        ),
+        pytest.param(
+            lambda attempt: (
+                "journey.attempt.finished",
+                {
+                    "task_id": "unknown-task",
+                    "status": "finished",
+                    "image_url": FOREIGN_IMAGE,
+                    SIGNATURE_FIELD: KEYS.sign(
+                        attempt=attempt,
+                        task_id="unknown-task",
+                        status="finished",
+                        image_url=FOREIGN_IMAGE,
+                    ),
+                },
+            ),
+            id="signed-unknown-task",
+        ),
+    ],
+)
+def test_a_forged_delivery_is_refused_and_the_real_one_waited_for(
+    recovering: EmulatorServer,
+    tmp_path: Path,
+    images_per_task_run: int,
+    forgery: Any,
+) -> None:
+    """The real delivery comes 4 s late, after the forged event: the run asks the events API
+    once a second."""
+    recovering.admin("faults", {"queue": {"api": ["500"], "webhook": ["late"]}, "late_seconds": 4})
+    forger = emit_while_waiting(recovering, forgery)
+    state = batch_campaign(
+        items=items(1),
+        campaign="forged",
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+        return_state=True,
+    )
+    forger.join()
+    report = state.result()
+    ledger = recovering.ledger()
+    [outcome] = report.outcomes
+    # The real image, recovered from its real delivery: not the forged one, not bought again.
+    assert outcome.status == "stored" and outcome.recovered
+    assert outcome.task_id in ledger["billed_tasks"] and ledger["credits_charged"] == 4
+    assert report.credits_charged == 4 and report.calls == 1
+    stored = next(tmp_path.rglob("*.png")).read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == ledger["images"][outcome.task_id]["sha256"]
+    # The forgery was read and refused (the run's log says so), never downloaded.
+    log = prefect_api.logs([prefect_api.flow_run_id(state)])
+    assert [line for line in log if line.startswith("refused a delivery for attempt")], log
+    assert ledger["calls"]["cdn"] == 1  # the real image's download, and nothing else
+
+
+@BOTH_MODES
+def test_a_503_from_a_gateway_is_delivered_after_all_and_not_bought_again(
+    recovering: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
+    """The retry after the 503 waits the ladder's first pause (2 s +/- 50 %)."""
+    # A gateway answered 503 while the provider made (and billed) the image: the check
+    # before the retry pays finds its delivery.
+    recovering.admin("faults", {"queue": {"api": ["gateway_503"]}})
+    report = batch_campaign(
+        items=items(1),
+        campaign="gateway-503",
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+    )
+    ledger = recovering.ledger()
+    assert report.stored == 1 and report.outcomes[0].recovered
+    assert ledger["credits_charged"] == 4 and len(ledger["billed_tasks"]) == 1
+    assert records_left() == []
+
+
+@BOTH_MODES
+def test_the_wait_for_a_delivery_counts_from_when_the_attempt_was_sent(
+    recovering: EmulatorServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    images_per_task_run: int,
+) -> None:
+    """The generation takes 6 s after a gateway's early 502; the window is 3 s."""
+    monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "3")
+    recovering.admin("config", {"fixed": 6.0})
+    recovering.admin("faults", {"queue": {"api": ["gateway_502"]}})
+    report = batch_campaign(
+        items=items(1),
+        campaign="early-502",
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+    )
+    # Counted from the failure, the window would have ended at 3 s and bought it again.
+    assert report.stored == 1 and report.outcomes[0].recovered and report.calls == 1
+    assert recovering.ledger()["credits_charged"] == 4
+    assert records_left() == []
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from reliability.soak import (
 
 from .conftest import Bucket
 
-SOAK_SECRET = "whsec-soak-test"
+SOAK_SECRET = "whsec-soak-test-9b74c9897bac770ffc029102a200c5de3c7e1f2a8d4b6e0c"
 
 
 def _hold_and_die(directory: str, key: str) -> None:

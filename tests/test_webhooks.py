@@ -20,6 +20,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect_journey.client import JourneyClient
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import ConfigurationError
+from prefect_journey.signing import SIGNATURE_FIELD, WeakSecretError, WebhookKeys, new_secret
 from prefect_journey.tokens import TASK_ID_LABEL, attempt_id, attempt_resource, mint_token
 from prefect_journey.webhooks import (
     MAX_BODY_BYTES,
@@ -31,7 +32,10 @@ from prefect_journey.webhooks import (
 from . import prefect_api
 from .conftest import free_port
 
-SECRET = "whsec-receiver-test"
+SECRET = "whsec-receiver-test-5d41402abc4b2a76b9719d911017c592ae5e8a3e0f4b1f6f"
+KEYS = WebhookKeys.from_secret(SECRET)
+# What the provider is given, and sends back in x-webhook-secret: never SECRET itself.
+PROVIDER_SECRET = KEYS.provider_secret.get_secret_value()
 
 
 class Recorder:
@@ -85,12 +89,19 @@ def test_emulator_delivery_becomes_one_event(
 ) -> None:
     url, recorder = receiver
     with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
-        result = client.imagine(prompt="hooked", webhook_url=url, webhook_secret=SECRET)
+        result = client.imagine(prompt="hooked", webhook_url=url, webhook_secret=PROVIDER_SECRET)
     [delivery] = wait_for_webhooks(emulator, 1)
     assert delivery["status_code"] == 200
     [(event, payload)] = recorder.events
     assert event == "journey.task.finished"
     assert payload["task_id"] == result.task_id and payload["image_url"] == result.image_url
+    fields = {"task_id": result.task_id, "status": "finished", "image_url": result.image_url}
+    assert KEYS.signed(payload[SIGNATURE_FIELD], attempt=None, **fields)
+    # The signature covers every field, and is the receiver's: another key does not make it.
+    assert not KEYS.signed(payload[SIGNATURE_FIELD], attempt=None, **{**fields, "image_url": "x"})
+    assert not KEYS.signed(payload[SIGNATURE_FIELD], attempt="a" * 32, **fields)
+    other = WebhookKeys.from_secret(new_secret())
+    assert not other.signed(payload[SIGNATURE_FIELD], attempt=None, **fields)
 
 
 def test_failed_task_becomes_a_failed_event(
@@ -99,7 +110,7 @@ def test_failed_task_becomes_a_failed_event(
     url, recorder = receiver
     emulator.admin("faults", {"queue": {"api": ["failed"]}})
     with JourneyClient(emulator.api_key, base_url=emulator.url) as client, pytest.raises(Exception):
-        client.imagine(prompt="refused", webhook_url=url, webhook_secret=SECRET)
+        client.imagine(prompt="refused", webhook_url=url, webhook_secret=PROVIDER_SECRET)
     wait_for_webhooks(emulator, 1)
     [(event, payload)] = recorder.events
     assert event == "journey.task.failed" and payload["error"] == "Content policy violation"
@@ -118,7 +129,9 @@ def test_wrong_secret_is_refused_and_emits_nothing(
 def test_replayed_delivery_emits_once(receiver: tuple[str, Recorder]) -> None:
     url, recorder = receiver
     body = {"task_id": "t-1", "status": "finished", "image_url": "https://cdn.example.com/t-1.png"}
-    answers = [httpx.post(url, json=body, headers={"x-webhook-secret": SECRET}) for _ in range(3)]
+    answers = [
+        httpx.post(url, json=body, headers={"x-webhook-secret": PROVIDER_SECRET}) for _ in range(3)
+    ]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert answers[1].json() == {"duplicate": True}
     assert len(recorder.events) == 1
@@ -129,12 +142,16 @@ def test_replayed_delivery_emits_once(receiver: tuple[str, Recorder]) -> None:
     [
         ({}, b'{"task_id": "t", "status": "finished"}', 401),
         ({"x-webhook-secret": ""}, b'{"task_id": "t", "status": "finished"}', 401),
-        ({"x-webhook-secret": SECRET[:-1]}, b'{"task_id": "t", "status": "finished"}', 401),
-        ({"x-webhook-secret": SECRET}, b"not json", 400),
-        ({"x-webhook-secret": SECRET}, b'{"status": "finished"}', 400),
-        ({"x-webhook-secret": SECRET}, b"[1, 2]", 400),
-        ({"x-webhook-secret": SECRET}, b'{"task_id": "t", "status": "processing"}', 202),
-        ({"x-webhook-secret": SECRET}, b" " * (MAX_BODY_BYTES + 1), 413),
+        (
+            {"x-webhook-secret": PROVIDER_SECRET[:-1]},
+            b'{"task_id": "t", "status": "finished"}',
+            401,
+        ),
+        ({"x-webhook-secret": PROVIDER_SECRET}, b"not json", 400),
+        ({"x-webhook-secret": PROVIDER_SECRET}, b'{"status": "finished"}', 400),
+        ({"x-webhook-secret": PROVIDER_SECRET}, b"[1, 2]", 400),
+        ({"x-webhook-secret": PROVIDER_SECRET}, b'{"task_id": "t", "status": "processing"}', 202),
+        ({"x-webhook-secret": PROVIDER_SECRET}, b" " * (MAX_BODY_BYTES + 1), 413),
     ],
 )
 def test_bad_deliveries(
@@ -149,14 +166,30 @@ def test_emit_failure_asks_the_provider_to_retry(receiver: tuple[str, Recorder])
     url, recorder = receiver
     recorder.fail_next = True
     body = {"task_id": "t-2", "status": "finished", "image_url": "https://cdn.example.com/t-2.png"}
-    first = httpx.post(url, json=body, headers={"x-webhook-secret": SECRET})
-    second = httpx.post(url, json=body, headers={"x-webhook-secret": SECRET})
+    first = httpx.post(url, json=body, headers={"x-webhook-secret": PROVIDER_SECRET})
+    second = httpx.post(url, json=body, headers={"x-webhook-secret": PROVIDER_SECRET})
     assert (first.status_code, second.status_code) == (503, 200) and len(recorder.events) == 1
 
 
-def test_blank_secret_is_refused() -> None:
-    with pytest.raises(ValueError, match="JOURNEY_WEBHOOK_SECRET"):
-        create_webhook_app("  ")
+@pytest.mark.parametrize(
+    "weak",
+    ["", "  ", "whsec-short", "0123456789abcdef" * 3, "a" * 200, "Ab1-" * 40, f" {SECRET}"],
+    ids=["empty", "blank", "short", "192-bit-hex", "one-letter", "repeated", "padded"],
+)
+def test_a_weak_secret_is_refused(weak: str) -> None:
+    with pytest.raises(WeakSecretError, match="prefect-journey new-secret") as refused:
+        create_webhook_app(weak, emit=Recorder())
+    assert weak.strip() == "" or weak.strip() not in str(refused.value)
+
+
+def test_the_secret_has_one_job_per_derived_key() -> None:
+    secret = new_secret()
+    keys = WebhookKeys.from_secret(secret)
+    provider = keys.provider_secret.get_secret_value()
+    derived = {provider, keys.token_key.hex(), keys.event_key.hex()}
+    assert len(derived) == 3 and secret not in derived
+    assert secret not in repr(keys) and provider not in repr(keys)
+    assert WebhookKeys.from_secret(secret) == keys  # the receiver and the runs agree
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -166,19 +199,21 @@ def test_events_reach_prefect(emulator: EmulatorServer) -> None:
     with BackgroundServer(create_webhook_app(SECRET)) as server:
         url = f"{server.url}{WEBHOOK_PATH}"
         with JourneyClient(emulator.api_key, base_url=emulator.url) as client:
-            result = client.imagine(prompt="to prefect", webhook_url=url, webhook_secret=SECRET)
+            result = client.imagine(
+                prompt="to prefect", webhook_url=url, webhook_secret=PROVIDER_SECRET
+            )
         wait_for_webhooks(emulator, 1)
         httpx.post(
             url,
             json={"task_id": result.task_id, "status": "finished"},
-            headers={"x-webhook-secret": SECRET},
+            headers={"x-webhook-secret": PROVIDER_SECRET},
         )
         resource = f"journey.task.{result.task_id}"
         events_about("journey.task.finished", resource)
         time.sleep(1)  # a second delivery would be stored by now
         matching = events_about("journey.task.finished", resource, wait=False)
         assert len(matching) == 1 and matching[0]["payload"]["image_url"] == result.image_url
-        assert SECRET not in str(matching)
+        assert SECRET not in str(matching) and PROVIDER_SECRET not in str(matching)
 
 
 # --- Per-attempt tokens --------------------------------------------------------------------
@@ -198,14 +233,14 @@ class ResourceRecorder(Recorder):
 
 def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     recorder = ResourceRecorder()
-    token = mint_token(SECRET)
+    token = mint_token(KEYS.token_key)
     task = {"task_id": "t-9", "status": "finished", "image_url": "https://cdn.example.com/9.png"}
     with (
         caplog.at_level(logging.DEBUG),
         BackgroundServer(create_webhook_app(SECRET, emit=recorder)) as server,
     ):
         base = f"{server.url}{WEBHOOK_PATH}"
-        signed = {"x-webhook-secret": SECRET}
+        signed = {"x-webhook-secret": PROVIDER_SECRET}
 
         def post(path: str, **kwargs: Any) -> int:
             return httpx.post(f"{base}/{path}", **kwargs).status_code
@@ -214,19 +249,26 @@ def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCapture
         assert post(token, json=task, headers=signed) == 200  # a replay: acknowledged, once
         other_task = {**task, "task_id": "t-10"}
         assert post(token, json=other_task, headers=signed) == 409  # a reused token
-        assert post(mint_token("another secret"), json=task, headers=signed) == 404
+        assert (
+            post(
+                mint_token(WebhookKeys.from_secret(new_secret()).token_key),
+                json=task,
+                headers=signed,
+            )
+            == 404
+        )
         assert post(token[:-1], json=task, headers=signed) == 404  # malformed
         assert post(token.upper(), json=task, headers=signed) == 404
         assert post(token, json=task, headers={"x-webhook-secret": "wrong"}) == 401
-        assert post(mint_token(SECRET), content=b"not json", headers=signed) == 400
+        assert post(mint_token(KEYS.token_key), content=b"not json", headers=signed) == 400
 
         def endless() -> Iterator[bytes]:  # no content-length: read until the limit only
             for _ in range(MAX_BODY_BYTES // 1024 + 2):
                 yield b" " * 1024
 
-        assert post(mint_token(SECRET), content=endless(), headers=signed) == 413
+        assert post(mint_token(KEYS.token_key), content=endless(), headers=signed) == 413
         no_image = {"task_id": "t-11", "status": "finished"}
-        assert post(mint_token(SECRET), json=no_image, headers=signed) == 400
+        assert post(mint_token(KEYS.token_key), json=no_image, headers=signed) == 400
     assert [event for event, _ in recorder.events] == ["journey.attempt.finished"]
     assert recorder.resources == [
         {"prefect.resource.id": attempt_resource(attempt_id(token)), TASK_ID_LABEL: "t-9"}
@@ -234,7 +276,9 @@ def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCapture
     # The receiver's own log lines; httpx's are the sending side's (the provider's here).
     for record in caplog.records:
         if not record.name.startswith("httpx"):
-            assert SECRET not in record.getMessage() and token not in record.getMessage()
+            message = record.getMessage()
+            assert SECRET not in message and PROVIDER_SECRET not in message
+            assert token not in message
 
 
 def test_the_receiver_needs_a_reachable_prefect_api(
@@ -311,7 +355,7 @@ def test_a_delivery_is_acknowledged_only_once_prefect_has_its_event(
     proxy.up()
     app = create_webhook_app(SECRET, api_url=f"http://127.0.0.1:{proxy.port}{api.path}")
     monkeypatch.setattr(emulator.state.config, "webhook_retry_delays", (2.0, 2.0, 10.0))
-    token = mint_token(SECRET)
+    token = mint_token(KEYS.token_key)
     try:
         with BackgroundServer(app) as server:
             proxy.down()  # the Prefect API is unreachable
@@ -319,7 +363,7 @@ def test_a_delivery_is_acknowledged_only_once_prefect_has_its_event(
                 result = client.imagine(
                     prompt="acknowledged once safe",
                     webhook_url=f"{server.url}{WEBHOOK_PATH}/{token}",
-                    webhook_secret=SECRET,
+                    webhook_secret=PROVIDER_SECRET,
                 )
             [refused] = wait_for_webhooks(emulator, 1)
             assert refused["status_code"] == 503  # so the provider retries

@@ -275,12 +275,6 @@ async def _cached_or_generated(
     """The cached result ``found`` under ``key``'s lock, or a new one, paid and cached."""
     if isinstance(found, ImagineResult):
         return found, True
-    receiver = receiver_for(item.request, campaign.receiver)
-    if receiver is not None:
-        earlier = await arecover_earlier(key, item.request, receiver, shared.prefect)
-        if earlier is not None:
-            await asyncio.to_thread(cache_result, imagine, key, earlier, holder)
-            return log_generation(get_run_logger(), earlier), False
     result, attempts, possibly_billed = await _retrying(
         lambda: _paid_call(item, key, campaign, shared),
         policy.GENERATION_RETRY_DELAYS,
@@ -302,11 +296,17 @@ async def _paid_call(
     run's other images."""
     limit = policy.attempt_timeout(item.request)
     receiver = receiver_for(item.request, campaign.receiver)
+    if receiver is not None:
+        # Before every paid attempt, as the per-image task does on each of its tries: an
+        # earlier run's attempt, or a 503 of this one, may have been delivered after all.
+        earlier = await arecover_earlier(key, receiver, shared.api, shared.prefect)
+        if earlier is not None:
+            return earlier
     attempt = None
     try:
         async with shared.generations, apaid_attempt(campaign.budget, campaign.concurrency_limit):
             if receiver is not None:
-                attempt = await asyncio.to_thread(begin_attempt, key, receiver)
+                attempt = await asyncio.to_thread(begin_attempt, key, receiver, item.request)
             result = await asyncio.wait_for(
                 shared.api.imagine(attempt.request(item.request) if attempt else item.request),
                 limit,
@@ -332,7 +332,7 @@ async def _recovered_or_raise(
     """The delivered image of a failed attempt, else ``error`` raised."""
     if attempt is not None and campaign.receiver is not None:
         recovered = await arecover_attempt(
-            key, attempt, campaign.receiver, error, campaign.budget, shared.prefect
+            key, attempt, campaign.receiver, error, campaign.budget, shared.api, shared.prefect
         )
         if recovered is not None:
             return recovered

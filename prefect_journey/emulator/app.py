@@ -338,6 +338,12 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         generation = asyncio.ensure_future(_generate(state, task, entry, fault, cdn_url))
         state.background.add(generation)
         generation.add_done_callback(state.background.discard)
+        if fault in ("gateway_502", "gateway_503"):
+            status = int(fault.removeprefix("gateway_"))
+            headers = {"Retry-After": f"{state.config.faults.retry_after:g}"}
+            return _errors(
+                status, "Bad gateway" if status == 502 else "Service unavailable", headers
+            )
         await asyncio.shield(generation)
 
         if fault == "500":
@@ -490,7 +496,8 @@ async def _generate(
     finally:
         state.in_flight -= 1
     entry["ended_at"] = time.time()
-    entry["status"] = 500 if fault == "500" else 200
+    # What the caller was answered; a gateway's answer went out before the generation ended.
+    entry["status"] = {"500": 500, "gateway_502": 502, "gateway_503": 503}.get(fault or "", 200)
     if fault == "failed":
         # A refusal (content policy) is not billed.
         state.credits += CREDITS_PER_IMAGE

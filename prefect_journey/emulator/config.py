@@ -10,8 +10,21 @@ from typing import Literal
 # Faults of the API endpoints. Billing mirrors what a caller must assume: a refusal before
 # work (400, 429, 503) and a content refusal ("failed") are free; every other fault happens
 # after the image was made and is billed. "400" stands for a rule the server enforces and
-# the client does not know about.
-API_FAULTS = ("400", "429", "503", "500", "drop", "slow", "failed", "malformed")
+# the client does not know about. "gateway_502" and "gateway_503" are a gateway in front of
+# the provider answering at once while the generation goes on, billed and delivered: the
+# cases a caller cannot tell from a 502 or a 503 of the provider itself.
+API_FAULTS = (
+    "400",
+    "429",
+    "503",
+    "500",
+    "drop",
+    "slow",
+    "failed",
+    "malformed",
+    "gateway_502",
+    "gateway_503",
+)
 # Faults of the CDN download.
 CDN_FAULTS = ("truncate", "corrupt")
 # Faults of a webhook delivery: never sent, sent twice, sent after ``late_seconds``, or sent

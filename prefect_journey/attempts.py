@@ -1,0 +1,160 @@
+"""Attempt records: the paid attempts of an image not yet settled, where any worker finds them.
+
+A paid attempt with a receiver is recorded before its request leaves, so that a run resumed
+after a kill, on any worker that shares the result storage, looks for its delivery before
+paying again (:mod:`prefect_journey.recovery`). The records of one image are one small JSON
+document beside the ``imagine`` task's cache records (its result storage), named after the
+image's cache key. Each record carries when it was sent and when it expires: past the
+provider's last delivery retry nothing can arrive for it any more. A record is deleted when
+its attempt settles, and an expired one by the next run that reads the document, so records
+do not pile up.
+
+The records need a filesystem to be deleted: the result storage is Prefect's
+``LocalFileSystem`` (the default) or ``RemoteFileSystem`` (any fsspec URL, such as
+``s3://bucket/results``, which several workers share). Any other storage block is refused
+with a :class:`~prefect_journey.errors.ConfigurationError` before a paid attempt is
+recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
+from prefect.results import get_default_result_storage
+from pydantic import BaseModel
+
+from prefect_journey._compat import call_sync
+from prefect_journey.cache import record_store
+from prefect_journey.errors import ConfigurationError
+
+# One document per image, named after its cache key.
+RECORDS_PREFIX = "journey-attempts-"
+RECORDS_SUFFIX = ".json"
+
+
+class AttemptRecord(BaseModel):
+    """One paid attempt, as recorded before it was sent: what a resumed run reads.
+
+    Attributes:
+        id: The attempt's id (a digest of its token, never the token).
+        sent_at: When the request left (epoch seconds).
+        deadline: Until when its delivery is waited for (epoch seconds): sent, plus the
+            attempt's timeout, plus the recovery window.
+        expires_at: When the record is dropped: after the provider's last delivery retry.
+        answered: The provider answered 503 or 408 ("not now"): nothing should have been
+            made, so its delivery is looked for but not waited for.
+    """
+
+    id: str
+    sent_at: float
+    deadline: float
+    expires_at: float
+    answered: Literal["", "unavailable"] = ""
+
+    def expired(self, now: float) -> bool:
+        """Whether nothing can be delivered for the attempt any more."""
+        return now >= self.expires_at
+
+
+def _name(key: str) -> str:
+    return f"{RECORDS_PREFIX}{key}{RECORDS_SUFFIX}"
+
+
+def _storage() -> WritableFileSystem:
+    # Imported on use: the tasks import this module (through recovery).
+    from prefect_journey.tasks import imagine
+
+    storage = record_store(imagine).result_storage
+    if storage is None:
+        storage = call_sync(get_default_result_storage)
+    return storage
+
+
+def _filesystem() -> tuple[fsspec.AbstractFileSystem, str]:
+    """The result storage as an fsspec filesystem and the folder of the records."""
+    storage = _storage()
+    if isinstance(storage, LocalFileSystem):
+        root = Path(storage.basepath or ".").expanduser().resolve()
+        return fsspec.filesystem("file"), str(root)
+    if isinstance(storage, RemoteFileSystem):
+        return storage.filesystem, storage.basepath.rstrip("/")
+    raise ConfigurationError(
+        f"attempt records need a result storage that can delete files, not a "
+        f"{type(storage).__name__} block: use LocalFileSystem, or RemoteFileSystem with an "
+        "fsspec URL (such as s3://bucket/results) to share it between workers"
+    )
+
+
+def _read(key: str) -> list[AttemptRecord]:
+    fs, root = _filesystem()
+    path = f"{root}/{_name(key)}"
+    if not fs.exists(path):
+        return []
+    # An unreadable document is an error, not "none": taking it for none would let the next
+    # write drop attempts still in flight.
+    document = json.loads(fs.cat_file(path))
+    return [AttemptRecord.model_validate(item) for item in document["attempts"]]
+
+
+def _write(key: str, records: list[AttemptRecord]) -> None:
+    fs, root = _filesystem()
+    path = f"{root}/{_name(key)}"
+    if records:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(path, json.dumps({"attempts": [r.model_dump() for r in records]}).encode())
+    elif fs.exists(path):
+        fs.rm_file(path)
+
+
+def recorded_attempts(key: str) -> list[AttemptRecord]:
+    """The attempts recorded for the image of cache key ``key``, unsettled and unexpired.
+
+    Expired records are deleted on the way (the caller holds the image's lock).
+
+    Args:
+        key: The image's cache key (the ``imagine`` task's).
+
+    Returns:
+        The records, oldest first; empty when there are none.
+
+    Raises:
+        Exception: The document exists and cannot be read (the filesystem's or JSON's
+            error): an unreadable record is not taken for none.
+    """
+    records = _read(key)
+    now = time.time()
+    live = [record for record in records if not record.expired(now)]
+    if len(live) < len(records):
+        _write(key, live)
+    return live
+
+
+def save_attempts(key: str, records: Iterable[AttemptRecord]) -> None:
+    """Replace the attempt records of ``key``'s image; none left deletes the document.
+
+    The caller holds the image's lock (the task engine's, or the chunked executor's), so
+    reading and rewriting the document is safe.
+
+    Args:
+        key: The image's cache key.
+        records: The attempts still to settle.
+    """
+    _write(key, list(records))
+
+
+def records_left() -> list[str]:
+    """The names of the attempt documents in the result storage (a check for tests and
+    operators: once every attempt of a campaign has settled, none is left).
+
+    Returns:
+        The documents' names.
+    """
+    fs, root = _filesystem()
+    found: list[Any] = fs.glob(f"{root}/{RECORDS_PREFIX}*{RECORDS_SUFFIX}")
+    return sorted(str(path).rsplit("/", 1)[-1] for path in found)
