@@ -176,6 +176,8 @@ def emulator(
     state = emulator_server.state
     state.config.faults = FaultPlan()
     state.config.jpeg_as_png_rate = 0.0
+    state.config.realistic_sizes = False
+    state.config.cdn_chunk_delay = 0.0
     state.config.latency.time_scale = TEST_TIME_SCALE
     state.config.latency.fixed = None
     emulator_server.admin("reset")
