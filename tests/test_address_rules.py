@@ -304,3 +304,91 @@ def test_references_that_do_not_resolve_here_or_are_allowed_pass(
     check_references(["http://10.0.0.5:9000/bucket/a.png"], AddressRules.from_settings(resolve))
     with pytest.raises(ReferenceRefusedError):
         check_references(["http://10.0.0.5:9001/bucket/a.png"], AddressRules.from_settings(resolve))
+
+
+# --- TLS to a pinned address ------------------------------------------------------------------
+
+
+def _certificate(tmp_path: Path, host: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``host`` (and no IP address), and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_a_pinned_connection_keeps_the_host_name_in_tls_and_host(tmp_path: Path) -> None:
+    """The connection goes to the checked address, while the server name (SNI), the
+    certificate check and the Host header still use the URL's host name."""
+    import http.server
+    import ssl
+    import threading
+
+    from prefect_journey.address_rules import CheckedTransport
+    from prefect_journey.emulator.images import render_image
+
+    host = "cdn.journey.test"
+    image = render_image("a pinned download", "t", (64, 64))
+    cert, key = _certificate(tmp_path, host)
+    server_names: list[str | None] = []
+    host_headers: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            host_headers.append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert, key)
+    served.sni_callback = lambda sock, name, context: server_names.append(name)  # type: ignore[assignment,func-returns-value]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = served.wrap_socket(server.socket, server_side=True)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        rules = AddressRules(
+            allowed_endpoints=frozenset({(host, port)}), resolver=lambda name, p: ["127.0.0.1"]
+        )
+        url = f"https://{host}:{port}/a.png"
+        with download_client(CheckedTransport(rules, verify=trusted)) as http_client:
+            stored = store_image(url, str(tmp_path / "out"), task_id="t", http=http_client)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stored.bytes == len(image)
+    assert server_names == [host] and host_headers == [f"{host}:{port}"]
