@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
@@ -121,11 +122,29 @@ def abort_stale_uploads(fs: Any, path: str, lease_seconds: float) -> None:
     try:
         # One page (1,000 uploads) is plenty for one key; the next store sees any more.
         listing = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
-        for upload in listing.get("Uploads", []):
-            if upload["Key"] == key and upload["Initiated"] < stale_before:
-                fs.call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"]
-                )
-                logger.info("aborted an upload of %s left by a store that did not finish", path)
+        for upload_id in stale_uploads(listing.get("Uploads", []), key, stale_before):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            logger.info("aborted an upload of %s left by a store that did not finish", path)
     except Exception as exc:  # housekeeping: the store itself can still succeed
         logger.warning("cannot clear unfinished uploads of %s: %s", path, exc)
+
+
+def stale_uploads(
+    uploads: Iterable[Mapping[str, Any]], key: str, stale_before: datetime
+) -> list[str]:
+    """The ids of the uploads of exactly ``key`` begun before ``stale_before``.
+
+    Args:
+        uploads: ``ListMultipartUploads``' ``Uploads`` for a prefix (which also lists longer
+            keys that start with ``key``).
+        key: The object key.
+        stale_before: The moment before which an upload is taken for a dead writer's.
+
+    Returns:
+        The ``UploadId`` of each such upload.
+    """
+    return [
+        upload["UploadId"]
+        for upload in uploads
+        if upload["Key"] == key and upload["Initiated"] < stale_before
+    ]
