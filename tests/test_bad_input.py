@@ -332,8 +332,16 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
     (
         "store http image url",
         lambda e, t: raises(lambda: store_image("http://c.example/a.png", str(t), task_id="t")),
-        "DownloadError",
+        "DownloadRefusedError",
         "https",
+    ),
+    (
+        "store image url on the metadata address",
+        lambda e, t: raises(
+            lambda: store_image("https://169.254.169.254/a.png", str(t), task_id="t")
+        ),
+        "DownloadRefusedError",
+        "not a public address",
     ),
     (
         "store unknown protocol",
