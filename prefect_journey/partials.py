@@ -11,7 +11,8 @@ Nothing a live writer owns is removed:
 - A local partial file is locked (``flock``) by its writer from its creation until it is
   published or discarded. The kernel drops a dead process's locks, so a partial file whose
   lock can be taken has no live writer. Where there is no ``flock`` (Windows), a file open in
-  another process cannot be deleted either, and the removal fails harmlessly.
+  another process cannot be deleted either, and the removal fails harmlessly. On a
+  filesystem that refuses locks, no partial file is removed.
 - S3 shows no owner of an upload, only when it began: one begun less than a lease ago may be
   another run's, storing the same image right now, and is left alone.
 
@@ -55,7 +56,10 @@ def open_partial(folder: str, name: str) -> tuple[str, BinaryIO]:
         handle = open(path, "xb")  # noqa: SIM115 - the caller closes it
         if fcntl is None:
             return path, handle
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: no cleaner can lock it either
+            return path, handle
         # Removed as a dead writer's between its creation and the lock: start again.
         if os.fstat(handle.fileno()).st_nlink > 0:
             return path, handle
@@ -99,7 +103,7 @@ def _unowned(path: str) -> bool:
     descriptor = os.open(path, os.O_RDWR)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # held (BlockingIOError), or a filesystem without locks: leave it
         return False
     finally:
         os.close(descriptor)
