@@ -15,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks.common import RUNS, Figure, call_in_subprocess, median
 
@@ -115,6 +116,10 @@ def measure() -> dict[str, Any]:
                     prompt="a 4K benchmark image", resolution="4K", aspect_ratio="16:9"
                 )
             sources = {"4K PNG": four_k.image_url, "200 MB PNG": f"{server.url}/big.png"}
+            # Both servers are on loopback, which downloads may reach only when allowed.
+            allowed = {
+                "JOURNEY_PRIVATE_ENDPOINTS": f"{urlsplit(emu).netloc},{server.host}:{server.port}"
+            }
             for source, url in sources.items():
                 for dest_name, (dest, options) in {"local": (out, {}), "S3": s3}.items():
                     runs: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
@@ -122,7 +127,12 @@ def measure() -> dict[str, Any]:
                         for mode, done in runs.items():
                             done.append(
                                 call_in_subprocess(
-                                    "benchmarks.transfer:_child", mode, url, dest, options
+                                    "benchmarks.transfer:_child",
+                                    mode,
+                                    url,
+                                    dest,
+                                    options,
+                                    env=allowed,
                                 )
                             )
                     results[f"{source} -> {dest_name}"] = {

@@ -24,6 +24,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from prefect_journey import policy, settings
+from prefect_journey.address_rules import acheck_references, check_references
 from prefect_journey.deprecations import moved_names
 from prefect_journey.errors import (
     APIStatusError,
@@ -535,7 +536,9 @@ class JourneyClient(_ClientCore):
 
         Raises:
             JourneyValidationError: Bad input (checked before sending, or refused by the
-                server with 400/422), or both ``request`` and ``fields`` given.
+                server with 400/422), or both ``request`` and ``fields`` given; as its
+                subclass ReferenceRefusedError, a reference URL that leads to a non-public
+                address (see :mod:`prefect_journey.address_rules`), checked before sending.
             AuthenticationError: The API key is missing, wrong or revoked (401/403).
             InsufficientCreditsError: The account has too few credits (402).
             RateLimitedError: 429, or 408/503 as its subclass ServiceUnavailableError,
@@ -559,6 +562,7 @@ class JourneyClient(_ClientCore):
             ```
         """
         request = _as_request(request, fields)
+        check_references(request.image_urls)  # before the paid call
         return self._run(self._imagine_flow(self._http, request))
 
     def fetch(self, task_id: str) -> TaskStatus:
@@ -731,6 +735,7 @@ class AsyncJourneyClient(_ClientCore):
             ```
         """
         request = _as_request(request, fields)
+        await acheck_references(request.image_urls)  # before the paid call
         return await self._run(self._imagine_flow(self._http, request))
 
     async def fetch(self, task_id: str) -> TaskStatus:

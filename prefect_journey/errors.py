@@ -270,6 +270,23 @@ class DownloadError(JourneyError):
     retryable = True
 
 
+class DownloadRefusedError(DownloadError):
+    """The image URL or a redirect of it is refused: not http(s), plain http beyond loopback,
+    a host not among the image hosts, or a host that resolves to a non-public address (see
+    :mod:`prefect_journey.address_rules`). Not retryable: the same URL is refused again."""
+
+    retryable = False
+
+
+class DownloadTimeoutError(DownloadError):
+    """The whole download took longer than its deadline (a trickling or stalled CDN)."""
+
+
+class ReferenceRefusedError(JourneyValidationError):
+    """A reference URL leads to a non-public address the rules do not allow (see
+    :mod:`prefect_journey.address_rules`); refused before any credit is spent."""
+
+
 class StorageError(JourneyError):
     """The destination failed while writing (retryable) or is not usable (not retryable)."""
 

@@ -95,6 +95,26 @@ RECOVERY_WINDOW = Variable(
     f"{policy.RECOVERY_WINDOW:g}",
     "Seconds a possibly-billed attempt waits for its webhook delivery before it is retried.",
 )
+IMAGE_HOSTS = Variable(
+    "JOURNEY_IMAGE_HOSTS",
+    "(any public host)",
+    "Comma-separated host names images may be downloaded from (and redirected to); "
+    "*.example.com stands for any name under example.com. Empty: any host whose addresses "
+    "are public.",
+)
+PRIVATE_ENDPOINTS = Variable(
+    "JOURNEY_PRIVATE_ENDPOINTS",
+    "(none)",
+    "Comma-separated host:port endpoints that downloads and reference URLs may reach on a "
+    "non-public address (a local MinIO, a test server); the configured API "
+    "(JOURNEY_BASE_URL) always may.",
+)
+PARTIAL_LEASE_SECONDS = Variable(
+    "JOURNEY_PARTIAL_LEASE_SECONDS",
+    "300",
+    "Age after which a store removes an unfinished write no live writer holds: a local "
+    ".part file anywhere in its folder, a pending S3 multipart upload of its key.",
+)
 
 VARIABLES: tuple[Variable, ...] = (
     API_KEY,
@@ -109,6 +129,9 @@ VARIABLES: tuple[Variable, ...] = (
     WEBHOOK_SECRET,
     WEBHOOK_URL,
     RECOVERY_WINDOW,
+    IMAGE_HOSTS,
+    PRIVATE_ENDPOINTS,
+    PARTIAL_LEASE_SECONDS,
 )
 
 DEFAULT_BASE_URL = BASE_URL.default
@@ -121,6 +144,12 @@ DEFAULT_DASK_WORKERS = 2
 DEFAULT_LEASE_SECONDS = 60.0
 # Renewal runs every third of a lease: below a second it would be a busy loop of file writes.
 MIN_LEASE_SECONDS = 1.0
+# A live writer's unfinished write lasts at most its download deadline (130 s with the
+# default 100 MB cap, storage.download_deadline) plus its commit (an upload's last part and
+# completion): five minutes is well above both, and short enough that the runs after a kill
+# find its leftovers stale. S3 shows no owner of an upload, only its age, so this lease is
+# all that keeps a store from aborting the upload of another run storing the same image.
+DEFAULT_PARTIAL_LEASE_SECONDS = 300.0
 
 
 def _raw(variable: Variable) -> str | None:
@@ -227,6 +256,52 @@ def recovery_window() -> float:
     """
     seconds = _positive_seconds(RECOVERY_WINDOW, minimum=0.0, inclusive=False)
     return policy.RECOVERY_WINDOW if seconds is None else seconds
+
+
+def image_hosts() -> tuple[str, ...]:
+    """``JOURNEY_IMAGE_HOSTS`` as lower-case host names; empty when unset (any public host).
+
+    Raises:
+        ConfigurationError: An entry is not a host name (a scheme, a port, a path, or a
+            ``*`` other than a leading ``*.``).
+    """
+    hosts = tuple(_entries(IMAGE_HOSTS))
+    for host in hosts:
+        name = host.removeprefix("*.")
+        if not name or any(c in name for c in "*/:@[] ") or name.startswith("."):
+            raise ConfigurationError(
+                f"{IMAGE_HOSTS.name}: {host!r} is not a host name (cdn.example.com, *.example.com)"
+            )
+    return hosts
+
+
+def private_endpoints() -> frozenset[tuple[str, int]]:
+    """``JOURNEY_PRIVATE_ENDPOINTS`` as ``(host, port)`` pairs; empty when unset.
+
+    Raises:
+        ConfigurationError: An entry is not ``host:port`` (``[::1]:8000`` for IPv6).
+    """
+    from prefect_journey.address_rules import parse_endpoint
+
+    try:
+        return frozenset(parse_endpoint(entry) for entry in _entries(PRIVATE_ENDPOINTS))
+    except ValueError as exc:
+        raise ConfigurationError(f"{PRIVATE_ENDPOINTS.name}: {exc}") from None
+
+
+def partial_lease_seconds() -> float:
+    """``JOURNEY_PARTIAL_LEASE_SECONDS``, else 300.
+
+    Raises:
+        ConfigurationError: Not a positive number of seconds.
+    """
+    seconds = _positive_seconds(PARTIAL_LEASE_SECONDS, minimum=0.0, inclusive=False)
+    return DEFAULT_PARTIAL_LEASE_SECONDS if seconds is None else seconds
+
+
+def _entries(variable: Variable) -> list[str]:
+    raw = _raw(variable) or ""
+    return [entry.strip().lower() for entry in raw.split(",") if entry.strip()]
 
 
 def _positive_seconds(variable: Variable, *, minimum: float, inclusive: bool) -> float | None:

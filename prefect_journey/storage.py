@@ -4,9 +4,12 @@ The guarantees, in the order they are applied:
 
 1. The download goes through its own HTTP client, with no ``Authorization`` header: the
    API key is never sent to the CDN. Only https is accepted for non-loopback hosts, on
-   every redirect hop, and at most :data:`MAX_REDIRECTS` hops are followed.
+   every redirect hop, and at most :data:`MAX_REDIRECTS` hops are followed. Every hop
+   connects only to an address the address rules allow, checked after name resolution
+   (:mod:`prefect_journey.address_rules`).
 2. Bytes are streamed in :data:`DOWNLOAD_CHUNK` pieces, never held whole; a
-   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer. From the
+   ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer, and so
+   does the whole download's deadline (:func:`download_deadline`). From the
    second chunk on, hashing, verification and the store's writes run on a second thread, one
    chunk behind the socket reads (see :class:`_WriteBehind`), so at most three chunks are in
    memory.
@@ -22,7 +25,9 @@ The guarantees, in the order they are applied:
 6. A commit that fails may still have been applied (its answer lost, its repeats refused):
    before reporting the failure, the object at the key is read back, and if it is this
    image the store succeeded.
-7. Given an ``origin`` (the cache key of the request that made the image), the object
+7. A store that dies mid-write leaves a partial file or a pending upload; the next store
+   of the key removes it (see :mod:`prefect_journey.partials`).
+8. Given an ``origin`` (the cache key of the request that made the image), the object
    carries a record of what made it, committed with it: S3 user metadata, or extended
    attributes on a local file (see :data:`RECORD_PREFIX`). :meth:`Destination.occupant`
    reads it back, so a later run knows what a key holds before it pays for an image.
@@ -40,7 +45,7 @@ import queue
 import re
 import string
 import threading
-import uuid
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,9 +56,13 @@ import httpx
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
+from prefect_journey import partials, settings
+from prefect_journey.address_rules import AddressRules, AsyncCheckedTransport, CheckedTransport
 from prefect_journey.client import shared_ssl_context
 from prefect_journey.errors import (
     DownloadError,
+    DownloadRefusedError,
+    DownloadTimeoutError,
     JourneyValidationError,
     ObjectConflictError,
     StorageError,
@@ -87,6 +96,12 @@ _CAN_START_WRITEBACK = hasattr(os, "posix_fadvise")  # not on macOS or Windows
 MAX_REDIRECTS = 5
 # The CDN answers at once; ``read`` is the longest gap between two chunks.
 DOWNLOAD_TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=30.0, pool=30.0)
+# A whole download's deadline is download_deadline(max_bytes): the cap at this rate plus the
+# margin. 1 MiB/s is a slow link (a 25 MB 4K image in 25 s); a CDN that trickles slower is
+# broken or hostile and would otherwise hold a worker for ever, one byte per read gap.
+MIN_DOWNLOAD_BYTES_PER_SECOND = 1024 * 1024
+# Connecting, TLS and the first byte, on top of the transfer itself.
+DOWNLOAD_DEADLINE_MARGIN = 30.0
 # Object stores cap keys at 1024 bytes (S3, GCS).
 MAX_KEY_BYTES = 1024
 DEFAULT_KEY_TEMPLATE = "{task_id}.{ext}"
@@ -446,11 +461,55 @@ def slugify(text: str, max_length: int = 60) -> str:
     return slug[:max_length].rstrip("-") or "image"
 
 
+def download_deadline(max_bytes: int) -> float:
+    """The seconds a whole download of up to ``max_bytes`` may take.
+
+    Args:
+        max_bytes: The download's size cap.
+
+    Returns:
+        :data:`DOWNLOAD_DEADLINE_MARGIN` plus ``max_bytes`` at
+        :data:`MIN_DOWNLOAD_BYTES_PER_SECOND`: 130 s for the default 100 MB cap.
+    """
+    return DOWNLOAD_DEADLINE_MARGIN + max_bytes / MIN_DOWNLOAD_BYTES_PER_SECOND
+
+
+class _Regrouper:
+    """Regroups the pieces the socket gives into :data:`DOWNLOAD_CHUNK` chunks, and ends the
+    download past its deadline. The deadline is checked as each piece arrives, so a trickle
+    is cut off at its next byte; a silent connection ends at the read timeout first."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._ends = time.monotonic() + deadline
+        self._buffer = bytearray()
+        self._received = 0
+
+    def add(self, piece: bytes) -> bytes | None:
+        """Take ``piece``; return a whole chunk when one is ready."""
+        self._received += len(piece)
+        if time.monotonic() > self._ends:
+            raise DownloadTimeoutError(
+                f"image download passed its {self._deadline:g} s deadline after "
+                f"{self._received} bytes (slower than {MIN_DOWNLOAD_BYTES_PER_SECOND} bytes/s)"
+            )
+        self._buffer += piece
+        return self.rest() if len(self._buffer) >= DOWNLOAD_CHUNK else None
+
+    def rest(self) -> bytes | None:
+        """The bytes taken and not yet returned, if any."""
+        if not self._buffer:
+            return None
+        chunk = bytes(self._buffer)
+        self._buffer.clear()
+        return chunk
+
+
 def _check_download_url(request: httpx.Request) -> None:
     try:
         check_http_url(str(request.url), what="image URL", https_only_remote=True)
     except ValueError as exc:
-        raise DownloadError(f"refusing to download: {exc}", retryable=False) from None
+        raise DownloadRefusedError(f"refusing to download: {exc}") from None
 
 
 def _hop_check(request: httpx.Request) -> None:
@@ -461,22 +520,31 @@ async def _async_hop_check(request: httpx.Request) -> None:
     _check_download_url(request)
 
 
-def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Client:
-    """An HTTP client for CDN downloads: no credentials, checked redirects.
+def download_client(
+    transport: httpx.BaseTransport | None = None, *, rules: AddressRules | None = None
+) -> httpx.Client:
+    """An HTTP client for CDN downloads: no credentials, checked redirects and addresses.
 
     The API key is never sent to the CDN: this client has no ``Authorization`` header. It
     follows at most :data:`MAX_REDIRECTS` redirects, and every hop must be http(s), https
-    unless the host is loopback; a refused hop raises
-    :class:`~prefect_journey.errors.DownloadError` (not retryable).
+    unless the host is loopback, and must connect where the address rules allow
+    (:mod:`prefect_journey.address_rules`); a refused hop raises
+    :class:`~prefect_journey.errors.DownloadRefusedError` (not retryable).
 
     Args:
-        transport: An httpx transport (tests, proxies); None uses httpx's default.
+        transport: An httpx transport that is trusted with the connections (tests); None
+            (the default) connects through a
+            :class:`~prefect_journey.address_rules.CheckedTransport`.
+        rules: The address rules of that transport; None reads them from the environment.
 
     Returns:
         A new client with :data:`DOWNLOAD_TIMEOUT`; the caller closes it.
+
+    Raises:
+        ConfigurationError: A variable of the address rules is malformed.
     """
     return httpx.Client(
-        transport=transport,
+        transport=transport or CheckedTransport(rules, verify=shared_ssl_context()),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         timeout=DOWNLOAD_TIMEOUT,
@@ -486,22 +554,33 @@ def download_client(transport: httpx.BaseTransport | None = None) -> httpx.Clien
 
 
 def async_download_client(
-    transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 100
+    transport: httpx.AsyncBaseTransport | None = None,
+    max_connections: int = 100,
+    *,
+    rules: AddressRules | None = None,
 ) -> httpx.AsyncClient:
-    """Async twin of :func:`download_client`: no credentials, checked redirects.
+    """Async twin of :func:`download_client`: no credentials, checked redirects and addresses.
 
     Args:
-        transport: An httpx async transport (tests, proxies); None uses httpx's default.
+        transport: An httpx async transport that is trusted with the connections (tests);
+            None (the default) connects through an
+            :class:`~prefect_journey.address_rules.AsyncCheckedTransport`.
         max_connections: The size of the connection pool; 100 by default. One client
             shared by many concurrent downloads needs at least their number: past it a
             download waits for a connection, and fails after the pool timeout (30 s).
+        rules: The address rules of that transport; None reads them from the environment.
 
     Returns:
         A new client with :data:`DOWNLOAD_TIMEOUT`; the caller closes it.
+
+    Raises:
+        ConfigurationError: A variable of the address rules is malformed.
     """
+    limits = httpx.Limits(max_connections=max_connections)
     return httpx.AsyncClient(
-        transport=transport,
-        limits=httpx.Limits(max_connections=max_connections),
+        transport=transport
+        or AsyncCheckedTransport(rules, verify=shared_ssl_context(), limits=limits),
+        limits=limits,
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         timeout=DOWNLOAD_TIMEOUT,
@@ -626,10 +705,12 @@ class _LocalAtomicFile:
 
     fsspec's local ``autocommit=False`` writes to the system temp folder and *moves* the file,
     which is a copy (not atomic) across devices, and its mode "xb" ignores ``autocommit``.
-    Here the partial file is ``.<name>.<random>.part`` in the same folder; ``commit`` fsyncs
-    it (a published file must be whole after a crash) and uses ``os.link`` (fails if the
-    name exists) or ``os.replace`` when overwriting. Writeback starts every
-    :data:`LOCAL_WRITEBACK_BYTES` while the file grows, so that fsync has little left to do.
+    Here the partial file is ``.<name>.<random>.part`` in the same folder, locked by this
+    writer until it is published or discarded (see :mod:`prefect_journey.partials`, which
+    also clears what dead writers left there first); ``commit`` fsyncs it (a published file
+    must be whole after a crash) and uses ``os.link`` (fails if the name exists) or
+    ``os.replace`` when overwriting. Writeback starts every :data:`LOCAL_WRITEBACK_BYTES`
+    while the file grows, so that fsync has little left to do.
     """
 
     def __init__(self, path: str, *, overwrite: bool) -> None:
@@ -637,9 +718,9 @@ class _LocalAtomicFile:
         os.makedirs(folder, exist_ok=True)
         self.path = path
         self.overwrite = overwrite
-        self.temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part")
-        self._handle = open(self.temp, "xb")  # noqa: SIM115 - closed by close()
+        self.temp, self._handle = partials.open_partial(folder, name)
         self._not_written_back = 0
+        self._synced = False
         # Set on the file before it is published, so the object never appears without it.
         self.record: Mapping[str, str] = {}
 
@@ -656,27 +737,33 @@ class _LocalAtomicFile:
         return written
 
     def close(self) -> None:
-        if not self._handle.closed:
+        """Flush and fsync; the handle (and its lock) stays open until commit or discard."""
+        if not self._synced:
             self._handle.flush()
             os.fsync(self._handle.fileno())
-            self._handle.close()
+            self._synced = True
 
     def commit(self) -> None:
         self.close()
-        if self.record:
-            _write_local_record(self.temp, self.record)
-        if self.overwrite:
-            os.replace(self.temp, self.path)
-            return
         try:
-            os.link(self.temp, self.path)
+            if self.record:
+                _write_local_record(self.temp, self.record)
+            if self.overwrite:
+                os.replace(self.temp, self.path)
+                return
+            try:
+                os.link(self.temp, self.path)
+            finally:
+                os.unlink(self.temp)
         finally:
-            os.unlink(self.temp)
+            self._handle.close()  # releases the lock once the partial name is gone
 
     def discard(self) -> None:
-        self._handle.close()  # no fsync: these bytes are thrown away
-        if os.path.exists(self.temp):
-            os.unlink(self.temp)
+        try:
+            if os.path.exists(self.temp):
+                os.unlink(self.temp)
+        finally:
+            self._handle.close()  # no fsync needed: these bytes are thrown away
 
 
 class _ObjectWriter:
@@ -703,6 +790,7 @@ class _ObjectWriter:
         self.verifier = ImageVerifier()
         self.sha256 = hashlib.sha256()
         self.fs, self.root = destination.filesystem()
+        self.lease_seconds = settings.partial_lease_seconds()
         self.path: str | None = None
         self._file: Any = None
         self._head = b""
@@ -742,6 +830,7 @@ class _ObjectWriter:
         ext = ImageInfo(image_format, 1, 1).extension  # type: ignore[arg-type]
         key = render_key(self.key_template, {**self.key_fields, "ext": ext})
         self.path = f"{self.root}/{key}" if self.root else key
+        self._clear_leftovers()
         try:
             if not self.overwrite and self.fs.exists(self.path):
                 self._existing = True
@@ -765,6 +854,15 @@ class _ObjectWriter:
             )
         except OSError as exc:
             raise StorageError(f"cannot write {self._uri()}: {exc}") from None
+
+    def _clear_leftovers(self) -> None:
+        """Remove what dead writers of this key left: partial files (and, in its folder,
+        any older than the lease), or pending multipart uploads begun over a lease ago."""
+        assert self.path is not None  # set by _open
+        if isinstance(self.fs, LocalFileSystem):
+            partials.clear_local(*os.path.split(self.path), self.lease_seconds)
+        elif _protocols(self.fs) & partials.MULTIPART_PROTOCOLS:
+            partials.abort_stale_uploads(self.fs, self.path, self.lease_seconds)
 
     def _uri(self) -> str:
         return str(self.fs.unstrip_protocol(self.path)) if self.path else self.destination.url
@@ -915,6 +1013,7 @@ def store_image(
     overwrite: bool = False,
     http: httpx.Client | None = None,
     origin: str | None = None,
+    deadline: float | None = None,
 ) -> StoredImage:
     """Stream ``image_url`` into ``destination`` under ``key_template``, verified.
 
@@ -946,17 +1045,24 @@ def store_image(
             metadata, or extended attributes of a local file), so that
             :meth:`Destination.occupant` can tell a later run what the key holds. None (the
             default) records nothing.
+        deadline: Seconds the whole download may take; None (the default) gives
+            :func:`download_deadline` of ``max_bytes`` (130 s for 100 MB).
 
     Returns:
         The stored image: its URI, sha256, size, format and pixel size.
 
     Raises:
-        DownloadError: The URL or a redirect is refused, the CDN answers other than 200,
-            the transfer fails, the image is above ``max_bytes``, or the bytes are not a
-            whole PNG, JPEG or WebP image. A refused URL and the size cap are not
-            retryable; the rest are.
+        DownloadRefusedError: The URL or a redirect is refused: its scheme, its host, or
+            an address the host resolves to (see :mod:`prefect_journey.address_rules`); not
+            retryable.
+        DownloadTimeoutError: The download passed its deadline (retryable).
+        DownloadError: The CDN answers other than 200, the transfer fails, the image is
+            above ``max_bytes``, or the bytes are not a whole PNG, JPEG or WebP image. The
+            size cap is not retryable; the rest are.
         JourneyValidationError: The key template or a rendered key is refused, a field has
-            no value, ``max_bytes`` is not positive, or ``destination`` is an empty URL.
+            no value, ``max_bytes`` or ``deadline`` is not positive, or ``destination`` is
+            an empty URL.
+        ConfigurationError: A variable of the address rules is malformed.
         ObjectConflictError: A different object is already at the key and ``overwrite``
             is False.
         StorageError: The destination is not usable (not retryable), or writing or
@@ -976,23 +1082,25 @@ def store_image(
     writer = _prepare(
         image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite, origin
     )
+    chunks = _Regrouper(_deadline(max_bytes, deadline))
     client = http or download_client()
     pipe = _WriteBehind(writer)
     try:
         with client.stream("GET", image_url) as response:
             writer.check_length(response)
-            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
-                pipe.put(chunk)
-        pipe.close()
-        return writer.finish()
+            for piece in response.iter_bytes():
+                if (chunk := chunks.add(piece)) is not None:
+                    pipe.put(chunk)
+        if (chunk := chunks.rest()) is not None:
+            pipe.put(chunk)
     except httpx.HTTPError as exc:
-        pipe.close(raise_error=False)
-        writer.abort()
+        _discard(pipe, writer)
         raise DownloadError(f"image download failed: {failure_text(exc)}") from None
     except BaseException:
-        pipe.close(raise_error=False)
-        writer.abort()
+        _discard(pipe, writer)
         raise
+    else:
+        return _complete(pipe, writer)
     finally:
         if http is None:
             client.close()
@@ -1009,6 +1117,7 @@ async def astore_image(
     overwrite: bool = False,
     http: httpx.AsyncClient | None = None,
     origin: str | None = None,
+    deadline: float | None = None,
 ) -> StoredImage:
     """Async twin of :func:`store_image`; store writes run in a worker thread.
 
@@ -1035,17 +1144,24 @@ async def astore_image(
             (left open); None creates one for this call and closes it.
         origin: The cache key of the request that made the image, recorded on the object
             (see :func:`store_image`); None (the default) records nothing.
+        deadline: Seconds the whole download may take; None (the default) gives
+            :func:`download_deadline` of ``max_bytes``.
 
     Returns:
         The stored image: its URI, sha256, size, format and pixel size.
 
     Raises:
-        DownloadError: The URL or a redirect is refused, the CDN answers other than 200,
-            the transfer fails, the image is above ``max_bytes``, or the bytes are not a
-            whole PNG, JPEG or WebP image. A refused URL and the size cap are not
-            retryable; the rest are.
+        DownloadRefusedError: The URL or a redirect is refused: its scheme, its host, or
+            an address the host resolves to (see :mod:`prefect_journey.address_rules`); not
+            retryable.
+        DownloadTimeoutError: The download passed its deadline (retryable).
+        DownloadError: The CDN answers other than 200, the transfer fails, the image is
+            above ``max_bytes``, or the bytes are not a whole PNG, JPEG or WebP image. The
+            size cap is not retryable; the rest are.
         JourneyValidationError: The key template or a rendered key is refused, a field has
-            no value, ``max_bytes`` is not positive, or ``destination`` is an empty URL.
+            no value, ``max_bytes`` or ``deadline`` is not positive, or ``destination`` is
+            an empty URL.
+        ConfigurationError: A variable of the address rules is malformed.
         ObjectConflictError: A different object is already at the key and ``overwrite``
             is False.
         StorageError: The destination is not usable (not retryable), or writing or
@@ -1072,26 +1188,54 @@ async def astore_image(
     writer = _prepare(
         image_url, destination, task_id, key_template, key_fields, max_bytes, overwrite, origin
     )
+    chunks = _Regrouper(_deadline(max_bytes, deadline))
     client = http or async_download_client()
     pipe = _WriteBehind(writer)
+    # Each clean-up is one thread call: once started it runs to its end (the upload aborted,
+    # the partial file removed) even when a cancelled task's next await is cancelled too.
     try:
         async with client.stream("GET", image_url) as response:
             writer.check_length(response)
-            async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                await asyncio.to_thread(pipe.put, chunk)  # blocks while the queue is full
-        await asyncio.to_thread(pipe.close)
-        return await asyncio.to_thread(writer.finish)
+            async for piece in response.aiter_bytes():
+                if (chunk := chunks.add(piece)) is not None:
+                    await asyncio.to_thread(pipe.put, chunk)  # blocks while the queue is full
+        if (chunk := chunks.rest()) is not None:
+            await asyncio.to_thread(pipe.put, chunk)
     except httpx.HTTPError as exc:
-        await asyncio.to_thread(pipe.close, raise_error=False)
-        await asyncio.to_thread(writer.abort)
+        await asyncio.to_thread(_discard, pipe, writer)
         raise DownloadError(f"image download failed: {failure_text(exc)}") from None
     except BaseException:
-        await asyncio.to_thread(pipe.close, raise_error=False)
-        await asyncio.to_thread(writer.abort)
+        await asyncio.to_thread(_discard, pipe, writer)
         raise
+    else:
+        return await asyncio.to_thread(_complete, pipe, writer)
     finally:
         if http is None:
             await client.aclose()
+
+
+def _discard(pipe: _WriteBehind, writer: _ObjectWriter) -> None:
+    """End a failed store: stop the writing, then discard what was written."""
+    pipe.close(raise_error=False)
+    writer.abort()
+
+
+def _complete(pipe: _WriteBehind, writer: _ObjectWriter) -> StoredImage:
+    """Write what is left, verify and commit; discard everything if that fails."""
+    try:
+        pipe.close()
+        return writer.finish()
+    except BaseException:
+        _discard(pipe, writer)
+        raise
+
+
+def _deadline(max_bytes: int, deadline: float | None) -> float:
+    if deadline is None:
+        return download_deadline(max_bytes)
+    if not deadline > 0:
+        raise JourneyValidationError("deadline must be a positive number of seconds")
+    return deadline
 
 
 def _prepare(
@@ -1108,7 +1252,7 @@ def _prepare(
     try:
         check_http_url(image_url, what="image_url", https_only_remote=True)
     except ValueError as exc:
-        raise DownloadError(f"refusing to download: {exc}", retryable=False) from None
+        raise DownloadRefusedError(f"refusing to download: {exc}") from None
     if max_bytes <= 0:
         raise JourneyValidationError("max_bytes must be positive")
     fields = {"task_id": task_id, "ext": "png", **(key_fields or {})}

@@ -159,12 +159,28 @@ def emulator_server() -> Iterator[EmulatorServer]:
         yield server
 
 
+def allow_private_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Adds the host:port of ``url`` (a server of the tests, on loopback) to
+    ``JOURNEY_PRIVATE_ENDPOINTS``, which downloads and references may reach."""
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(url).netloc
+    before = os.environ.get("JOURNEY_PRIVATE_ENDPOINTS", "")
+    monkeypatch.setenv("JOURNEY_PRIVATE_ENDPOINTS", ",".join(filter(None, [before, endpoint])))
+
+
 @pytest.fixture
-def emulator(emulator_server: EmulatorServer) -> Iterator[EmulatorServer]:
-    """The shared emulator, reset to a clean ledger, full credits and no faults."""
+def emulator(
+    emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EmulatorServer]:
+    """The shared emulator, reset to a clean ledger, full credits and no faults; its CDN on
+    loopback is an allowed endpoint even where ``JOURNEY_BASE_URL`` does not name it."""
+    allow_private_endpoint(monkeypatch, emulator_server.url)
     state = emulator_server.state
     state.config.faults = FaultPlan()
     state.config.jpeg_as_png_rate = 0.0
+    state.config.realistic_sizes = False
+    state.config.cdn_chunk_delay = 0.0
     state.config.latency.time_scale = TEST_TIME_SCALE
     state.config.latency.fixed = None
     emulator_server.admin("reset")
@@ -258,8 +274,10 @@ class Bucket:
 
 
 @pytest.fixture
-def bucket(moto_server: str) -> Bucket:
-    """A fresh, empty bucket on the moto server."""
+def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A fresh, empty bucket on the moto server, an allowed endpoint (its presigned URLs
+    serve as references)."""
+    allow_private_endpoint(monkeypatch, moto_server)
     name = f"journey-{uuid.uuid4().hex[:12]}"
     boto3.client(
         "s3",

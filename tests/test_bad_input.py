@@ -61,6 +61,10 @@ def client(emulator: EmulatorServer, **options: Any) -> JourneyClient:
     return JourneyClient(emulator.api_key, base_url=emulator.url, **options)
 
 
+# A presigned-looking reference on the cloud metadata address: refused, its signature unsaid.
+METADATA_REF = "https://169.254.169.254/latest/a.png?X-Amz-Signature=sig"
+
+
 def refs(n: int) -> list[str]:
     return [f"https://a.example/{i}.png" for i in range(n)]
 
@@ -123,6 +127,27 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         "control characters",
     ),
     (
+        "campaign private reference, a task run per image",
+        lambda e, t: flow_fails(
+            batch_campaign,
+            items=[{"prompt": "p", "references": ["https://10.1.2.3/a.png"]}],
+            destination=str(t),
+        ),
+        "Failed",
+        "ReferenceRefusedError",
+    ),
+    (
+        "campaign private reference, many images per task run",
+        lambda e, t: flow_fails(
+            batch_campaign,
+            items=[{"prompt": "p", "references": ["https://[::1]/a.png"]}],
+            destination=str(t),
+            images_per_task_run=10,
+        ),
+        "Failed",
+        "ReferenceRefusedError",
+    ),
+    (
         "campaign control characters in row 2",
         lambda e, t: flow_fails(
             batch_campaign,
@@ -143,6 +168,12 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         lambda e, t: raises(lambda: client(e).imagine(prompt="p", image_urls=["ftp://h/a.png"])),
         "JourneyValidationError",
         "http or https",
+    ),
+    (
+        "client reference on the metadata address",
+        lambda e, t: raises(lambda: client(e).imagine(prompt="p", image_urls=[METADATA_REF])),
+        "ReferenceRefusedError",
+        "169.254.169.254:443 resolves to 169.254.169.254, which is not a public address",
     ),
     (
         "client ratio 5:4",
@@ -301,8 +332,16 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
     (
         "store http image url",
         lambda e, t: raises(lambda: store_image("http://c.example/a.png", str(t), task_id="t")),
-        "DownloadError",
+        "DownloadRefusedError",
         "https",
+    ),
+    (
+        "store image url on the metadata address",
+        lambda e, t: raises(
+            lambda: store_image("https://169.254.169.254/a.png", str(t), task_id="t")
+        ),
+        "DownloadRefusedError",
+        "not a public address",
     ),
     (
         "store unknown protocol",
@@ -459,6 +498,12 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         lambda e, t: cli("imagine", "--prompt", "p", "--reference", "ftp://h/a.png"),
         "exit 2",
         "http or https",
+    ),
+    (
+        "cli private reference",
+        lambda e, t: cli("imagine", "--prompt", "p", "--reference", "https://10.1.2.3/a.png"),
+        "exit 2",
+        "10.1.2.3, which is not a public address",
     ),
     (
         "cli unsafe key template",

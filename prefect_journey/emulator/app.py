@@ -410,12 +410,13 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             fault=fault,
             authorization="authorization" in request.headers,
         )
+        delay = state.config.cdn_chunk_delay
         if fault == "truncate":
             # Sent without a length, then ended early and cleanly: only the content can tell.
-            return _streamed(data[: len(data) // 2], announce_length=False)
+            return _streamed(data[: len(data) // 2], delay, announce_length=False)
         if fault == "corrupt":
             data = _corrupt(data, state.rng)
-        return _streamed(data)
+        return _streamed(data, delay)
 
     async def ledger(request: Request) -> Response:
         return JSONResponse(state.ledger())
@@ -440,7 +441,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
                 setattr(latency, key, body[key])
         if "credits" in body:
             state.credits = state.config.credits = int(body["credits"])
-        for key in ("jpeg_as_png_rate", "realistic_sizes"):
+        for key in ("jpeg_as_png_rate", "realistic_sizes", "cdn_chunk_delay"):
             if key in body:
                 setattr(state.config, key, body[key])
         return JSONResponse({"configured": sorted(body)})
@@ -469,9 +470,11 @@ def _corrupt(data: bytes, rng: random.Random) -> bytes:
     return data[:-2] + b"\x00\x00"
 
 
-def _streamed(data: bytes, *, announce_length: bool = True) -> Response:
+def _streamed(data: bytes, delay: float, *, announce_length: bool = True) -> Response:
     async def chunks() -> Any:
         for start in range(0, len(data), CDN_CHUNK):
+            if delay:
+                await asyncio.sleep(delay)
             yield data[start : start + CDN_CHUNK]
 
     headers = {"content-length": str(len(data))} if announce_length else None

@@ -182,6 +182,8 @@ class EmulatorConfig:
             URL, as the real CDN does; 0 by default.
         realistic_sizes: Adds photo-like grain so that PNG sizes match real outputs
             (slower to render); False by default.
+        cdn_chunk_delay: Seconds the CDN waits before each 64 KB piece of an image, to
+            serve slow downloads (a test kills a run while they stream); 0 by default.
         webhook_delay: Seconds between a generation's end and its webhook delivery; 0 by
             default.
         webhook_retry_delays: The waits before each retry of a refused or failed delivery;
@@ -209,6 +211,7 @@ class EmulatorConfig:
     jpeg_as_png_rate: float = 0.0
     # Photo-like grain so PNG sizes match real outputs (slower to render).
     realistic_sizes: bool = False
+    cdn_chunk_delay: float = 0.0
     webhook_delay: float = 0.0
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 90.0)
     email: str = "emulator@example.com"

@@ -168,7 +168,7 @@ class EmulatorServer(BackgroundServer):
         Args:
             action: ``"reset"``, ``"faults"`` (a new :class:`FaultPlan`'s fields) or
                 ``"config"`` (``time_scale``, ``fixed``, ``per_reference``, ``jitter``,
-                ``credits``, ``jpeg_as_png_rate``, ``realistic_sizes``).
+                ``credits``, ``jpeg_as_png_rate``, ``realistic_sizes``, ``cdn_chunk_delay``).
             body: The JSON body; None sends ``{}``.
 
         Returns:
