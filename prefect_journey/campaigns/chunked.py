@@ -301,7 +301,8 @@ async def _paid_call(
     """One paid attempt, holding one of the run's generation slots for its call only: the
     wait for a lost answer's delivery, and the pause before a retry, leave the slot to the
     run's other images."""
-    limit = policy.attempt_timeout(item.request)
+    # The client's own read timeout, so the deadline never cuts its call short.
+    limit = policy.attempt_timeout(item.request, shared.api.read_timeout)
     receiver = receiver_for(item.request, campaign.receiver)
     attempt = None
     try:
