@@ -21,7 +21,14 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--task-runner", choices=["thread", "dask"])
     parser.add_argument("--images-per-task-run", type=int, default=1)
+    parser.add_argument(
+        "--repay-possibly-billed",
+        type=int,
+        metavar="N",
+        help="times an image's possibly-billed failure is paid again, 0-5 (default: the flow's, 1)",
+    )
     args = parser.parse_args()
+    repay = args.repay_possibly_billed
     report = batch_campaign(
         source=args.source,
         campaign=args.campaign,
@@ -30,6 +37,7 @@ def main() -> None:
         max_concurrency=args.max_concurrency,
         task_runner=args.task_runner,
         images_per_task_run=args.images_per_task_run,
+        **({} if repay is None else {"repay_possibly_billed": repay}),
     )
     print(report.ledger_line())
 

@@ -91,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     imagine.add_argument(
         "--json", action="store_true", help="print the result (and stored object) as JSON"
     )
+    imagine.add_argument(
+        "--repay-possibly-billed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="times a possibly-billed failure (read timeout, 500/502/504, lost answer: the "
+        "image may be made and billed already) is paid again, 0-5 (default: 1)",
+    )
 
     commands.add_parser(
         "new-secret",
@@ -105,11 +113,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_imagine(args: argparse.Namespace) -> int:
+    from prefect_journey import policy
     from prefect_journey.client import JourneyClient
     from prefect_journey.models import ImagineRequest
     from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination, render_key, store_image
 
     key_template = args.key_template or DEFAULT_KEY_TEMPLATE
+    repay = args.repay_possibly_billed
+    # The flows' default: a command-line call is a user's call, not a library's.
+    repay = policy.check_repay_possibly_billed(
+        policy.DEFAULT_REPAY_POSSIBLY_BILLED if repay is None else repay
+    )
 
     if args.destination:  # a bad destination or key must fail before a credit is spent
         Destination(args.destination).filesystem()
@@ -123,7 +137,10 @@ def _run_imagine(args: argparse.Namespace) -> int:
     # Progress goes to stderr, and only to a terminal: stdout stays the result alone.
     console = Console(stderr=True)
     shown = console.is_terminal and not args.json
-    with JourneyClient() as client, _working(console, "generating", shown):
+    with (
+        JourneyClient(repay_possibly_billed=repay) as client,
+        _working(console, "generating", shown),
+    ):
         result = client.imagine(request)
     stored = None
     if args.destination:

@@ -285,9 +285,11 @@ class _ClientCore:
         read_timeout: float | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         seed: int | None = None,
+        repay_possibly_billed: int = 0,
     ) -> None:
         if max_retries < 0:
             raise ConfigurationError("max_retries must be >= 0")
+        policy.check_repay_possibly_billed(repay_possibly_billed)
         if read_timeout is None:
             read_timeout = settings.read_timeout()
         if read_timeout is not None and read_timeout <= 0:
@@ -299,6 +301,7 @@ class _ClientCore:
         self.max_retries = max_retries
         self.read_timeout = read_timeout
         self.max_connections = max_connections
+        self.repay_possibly_billed = repay_possibly_billed
         self._rng = random.Random(seed)
 
     def __repr__(self) -> str:
@@ -338,9 +341,7 @@ class _ClientCore:
             :func:`prefect_journey.policy.read_timeout_for` of the request's references and
             resolution, in seconds.
         """
-        if self.read_timeout is not None:
-            return self.read_timeout
-        return policy.read_timeout_for(len(request.image_urls), request.resolution)
+        return policy.request_read_timeout(request, self.read_timeout)
 
     def _secrets(self, request: ImagineRequest | None = None) -> tuple[str, ...]:
         secrets = [self._api_key.get_secret_value()]
@@ -361,6 +362,7 @@ class _ClientCore:
         read_timeout: float,
         idempotent: bool,
         secrets: tuple[str, ...],
+        repays: policy.RepayAllowance | None = None,
     ) -> CallFlow[tuple[httpx.Response, int]]:
         """Send with retries; return the 2xx response and the number of attempts."""
         attempt = 0
@@ -382,6 +384,7 @@ class _ClientCore:
                 attempt,
                 max_retries=self.max_retries,
                 idempotent=idempotent,
+                repays=repays,
                 rng=self._rng,
             )
             if delay is None:
@@ -395,6 +398,7 @@ class _ClientCore:
         started = time.monotonic()
         read_timeout = self.read_timeout_for(request)
         secrets = self._secrets(request)
+        repays = policy.RepayAllowance(self.repay_possibly_billed)
         response, attempts = yield from self._send(
             http,
             "POST",
@@ -403,6 +407,7 @@ class _ClientCore:
             read_timeout=read_timeout,
             idempotent=False,
             secrets=secrets,
+            repays=repays,
         )
         task = parse_task(_json_object(response), "/imagine")
         while task.status in _UNFINISHED:
@@ -421,6 +426,7 @@ class _ClientCore:
             elapsed_seconds=time.monotonic() - started,
             credits_charged=CREDITS_PER_IMAGE,
             attempts=attempts,
+            possibly_billed_attempts=repays.used,
         )
 
     def _fetch_flow(
@@ -466,7 +472,8 @@ class JourneyClient(_ClientCore):
 
     Safe failures (connection refused, 429, 503) are retried up to ``max_retries`` times;
     possibly-billed failures of ``imagine`` are raised as
-    :class:`~prefect_journey.errors.PossiblyBilledError` subclasses, never retried here.
+    :class:`~prefect_journey.errors.PossiblyBilledError` subclasses, and paid again only
+    when ``repay_possibly_billed`` allows it (never by default).
 
     Args:
         api_key: The key; default ``JOURNEY_API_KEY``.
@@ -481,6 +488,10 @@ class JourneyClient(_ClientCore):
             at once.
         seed: Seeds the backoff jitter (reproducible tests).
         transport: An httpx transport (tests, proxies).
+        repay_possibly_billed: How many times one ``imagine`` call pays again after a
+            possibly-billed failure (its image may already be made and billed), within
+            ``max_retries``; 0 to 5, default 0: a library call surfaces an unknown outcome
+            and lets its caller choose.
 
     Raises:
         ConfigurationError: No key, a malformed base URL or a bad option.
@@ -505,6 +516,7 @@ class JourneyClient(_ClientCore):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         seed: int | None = None,
         transport: httpx.BaseTransport | None = None,
+        repay_possibly_billed: int = 0,
     ) -> None:
         super().__init__(
             api_key,
@@ -513,6 +525,7 @@ class JourneyClient(_ClientCore):
             read_timeout=read_timeout,
             max_connections=max_connections,
             seed=seed,
+            repay_possibly_billed=repay_possibly_billed,
         )
         self._http = httpx.Client(transport=transport, **self._http_options())
 
@@ -521,7 +534,8 @@ class JourneyClient(_ClientCore):
 
         The call is paid (4 credits) and returns when the image exists. Failures that cannot
         have been billed are retried up to ``max_retries`` times; possibly-billed ones are
-        raised, never retried here, since a retry may bill twice. Should the API answer with
+        raised, since a retry may bill twice, unless ``repay_possibly_billed`` allows paying
+        again. Should the API answer with
         an unfinished task, it is polled through ``/fetch`` every 2 s until the read timeout.
 
         Args:
@@ -660,6 +674,7 @@ class AsyncJourneyClient(_ClientCore):
         max_connections: As for :class:`JourneyClient`.
         seed: As for :class:`JourneyClient`.
         transport: An httpx async transport.
+        repay_possibly_billed: As for :class:`JourneyClient`.
 
     Raises:
         ConfigurationError: No key, a malformed base URL or a bad option.
@@ -688,6 +703,7 @@ class AsyncJourneyClient(_ClientCore):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         seed: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        repay_possibly_billed: int = 0,
     ) -> None:
         super().__init__(
             api_key,
@@ -696,6 +712,7 @@ class AsyncJourneyClient(_ClientCore):
             read_timeout=read_timeout,
             max_connections=max_connections,
             seed=seed,
+            repay_possibly_billed=repay_possibly_billed,
         )
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
 

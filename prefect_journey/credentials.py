@@ -61,7 +61,7 @@ class JourneyCredentials(Block):
         Args:
             **options: Keyword options of :class:`~prefect_journey.client.JourneyClient`
                 (``max_retries``, ``read_timeout``, ``max_connections``, ``seed``,
-                ``transport``).
+                ``transport``, ``repay_possibly_billed``).
 
         Returns:
             A new :class:`~prefect_journey.client.JourneyClient`; close it, or use it in a

@@ -8,6 +8,9 @@ Two layers retry, each with its own rule, both written here:
   :func:`should_retry_store`, :data:`GENERATION_RETRY_DELAYS`, :func:`pipeline_retry_delay`):
   Prefect's task retries in the per-image executor, the same ladder in the chunked one.
 
+A possibly-billed failure of a paid generation is paid again only within the image's
+allowance (:class:`RepayAllowance`, ``repay_possibly_billed``, one by default), in both layers.
+
 ``Retry-After`` is read once, by :func:`retry_after_seconds`. The docs' retries-and-timeouts
 page is a rendering of this module; change both together. No Prefect import: the plain client
 uses it too.
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from prefect_journey.errors import JourneyError, RateLimitedError
+from prefect_journey.errors import JourneyError, JourneyValidationError, RateLimitedError
 from prefect_journey.models import MAX_REFERENCES, ImagineRequest
 
 # --- Timeouts -------------------------------------------------------------------------------
@@ -61,6 +65,23 @@ def read_timeout_for(reference_count: int, resolution: str | None) -> float:
         ```
     """
     return READ_TIMEOUT_BASE[resolution or "1K"] + READ_TIMEOUT_PER_REFERENCE * reference_count
+
+
+def request_read_timeout(request: ImagineRequest, override: float | None = None) -> float:
+    """The read timeout of ``request``'s generation: ``override`` when given, else
+    :func:`read_timeout_for` of its references and resolution.
+
+    Args:
+        request: The request to be sent.
+        override: A read timeout the caller set (a client's ``read_timeout``,
+            ``JOURNEY_READ_TIMEOUT``); None uses the formula.
+
+    Returns:
+        The read timeout in seconds.
+    """
+    if override is not None:
+        return override
+    return read_timeout_for(len(request.image_urls), request.resolution)
 
 
 # --- Retries --------------------------------------------------------------------------------
@@ -156,6 +177,7 @@ def retry_delay(
     *,
     max_retries: int,
     idempotent: bool,
+    repays: RepayAllowance | None = None,
     rng: random.Random | None = None,
 ) -> float | None:
     """The one retry decision: seconds to wait before retrying, or None to give up.
@@ -163,8 +185,9 @@ def retry_delay(
     - 4xx other than 408/429 (bad input, bad key, no credits, not found): never.
     - Cannot have been billed (connection refused, 408, 429, 503): yes, honouring
       ``Retry-After`` up to :data:`RETRY_AFTER_CAP`; a longer demand is handed to the caller.
-    - Possibly billed (read timeout, dropped connection, 500/502/504): only for idempotent
-      calls (``/fetch``, ``/account``); a paid ``/imagine`` surfaces the error instead.
+    - Possibly billed (read timeout, dropped connection, 500/502/504): for idempotent calls
+      (``/fetch``, ``/account``); a paid ``/imagine`` only within ``repays``, else it
+      surfaces the error.
 
     Args:
         error: The failure of the attempt that just ended.
@@ -172,6 +195,8 @@ def retry_delay(
         max_retries: The most retries allowed; once ``attempt`` reaches it, the answer is
             None.
         idempotent: Whether repeating the call cannot bill twice (``/fetch``, ``/account``).
+        repays: The paid call's allowance of possibly-billed failures paid again (one is
+            used when the answer is yes); None allows none.
         rng: The random source of the backoff jitter; None uses the :mod:`random` module's
             own.
 
@@ -182,7 +207,8 @@ def retry_delay(
     if attempt >= max_retries:
         return None
     if error.possibly_billed:
-        return backoff_delay(attempt, rng) if idempotent else None
+        repaid = idempotent or (repays is not None and repays.take())
+        return backoff_delay(attempt, rng) if repaid else None
     if not error.retryable:
         return None
     retry_after = retry_after_seconds(error)
@@ -229,21 +255,141 @@ RECOVERY_WINDOW = GENERATION_OVERRUN + sum(PROVIDER_WEBHOOK_RETRY_DELAYS[:2])
 RECOVERY_POLL_INTERVAL = 1.0
 
 
-def should_retry_generation(error: BaseException | None) -> bool:
-    """Whether a failed paid generation is tried again.
+# --- Paying again for a possibly-billed generation -------------------------------------------
+# Without a receiver, a possibly-billed failure (read timeout, 500/502/504, dropped answer,
+# malformed 2xx) is paid again blind: the image may exist and be billed already. One repay
+# turns most transient faults into an image at a risk of one extra image's price; each further
+# one adds that risk again for a fault that did not clear. The fault soak (docs/reliability.md)
+# measures the trade. With a receiver, the repay comes only after a recovery window that ended
+# with nothing.
+DEFAULT_REPAY_POSSIBLY_BILLED = 1
+# Every retry of the generation ladder may be a repay, no more.
+MAX_REPAY_POSSIBLY_BILLED = GENERATION_RETRIES
 
-    Yes for what cannot have been billed, and for what may have been (counted as such).
-    Never for bad input, auth, credits, a refused task or an attempt that ran out of time
-    (its call may still be running).
+
+def check_repay_possibly_billed(value: object) -> int:
+    """``value`` if it is a whole number of repays the ladder allows.
+
+    Args:
+        value: How many times an image's possibly-billed failure may be paid again.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        JourneyValidationError: Not an int (a bool is refused), or outside
+            0..:data:`MAX_REPAY_POSSIBLY_BILLED`.
+
+    Example:
+        ```python
+        from prefect_journey.policy import check_repay_possibly_billed
+
+        assert check_repay_possibly_billed(0) == 0  # never pay twice
+        ```
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value <= MAX_REPAY_POSSIBLY_BILLED
+    ):
+        raise JourneyValidationError(
+            f"repay_possibly_billed must be a whole number from 0 to "
+            f"{MAX_REPAY_POSSIBLY_BILLED}, got {value!r}"
+        )
+    return value
+
+
+@dataclass
+class RepayAllowance:
+    """One image's allowance of possibly-billed failures paid again, and how much of it is
+    used. Every path that pays for an image asks it (the ``imagine`` tasks' retry condition,
+    the chunked executor, the client's own retries) through :meth:`should_retry` or
+    :meth:`take`.
+
+    Attributes:
+        allowed: Possibly-billed failures that may be paid again (``repay_possibly_billed``).
+        used: Possibly-billed failures paid again so far.
+
+    Example:
+        ```python
+        from prefect_journey.errors import ServerError
+        from prefect_journey.policy import RepayAllowance
+
+        repays = RepayAllowance(allowed=1)
+        assert repays.should_retry(ServerError("502", status_code=502))
+        assert not repays.should_retry(ServerError("502", status_code=502))
+        assert repays.used == 1
+        ```
+    """
+
+    allowed: int = DEFAULT_REPAY_POSSIBLY_BILLED
+    used: int = 0
+
+    def take(self) -> bool:
+        """Use one repay, if one is left.
+
+        Returns:
+            True when a repay was left (it is now used).
+        """
+        if self.used >= self.allowed:
+            return False
+        self.used += 1
+        return True
+
+    def should_retry(self, error: BaseException | None) -> bool:
+        """Whether a failed paid generation of this image is tried again.
+
+        Yes for what cannot have been billed; for what may have been, only while a repay is
+        left (it is used). Never for bad input, auth, credits, a refused task or an attempt
+        that ran out of time (its call may still be running).
+
+        Args:
+            error: The failure of the attempt, or None.
+
+        Returns:
+            True for a retryable :class:`~prefect_journey.errors.JourneyError`, or a
+            possibly-billed one within the allowance; False for anything else, None
+            included.
+        """
+        if not isinstance(error, JourneyError):
+            return False
+        if error.possibly_billed:
+            return self.take()
+        return error.retryable
+
+
+def should_retry_generation(
+    error: BaseException | None, *, repaid: int = 0, allowed: int = DEFAULT_REPAY_POSSIBLY_BILLED
+) -> bool:
+    """Whether a failed paid generation is tried again, asked without keeping an allowance
+    (:meth:`RepayAllowance.should_retry` of ``RepayAllowance(allowed, repaid)``).
 
     Args:
         error: The failure of the attempt, or None.
+        repaid: The image's possibly-billed failures already paid again.
+        allowed: Its allowance (``repay_possibly_billed``).
 
     Returns:
-        True for a :class:`~prefect_journey.errors.JourneyError` that is retryable or
-        possibly billed; False for anything else, None included.
+        The decision.
     """
-    return isinstance(error, JourneyError) and (error.retryable or error.possibly_billed)
+    return RepayAllowance(allowed, repaid).should_retry(error)
+
+
+def left_possibly_billed(error: BaseException | None) -> bool:
+    """Whether a generation that ended with ``error`` may have been billed for an image
+    nobody received: a possibly-billed failure not paid again, or an attempt that ran out
+    of time (its call may still have run).
+
+    Args:
+        error: How the item's generation ended, or None.
+
+    Returns:
+        True for a possibly-billed :class:`~prefect_journey.errors.JourneyError` or a
+        :class:`TimeoutError`.
+    """
+    if isinstance(error, JourneyError):
+        return error.possibly_billed
+    return isinstance(error, TimeoutError)
 
 
 def should_retry_store(error: BaseException | None) -> bool:
@@ -299,20 +445,40 @@ def pipeline_retry_delay(
     return max(jittered(delays[failed_attempts - 1], rng), retry_after_pause(error))
 
 
-def attempt_timeout(request: ImagineRequest) -> float:
+def attempt_timeout(request: ImagineRequest, read_timeout: float | None = None) -> float:
     """One paid attempt's deadline: connect + the request's read timeout + a margin.
 
-    The margin (:data:`ATTEMPT_TIMEOUT_MARGIN`) lets the HTTP layer fail first, with the
-    clearer error.
+    The read timeout is the one the client uses: ``read_timeout``, else
+    ``JOURNEY_READ_TIMEOUT``, else the formula (:func:`request_read_timeout`), so a deadline
+    built from this never cuts a call off before the read timeout the user set. The margin
+    (:data:`ATTEMPT_TIMEOUT_MARGIN`) lets the HTTP layer fail first, with the clearer error.
 
     Args:
         request: The request the attempt sends.
+        read_timeout: The client's read timeout when it was given one; None reads
+            ``JOURNEY_READ_TIMEOUT``.
 
     Returns:
         The deadline in seconds.
+
+    Raises:
+        ConfigurationError: ``JOURNEY_READ_TIMEOUT`` is malformed.
+
+    Example:
+        ```python
+        from prefect_journey.models import ImagineRequest
+        from prefect_journey.policy import attempt_timeout
+
+        # 10 s to connect + 90 s to generate a bare 1K image + 15 s of margin
+        assert attempt_timeout(ImagineRequest(prompt="a lighthouse"), read_timeout=90) == 115
+        ```
     """
-    read = read_timeout_for(len(request.image_urls), request.resolution)
-    return CONNECT_TIMEOUT + read + ATTEMPT_TIMEOUT_MARGIN
+    # Imported on use: settings names its defaults from this module.
+    from prefect_journey import settings
+
+    if read_timeout is None:
+        read_timeout = settings.read_timeout()
+    return CONNECT_TIMEOUT + request_read_timeout(request, read_timeout) + ATTEMPT_TIMEOUT_MARGIN
 
 
 def worst_case_attempt_timeout(*, recovering: bool = False) -> float:

@@ -212,19 +212,33 @@ def image_row(prompt: str, result: ImagineResult, stored: StoredImage) -> dict[s
 
 
 def publish_summary(
-    title: str, rows: Sequence[dict[str, Any]], failures: Sequence[str] = (), key: str | None = None
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    failures: Sequence[str] = (),
+    key: str | None = None,
+    not_repaid: Sequence[str] = (),
 ) -> None:
-    """A markdown artifact with a table of images and a list of failures, and a log line.
+    """A markdown artifact with a table of images, a list of failures and, apart, the images
+    left possibly billed and not paid again; and a log line.
 
     Args:
         title: The artifact's heading and description.
         rows: Rows of :func:`summary_table`, usually from :func:`image_row`.
-        failures: One line per failure.
+        failures: One line per failure with a known outcome.
         key: The artifact key, to keep its history across runs.
+        not_repaid: One line per image whose last attempt may have been billed and was not
+            paid again (``repay_possibly_billed`` used up).
     """
     title = display_text(title, DESCRIPTION_PROMPT_CHARS)
     body = [f"# {title}", "", summary_table(rows)]
-    if failures:
-        body += ["", "## Failed", "", *(f"- {display_text(f, 10_000)}" for f in failures)]
+    for heading, lines in (("Failed", failures), ("Possibly billed, not repaid", not_repaid)):
+        if lines:
+            body += ["", f"## {heading}", "", *(f"- {display_text(f, 10_000)}" for f in lines)]
     create_markdown_artifact("\n".join(body), key=key, description=title)
-    get_run_logger().info("%s: %d stored, %d failed", title, len(rows), len(failures))
+    get_run_logger().info(
+        "%s: %d stored, %d failed, %d possibly billed and not repaid",
+        title,
+        len(rows),
+        len(failures),
+        len(not_repaid),
+    )

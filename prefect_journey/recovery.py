@@ -184,18 +184,24 @@ class JourneyWebhookReceiver(Block):
 
 
 def task_timeout(request: ImagineRequest, receiver: JourneyWebhookReceiver | None) -> float:
-    """The timeout of an ``imagine`` task run for ``request``: its attempt's deadline, and
-    with a receiver the waits for deliveries too (:func:`~prefect_journey.policy
-    .recovering_timeout`).
+    """The timeout of an ``imagine`` task run for ``request``: its attempt's deadline
+    (:func:`~prefect_journey.policy.attempt_timeout`, ``JOURNEY_READ_TIMEOUT`` included), and
+    when ``receiver`` recovers its attempts the waits for deliveries too
+    (:func:`~prefect_journey.policy.recovering_timeout`).
 
     Args:
         request: The request.
-        receiver: The receiver in use, if any.
+        receiver: The configured receiver, if any (none recovers a request that carries its
+            own webhook, see :func:`receiver_for`).
 
     Returns:
         Seconds.
+
+    Raises:
+        ConfigurationError: ``JOURNEY_READ_TIMEOUT`` is malformed.
     """
     attempt = policy.attempt_timeout(request)
+    receiver = receiver_for(request, receiver)
     if receiver is None:
         return attempt
     return policy.recovering_timeout(attempt, receiver.recovery_window_seconds)

@@ -44,7 +44,8 @@ READ_TIMEOUT = Variable(
     "JOURNEY_READ_TIMEOUT",
     "(formula)",
     "Seconds to wait for a generation, for every client not given read_timeout; "
-    "by default a formula of resolution and reference count.",
+    "by default a formula of resolution and reference count. The attempt and task deadlines "
+    "are sized from it, so none cuts a call off before it.",
 )
 DESTINATION = Variable(
     "JOURNEY_DESTINATION",

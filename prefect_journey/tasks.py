@@ -1,11 +1,12 @@
 """Prefect tasks over the plain client and storage: orchestration only.
 
 - :func:`imagine` / :func:`aimagine`: one generation. Prefect retries what
-  :func:`~prefect_journey.policy.should_retry_generation` allows (what cannot have been
-  billed, and what may have been, counted on the result); a 400, 401 or 402 fails at once.
-  ``Retry-After`` is honoured by waiting inside the failed attempt, because Prefect's retry
-  delay cannot read it. Cached across runs by
-  :class:`~prefect_journey.cache.ImagineCachePolicy`.
+  :class:`~prefect_journey.policy.RepayAllowance` allows (what cannot have been billed, and
+  what may have been within ``repay_possibly_billed``, counted on the result); a 400, 401 or
+  402 fails at once. ``Retry-After`` is honoured by waiting inside the failed attempt,
+  because Prefect's retry delay cannot read it. Cached across runs by
+  :class:`~prefect_journey.cache.ImagineCachePolicy`. :func:`for_request` gives them the
+  timeout of one request.
 - :func:`store_image` / :func:`astore_image`: stream the result into a destination.
 - :func:`presign_references`: ``s3://`` character sheets to https URLs the API can fetch.
 - :func:`declare_assets`: record stored objects as Prefect assets (one task run).
@@ -13,18 +14,20 @@
 Every retry count, delay and timeout comes from :mod:`prefect_journey.policy`. The task
 timeout is a safety net only: a sync task on a worker thread cannot be interrupted, so the
 HTTP client's own timeouts are what stop a call; the task timeout sits just above them
-(:func:`~prefect_journey.policy.attempt_timeout`) so the HTTP layer always fails first.
+(:func:`~prefect_journey.recovery.task_timeout` of the request) so the HTTP layer always
+fails first. A Prefect task's timeout is fixed when the task is built, before its arguments
+are known: the package's flows and executors size it per request with :func:`for_request`,
+and a direct call of the decorated task gets the slowest request's, with recovery waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from datetime import UTC
-from typing import Any
-from uuid import UUID
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
@@ -77,6 +80,7 @@ from prefect_journey.recovery import (
     receiver_for,
     recover_attempt,
     recover_earlier,
+    task_timeout,
 )
 from prefect_journey.settings import DEFAULT_DESTINATION
 from prefect_journey.storage import (
@@ -126,10 +130,29 @@ __getattr__ = moved_names(
     },
 )
 
-# Possibly-billed failures per task run, counted by the retry condition and reported on the
-# result. Retries run in the same process as the first attempt, so a module dict suffices.
-_possibly_billed: dict[UUID, int] = {}
-_possibly_billed_lock = threading.Lock()
+R = TypeVar("R")
+
+# The repay allowance of the ``imagine`` task run in progress, with its run id. Prefect runs
+# every attempt of a task run, and its retry condition between them, in one context (one
+# thread, or one coroutine), which a task runner copies for each run it starts: the value
+# lives exactly as long as the run, and a later run in the same context replaces it.
+_RUN_REPAYS: ContextVar[tuple[str, policy.RepayAllowance] | None] = ContextVar(
+    "journey_run_repays", default=None
+)
+
+
+def _run_repays(allowed: int | None = None) -> policy.RepayAllowance:
+    """This task run's allowance: the one its first attempt made, else a new one of
+    ``allowed`` repays (the default when None)."""
+    run_id = current_task_run.id or ""
+    found = _RUN_REPAYS.get()
+    if found is not None and found[0] == run_id:
+        return found[1]
+    repays = policy.RepayAllowance(
+        policy.DEFAULT_REPAY_POSSIBLY_BILLED if allowed is None else allowed
+    )
+    _RUN_REPAYS.set((run_id, repays))
+    return repays
 
 
 class Settled:
@@ -173,11 +196,10 @@ def _failure(state: State[Any]) -> BaseException | None:
     return data if isinstance(data, BaseException) else None
 
 
-def retry_safe_or_possibly_billed(
-    task: Task[..., Any], task_run: TaskRun, state: State[Any]
-) -> bool:
-    """Default retry condition of :func:`imagine`: :func:`~prefect_journey.policy
-    .should_retry_generation`, counting the possibly-billed failures it lets through.
+def retry_within_repays(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Default retry condition of :func:`imagine`: the run's
+    :class:`~prefect_journey.policy.RepayAllowance` (``repay_possibly_billed`` of the run),
+    which counts the possibly-billed failures it pays again.
 
     Args:
         task: The task (Prefect's retry-condition signature).
@@ -187,15 +209,12 @@ def retry_safe_or_possibly_billed(
     Returns:
         Whether Prefect retries the run.
     """
-    error = _failure(state)
-    if isinstance(error, JourneyError) and error.possibly_billed:
-        with _possibly_billed_lock:
-            _possibly_billed[task_run.id] = _possibly_billed.get(task_run.id, 0) + 1
-    return policy.should_retry_generation(error)
+    return _run_repays().should_retry(_failure(state))
 
 
 def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Stricter retry condition: never risk paying twice.
+    """Stricter retry condition: never risk paying twice, whatever the run's
+    ``repay_possibly_billed`` (the same as passing ``repay_possibly_billed=0``).
 
     Args:
         task: The task (Prefect's retry-condition signature).
@@ -212,8 +231,7 @@ def retry_safe_only(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
         careful_imagine = imagine.with_options(retry_condition_fn=retry_safe_only)
         ```
     """
-    error = _failure(state)
-    return isinstance(error, JourneyError) and error.retryable and not error.possibly_billed
+    return policy.should_retry_generation(_failure(state), allowed=0)
 
 
 def retry_if_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -312,16 +330,13 @@ def _note_failure(logger: Logger, error: JourneyError) -> float:
     return policy.retry_after_pause(error)
 
 
-def _finish(result: ImagineResult, logger: Logger) -> ImagineResult:
-    run_id = current_task_run.id
-    with _possibly_billed_lock:
-        possibly_billed = _possibly_billed.pop(UUID(run_id), 0) if run_id else 0
+def _finish(result: ImagineResult, repays: policy.RepayAllowance, logger: Logger) -> ImagineResult:
     # Inside a task the client makes one HTTP attempt per Prefect attempt.
     return log_generation(
         logger,
         result.model_copy(
             update={
-                "possibly_billed_attempts": possibly_billed,
+                "possibly_billed_attempts": repays.used,
                 "attempts": current_task_run.run_count,
             }
         ),
@@ -332,10 +347,11 @@ IMAGINE_OPTIONS: dict[str, Any] = {
     "retries": policy.GENERATION_RETRIES,
     "retry_delay_seconds": list(policy.GENERATION_RETRY_DELAYS),
     "retry_jitter_factor": policy.RETRY_JITTER_FACTOR,
-    "retry_condition_fn": retry_safe_or_possibly_billed,
+    "retry_condition_fn": retry_within_repays,
     "cache_policy": IMAGINE_CACHE_POLICY,
     "cache_expiration": DEFAULT_CACHE_EXPIRATION,
     "persist_result": True,
+    # Only a direct call that was not sized with for_request runs with this one.
     "timeout_seconds": policy.worst_case_attempt_timeout(recovering=True),
     "tags": TAGS,
     "task_run_name": _imagine_run_name,
@@ -350,6 +366,7 @@ def imagine(
     budget: CreditBudget | None = None,
     concurrency_limit: str | None = None,
     webhook: JourneyWebhookReceiver | None = None,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
 ) -> ImagineResult:
     """Generate one image (``POST /api/v1/imagine``), paid once per identical request.
 
@@ -366,6 +383,10 @@ def imagine(
         budget: A shared :class:`~prefect_journey.budget.CreditBudget` gating every attempt.
         concurrency_limit: A Prefect global concurrency limit held during each attempt.
         webhook: The webhook receiver that turns on recovery; None reads the environment.
+        repay_possibly_billed: How many times a possibly-billed failure of this image (its
+            outcome unknown, so it may be billed already) is paid again, 0 to 5; with a
+            receiver, only after a recovery window that ended with nothing. Failures that
+            cannot have been billed are retried regardless.
 
     Returns:
         The finished image, with its attempts and possibly-billed retries counted, and
@@ -376,26 +397,30 @@ def imagine(
         AuthenticationError: The key is wrong (not retried).
         InsufficientCreditsError: The account is empty (not retried).
         TaskFailedError: The provider refused the image (not retried).
-        PossiblyBilledError: The last attempt's outcome is unknown.
+        PossiblyBilledError: The last attempt's outcome is unknown, and no repay is left.
 
     Example:
         ```python
         from prefect import flow
-        from prefect_journey.tasks import imagine
+        from prefect_journey.models import ImagineRequest
+        from prefect_journey.tasks import for_request, imagine
 
         @flow
         def poster() -> str:
-            return imagine({"prompt": "a lighthouse at dusk", "aspect_ratio": "16:9"}).image_url
+            request = ImagineRequest(prompt="a lighthouse at dusk", aspect_ratio="16:9")
+            # Sized for this request: its timeout is its own, not the slowest one's.
+            return for_request(imagine, request)(request).image_url
         ```
     """
     request, variant = as_request(request), check_variant(variant)
+    repays = _run_repays(policy.check_repay_possibly_billed(repay_possibly_billed))
     receiver = receiver_for(request, webhook or load_receiver())
     key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
     with journey_client(credentials, **_CLIENT_OPTIONS) as client:
         earlier = recover_earlier(key, receiver, client) if receiver else None
         if earlier is not None:
-            return _finish(earlier, logger)
+            return _finish(earlier, repays, logger)
         attempt = None
         try:
             with paid_attempt(budget, concurrency_limit):
@@ -413,7 +438,7 @@ def imagine(
             result = recovered
         else:
             end_attempt(key, attempt)
-    return _finish(result, logger)
+    return _finish(result, repays, logger)
 
 
 @task(name="journey-aimagine", **IMAGINE_OPTIONS)
@@ -424,16 +449,18 @@ async def aimagine(
     budget: CreditBudget | None = None,
     concurrency_limit: str | None = None,
     webhook: JourneyWebhookReceiver | None = None,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
 ) -> ImagineResult:
     """Async twin of :func:`imagine`."""
     request, variant = as_request(request), check_variant(variant)
+    repays = _run_repays(policy.check_repay_possibly_billed(repay_possibly_billed))
     receiver = receiver_for(request, webhook or load_receiver())
     key = imagine_cache_key(request, variant, api_base_url(credentials)) if receiver else ""
     logger = get_run_logger()
     async with async_journey_client(credentials, **_CLIENT_OPTIONS) as client:
         earlier = await arecover_earlier(key, receiver, client) if receiver else None
         if earlier is not None:
-            return _finish(earlier, logger)
+            return _finish(earlier, repays, logger)
         attempt = None
         try:
             async with apaid_attempt(budget, concurrency_limit):
@@ -453,7 +480,48 @@ async def aimagine(
         else:
             if attempt is not None:
                 await asyncio.to_thread(end_attempt, key, attempt)
-    return _finish(result, logger)
+    return _finish(result, repays, logger)
+
+
+def for_request(
+    task: Task[..., R],
+    request: ImagineRequest | Mapping[str, Any],
+    webhook: JourneyWebhookReceiver | None = None,
+) -> Task[..., R]:
+    """``task`` (:func:`imagine` or :func:`aimagine`) with the timeout of ``request``.
+
+    The timeout is :func:`~prefect_journey.recovery.task_timeout`: the request's attempt
+    deadline (its read timeout, ``JOURNEY_READ_TIMEOUT`` when set, plus connect time and a
+    margin), and with a receiver the waits for deliveries too. A Prefect task's timeout is
+    fixed before its arguments are known; this is how a call gets its own.
+
+    Args:
+        task: The task to size.
+        request: The request it will run, or its fields.
+        webhook: The receiver the call is given; None reads the environment, as the task
+            does.
+
+    Returns:
+        A copy of ``task`` with that timeout (``Task.with_options``).
+
+    Raises:
+        JourneyValidationError: ``request`` is not a valid request.
+        ConfigurationError: The environment's receiver or read timeout is malformed.
+
+    Example:
+        ```python
+        from prefect import flow
+        from prefect_journey.models import ImagineRequest
+        from prefect_journey.tasks import for_request, imagine
+
+        @flow
+        def poster() -> str:
+            request = ImagineRequest(prompt="a lighthouse at dusk")
+            return for_request(imagine, request).submit(request).result().image_url
+        ```
+    """
+    request = as_request(request)
+    return task.with_options(timeout_seconds=task_timeout(request, webhook or load_receiver()))
 
 
 def _store_run_name() -> str:

@@ -9,7 +9,8 @@ reason; no other object is in the bucket.
 The run has a webhook receiver in front of a real Prefect server, so possibly-billed answers
 are recovered from their deliveries (which have faults of their own); ``credits_wasted``
 (credits charged - 4 x images stored) must stay within :data:`MAX_WASTED_SHARE` of the
-credits charged. ``--no-receiver`` shows what the same faults cost without recovery.
+credits charged. ``--no-receiver`` shows what the same faults cost without recovery, and
+``--repay N`` runs the campaign with ``repay_possibly_billed=N`` (default: the package's).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class SoakResult:
     emulator_credits: int
     possibly_billed: int
     recovered: int = 0
+    not_repaid: int = 0
     failures: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -94,6 +96,7 @@ class SoakResult:
             f"corrupt_objects={self.corrupt} orphan_objects={self.orphans} calls={self.calls} "
             f"credits_charged={self.credits_charged} emulator_charged={self.emulator_credits} "
             f"possibly_billed_retries={self.possibly_billed} recovered={self.recovered} "
+            f"possibly_billed_not_repaid={self.not_repaid} "
             f"credits_wasted={self.credits_wasted} failures={failures} "
             f"nothing_lost={'yes' if self.nothing_lost else 'NO'}"
         )
@@ -112,12 +115,21 @@ def configure_faults(emulator: Any, seed: int) -> None:
 
 
 def run_soak(
-    n_items: int, *, emulator: Any, bucket: str, s3_fs: Any, concurrency: int = 16
+    n_items: int,
+    *,
+    emulator: Any,
+    bucket: str,
+    s3_fs: Any,
+    concurrency: int = 16,
+    repay_possibly_billed: int | None = None,
 ) -> SoakResult:
     """Run the campaign (faults already configured) and audit the bucket through ``s3_fs``,
-    which must read the store directly (not through the faulty proxy)."""
+    which must read the store directly (not through the faulty proxy); ``repay_possibly_billed``
+    None runs the campaign's default."""
     from prefect_journey.flows.campaign import batch_campaign
 
+    repay = repay_possibly_billed
+    options = {} if repay is None else {"repay_possibly_billed": repay}
     tag = uuid.uuid4().hex[:8]
     items = [
         {"prompt": f"soak item {i} #{tag}", "aspect_ratio": ["1:1", "16:9", "3:4"][i % 3]}
@@ -130,6 +142,7 @@ def run_soak(
         max_concurrency=concurrency,
         concurrency_limit=None,
         allow_failures=True,
+        **options,
     )
     ledger = emulator.ledger()
     served = ledger["images"]
@@ -164,6 +177,7 @@ def run_soak(
         emulator_credits=ledger["credits_charged"],
         possibly_billed=report.possibly_billed_retries,
         recovered=report.recovered,
+        not_repaid=report.possibly_billed_not_repaid,
         failures=failures,
     )
 
@@ -175,6 +189,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
         "--no-receiver", action="store_true", help="no webhook receiver: no recovery"
+    )
+    parser.add_argument(
+        "--repay",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the campaign's repay_possibly_billed (default: the package's default)",
     )
     args = parser.parse_args()
 
@@ -250,6 +271,7 @@ def main() -> int:
             bucket=bucket,
             s3_fs=s3fs.S3FileSystem(endpoint_url=direct, skip_instance_cache=True),
             concurrency=args.concurrency,
+            repay_possibly_billed=args.repay,
         )
     moto.stop()
     print(f"{result.line()} s3_writes={s3_counters['writes']} s3_faults={s3_counters['faults']}")

@@ -295,6 +295,42 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         "variant",
     ),
     (
+        "task repays past the ladder",
+        lambda e, t: raises(lambda: imagine.fn({"prompt": "p"}, repay_possibly_billed=6)),
+        "JourneyValidationError",
+        "repay_possibly_billed must be a whole number from 0 to 5",
+    ),
+    (
+        "client repays of a bool",
+        lambda e, t: raises(lambda: client(e, repay_possibly_billed=True)),
+        "JourneyValidationError",
+        "repay_possibly_billed",
+    ),
+    (
+        "flow negative repays",
+        lambda e, t: flow_fails(
+            generate_and_store, "p", destination=str(t), repay_possibly_billed=-1
+        ),
+        "Failed",
+        "repay_possibly_billed",
+    ),
+    (
+        "series repays past the ladder",
+        lambda e, t: flow_fails(
+            character_series, [], ["a scene"], destination=str(t), repay_possibly_billed=9
+        ),
+        "Failed",
+        "repay_possibly_billed",
+    ),
+    (
+        "campaign repays past the ladder",
+        lambda e, t: flow_fails(
+            batch_campaign, items=[{"prompt": "p"}], destination=str(t), repay_possibly_billed=6
+        ),
+        "Failed",
+        "repay_possibly_billed",
+    ),
+    (
         "task 15 references to presign",
         lambda e, t: raises(lambda: presign_references.fn(refs(15))),
         "JourneyValidationError",
@@ -487,6 +523,12 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
     ),
     # the command line
     ("cli blank prompt", lambda e, t: cli("imagine", "--prompt", " "), "exit 2", "prompt"),
+    (
+        "cli repays past the ladder",
+        lambda e, t: cli("imagine", "--prompt", "p", "--repay-possibly-billed", "6"),
+        "exit 2",
+        "repay_possibly_billed",
+    ),
     (
         "cli ratio 5:4",
         lambda e, t: cli("imagine", "--prompt", "p", "--aspect-ratio", "5:4"),

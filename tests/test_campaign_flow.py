@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
+import logging
 import os
 import threading
 import time
@@ -19,10 +21,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL
 
 from prefect_journey import ImageDestination, JourneyClient
+from prefect_journey._compat import WORKER_THREAD_TIMEOUT_NOTICE, WorkerThreadTimeoutNoticeFilter
 from prefect_journey.cache import cache_result, imagine_cache_key, record_store
 from prefect_journey.emulator import EmulatorServer
 from prefect_journey.flows.campaign import CampaignReport, abatch_campaign, batch_campaign
 from prefect_journey.models import ImagineRequest
+from prefect_journey.policy import attempt_timeout
 from prefect_journey.tasks import imagine
 
 from . import prefect_api
@@ -431,6 +435,89 @@ def test_retries_count_against_the_budget(
     assert state.is_failed()
     ledger = journey_env.ledger()
     assert ledger["credits_charged"] == 12 and imagine_calls(journey_env) == 3
+
+
+@BOTH_MODES
+@pytest.mark.parametrize(
+    ("repay", "calls", "status"),
+    [(None, 2, "possibly_billed"), (0, 1, "possibly_billed"), (2, 3, "stored")],
+)
+def test_a_possibly_billed_failure_is_paid_again_only_within_the_allowance(
+    journey_env: EmulatorServer,
+    tmp_path: Path,
+    images_per_task_run: int,
+    repay: int | None,
+    calls: int,
+    status: str,
+) -> None:
+    """One image whose answer is lost twice: the default pays again once, 0 never, 2 twice;
+    each repay waits the ladder's pause (2 s, then 4 s, +/- 50 %). An image left possibly
+    billed is counted apart from the failures, in the report, its ledger line and the
+    summary table."""
+    journey_env.admin("faults", {"queue": {"api": ["500", "drop"]}})
+    state = batch_campaign(
+        items=items(1),
+        campaign="repays",
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+        allow_failures=True,
+        return_state=True,
+        **({} if repay is None else {"repay_possibly_billed": repay}),
+    )
+    report: CampaignReport = state.result()
+    [outcome] = report.outcomes
+    assert outcome.status == status and imagine_calls(journey_env) == report.calls == calls
+    assert report.credits_charged == journey_env.ledger()["credits_charged"] == 4 * calls
+    left = int(status == "possibly_billed")
+    assert (report.failed, report.possibly_billed_not_repaid) == (0, left)
+    assert report.possibly_billed_retries == calls - 1
+    assert f"failed=0 possibly_billed_not_repaid={left} " in report.ledger_line()
+    [table] = [
+        a for a in prefect_api.artifacts([prefect_api.flow_run_id(state)]) if a.type == "table"
+    ]
+    assert f"possibly_billed_not_repaid={left}" in table.description
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["status"] for row in rows] == [status]
+
+
+def test_a_bare_1k_request_without_a_receiver_gets_a_task_timeout_under_3_minutes(
+    journey_env: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeout the task engine ran the image's task run with, from the notice Prefect
+    logs with it for a sync task on a worker thread (which the package otherwise drops)."""
+    logger = logging.getLogger("prefect.task_runs")
+    kept = [f for f in logger.filters if not isinstance(f, WorkerThreadTimeoutNoticeFilter)]
+    monkeypatch.setattr(logger, "filters", kept)
+    notices: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if str(record.msg).startswith(WORKER_THREAD_TIMEOUT_NOTICE):
+                notices.append(record)
+
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        batch_campaign(
+            items=[
+                *items(1),
+                {"prompt": f"a 4K poster #{uuid.uuid4().hex[:8]}", "resolution": "4K"},
+            ],
+            destination=str(tmp_path),
+        )
+    finally:
+        logger.removeHandler(handler)
+    timeouts = sorted(
+        float(record.args[0])  # type: ignore[index]
+        for record in notices
+        if str(getattr(record, "task_name", "")) == imagine.name
+    )
+    bare = ImagineRequest(prompt="x")
+    assert timeouts == [
+        attempt_timeout(bare),
+        attempt_timeout(bare.model_copy(update={"resolution": "4K"})),
+    ]
+    assert timeouts[0] < 180
 
 
 @BOTH_MODES

@@ -43,11 +43,30 @@ def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_p
     assert SENTINEL_KEY not in done.stdout + done.stderr
 
 
+def test_a_lost_answer_is_paid_again_once_by_default_and_never_with_0(
+    emulator: EmulatorServer,
+) -> None:
+    """Four runs of the CLI, each a subprocess that imports the package; a repay waits the
+    client's first backoff (under a second)."""
+    emulator.admin("faults", {"queue": {"api": ["500"]}})
+    done = run(emulator, "imagine", "--prompt", "repaid once", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"]["possibly_billed_attempts"] == 1
+    assert emulator.ledger()["calls"]["imagine"] == 2
+    emulator.admin("faults", {"queue": {"api": ["500", "drop"]}})
+    done = run(emulator, "imagine", "--prompt", "lost twice")
+    assert done.returncode == 1 and "possibly billed" in done.stderr
+    assert emulator.ledger()["calls"]["imagine"] == 4
+    emulator.admin("faults", {"queue": {"api": ["500"]}})
+    done = run(emulator, "imagine", "--prompt", "never twice", "--repay-possibly-billed", "0")
+    assert done.returncode == 1 and emulator.ledger()["calls"]["imagine"] == 5
+
+
 def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
     """Five runs of the CLI, each a subprocess that imports the package."""
     for fault in ["500", "drop", "malformed", "failed"]:
         emulator.admin("faults", {"queue": {"api": [fault]}})
-        done = run(emulator, "imagine", "--prompt", "p")
+        done = run(emulator, "imagine", "--prompt", "p", "--repay-possibly-billed", "0")
         assert done.returncode == 1 and done.stderr.startswith("error: ")
         assert SENTINEL_KEY not in done.stdout + done.stderr
     wrong = subprocess.run(

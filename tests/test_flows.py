@@ -18,9 +18,10 @@ from prefect_journey.flows.character_series import character_series
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.policy import RECOVERY_WINDOW, attempt_timeout, recovering_timeout
-from prefect_journey.signing import WebhookKeys
+from prefect_journey.recovery import JourneyWebhookReceiver
+from prefect_journey.signing import WebhookKeys, new_secret
 from prefect_journey.storage import StoredImage
-from prefect_journey.tasks import aimagine, astore_image, imagine, store_image
+from prefect_journey.tasks import aimagine, astore_image, for_request, imagine, store_image
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
 from . import prefect_api
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 # Retries without the production back-off, for tests that exercise several attempts.
 fast_imagine = imagine.with_options(retry_delay_seconds=0)
 fast_store = store_image.with_options(retry_delay_seconds=0)
+fast_aimagine = aimagine.with_options(retry_delay_seconds=0)
 
 
 def calls(emulator: EmulatorServer, endpoint: str = "imagine") -> int:
@@ -91,15 +93,60 @@ def test_generate_and_store_to_s3(
     assert image.data.startswith(bucket.endpoint) and "Signature=" in image.data  # presigned
 
 
-def test_tasks_are_tagged_and_time_limited(journey_env: EmulatorServer) -> None:
-    request = ImagineRequest(
+def test_tasks_are_tagged_and_sized_per_request(
+    journey_env: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slowest = ImagineRequest(
         prompt="x", resolution="4K", image_urls=[f"https://a.example/{i}" for i in range(14)]
     )
-    # Sized for the slowest request, and for an attempt that may wait for deliveries too.
-    assert imagine.timeout_seconds == recovering_timeout(attempt_timeout(request), RECOVERY_WINDOW)
-    assert attempt_timeout(request) > 192
-    assert attempt_timeout(ImagineRequest(prompt="x")) < imagine.timeout_seconds
+    bare = ImagineRequest(prompt="x")
+    # A direct call of the decorated task, not sized: the slowest request, with recovery.
+    assert imagine.timeout_seconds == recovering_timeout(attempt_timeout(slowest), RECOVERY_WINDOW)
+    # Sized: the request's own deadline, and the delivery waits only with a receiver.
+    assert for_request(imagine, bare).timeout_seconds == attempt_timeout(bare) < 180
+    assert for_request(aimagine, slowest).timeout_seconds == attempt_timeout(slowest) > 192
+    receiver = JourneyWebhookReceiver(url="https://hooks.example/x", secret=new_secret())
+    assert for_request(imagine, bare, receiver).timeout_seconds == recovering_timeout(
+        attempt_timeout(bare), RECOVERY_WINDOW
+    )
+    monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "300")
+    assert for_request(imagine, bare).timeout_seconds == attempt_timeout(bare) > 300
     assert set(imagine.tags) == set(store_image.tags) == {"journey", "nano-banana-2"}
+
+
+@pytest.mark.parametrize(("repay", "calls_made"), [(0, 1), (1, 2)])
+def test_a_possibly_billed_failure_is_paid_again_only_within_the_allowance(
+    journey_env: EmulatorServer, repay: int, calls_made: int
+) -> None:
+    journey_env.admin("faults", {"queue": {"api": ["500", "drop"]}})
+
+    @flow
+    def one() -> ImagineResult:
+        request = ImagineRequest(prompt=unique("twice lost"))
+        return fast_imagine(request, repay_possibly_billed=repay)
+
+    state = one(return_state=True)
+    assert state.is_failed() and "possibly billed" in str(state.message)
+    assert calls(journey_env) == calls_made
+    assert journey_env.ledger()["credits_charged"] == 4 * calls_made
+
+
+def test_an_async_task_run_counts_its_own_repays(journey_env: EmulatorServer) -> None:
+    """Two submitted runs of aimagine on the flow's task runner, one failing twice."""
+    journey_env.admin("faults", {"queue": {"api": ["500", "drop"]}})
+
+    @flow
+    def two() -> list[ImagineResult]:
+        lost = fast_aimagine.submit(
+            ImagineRequest(prompt=unique("lost twice")), repay_possibly_billed=2
+        )
+        other = fast_aimagine.submit(ImagineRequest(prompt=unique("fine")), wait_for=[lost])
+        return [lost.result(), other.result()]
+
+    lost, other = two()
+    assert (lost.possibly_billed_attempts, lost.attempts) == (2, 3)
+    assert (other.possibly_billed_attempts, other.attempts) == (0, 1)
+    assert calls(journey_env) == 4
 
 
 def test_safe_failures_are_retried_by_prefect(journey_env: EmulatorServer, tmp_path: Path) -> None:

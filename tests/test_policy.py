@@ -18,6 +18,7 @@ from prefect_journey.errors import (
     RateLimitedError,
     ServerError,
 )
+from prefect_journey.models import ImagineRequest
 
 
 def test_read_timeout_grows_with_references_and_resolution() -> None:
@@ -72,6 +73,73 @@ def test_possibly_billed_only_retried_when_idempotent() -> None:
     for error in (ServerError("x", status_code=500), JourneyTimeoutError("x")):
         assert policy.retry_delay(error, 0, max_retries=3, idempotent=False) is None
         assert policy.retry_delay(error, 0, max_retries=3, idempotent=True) is not None
+
+
+def test_a_paid_call_pays_again_for_a_possibly_billed_failure_only_within_its_repays() -> None:
+    repays = policy.RepayAllowance(allowed=1)
+    error = ServerError("x", status_code=502)
+    assert policy.retry_delay(error, 0, max_retries=3, idempotent=False, repays=repays) is not None
+    assert policy.retry_delay(error, 1, max_retries=3, idempotent=False, repays=repays) is None
+    assert repays.used == 1
+    # A free call does not use the paid call's allowance.
+    assert policy.retry_delay(error, 0, max_retries=3, idempotent=True, repays=repays) is not None
+
+
+@pytest.mark.parametrize("allowed", [0, 1, 2, 5])
+def test_the_generation_rule_pays_again_at_most_allowed_times_and_retries_safe_failures(
+    allowed: int,
+) -> None:
+    repays = policy.RepayAllowance(allowed)
+    possibly_billed = [ServerError("x", status_code=500), JourneyTimeoutError("x")] * 3
+    decisions = [repays.should_retry(error) for error in possibly_billed]
+    assert decisions == [True] * allowed + [False] * (len(possibly_billed) - allowed)
+    assert repays.used == allowed
+    # Failures that cannot have been billed do not use the allowance; the others never retry.
+    assert repays.should_retry(RateLimitedError("x", retry_after=1))
+    assert repays.should_retry(JourneyConnectionError("x"))
+    assert not repays.should_retry(InsufficientCreditsError("x", status_code=402))
+    assert not repays.should_retry(TimeoutError("the attempt ran out of time"))
+    assert not repays.should_retry(None)
+    assert repays.used == allowed
+
+
+def test_one_repay_is_the_default_and_the_rule_is_the_same_asked_statelessly() -> None:
+    error = ServerError("x", status_code=500)
+    assert policy.RepayAllowance().allowed == policy.DEFAULT_REPAY_POSSIBLY_BILLED == 1
+    assert policy.should_retry_generation(error)
+    assert not policy.should_retry_generation(error, repaid=1)
+    assert not policy.should_retry_generation(error, allowed=0)
+    assert policy.should_retry_generation(error, repaid=1, allowed=2)
+
+
+@pytest.mark.parametrize("value", [-1, 6, 1.0, True, "1", None])
+def test_a_repay_allowance_outside_the_ladder_is_refused(value: object) -> None:
+    with pytest.raises(JourneyValidationError, match="repay_possibly_billed must be"):
+        policy.check_repay_possibly_billed(value)
+
+
+def test_only_an_unknown_outcome_is_left_possibly_billed() -> None:
+    assert policy.left_possibly_billed(ServerError("x", status_code=500))
+    assert policy.left_possibly_billed(TimeoutError("the attempt ran out of time"))
+    assert not policy.left_possibly_billed(RateLimitedError("x", retry_after=1))
+    assert not policy.left_possibly_billed(ValueError("x"))
+    assert not policy.left_possibly_billed(None)
+
+
+def test_the_attempt_deadline_is_above_the_read_timeout_the_user_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bare = ImagineRequest(prompt="x")
+    formula = policy.attempt_timeout(bare)
+    assert formula == policy.CONNECT_TIMEOUT + 90 + policy.ATTEMPT_TIMEOUT_MARGIN
+    monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "400")
+    assert policy.attempt_timeout(bare) == policy.CONNECT_TIMEOUT + 400 + (
+        policy.ATTEMPT_TIMEOUT_MARGIN
+    )
+    # A client given its own read timeout sizes its deadline by it.
+    assert policy.attempt_timeout(bare, read_timeout=5) == policy.CONNECT_TIMEOUT + 5 + (
+        policy.ATTEMPT_TIMEOUT_MARGIN
+    )
 
 
 def test_safe_errors_retried_with_retry_after_up_to_cap() -> None:

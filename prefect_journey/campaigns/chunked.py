@@ -275,14 +275,15 @@ async def _cached_or_generated(
     """The cached result ``found`` under ``key``'s lock, or a new one, paid and cached."""
     if isinstance(found, ImagineResult):
         return found, True
-    result, attempts, possibly_billed = await _retrying(
+    repays = policy.RepayAllowance(campaign.repay_possibly_billed)
+    result, attempts = await _retrying(
         lambda: _paid_call(item, key, campaign, shared),
         policy.GENERATION_RETRY_DELAYS,
-        policy.should_retry_generation,
+        repays.should_retry,
         "imagine",
     )
     result = result.model_copy(
-        update={"attempts": attempts, "possibly_billed_attempts": possibly_billed}
+        update={"attempts": attempts, "possibly_billed_attempts": repays.used}
     )
     await asyncio.to_thread(cache_result, imagine, key, result, holder)
     return log_generation(get_run_logger(), result), False
@@ -294,7 +295,8 @@ async def _paid_call(
     """One paid attempt, holding one of the run's generation slots for its call only: the
     wait for a lost answer's delivery, and the pause before a retry, leave the slot to the
     run's other images."""
-    limit = policy.attempt_timeout(item.request)
+    # The client's own read timeout, so the deadline never cuts its call short.
+    limit = policy.attempt_timeout(item.request, shared.api.read_timeout)
     receiver = receiver_for(item.request, campaign.receiver)
     if receiver is not None:
         # Before every paid attempt, as the per-image task does on each of its tries: an
@@ -348,7 +350,7 @@ async def _store(
         if isinstance(found, StoredImage):
             return found
     async with shared.stores:
-        stored, _, _ = await _retrying(
+        stored, _ = await _retrying(
             lambda: astore_image(
                 generated.image_url,
                 campaign.destination,
@@ -377,21 +379,20 @@ async def _retrying(
     delays: tuple[float, ...],
     should_retry: Callable[[BaseException], bool],
     what: str,
-) -> tuple[T, int, int]:
+) -> tuple[T, int]:
     """``attempt()`` until it succeeds, ``should_retry`` says no, or ``delays`` run out,
     waiting :func:`~prefect_journey.policy.pipeline_retry_delay` between attempts.
 
     Returns:
-        The value, the attempts made and how many failures may have been billed.
+        The value and the attempts made.
     """
-    failures = possibly_billed = 0
+    failures = 0
     while True:
         try:
-            return await attempt(), failures + 1, possibly_billed
+            return await attempt(), failures + 1
         except JourneyError as error:
             failures += 1
             if failures > len(delays) or not should_retry(error):
                 raise
-            possibly_billed += error.possibly_billed
             get_run_logger().warning("%s attempt %d failed: %s", what, failures, error)
             await asyncio.sleep(policy.pipeline_retry_delay(error, failures, delays))

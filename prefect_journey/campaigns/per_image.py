@@ -18,6 +18,7 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import Task
 
 from prefect_journey import settings
 from prefect_journey._compat import call_sync, submit_to
@@ -103,8 +104,9 @@ def run_per_image(
     Returns:
         One outcome per item, in row order.
     """
-    worst = max(task_timeout(item.request, campaign.receiver) for item in todo)
-    generate = imagine.with_options(timeout_seconds=worst)
+    # One sized task per distinct timeout (a few: resolutions x reference counts), each
+    # item's run with its own request's timeout.
+    sized: dict[float, Task[..., Any]] = {}
     items = {item.row: item for item in todo}
     finished: queue.Queue[tuple[str, int, Settled]] = queue.Queue()
     generations: dict[int, PrefectFuture[Any]] = {}
@@ -116,15 +118,19 @@ def run_per_image(
         item = _next_to_generate(waiting, busy_elsewhere)
         if item is None:
             return
+        timeout = task_timeout(item.request, campaign.receiver)
+        if timeout not in sized:
+            sized[timeout] = imagine.with_options(timeout_seconds=timeout)
         generations[item.row] = submit_to(
             runner,
-            generate,
+            sized[timeout],
             request=item.request,
             credentials=campaign.credentials,
             variant=campaign.variant,
             budget=campaign.budget,
             concurrency_limit=campaign.concurrency_limit,
             webhook=campaign.receiver,
+            repay_possibly_billed=campaign.repay_possibly_billed,
         )
         generations[item.row].add_done_callback(partial(_announce, finished, "generated", item.row))
 

@@ -28,7 +28,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from prefect_journey import settings
+from prefect_journey import policy, settings
 from prefect_journey._compat import call_sync
 from prefect_journey.budget import BudgetExceededError, CreditBudget
 from prefect_journey.cache import cached_result, imagine_cache_key, store_cache_key
@@ -60,17 +60,19 @@ OUTCOME_PROMPT_CHARS = 120
 # Rows quoted in the error that fails a campaign; the summary artifact lists them all.
 FAILURES_QUOTED = 10
 
-Status = Literal["stored", "failed", "skipped"]
+Status = Literal["stored", "failed", "possibly_billed", "skipped"]
 
 
 class ItemOutcome(BaseModel):
     """One item of a campaign: what it produced, or why it did not.
 
-    ``status`` is ``stored``, ``failed`` or ``skipped`` (the credit budget ran out before its
-    call); ``cached`` says the image came from an earlier run (no credit spent);
-    ``recovered`` says it came from the webhook delivery of an attempt whose answer was lost
-    (not bought again). The fields are in the summary table's column order: status and
-    reason next to the prompt, where the UI shows them without scrolling.
+    ``status`` is ``stored``, ``failed``, ``possibly_billed`` (its last attempt may have been
+    billed and was not paid again: ``repay_possibly_billed`` was used up, or the attempt ran
+    out of time) or ``skipped`` (the credit budget ran out before its call); ``cached`` says
+    the image came from an earlier run (no credit spent); ``recovered`` says it came from the
+    webhook delivery of an attempt whose answer was lost (not bought again). The fields are
+    in the summary table's column order: status and reason next to the prompt, where the UI
+    shows them without scrolling.
     """
 
     row: int
@@ -88,7 +90,14 @@ class ItemOutcome(BaseModel):
 
 
 class CampaignReport(BaseModel):
-    """What a campaign run did, item by item, and what it cost."""
+    """What a campaign run did, item by item, and what it cost.
+
+    ``failed`` counts items that failed for a known reason; ``possibly_billed_not_repaid``
+    the items whose last attempt may have been billed and was not paid again (status
+    ``possibly_billed``), apart. ``possibly_billed_retries`` counts possibly-billed attempts
+    that were paid again (the ledger's possibly-billed attempts, less each not-repaid item's
+    last one); ``recovered`` the images taken from a webhook delivery instead.
+    """
 
     campaign: str
     items: int
@@ -101,12 +110,14 @@ class CampaignReport(BaseModel):
     possibly_billed_retries: int
     outcomes: list[ItemOutcome]
     recovered: int = 0
+    possibly_billed_not_repaid: int = 0
 
     def ledger_line(self) -> str:
         """The run's one-line ledger, as logged and shown on the summary artifact."""
         return (
-            f"items={self.items} stored={self.stored} failed={self.failed} skipped={self.skipped} "
-            f"cache_hits={self.cache_hits} calls={self.calls} "
+            f"items={self.items} stored={self.stored} failed={self.failed} "
+            f"possibly_billed_not_repaid={self.possibly_billed_not_repaid} "
+            f"skipped={self.skipped} cache_hits={self.cache_hits} calls={self.calls} "
             f"credits_charged={self.credits_charged} "
             f"possibly_billed_retries={self.possibly_billed_retries} "
             f"recovered={self.recovered}"
@@ -135,6 +146,8 @@ class Campaign:
         receiver: The webhook receiver that turns on the recovery of possibly-billed
             attempts; None for none.
         overwrite: Replace the objects at the run's keys instead of refusing them.
+        repay_possibly_billed: How many times an image's possibly-billed failure is paid
+            again (:class:`~prefect_journey.policy.RepayAllowance`).
     """
 
     name: str
@@ -148,6 +161,7 @@ class Campaign:
     base_url: str = field(default="")
     receiver: JourneyWebhookReceiver | None = None
     overwrite: bool = False
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED
 
     def __post_init__(self) -> None:
         if not self.base_url:
@@ -426,8 +440,10 @@ def outcome(
         error: Why the item stopped short, if it did.
 
     Returns:
-        ``stored`` with an object; ``skipped`` when the budget refused its call; else
-        ``failed``, with the reason.
+        ``stored`` with an object; ``skipped`` when the budget refused its call;
+        ``possibly_billed`` when no image came and the last attempt may have been billed
+        (:func:`~prefect_journey.policy.left_possibly_billed`); else ``failed``, with the
+        reason.
     """
     fields: dict[str, Any] = {
         "row": item.row,
@@ -445,8 +461,12 @@ def outcome(
     if stored is not None:
         return ItemOutcome(**fields, status="stored", uri=stored.uri, sha256=stored.sha256)
     reason = failure_text(error) if error is not None else "its result could not be read"
-    skipped = generated is None and isinstance(error, BudgetExceededError)
-    return ItemOutcome(**fields, status="skipped" if skipped else "failed", reason=reason)
+    status: Status = "failed"
+    if generated is None and isinstance(error, BudgetExceededError):
+        status = "skipped"
+    elif generated is None and policy.left_possibly_billed(error):
+        status = "possibly_billed"
+    return ItemOutcome(**fields, status=status, reason=reason)
 
 
 def report(
@@ -468,6 +488,7 @@ def report(
     """
     outcomes = sorted(outcomes, key=lambda o: o.row)
     ledger = campaign.budget.snapshot() if campaign.budget else {}
+    not_repaid = sum(o.status == "possibly_billed" for o in outcomes)
     summary = CampaignReport(
         campaign=campaign.name,
         items=items,
@@ -477,9 +498,11 @@ def report(
         cache_hits=sum(o.cached for o in outcomes),
         calls=ledger.get("calls", 0),
         credits_charged=ledger.get("spent", 0),
-        possibly_billed_retries=ledger.get("possibly_billed", 0),
+        # Each not-repaid item's last attempt is one of the ledger's possibly-billed ones.
+        possibly_billed_retries=max(0, ledger.get("possibly_billed", 0) - not_repaid),
         outcomes=outcomes,
         recovered=sum(o.recovered for o in outcomes),
+        possibly_billed_not_repaid=not_repaid,
     )
     call_sync(
         create_table_artifact,

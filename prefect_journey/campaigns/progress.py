@@ -38,7 +38,7 @@ class CampaignProgress:
         done: Items finished, cache hits found before the run included.
         stored: Items stored (cache hits included).
         cache_hits: Items whose image an earlier run paid for.
-        failed: Items that failed.
+        failed: Items that failed (those left possibly billed included).
         skipped: Items the budget refused.
     """
 
@@ -77,7 +77,7 @@ class CampaignProgress:
             self.done += 1
             self.stored += outcome.status == "stored"
             self.cache_hits += outcome.cached
-            self.failed += outcome.status == "failed"
+            self.failed += outcome.status in ("failed", "possibly_billed")
             self.skipped += outcome.status == "skipped"
             self._draw()
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger
 
-from prefect_journey import settings
+from prefect_journey import policy, settings
 from prefect_journey._compat import shared_sync_client
 from prefect_journey.budget import CreditBudget
 from prefect_journey.campaigns.chunked import run_chunked
@@ -72,6 +72,7 @@ def batch_campaign(
     images_per_task_run: int = 1,
     webhook_block: str | None = None,
     overwrite: bool = False,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
 ) -> CampaignReport:
     """Generate and store every item of a campaign.
 
@@ -100,6 +101,11 @@ def batch_campaign(
             ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
         overwrite: Replace the objects already at the campaign's keys; by default an item
             whose key holds another request's object fails before its call.
+        repay_possibly_billed: How many times an image whose attempt may have been billed
+            (read timeout, 500/502/504, dropped or malformed answer: the provider may have
+            made and billed it) is paid for again, 0 to 5; default 1. With a webhook
+            receiver, only after a recovery window that ended with no delivery. Failures
+            that cannot have been billed are retried regardless.
 
     Returns:
         The report: counts, credits, and one outcome per item.
@@ -108,7 +114,8 @@ def batch_campaign(
         CampaignError: Bad rows (every one listed), before any call.
         BudgetExceededError: The campaign could cost more than ``max_credits``.
         InsufficientCreditsError: More than the account's balance.
-        CampaignFailedError: Some items were not stored (unless ``allow_failures``).
+        CampaignFailedError: Some items were not stored (unless ``allow_failures``); an
+            item left possibly billed and not repaid is one of them.
 
     Example:
         ```python
@@ -132,6 +139,7 @@ def batch_campaign(
         raise JourneyValidationError("max_concurrency must be at least 1")
     if images_per_task_run < 1:
         raise JourneyValidationError("images_per_task_run must be at least 1")
+    policy.check_repay_possibly_billed(repay_possibly_billed)
     if images_per_task_run > 1 and settings.task_runner(task_runner) != "thread":
         raise JourneyValidationError(
             "images_per_task_run > 1 runs images on the flow's event loop, not on a task "
@@ -152,6 +160,7 @@ def batch_campaign(
         None,
         receiver=load_receiver(webhook_block),  # fails before spending
         overwrite=overwrite,
+        repay_possibly_billed=repay_possibly_billed,
     )
     found = look_up(plan, run)
     todo = [item for item in plan if item.row not in found.settled]

@@ -11,16 +11,18 @@ from typing import cast
 from prefect import flow
 from prefect.futures import wait
 
+from prefect_journey import policy
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError, failure_text
 from prefect_journey.models import ImagineRequest, ImagineResult, display_text
 from prefect_journey.publishing import image_row, publish_summary, report_image
-from prefect_journey.recovery import load_receiver, task_timeout
+from prefect_journey.recovery import load_receiver
 from prefect_journey.storage import StoredImage, slugify
 from prefect_journey.tasks import (
     check_variant,
     declare_assets,
+    for_request,
     imagine,
     presign_references,
     resolve_variant,
@@ -44,6 +46,7 @@ def character_series(
     credentials_block: str | None = None,
     destination_block: str | None = None,
     webhook_block: str | None = None,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
 ) -> list[StoredImage]:
     """One image per scene with the same reference images, scenes in parallel; stored as
     ``{series}/{index:02d}-{scene slug}.{ext}``.
@@ -62,6 +65,11 @@ def character_series(
         webhook_block: A saved ``JourneyWebhookReceiver``: a lost answer is recovered from
             its webhook delivery instead of being bought again; default
             ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
+        repay_possibly_billed: How many times an image whose attempt may have been billed
+            (read timeout, 500/502/504, dropped or malformed answer: the provider may have
+            made and billed it) is paid for again, 0 to 5; default 1. With a webhook
+            receiver, only after a recovery window that ended with no delivery. Failures
+            that cannot have been billed are retried regardless.
 
     Returns:
         The stored objects, in scene order.
@@ -84,6 +92,7 @@ def character_series(
     if not scenes:
         raise JourneyValidationError("character_series needs at least one scene")
     variant = resolve_variant(check_variant(variant))
+    policy.check_repay_possibly_billed(repay_possibly_billed)
     target = load_destination(destination, destination_block)
     credentials = load_credentials(credentials_block)
     references = presign_references(character_refs, target.storage_options)
@@ -94,9 +103,17 @@ def character_series(
         for scene in scenes
     ]
     receiver = load_receiver(webhook_block)
-    generate = imagine.with_options(timeout_seconds=task_timeout(requests[0], receiver))
+    # Every scene has the same references and resolution: one timeout fits them all.
+    generate = for_request(imagine, requests[0], receiver)
     results = [
-        generate.submit(request, credentials, variant, webhook=receiver) for request in requests
+        generate.submit(
+            request,
+            credentials,
+            variant,
+            webhook=receiver,
+            repay_possibly_billed=repay_possibly_billed,
+        )
+        for request in requests
     ]
     stores = [
         store_image.submit(
@@ -109,11 +126,16 @@ def character_series(
         for index, (scene, result) in enumerate(zip(scenes, results, strict=True))
     ]
     wait(stores)
-    rows, failures, stored_images = [], [], []
+    rows, stored_images = [], []
+    failures: list[str] = []
+    not_repaid: list[str] = []
     for scene, result, store in zip(scenes, results, stores, strict=True):
-        settled = settle(store)
+        generated = settle(result)
+        settled = generated if generated.error is not None else settle(store)
         if settled.error is not None:
-            failures.append(f"{display_text(scene, 60)}: {failure_text(settled.error)}")
+            line = f"{display_text(scene, 60)}: {failure_text(settled.error)}"
+            left = policy.left_possibly_billed(generated.error)
+            (not_repaid if left else failures).append(line)
             continue
         stored = settled.value
         report_image(stored, result.result(), target, scene)
@@ -122,9 +144,8 @@ def character_series(
     declare_assets(
         [(stored, row["prompt"]) for stored, row in zip(stored_images, rows, strict=True)]
     )
-    publish_summary(f"character-series {series}", rows, failures)
-    if failures:
-        raise JourneyError(
-            f"{len(failures)} of {len(scenes)} scenes failed: " + "; ".join(failures)
-        )
+    publish_summary(f"character-series {series}", rows, failures, not_repaid=not_repaid)
+    if failures or not_repaid:
+        lost = failures + [f"{line} (possibly billed, not repaid)" for line in not_repaid]
+        raise JourneyError(f"{len(lost)} of {len(scenes)} scenes failed: " + "; ".join(lost))
     return stored_images

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from prefect import flow
 
+from prefect_journey import policy
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.models import ImagineRequest
 from prefect_journey.publishing import image_row, publish_summary, report_image
-from prefect_journey.recovery import load_receiver, task_timeout
+from prefect_journey.recovery import load_receiver
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import (
     check_variant,
     declare_assets,
+    for_request,
     imagine,
     presign_references,
     resolve_variant,
@@ -35,6 +37,7 @@ def generate_and_store(
     credentials_block: str | None = None,
     destination_block: str | None = None,
     webhook_block: str | None = None,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
 ) -> StoredImage:
     """imagine -> store, with an image artifact, a summary and the object as an asset.
 
@@ -52,6 +55,11 @@ def generate_and_store(
         webhook_block: A saved ``JourneyWebhookReceiver``: a lost answer is recovered from
             its webhook delivery instead of being bought again; default
             ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
+        repay_possibly_billed: How many times an image whose attempt may have been billed
+            (read timeout, 500/502/504, dropped or malformed answer: the provider may have
+            made and billed it) is paid for again, 0 to 5; default 1. With a webhook
+            receiver, only after a recovery window that ended with no delivery. Failures
+            that cannot have been billed are retried regardless.
 
     Returns:
         The stored object.
@@ -69,6 +77,7 @@ def generate_and_store(
         ```
     """
     variant = resolve_variant(check_variant(variant))
+    policy.check_repay_possibly_billed(repay_possibly_billed)
     target = load_destination(destination, destination_block)
     credentials = load_credentials(credentials_block)
     reference_urls = presign_references(references, target.storage_options) if references else []
@@ -77,8 +86,8 @@ def generate_and_store(
         prompt=prompt, image_urls=reference_urls, aspect_ratio=aspect_ratio, resolution=resolution
     )
     receiver = load_receiver(webhook_block)
-    result = imagine.with_options(timeout_seconds=task_timeout(request, receiver))(
-        request, credentials, variant, webhook=receiver
+    result = for_request(imagine, request, receiver)(
+        request, credentials, variant, webhook=receiver, repay_possibly_billed=repay_possibly_billed
     )
     stored = store_image(result, target)
     declare_assets([(stored, prompt)])
