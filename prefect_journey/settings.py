@@ -81,8 +81,9 @@ LOCK_LEASE_SECONDS = Variable(
 WEBHOOK_SECRET = Variable(
     "JOURNEY_WEBHOOK_SECRET",
     "(none)",
-    "The secret the webhook receiver expects in x-webhook-secret, and that paid attempts "
-    "send with their webhook_url.",
+    "The webhook secret of the receiver and the runs, 32 random bytes or more (make one with "
+    "prefect-journey new-secret); never sent: the keys that check deliveries are derived "
+    "from it.",
 )
 WEBHOOK_URL = Variable(
     "JOURNEY_WEBHOOK_URL",

@@ -4,7 +4,7 @@
 
 Nothing may be lost: every item is either stored exactly once, with the bytes the emulator
 made for its task (sha256 checked against the emulator's ledger), or reported failed with a
-reason; no other object is in the bucket.
+reason; no other object is in the bucket; no attempt record is left behind.
 
 The run has a webhook receiver in front of a real Prefect server, so possibly-billed answers
 are recovered from their deliveries (which have faults of their own); ``credits_wasted``
@@ -70,6 +70,9 @@ class SoakResult:
     possibly_billed: int
     recovered: int = 0
     not_repaid: int = 0
+    # Attempt records the campaign left behind (prefect_journey.attempts): none once every
+    # attempt has settled.
+    attempt_records: int = 0
     failures: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -97,8 +100,8 @@ class SoakResult:
             f"credits_charged={self.credits_charged} emulator_charged={self.emulator_credits} "
             f"possibly_billed_retries={self.possibly_billed} recovered={self.recovered} "
             f"possibly_billed_not_repaid={self.not_repaid} "
-            f"credits_wasted={self.credits_wasted} failures={failures} "
-            f"nothing_lost={'yes' if self.nothing_lost else 'NO'}"
+            f"credits_wasted={self.credits_wasted} attempt_records_left={self.attempt_records} "
+            f"failures={failures} nothing_lost={'yes' if self.nothing_lost else 'NO'}"
         )
 
 
@@ -126,6 +129,7 @@ def run_soak(
     """Run the campaign (faults already configured) and audit the bucket through ``s3_fs``,
     which must read the store directly (not through the faulty proxy); ``repay_possibly_billed``
     None runs the campaign's default."""
+    from prefect_journey.attempts import records_left
     from prefect_journey.flows.campaign import batch_campaign
 
     repay = repay_possibly_billed
@@ -135,6 +139,7 @@ def run_soak(
         {"prompt": f"soak item {i} #{tag}", "aspect_ratio": ["1:1", "16:9", "3:4"][i % 3]}
         for i in range(n_items)
     ]
+    records_before = set(records_left())
     report = batch_campaign(
         items=items,
         campaign=f"soak-{tag}",
@@ -178,6 +183,7 @@ def run_soak(
         possibly_billed=report.possibly_billed_retries,
         recovered=report.recovered,
         not_repaid=report.possibly_billed_not_repaid,
+        attempt_records=len(set(records_left()) - records_before),
         failures=failures,
     )
 
@@ -278,7 +284,7 @@ def main() -> int:
     wasted_ok = args.no_receiver or result.credits_wasted <= MAX_WASTED_SHARE * max(
         result.emulator_credits, 1
     )
-    return 0 if result.nothing_lost and wasted_ok else 1
+    return 0 if result.nothing_lost and wasted_ok and result.attempt_records == 0 else 1
 
 
 if __name__ == "__main__":

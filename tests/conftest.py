@@ -25,6 +25,9 @@ from prefect_journey.emulator import EmulatorConfig, EmulatorServer, FaultPlan, 
 # No cloud metadata lookups, no telemetry: the tests never leave loopback.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The test servers store events within half a second (Prefect's default is every 5 s): the
+# recovery tests wait for deliveries that come through the events API.
+os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
 
 # Each pytest process (each xdist worker) gets a Prefect home of its own, set before anything
 # imports Prefect (which reads it once): the image locks live under it, so two workers never

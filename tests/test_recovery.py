@@ -372,10 +372,10 @@ def test_a_forged_delivery_is_refused_and_the_real_one_waited_for(
 def test_a_503_from_a_gateway_is_delivered_after_all_and_not_bought_again(
     recovering: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
-    """The retry after the 503 waits the ladder's first pause (2 s +/- 50 %)."""
+    """The retry waits the 503's Retry-After, 3 s: time for the delivery to reach Prefect."""
     # A gateway answered 503 while the provider made (and billed) the image: the check
     # before the retry pays finds its delivery.
-    recovering.admin("faults", {"queue": {"api": ["gateway_503"]}})
+    recovering.admin("faults", {"queue": {"api": ["gateway_503"]}, "retry_after": 3})
     report = batch_campaign(
         items=items(1),
         campaign="gateway-503",
@@ -395,9 +395,11 @@ def test_the_wait_for_a_delivery_counts_from_when_the_attempt_was_sent(
     monkeypatch: pytest.MonkeyPatch,
     images_per_task_run: int,
 ) -> None:
-    """The generation takes 6 s after a gateway's early 502; the window is 3 s."""
+    """The generation takes 3.5 s after a gateway's early 502; the window is 3 s."""
     monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "3")
-    recovering.admin("config", {"fixed": 6.0})
+    # Counted from the 502, the wait would end before the delivery; counted from the
+    # sending, it ends 1 + 4 + 0.5 + 3 s after it (connect, read and margin scaled down).
+    recovering.admin("config", {"fixed": 3.5})
     recovering.admin("faults", {"queue": {"api": ["gateway_502"]}})
     report = batch_campaign(
         items=items(1),

@@ -203,6 +203,7 @@ def test_soak_60_items_loses_nothing(
     assert result.credits_charged == result.emulator_credits  # our ledger matches the bill
     assert sum(result.failures.values()) == 60 - result.stored
     assert result.recovered > 0 and result.possibly_billed == 0, result.line()
+    assert result.attempt_records == 0, result.line()  # every attempt settled, none kept
 
 
 @pytest.mark.slow
