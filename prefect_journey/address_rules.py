@@ -100,9 +100,12 @@ def is_public_address(address: str) -> bool:
         judged += [embedded for embedded in (ip.ipv4_mapped, ip.sixtofour) if embedded]
         if ip in _NAT64:
             judged.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    # is_global alone lets multicast through (224.0.0.0/4 holds globally scoped groups).
+    # is_global alone lets multicast through (224.0.0.0/4 holds globally scoped groups), and
+    # IPv6 site-local addresses (fec0::/10, deprecated but still routed inside some sites).
     return all(
-        one.is_global and not (one.is_multicast or one.is_reserved or one.is_unspecified)
+        one.is_global
+        and not (one.is_multicast or one.is_reserved or one.is_unspecified)
+        and not (isinstance(one, ipaddress.IPv6Address) and one.is_site_local)
         for one in judged
     )
 

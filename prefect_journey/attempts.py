@@ -19,14 +19,18 @@ recorded.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem as LocalFileSystemView
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 from prefect.results import get_default_result_storage
+from prefect.tasks import Task
 from pydantic import BaseModel
 
 from prefect_journey._compat import call_sync
@@ -66,14 +70,27 @@ def _name(key: str) -> str:
     return f"{RECORDS_PREFIX}{key}{RECORDS_SUFFIX}"
 
 
-def _storage() -> WritableFileSystem:
+def _imagine_task() -> Task[..., Any]:
     # Imported on use: the tasks import this module (through recovery).
     from prefect_journey.tasks import imagine
 
-    storage = record_store(imagine).result_storage
+    return imagine
+
+
+def _storage() -> WritableFileSystem:
+    storage = record_store(_imagine_task()).result_storage
     if storage is None:
         storage = call_sync(get_default_result_storage)
     return storage
+
+
+def check_records_storage() -> None:
+    """Fail now, before any paid attempt, if the records could not be kept.
+
+    Raises:
+        ConfigurationError: The result storage is a block that cannot delete files.
+    """
+    _filesystem()
 
 
 def _filesystem() -> tuple[fsspec.AbstractFileSystem, str]:
@@ -106,8 +123,16 @@ def _write(key: str, records: list[AttemptRecord]) -> None:
     fs, root = _filesystem()
     path = f"{root}/{_name(key)}"
     if records:
+        content = json.dumps({"attempts": [r.model_dump() for r in records]}).encode()
         fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(path, json.dumps({"attempts": [r.model_dump() for r in records]}).encode())
+        if isinstance(fs, LocalFileSystemView):
+            # Whole or not at all: a write cut short (a kill, a task timeout) would leave a
+            # document nobody can read, and an unreadable one is never taken for none.
+            temporary = f"{path}.{secrets.token_hex(8)}.tmp"
+            fs.pipe_file(temporary, content)
+            os.replace(temporary, path)
+        else:  # an object store's put is whole or not at all
+            fs.pipe_file(path, content)
     elif fs.exists(path):
         fs.rm_file(path)
 
@@ -146,6 +171,37 @@ def save_attempts(key: str, records: Iterable[AttemptRecord]) -> None:
         records: The attempts still to settle.
     """
     _write(key, list(records))
+
+
+def sweep_expired() -> int:
+    """Delete the attempt documents whose every record has expired, each under its image's
+    lock (a document whose lock is held is left to its holder).
+
+    An expired record is otherwise removed only when a run reads it again: this clears those
+    of images nobody asks for any more. The campaign flows call it at their end.
+
+    Returns:
+        The documents deleted.
+    """
+    from prefect_journey.cache import new_holder, release_if_held
+
+    fs, root = _filesystem()
+    locks = record_store(_imagine_task()).lock_manager
+    now, swept = time.time(), 0
+    for name in records_left():
+        key = name.removeprefix(RECORDS_PREFIX).removesuffix(RECORDS_SUFFIX)
+        holder = new_holder()
+        if locks is not None and not locks.acquire_lock(key, holder, acquire_timeout=0):
+            continue
+        try:
+            if all(record.expired(now) for record in _read(key)):
+                fs.rm_file(f"{root}/{name}")
+                swept += 1
+        except (OSError, ValueError):  # gone meanwhile, or unreadable: left to its readers
+            continue
+        finally:
+            release_if_held(locks, key, holder)
+    return swept
 
 
 def records_left() -> list[str]:

@@ -88,26 +88,36 @@ def clear_local(folder: str, name: str, lease_seconds: float) -> None:
         try:
             if found["name"] != name and entry.stat().st_mtime > stale_before:
                 continue
-            if _unowned(entry.path):
-                os.unlink(entry.path)
+            if _remove_unowned(entry.path):
                 logger.info("removed %s, left by a store that did not finish", entry.path)
         except OSError as exc:  # gone meanwhile, or held
             logger.debug("%s left in place: %s", entry.path, exc)
 
 
-def _unowned(path: str) -> bool:
-    """Whether no live process holds the partial file at ``path``."""
+def _remove_unowned(path: str) -> bool:
+    """Remove the partial file at ``path`` if no live process holds it.
+
+    The file is unlinked while this process holds its lock: a writer that opens it in the
+    meantime takes the lock only after the unlink, and sees the file is gone (its link
+    count) before writing into it.
+
+    Returns:
+        Whether it was removed.
+    """
     if fcntl is None:
-        return True  # the unlink fails if a process has it open
+        os.unlink(path)  # fails if a process has it open
+        return True
     # Read-write: NFS emulates flock with a write lock, which a read-only handle cannot take.
     descriptor = os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held (BlockingIOError), or a filesystem without locks: leave it
-        return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held (BlockingIOError), or a filesystem without locks: leave it
+            return False
+        os.unlink(path)
+        return True
     finally:
         os.close(descriptor)
-    return True
 
 
 def abort_stale_uploads(fs: Any, path: str, lease_seconds: float) -> None:

@@ -55,11 +55,16 @@ from prefect.events.filters import (
 )
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
-from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator
+from pydantic import ConfigDict, Field, HttpUrl, SecretStr, ValidationError, field_validator
 
 from prefect_journey import policy, settings
 from prefect_journey._compat import call_sync
-from prefect_journey.attempts import AttemptRecord, recorded_attempts, save_attempts
+from prefect_journey.attempts import (
+    AttemptRecord,
+    check_records_storage,
+    recorded_attempts,
+    save_attempts,
+)
 from prefect_journey.budget import CreditBudget
 from prefect_journey.client import AsyncJourneyClient, JourneyClient
 from prefect_journey.credentials import DOCUMENTATION_URL, LOGO_URL
@@ -91,9 +96,12 @@ from prefect_journey.tokens import (
 # A receiver's clock may run behind ours: deliveries are looked for from this long before the
 # attempt was sent.
 CLOCK_SKEW = timedelta(minutes=5)
-# Deliveries read per question: one per attempt of one image, with room for replays and
-# forgeries (each is judged once).
+# Deliveries read per page: one per attempt of one image, with room for replays.
 DELIVERIES_READ = 50
+# Pages read per question. Every page is read, newest first, so that events forged in bulk
+# for an attempt cannot push its real delivery off the first page; past this many, the rest
+# waits for the next question (each event is judged once, so the forgeries drain).
+DELIVERY_PAGES = 20
 
 
 class JourneyWebhookReceiver(Block):
@@ -114,6 +122,9 @@ class JourneyWebhookReceiver(Block):
         batch_campaign(items=[{"prompt": "a lighthouse at dusk"}], webhook_block="BLOCK_NAME")
         ```
     """
+
+    # A validation error never echoes what it was given: that could be a secret.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "JourneyAPI Webhook Receiver"
     _block_type_slug = "journeyapi-webhook-receiver"
@@ -218,10 +229,14 @@ def load_receiver(block_name: str | None = None) -> JourneyWebhookReceiver | Non
         The receiver, or None when none is configured.
 
     Raises:
-        ConfigurationError: The URL is set without the secret, or is malformed.
+        ConfigurationError: The URL is set without the secret, or is malformed, the secret
+            is too weak, or the result storage cannot keep attempt records
+            (:mod:`prefect_journey.attempts`).
     """
     if block_name:
-        return cast(JourneyWebhookReceiver, call_sync(JourneyWebhookReceiver.load, block_name))
+        loaded = cast(JourneyWebhookReceiver, call_sync(JourneyWebhookReceiver.load, block_name))
+        check_records_storage()
+        return loaded
     url, secret = settings.webhook_url(), settings.webhook_secret()
     if not url:  # the secret alone configures a receiver process, not recovery
         return None
@@ -231,13 +246,15 @@ def load_receiver(block_name: str | None = None) -> JourneyWebhookReceiver | Non
             "recovery needs both"
         )
     try:
-        return JourneyWebhookReceiver(
+        receiver = JourneyWebhookReceiver(
             url=url,
             secret=SecretStr(secret),
             recovery_window_seconds=settings.recovery_window(),
         )
     except ValueError as exc:
         raise ConfigurationError(f"{settings.WEBHOOK_URL.name}: {exc}") from None
+    check_records_storage()
+    return receiver
 
 
 @dataclass(frozen=True)
@@ -402,7 +419,8 @@ def proven_result(
 
     Returns:
         The delivered image, marked ``recovered``, when the provider reports the same
-        finished image; :data:`AGAIN` when the provider could not confirm it yet; None
+        finished image; :data:`AGAIN` when the provider does not know the task yet or could
+        not be asked; None
         (with a warning) when it contradicts the delivery.
 
     Raises:
@@ -413,16 +431,9 @@ def proven_result(
             raise confirmation
         _refused(delivery, f"the provider reports task {task.task_id} failed")
         return None
-    if isinstance(confirmation, NotFoundError):
-        _refused(delivery, f"the provider does not know task {task.task_id}")
-        return None
     if isinstance(confirmation, JourneyError):
-        _logger().warning(
-            "could not ask the provider about task %s delivered for attempt %s (%s); asking again",
-            task.task_id,
-            delivery.attempt,
-            type(confirmation).__name__,
-        )
+        # Not known yet (the provider's /fetch may lag its delivery), or not reachable: asked
+        # again at the next question, never believed unconfirmed.
         return AGAIN
     if confirmation.status != "finished" or task.status != "finished":
         if confirmation.status in ("finished", "failed"):
@@ -523,11 +534,12 @@ class _Judge:
     def __init__(self, records: list[AttemptRecord], keys: WebhookKeys, charged: int) -> None:
         self.records, self.keys, self.charged = records, keys, charged
         self.judged: set[UUID] = set()
+        self.unconfirmed: set[UUID] = set()  # warned about once
 
-    def new(self, page: EventPage) -> list[tuple[Delivery, TaskStatus]]:
-        """The signed deliveries of ``page`` not judged yet (unsigned ones are refused)."""
+    def new(self, pages: list[EventPage]) -> list[tuple[Delivery, TaskStatus]]:
+        """The signed deliveries of ``pages`` not judged yet (unsigned ones are refused)."""
         found = []
-        for delivery in deliveries(page):
+        for delivery in (d for page in pages for d in deliveries(page)):
             if delivery.event_id in self.judged:
                 continue
             task = signed_task(delivery, self.keys)
@@ -543,6 +555,15 @@ class _Judge:
         """The proven result, if the provider confirms ``delivery``."""
         verdict = proven_result(delivery, task, confirmation, self.records, charged=self.charged)
         if verdict == AGAIN:
+            if delivery.event_id not in self.unconfirmed:
+                self.unconfirmed.add(delivery.event_id)
+                _logger().warning(
+                    "the provider does not confirm task %s delivered for attempt %s yet (%s); "
+                    "asking again until the attempt's deadline",
+                    task.task_id,
+                    delivery.attempt,
+                    type(confirmation).__name__,
+                )
             return None
         self.judged.add(delivery.event_id)
         return verdict if isinstance(verdict, ImagineResult) else None
@@ -575,11 +596,13 @@ def wait_for_delivery(
     with get_client(sync_client=True) as client:
         while True:
             try:
-                page = client.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)
+                pages = [client.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)]
+                while pages[-1].next_page and len(pages) < DELIVERY_PAGES:
+                    pages.append(client.read_events_page(str(pages[-1].next_page)))
             except Exception as error:  # any failure to ask is "nothing yet"
                 _unanswered(error)
             else:
-                for delivery, task in judge.new(page):
+                for delivery, task in judge.new(pages):
                     found = judge.verdict(delivery, task, _confirm(api, task.task_id))
                     if found is not None:
                         return found
@@ -602,13 +625,15 @@ async def await_delivery(
     async with get_client() if client is None else _Borrowed(client) as events:
         while True:
             try:
-                page = await events.read_events(
-                    filter=delivery_filter(records), limit=DELIVERIES_READ
-                )
+                pages = [
+                    await events.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)
+                ]
+                while pages[-1].next_page and len(pages) < DELIVERY_PAGES:
+                    pages.append(await events.read_events_page(str(pages[-1].next_page)))
             except Exception as error:  # any failure to ask is "nothing yet"
                 _unanswered(error)
             else:
-                for delivery, task in judge.new(page):
+                for delivery, task in judge.new(pages):
                     found = judge.verdict(delivery, task, await _aconfirm(api, task.task_id))
                     if found is not None:
                         return found
@@ -685,8 +710,9 @@ def end_attempt(key: str, attempt: Attempt | None, error: JourneyError | None = 
     Args:
         key: The image's cache key; the caller holds its lock.
         attempt: The attempt; None (no receiver) does nothing.
-        error: How it failed. None (it brought the image) and the provider's refusal
-            (:class:`TaskFailedError`) settle every attempt of the image. A 503/408
+        error: How it failed. None (it brought the image) settles every attempt of the
+            image; the provider's refusal (:class:`TaskFailedError`) those past their
+            deadline too. A 503/408
             (:class:`ServiceUnavailableError`) should have made nothing, but its record stays
             until its deadline, so that a check before paying still asks for a late delivery
             (a gateway may have answered for a provider at work). Any other failure forgets
@@ -694,8 +720,16 @@ def end_attempt(key: str, attempt: Attempt | None, error: JourneyError | None = 
     """
     if attempt is None:
         return
-    settled = error is None or isinstance(error, TaskFailedError)
-    others = [] if settled else [r for r in recorded_attempts(key) if r.id != attempt.id]
+    now = time.time()
+    others = [
+        r
+        for r in recorded_attempts(key)
+        # The image settles every attempt; a refusal those past their deadline (an attempt
+        # of a killed run may still deliver an image, already billed).
+        if error is not None
+        and r.id != attempt.id
+        and (not isinstance(error, TaskFailedError) or r.deadline > now)
+    ]
     if isinstance(error, ServiceUnavailableError):
         others.append(attempt.record.model_copy(update={"answered": "unavailable"}))
     save_attempts(key, others)
@@ -822,8 +856,9 @@ def _earlier(key: str) -> tuple[list[AttemptRecord], float]:
 
 def _forget_earlier(key: str, found: ImagineResult | None) -> ImagineResult | None:
     now = time.time()
-    # An image found, or refused, settles every attempt; else a 503/408's record stays until
-    # its own deadline, so the next check still asks.
+    # An image found settles every attempt; else (nothing, or a refusal) a record before its
+    # deadline stays: a killed run's attempt may still deliver, and a 503/408's is asked for
+    # again by the next check.
     kept = [] if found is not None else [r for r in recorded_attempts(key) if r.deadline > now]
     save_attempts(key, kept)
     if found is not None:
@@ -858,7 +893,7 @@ def recover_earlier(
     try:
         found = wait_for_delivery(records, deadline, keys=receiver.signing_keys, api=api, charged=0)
     except TaskFailedError:
-        save_attempts(key, [])
+        _forget_earlier(key, None)
         raise
     return _forget_earlier(key, found)
 
@@ -878,6 +913,6 @@ async def arecover_earlier(
             records, deadline, keys=receiver.signing_keys, api=api, charged=0, client=client
         )
     except TaskFailedError:
-        await asyncio.to_thread(save_attempts, key, [])
+        await asyncio.to_thread(_forget_earlier, key, None)
         raise
     return await asyncio.to_thread(_forget_earlier, key, found)

@@ -56,7 +56,7 @@ import httpx
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
-from prefect_journey import partials, settings
+from prefect_journey import partials, policy, settings
 from prefect_journey.address_rules import AddressRules, AsyncCheckedTransport, CheckedTransport
 from prefect_journey.client import shared_ssl_context
 from prefect_journey.errors import (
@@ -790,7 +790,11 @@ class _ObjectWriter:
         self.verifier = ImageVerifier()
         self.sha256 = hashlib.sha256()
         self.fs, self.root = destination.filesystem()
-        self.lease_seconds = settings.partial_lease_seconds()
+        # Never shorter than this very store may take: a concurrent store of the same key
+        # that began before it is alive for at least its download deadline and commit.
+        self.lease_seconds = max(
+            settings.partial_lease_seconds(), download_deadline(max_bytes) + policy.STORE_TIMEOUT
+        )
         self.path: str | None = None
         self._file: Any = None
         self._head = b""

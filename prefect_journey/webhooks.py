@@ -9,7 +9,8 @@ webhook secret and uses only keys derived from it (:mod:`prefect_journey.signing
   time) and answers 401 with no detail to a wrong or missing one;
 - on ``<path>/<token>`` (the deliveries of the package's own paid attempts, see
   :mod:`prefect_journey.tokens`), accepts only a token minted with the same secret (404
-  otherwise) and only one task per token (409 to a token already used for another task);
+  otherwise), only one task per token and one token per task (409 to a token already used
+  for another task, or a task already delivered under another token);
 - accepts only a JSON object of at most :data:`MAX_BODY_BYTES` with a ``task_id`` and a
   ``status`` (the body is read no further than that);
 - de-duplicates (the provider may deliver twice): a replay is acknowledged with 200 and
@@ -232,9 +233,10 @@ def create_webhook_app(
     to a wrong or missing secret; 404 to a token not minted with the secret; 413 to a body
     above :data:`MAX_BODY_BYTES`; 400 to anything but a task object; 202
     ``{"ignored": status}`` to a task not yet finished or failed; 409 to a token already
-    used for another task; 200 ``{"duplicate": true}`` to a delivery already emitted; 503
-    when the event was not accepted by the Prefect API, so that the provider retries; else
-    200 ``{"event": name}``. ``GET /health`` answers 200 ``{"ok": true}``.
+    used for another task, or a task already delivered under another token; 200
+    ``{"duplicate": true}`` to a delivery already emitted; 503 when the event was not
+    accepted by the Prefect API, so that the provider retries; else 200 ``{"event": name}``.
+    ``GET /health`` answers 200 ``{"ok": true}``.
 
     Args:
         secret: The webhook secret; the provider secret (sent in ``x-webhook-secret``),
@@ -288,10 +290,18 @@ def create_webhook_app(
         resource = {"prefect.resource.id": f"journey.task.{task.task_id}"}
         delivery = f"{task.task_id}:{task.status}"
         earlier: str | None = None
+        owner: str | None = None
         if attempt is not None:
             earlier = seen.add(f"attempt:{attempt}", task.task_id)
             if earlier is not None and earlier != task.task_id:
                 return JSONResponse({"error": "token already used"}, status_code=409)
+            # One task per attempt, and one attempt per task: a task is made by one request,
+            # so a task delivered again under another token is not that token's.
+            owner = seen.add(f"task:{task.task_id}", attempt)
+            if owner is not None and owner != attempt:
+                if earlier is None:
+                    seen.discard(f"attempt:{attempt}")
+                return JSONResponse({"error": "task already delivered"}, status_code=409)
             event = f"{ATTEMPT_EVENT_PREFIX}{task.status}"
             resource = {
                 "prefect.resource.id": attempt_resource(attempt),
@@ -316,6 +326,8 @@ def create_webhook_app(
             seen.discard(delivery)
             if attempt is not None and earlier is None:
                 seen.discard(f"attempt:{attempt}")
+            if attempt is not None and owner is None:
+                seen.discard(f"task:{task.task_id}")
             return JSONResponse({"error": "event not emitted"}, status_code=503)
         logger.info("task %s %s: emitted %s", task.task_id, task.status, event)
         return JSONResponse({"event": event})

@@ -66,6 +66,7 @@ def files(folder: Path) -> list[str]:
         ("::1", False),
         ("::", False),
         ("fe80::1%eth0", False),
+        ("fec0::1", False),  # IPv6 site-local
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped
         ("::ffff:10.0.0.1", False),

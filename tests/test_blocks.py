@@ -77,8 +77,9 @@ def test_webhook_receiver_block_checks_its_fields_and_keeps_the_secret() -> None
             "secret": SENTINEL_WEBHOOK_SECRET,
             **bad,
         }
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError) as refused:
             JourneyWebhookReceiver(**fields)
+        assert fields["secret"].strip() == "" or fields["secret"] not in str(refused.value)
     receiver.save("sentinel-receiver", overwrite=True)
     loaded = load_receiver("sentinel-receiver")
     assert loaded is not None and loaded.secret.get_secret_value() == SENTINEL_WEBHOOK_SECRET

@@ -25,7 +25,13 @@ from prefect.events import Event
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
 
 from prefect_journey import policy
-from prefect_journey.attempts import AttemptRecord, records_left
+from prefect_journey.attempts import (
+    AttemptRecord,
+    recorded_attempts,
+    records_left,
+    save_attempts,
+    sweep_expired,
+)
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import JourneyConnectionError, NotFoundError, TaskFailedError
 from prefect_journey.flows.campaign import batch_campaign
@@ -249,8 +255,8 @@ def test_only_a_signed_delivery_that_the_provider_confirms_is_believed() -> None
     # Signed, but the provider disagrees: another image, unknown, refused, not finished.
     moved = TaskStatus(task_id="t-1", status="finished", image_url="https://evil.example/x.png")
     assert proven_result(delivery, task, moved, records, charged=4) is None
-    unknown = NotFoundError("Task not found")
-    assert proven_result(delivery, task, unknown, records, charged=4) is None
+    unknown = NotFoundError("Task not found")  # not yet, maybe: asked again, never believed
+    assert proven_result(delivery, task, unknown, records, charged=4) == "again"
     refused = TaskFailedError("task t-1 failed: no", task_id="t-1")
     assert proven_result(delivery, task, refused, records, charged=4) is None
     pending = TaskStatus(task_id="t-1", status="processing")
@@ -268,8 +274,9 @@ def test_only_a_signed_delivery_that_the_provider_confirms_is_believed() -> None
 
 
 def emit_while_waiting(emulator: EmulatorServer, make_event: Any) -> threading.Thread:
-    """Emit, with a plain Prefect client, the event ``make_event(attempt_id)`` returns about
-    the first attempt the emulator receives, as soon as it has received one."""
+    """Emit, with a plain Prefect client, the events ``make_event(attempt_id)`` describes
+    (name, payload, how many) about the first attempt the emulator receives, as soon as it
+    has received one."""
 
     def forge() -> None:
         deadline = time.monotonic() + 60
@@ -278,17 +285,20 @@ def emit_while_waiting(emulator: EmulatorServer, make_event: Any) -> threading.T
             time.sleep(0.05)
         [task] = [t for t in emulator.state.tasks.values() if t.request.webhook_url]
         attempt = attempt_id(str(task.request.webhook_url).rsplit("/", 1)[1])
-        event, payload = make_event(attempt)
-        body = Event.model_validate(
-            {
-                "event": event,
-                "resource": {"prefect.resource.id": attempt_resource(attempt)},
-                "payload": payload,
-                "id": uuid.uuid4(),
-            }
-        ).model_dump(mode="json")
+        event, payload, copies = make_event(attempt)
+        bodies = [
+            Event.model_validate(
+                {
+                    "event": event,
+                    "resource": {"prefect.resource.id": attempt_resource(attempt)},
+                    "payload": payload,
+                    "id": uuid.uuid4(),
+                }
+            ).model_dump(mode="json")
+            for _ in range(copies)
+        ]
         with get_client(sync_client=True) as client:
-            client.request("POST", "/events", json=[body]).raise_for_status()
+            client.request("POST", "/events", json=bodies).raise_for_status()
 
     thread = threading.Thread(target=forge)
     thread.start()
@@ -306,13 +316,23 @@ FOREIGN_IMAGE = "https://evil.example.com/not-from-the-provider.png"
             lambda attempt: (
                 "journey.attempt.finished",
                 {"task_id": "forged", "status": "finished", "image_url": FOREIGN_IMAGE},
+                1,
             ),
             id="finished-unsigned",
         ),
         pytest.param(
             lambda attempt: (
+                "journey.attempt.finished",
+                {"task_id": "forged", "status": "finished", "image_url": FOREIGN_IMAGE},
+                120,  # more than a page of the events API: the real one must still be read
+            ),
+            id="flood-unsigned",
+        ),
+        pytest.param(
+            lambda attempt: (
                 "journey.attempt.failed",
                 {"task_id": "forged", "status": "failed", "error": "Content policy violation"},
+                1,
             ),
             id="failed-unsigned",
         ),
@@ -330,6 +350,7 @@ FOREIGN_IMAGE = "https://evil.example.com/not-from-the-provider.png"
                         image_url=FOREIGN_IMAGE,
                     ),
                 },
+                1,
             ),
             id="signed-unknown-task",
         ),
@@ -364,7 +385,10 @@ def test_a_forged_delivery_is_refused_and_the_real_one_waited_for(
     assert hashlib.sha256(stored).hexdigest() == ledger["images"][outcome.task_id]["sha256"]
     # The forgery was read and refused (the run's log says so), never downloaded.
     log = prefect_api.logs([prefect_api.flow_run_id(state)])
-    assert [line for line in log if line.startswith("refused a delivery for attempt")], log
+    # An unsigned event is refused; a signed one the provider does not know is never
+    # believed, and asked about again until the deadline.
+    judged = ("refused a delivery for attempt", "the provider does not confirm task")
+    assert [line for line in log if line.startswith(judged)], log
     assert ledger["calls"]["cdn"] == 1  # the real image's download, and nothing else
 
 
@@ -411,6 +435,23 @@ def test_the_wait_for_a_delivery_counts_from_when_the_attempt_was_sent(
     assert report.stored == 1 and report.outcomes[0].recovered and report.calls == 1
     assert recovering.ledger()["credits_charged"] == 4
     assert records_left() == []
+
+
+def test_expired_attempt_records_are_swept_and_live_ones_kept() -> None:
+    now = time.time()
+    expired = AttemptRecord(id="e" * 32, sent_at=now - 900, deadline=now - 800, expires_at=now - 1)
+    live = AttemptRecord(id="l" * 32, sent_at=now, deadline=now + 60, expires_at=now + 200)
+    tag = uuid.uuid4().hex
+    save_attempts(f"swept-{tag}", [expired])
+    save_attempts(f"kept-{tag}", [expired, live])
+    assert sweep_expired() >= 1
+    left = records_left()
+    assert f"journey-attempts-swept-{tag}.json" not in left
+    assert f"journey-attempts-kept-{tag}.json" in left
+    # The next reader of a document drops its expired records, and the last one deletes it.
+    assert [r.id for r in recorded_attempts(f"kept-{tag}")] == [live.id]
+    save_attempts(f"kept-{tag}", [])
+    assert f"journey-attempts-kept-{tag}.json" not in records_left()
 
 
 @pytest.mark.slow

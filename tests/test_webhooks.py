@@ -249,6 +249,10 @@ def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCapture
         assert post(token, json=task, headers=signed) == 200  # a replay: acknowledged, once
         other_task = {**task, "task_id": "t-10"}
         assert post(token, json=other_task, headers=signed) == 409  # a reused token
+        # A task already delivered, posted under another token: not that attempt's image.
+        another = mint_token(KEYS.token_key)
+        assert post(another, json=task, headers=signed) == 409
+        assert post(another, json=other_task, headers=signed) == 200  # the token is still free
         assert (
             post(
                 mint_token(WebhookKeys.from_secret(new_secret()).token_key),
@@ -269,9 +273,10 @@ def test_token_deliveries_are_checked_and_never_logged(caplog: pytest.LogCapture
         assert post(mint_token(KEYS.token_key), content=endless(), headers=signed) == 413
         no_image = {"task_id": "t-11", "status": "finished"}
         assert post(mint_token(KEYS.token_key), json=no_image, headers=signed) == 400
-    assert [event for event, _ in recorder.events] == ["journey.attempt.finished"]
+    assert [event for event, _ in recorder.events] == ["journey.attempt.finished"] * 2
     assert recorder.resources == [
-        {"prefect.resource.id": attempt_resource(attempt_id(token)), TASK_ID_LABEL: "t-9"}
+        {"prefect.resource.id": attempt_resource(attempt_id(token)), TASK_ID_LABEL: "t-9"},
+        {"prefect.resource.id": attempt_resource(attempt_id(another)), TASK_ID_LABEL: "t-10"},
     ]
     # The receiver's own log lines; httpx's are the sending side's (the provider's here).
     for record in caplog.records:

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from prefect_journey import policy, settings
 from prefect_journey._compat import call_sync
+from prefect_journey.attempts import sweep_expired
 from prefect_journey.budget import BudgetExceededError, CreditBudget
 from prefect_journey.cache import cached_result, imagine_cache_key, store_cache_key
 from prefect_journey.campaigns.plan import CampaignItem
@@ -41,7 +42,7 @@ from prefect_journey.errors import (
     failure_text,
 )
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult, display_text
-from prefect_journey.publishing import emit_stored_event, report_image
+from prefect_journey.publishing import Logger, emit_stored_event, report_image
 from prefect_journey.recovery import JourneyWebhookReceiver
 from prefect_journey.storage import (
     Destination,
@@ -412,6 +413,23 @@ def preflight(
             f"the campaign needs up to {needed} credits and the account has {balance}: top up first"
         )
     return cost
+
+
+def sweep_attempt_records(logger: Logger) -> None:
+    """Delete the expired attempt records of images nobody asked for again
+    (:func:`~prefect_journey.attempts.sweep_expired`); a failure only warns, the campaign's
+    outcome stands.
+
+    Args:
+        logger: The run's logger.
+    """
+    try:
+        swept = sweep_expired()
+    except Exception as exc:  # housekeeping: never the reason a campaign fails
+        logger.warning("could not sweep expired attempt records (%s)", type(exc).__name__)
+        return
+    if swept:
+        logger.info("removed %d expired attempt record(s)", swept)
 
 
 def budget_path() -> Path:

@@ -33,6 +33,7 @@ from prefect_journey.campaigns.pipeline import (
     look_up,
     preflight,
     report,
+    sweep_attempt_records,
 )
 from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items, read_items
 from prefect_journey.campaigns.progress import campaign_progress
@@ -201,6 +202,8 @@ def batch_campaign(
         elif todo:
             with runner:
                 outcomes += run_per_image(todo, run, runner, max_concurrency, progress)
+    if run.receiver is not None:
+        sweep_attempt_records(logger)
     return report(run, len(plan), outcomes, allow_failures=allow_failures)
 
 
