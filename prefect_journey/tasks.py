@@ -52,7 +52,6 @@ from prefect_journey.credentials import (
     async_journey_client,
     journey_client,
 )
-from prefect_journey.deprecations import moved_names
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError
 from prefect_journey.gate import apaid_attempt, paid_attempt
@@ -106,29 +105,6 @@ TASK_NAME_PREFIX = "journey-"
 MAX_VARIANT_CHARS = 200
 
 quiet_worker_thread_timeout_notice(TASK_NAME_PREFIX)
-
-__getattr__ = moved_names(
-    __name__,
-    {
-        "IMAGINE_RETRIES": "prefect_journey.policy:GENERATION_RETRIES",
-        "IMAGINE_RETRY_DELAYS": "prefect_journey.policy:GENERATION_RETRY_DELAYS",
-        "RETRY_JITTER_FACTOR": "prefect_journey.policy:RETRY_JITTER_FACTOR",
-        "STORE_RETRIES": "prefect_journey.policy:STORE_RETRIES",
-        "STORE_RETRY_DELAYS": "prefect_journey.policy:STORE_RETRY_DELAYS",
-        "STORE_TIMEOUT": "prefect_journey.policy:STORE_TIMEOUT",
-        "TASK_TIMEOUT_MARGIN": "prefect_journey.policy:ATTEMPT_TIMEOUT_MARGIN",
-        "apaid_attempt": "prefect_journey.gate:apaid_attempt",
-        "attempt_timeout": "prefect_journey.policy:attempt_timeout",
-        "cache_result": "prefect_journey.cache:cache_result",
-        "cached_result": "prefect_journey.cache:cached_result",
-        "imagine_should_retry": "prefect_journey.policy:should_retry_generation",
-        "log_generation": "prefect_journey.publishing:log_generation",
-        "log_stored": "prefect_journey.publishing:log_stored",
-        "record_store": "prefect_journey.cache:record_store",
-        "retry_after_pause": "prefect_journey.policy:retry_after_pause",
-        "store_should_retry": "prefect_journey.policy:should_retry_store",
-    },
-)
 
 R = TypeVar("R")
 
