@@ -23,6 +23,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +32,12 @@ from fsspec.implementations.local import LocalFileSystem as LocalFileSystemView
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 from prefect.results import get_default_result_storage
 from prefect.tasks import Task
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from prefect_journey._compat import call_sync
 from prefect_journey.cache import record_store
 from prefect_journey.errors import ConfigurationError
+from prefect_journey.models import ImagineRequest
 
 # One document per image, named after its cache key.
 RECORDS_PREFIX = "journey-attempts-"
@@ -64,6 +66,33 @@ class AttemptRecord(BaseModel):
     def expired(self, now: float) -> bool:
         """Whether nothing can be delivered for the attempt any more."""
         return now >= self.expires_at
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One paid attempt: its record, and the webhook it sends (never recorded or logged)."""
+
+    record: AttemptRecord
+    webhook_url: str = field(repr=False)
+    webhook_secret: SecretStr = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        """The attempt's id (a digest of its token)."""
+        return self.record.id
+
+    def request(self, request: ImagineRequest) -> ImagineRequest:
+        """``request`` with this attempt's ``webhook_url`` and ``webhook_secret``.
+
+        Args:
+            request: The request, without a webhook (its cache key is computed from it).
+
+        Returns:
+            A copy to send.
+        """
+        return request.model_copy(
+            update={"webhook_url": self.webhook_url, "webhook_secret": self.webhook_secret}
+        )
 
 
 def _name(key: str) -> str:

@@ -14,7 +14,7 @@
 Every retry count, delay and timeout comes from :mod:`prefect_journey.policy`. The task
 timeout is a safety net only: a sync task on a worker thread cannot be interrupted, so the
 HTTP client's own timeouts are what stop a call; the task timeout sits just above them
-(:func:`~prefect_journey.recovery.task_timeout` of the request) so the HTTP layer always
+(:func:`~prefect_journey.receiver.task_timeout` of the request) so the HTTP layer always
 fails first. A Prefect task's timeout is fixed when the task is built, before its arguments
 are known: the package's flows and executors size it per request with :func:`for_request`,
 and a direct call of the decorated task gets the slowest request's, with recovery waits.
@@ -69,17 +69,19 @@ from prefect_journey.publishing import (
     log_generation,
     log_stored,
 )
-from prefect_journey.recovery import (
+from prefect_journey.receiver import (
     JourneyWebhookReceiver,
+    load_receiver,
+    receiver_for,
+    task_timeout,
+)
+from prefect_journey.recovery import (
     arecover_attempt,
     arecover_earlier,
     begin_attempt,
     end_attempt,
-    load_receiver,
-    receiver_for,
     recover_attempt,
     recover_earlier,
-    task_timeout,
 )
 from prefect_journey.settings import DEFAULT_DESTINATION
 from prefect_journey.storage import (
@@ -466,7 +468,7 @@ def for_request(
 ) -> Task[..., R]:
     """``task`` (:func:`imagine` or :func:`aimagine`) with the timeout of ``request``.
 
-    The timeout is :func:`~prefect_journey.recovery.task_timeout`: the request's attempt
+    The timeout is :func:`~prefect_journey.receiver.task_timeout`: the request's attempt
     deadline (its read timeout, ``JOURNEY_READ_TIMEOUT`` when set, plus connect time and a
     margin), and with a receiver the waits for deliveries too. A Prefect task's timeout is
     fixed before its arguments are known; this is how a call gets its own.
