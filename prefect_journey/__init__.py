@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from prefect_journey.destinations import ImageDestination
     from prefect_journey.errors import JourneyError
     from prefect_journey.models import ImagineRequest, ImagineResult
-    from prefect_journey.recovery import JourneyWebhookReceiver
+    from prefect_journey.receiver import JourneyWebhookReceiver
     from prefect_journey.storage import Destination, StoredImage
 
 # Each public name and the module that defines it.
@@ -45,7 +45,7 @@ _EXPORTS = {
     "JourneyClient": "prefect_journey.client",
     "JourneyCredentials": "prefect_journey.credentials",
     "JourneyError": "prefect_journey.errors",
-    "JourneyWebhookReceiver": "prefect_journey.recovery",
+    "JourneyWebhookReceiver": "prefect_journey.receiver",
     "StoredImage": "prefect_journey.storage",
 }
 __all__ = [

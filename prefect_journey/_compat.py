@@ -20,6 +20,7 @@ from prefect.client.schemas.objects import State
 from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.locking.protocol import LockManager
 from prefect.logging.handlers import PrefectConsoleHandler
 from prefect.results import ResultStore, get_result_store
 from prefect.task_runners import TaskRunner
@@ -66,6 +67,29 @@ def result_store_for(task: Task[..., Any]) -> ResultStore:
         The store, with the lock manager of ``task``'s cache policy.
     """
     return call_sync(get_result_store().update_for_task, task)
+
+
+# --- The current run's result store -----------------------------------------------------------
+# Relies on: ``get_result_store()``, the current run's result store (the flow's result storage;
+# outside a run, a store with none set), the one ``update_for_task`` starts from.
+# Why: the attempt records live in the ``imagine`` tasks' result storage under their cache
+# policy's lock manager, and the modules that keep them sit below the task module: they build
+# the store from the cache policy, without the task object.
+def run_result_store(lock_manager: LockManager | None) -> ResultStore:
+    """The current run's result store, under ``lock_manager`` when one is given: the store
+    the task engine builds for a task that sets no result storage of its own, with the
+    storage left None when the run sets none (Prefect's default storage then applies).
+
+    Args:
+        lock_manager: A cache policy's lock manager; None keeps the run's.
+
+    Returns:
+        The store.
+    """
+    store = get_result_store()
+    if lock_manager is None:
+        return store
+    return store.model_copy(update={"lock_manager": lock_manager})
 
 
 # --- Submitting to a runner that is not the flow's --------------------------------------------

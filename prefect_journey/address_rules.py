@@ -44,7 +44,11 @@ import anyio.to_thread
 import httpx
 
 from prefect_journey import settings
-from prefect_journey.errors import DownloadRefusedError, ReferenceRefusedError
+from prefect_journey.errors import (
+    ConfigurationError,
+    DownloadRefusedError,
+    ReferenceRefusedError,
+)
 
 Resolver = Callable[[str, int], Sequence[str]]
 """Resolves ``(host, port)`` to IP addresses as strings, like :func:`system_resolver`."""
@@ -203,9 +207,13 @@ class AddressRules:
             ConfigurationError: A variable is malformed.
         """
         api = Origin.of(settings.base_url())
+        try:
+            private = {parse_endpoint(entry) for entry in settings.private_endpoints()}
+        except ValueError as exc:
+            raise ConfigurationError(f"{settings.PRIVATE_ENDPOINTS.name}: {exc}") from None
         return cls(
             image_hosts=settings.image_hosts(),
-            allowed_endpoints=frozenset({(api.host, api.port), *settings.private_endpoints()}),
+            allowed_endpoints=frozenset({(api.host, api.port), *private}),
             resolver=resolver or system_resolver,
         )
 

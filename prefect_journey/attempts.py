@@ -23,6 +23,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,12 +31,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem as LocalFileSystemView
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 from prefect.results import get_default_result_storage
-from prefect.tasks import Task
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from prefect_journey._compat import call_sync
-from prefect_journey.cache import record_store
+from prefect_journey.cache import imagine_record_store, new_holder, release_if_held
 from prefect_journey.errors import ConfigurationError
+from prefect_journey.models import ImagineRequest
 
 # One document per image, named after its cache key.
 RECORDS_PREFIX = "journey-attempts-"
@@ -66,19 +67,39 @@ class AttemptRecord(BaseModel):
         return now >= self.expires_at
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One paid attempt: its record, and the webhook it sends (never recorded or logged)."""
+
+    record: AttemptRecord
+    webhook_url: str = field(repr=False)
+    webhook_secret: SecretStr = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        """The attempt's id (a digest of its token)."""
+        return self.record.id
+
+    def request(self, request: ImagineRequest) -> ImagineRequest:
+        """``request`` with this attempt's ``webhook_url`` and ``webhook_secret``.
+
+        Args:
+            request: The request, without a webhook (its cache key is computed from it).
+
+        Returns:
+            A copy to send.
+        """
+        return request.model_copy(
+            update={"webhook_url": self.webhook_url, "webhook_secret": self.webhook_secret}
+        )
+
+
 def _name(key: str) -> str:
     return f"{RECORDS_PREFIX}{key}{RECORDS_SUFFIX}"
 
 
-def _imagine_task() -> Task[..., Any]:
-    # Imported on use: the tasks import this module (through recovery).
-    from prefect_journey.tasks import imagine
-
-    return imagine
-
-
 def _storage() -> WritableFileSystem:
-    storage = record_store(_imagine_task()).result_storage
+    storage = imagine_record_store().result_storage
     if storage is None:
         storage = call_sync(get_default_result_storage)
     return storage
@@ -183,10 +204,8 @@ def sweep_expired() -> int:
     Returns:
         The documents deleted.
     """
-    from prefect_journey.cache import new_holder, release_if_held
-
     fs, root = _filesystem()
-    locks = record_store(_imagine_task()).lock_manager
+    locks = imagine_record_store().lock_manager
     now, swept = time.time(), 0
     for name in records_left():
         key = name.removeprefix(RECORDS_PREFIX).removesuffix(RECORDS_SUFFIX)

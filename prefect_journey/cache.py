@@ -50,7 +50,7 @@ from prefect.results import ResultStore
 from prefect.settings import PREFECT_HOME
 from prefect.tasks import Task
 
-from prefect_journey._compat import result_store_for
+from prefect_journey._compat import result_store_for, run_result_store
 from prefect_journey.client import resolve_base_url
 from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.models import ImagineRequest
@@ -303,6 +303,20 @@ def record_store(task: Task[..., Any]) -> ResultStore:
         The result store; its ``lock_manager`` is None when the task's cache policy has none.
     """
     return result_store_for(task)
+
+
+def imagine_record_store() -> ResultStore:
+    """The result store (and lock manager) of the ``imagine`` tasks' records, built from
+    :data:`IMAGINE_CACHE_POLICY` without the task object: the current run's result storage
+    under the policy's lock manager, which is what :func:`record_store` gives for ``imagine``
+    (it sets no result storage of its own). The attempt records
+    (:mod:`prefect_journey.attempts`) use it, so they need not import the tasks.
+
+    Returns:
+        The result store; its ``result_storage`` is None when the run sets none (Prefect's
+        default storage then applies, as for the task).
+    """
+    return run_result_store(IMAGINE_CACHE_POLICY.lock_manager)
 
 
 def cached_result(task: Task[..., Any], key: str, *, holder: str | None = None) -> Any | None:

@@ -25,7 +25,6 @@ from pydantic import SecretStr, ValidationError
 
 from prefect_journey import policy, settings
 from prefect_journey.address_rules import acheck_references, check_references
-from prefect_journey.deprecations import moved_names
 from prefect_journey.errors import (
     APIStatusError,
     AuthenticationError,
@@ -52,10 +51,6 @@ from prefect_journey.models import (
     ImagineResult,
     TaskStatus,
     check_http_url,
-)
-
-__getattr__ = moved_names(
-    __name__, {"DEFAULT_BASE_URL": "prefect_journey.settings:DEFAULT_BASE_URL"}
 )
 
 API_PREFIX = "/api/v1"

@@ -28,16 +28,6 @@ import pydantic_core
 
 from prefect_journey import settings
 from prefect_journey._compat import RenewableFileSystemLockManager
-from prefect_journey.deprecations import moved_names
-
-__getattr__ = moved_names(
-    __name__,
-    {
-        "DEFAULT_LEASE_SECONDS": "prefect_journey.settings:DEFAULT_LEASE_SECONDS",
-        "MIN_LEASE_SECONDS": "prefect_journey.settings:MIN_LEASE_SECONDS",
-        "configured_lease_seconds": "prefect_journey.settings:lock_lease_seconds",
-    },
-)
 
 
 class LeasedFileSystemLockManager(RenewableFileSystemLockManager):

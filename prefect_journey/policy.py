@@ -448,21 +448,19 @@ def pipeline_retry_delay(
 def attempt_timeout(request: ImagineRequest, read_timeout: float | None = None) -> float:
     """One paid attempt's deadline: connect + the request's read timeout + a margin.
 
-    The read timeout is the one the client uses: ``read_timeout``, else
-    ``JOURNEY_READ_TIMEOUT``, else the formula (:func:`request_read_timeout`), so a deadline
-    built from this never cuts a call off before the read timeout the user set. The margin
-    (:data:`ATTEMPT_TIMEOUT_MARGIN`) lets the HTTP layer fail first, with the clearer error.
+    The read timeout is the one the client uses: ``read_timeout``, else the formula
+    (:func:`request_read_timeout`). This module does not read the environment: the Prefect
+    layer sizes its deadlines with :func:`prefect_journey.receiver.attempt_timeout`, which
+    passes ``JOURNEY_READ_TIMEOUT``, so no deadline cuts a call off before the read timeout
+    the user set. The margin (:data:`ATTEMPT_TIMEOUT_MARGIN`) lets the HTTP layer fail
+    first, with the clearer error.
 
     Args:
         request: The request the attempt sends.
-        read_timeout: The client's read timeout when it was given one; None reads
-            ``JOURNEY_READ_TIMEOUT``.
+        read_timeout: The client's read timeout; None for the formula's.
 
     Returns:
         The deadline in seconds.
-
-    Raises:
-        ConfigurationError: ``JOURNEY_READ_TIMEOUT`` is malformed.
 
     Example:
         ```python
@@ -473,11 +471,6 @@ def attempt_timeout(request: ImagineRequest, read_timeout: float | None = None) 
         assert attempt_timeout(ImagineRequest(prompt="a lighthouse"), read_timeout=90) == 115
         ```
     """
-    # Imported on use: settings names its defaults from this module.
-    from prefect_journey import settings
-
-    if read_timeout is None:
-        read_timeout = settings.read_timeout()
     return CONNECT_TIMEOUT + request_read_timeout(request, read_timeout) + ATTEMPT_TIMEOUT_MARGIN
 
 
@@ -495,7 +488,7 @@ def worst_case_attempt_timeout(*, recovering: bool = False) -> float:
     return recovering_timeout(timeout, RECOVERY_WINDOW) if recovering else timeout
 
 
-def delivery_deadline(sent_at: float, request: ImagineRequest, window: float) -> float:
+def delivery_deadline(sent_at: float, attempt: float, window: float) -> float:
     """Until when a paid attempt's webhook delivery is waited for.
 
     Counted from when the attempt was sent, not from when it failed: a gateway can answer
@@ -504,13 +497,13 @@ def delivery_deadline(sent_at: float, request: ImagineRequest, window: float) ->
 
     Args:
         sent_at: When the attempt was sent (epoch seconds).
-        request: Its request (sizes :func:`attempt_timeout`).
+        attempt: The attempt's own deadline in seconds (:func:`attempt_timeout`).
         window: The recovery window.
 
     Returns:
-        ``sent_at + attempt_timeout(request) + window``, epoch seconds.
+        ``sent_at + attempt + window``, epoch seconds.
     """
-    return sent_at + attempt_timeout(request) + window
+    return sent_at + attempt + window
 
 
 def attempt_record_expiry(deadline: float) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import ImageArtifact, create_markdown_artifact
 from prefect.events import emit_event
+from prefect.exceptions import MissingContextError
 
 from prefect_journey.errors import StorageError
 from prefect_journey.models import ImagineResult, display_text
@@ -44,6 +45,21 @@ def progress_key(campaign_slug: str) -> str:
         ``"<campaign_slug>-progress"``.
     """
     return f"{campaign_slug}-progress"
+
+
+def run_logger(fallback: str) -> Logger:
+    """The current run's logger; outside a run (a plain function call), the standard logger.
+
+    Args:
+        fallback: The name of the standard logger to use outside a run.
+
+    Returns:
+        The logger.
+    """
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(fallback)
 
 
 def log_generation(logger: Logger, result: ImagineResult) -> ImagineResult:

@@ -277,18 +277,14 @@ def image_hosts() -> tuple[str, ...]:
     return hosts
 
 
-def private_endpoints() -> frozenset[tuple[str, int]]:
-    """``JOURNEY_PRIVATE_ENDPOINTS`` as ``(host, port)`` pairs; empty when unset.
+def private_endpoints() -> tuple[str, ...]:
+    """``JOURNEY_PRIVATE_ENDPOINTS`` as its lower-case ``host:port`` entries; empty when unset.
 
-    Raises:
-        ConfigurationError: An entry is not ``host:port`` (``[::1]:8000`` for IPv6).
+    The entries are parsed where they are compared, by
+    :meth:`prefect_journey.address_rules.AddressRules.from_settings`, which names this
+    variable when one is not ``host:port``.
     """
-    from prefect_journey.address_rules import parse_endpoint
-
-    try:
-        return frozenset(parse_endpoint(entry) for entry in _entries(PRIVATE_ENDPOINTS))
-    except ValueError as exc:
-        raise ConfigurationError(f"{PRIVATE_ENDPOINTS.name}: {exc}") from None
+    return tuple(_entries(PRIVATE_ENDPOINTS))
 
 
 def partial_lease_seconds() -> float:

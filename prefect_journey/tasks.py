@@ -14,7 +14,7 @@
 Every retry count, delay and timeout comes from :mod:`prefect_journey.policy`. The task
 timeout is a safety net only: a sync task on a worker thread cannot be interrupted, so the
 HTTP client's own timeouts are what stop a call; the task timeout sits just above them
-(:func:`~prefect_journey.recovery.task_timeout` of the request) so the HTTP layer always
+(:func:`~prefect_journey.receiver.task_timeout` of the request) so the HTTP layer always
 fails first. A Prefect task's timeout is fixed when the task is built, before its arguments
 are known: the package's flows and executors size it per request with :func:`for_request`,
 and a direct call of the decorated task gets the slowest request's, with recovery waits.
@@ -52,7 +52,6 @@ from prefect_journey.credentials import (
     async_journey_client,
     journey_client,
 )
-from prefect_journey.deprecations import moved_names
 from prefect_journey.destinations import resolve_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError
 from prefect_journey.gate import apaid_attempt, paid_attempt
@@ -70,17 +69,19 @@ from prefect_journey.publishing import (
     log_generation,
     log_stored,
 )
-from prefect_journey.recovery import (
+from prefect_journey.receiver import (
     JourneyWebhookReceiver,
+    load_receiver,
+    receiver_for,
+    task_timeout,
+)
+from prefect_journey.recovery import (
     arecover_attempt,
     arecover_earlier,
     begin_attempt,
     end_attempt,
-    load_receiver,
-    receiver_for,
     recover_attempt,
     recover_earlier,
-    task_timeout,
 )
 from prefect_journey.settings import DEFAULT_DESTINATION
 from prefect_journey.storage import (
@@ -106,29 +107,6 @@ TASK_NAME_PREFIX = "journey-"
 MAX_VARIANT_CHARS = 200
 
 quiet_worker_thread_timeout_notice(TASK_NAME_PREFIX)
-
-__getattr__ = moved_names(
-    __name__,
-    {
-        "IMAGINE_RETRIES": "prefect_journey.policy:GENERATION_RETRIES",
-        "IMAGINE_RETRY_DELAYS": "prefect_journey.policy:GENERATION_RETRY_DELAYS",
-        "RETRY_JITTER_FACTOR": "prefect_journey.policy:RETRY_JITTER_FACTOR",
-        "STORE_RETRIES": "prefect_journey.policy:STORE_RETRIES",
-        "STORE_RETRY_DELAYS": "prefect_journey.policy:STORE_RETRY_DELAYS",
-        "STORE_TIMEOUT": "prefect_journey.policy:STORE_TIMEOUT",
-        "TASK_TIMEOUT_MARGIN": "prefect_journey.policy:ATTEMPT_TIMEOUT_MARGIN",
-        "apaid_attempt": "prefect_journey.gate:apaid_attempt",
-        "attempt_timeout": "prefect_journey.policy:attempt_timeout",
-        "cache_result": "prefect_journey.cache:cache_result",
-        "cached_result": "prefect_journey.cache:cached_result",
-        "imagine_should_retry": "prefect_journey.policy:should_retry_generation",
-        "log_generation": "prefect_journey.publishing:log_generation",
-        "log_stored": "prefect_journey.publishing:log_stored",
-        "record_store": "prefect_journey.cache:record_store",
-        "retry_after_pause": "prefect_journey.policy:retry_after_pause",
-        "store_should_retry": "prefect_journey.policy:should_retry_store",
-    },
-)
 
 R = TypeVar("R")
 
@@ -490,7 +468,7 @@ def for_request(
 ) -> Task[..., R]:
     """``task`` (:func:`imagine` or :func:`aimagine`) with the timeout of ``request``.
 
-    The timeout is :func:`~prefect_journey.recovery.task_timeout`: the request's attempt
+    The timeout is :func:`~prefect_journey.receiver.task_timeout`: the request's attempt
     deadline (its read timeout, ``JOURNEY_READ_TIMEOUT`` when set, plus connect time and a
     margin), and with a receiver the waits for deliveries too. A Prefect task's timeout is
     fixed before its arguments are known; this is how a call gets its own.

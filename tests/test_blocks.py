@@ -21,7 +21,7 @@ from prefect_journey.destinations import resolve_destination
 from prefect_journey.emulator import EmulatorServer
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.models import ImagineRequest
-from prefect_journey.recovery import JourneyWebhookReceiver, load_receiver
+from prefect_journey.receiver import JourneyWebhookReceiver, load_receiver
 from prefect_journey.storage import Destination
 
 from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET

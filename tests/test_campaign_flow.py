@@ -26,7 +26,7 @@ from prefect_journey.cache import cache_result, imagine_cache_key, record_store
 from prefect_journey.emulator import EmulatorServer
 from prefect_journey.flows.campaign import CampaignReport, abatch_campaign, batch_campaign
 from prefect_journey.models import ImagineRequest
-from prefect_journey.policy import attempt_timeout
+from prefect_journey.receiver import attempt_timeout
 from prefect_journey.tasks import imagine
 
 from . import prefect_api

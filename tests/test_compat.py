@@ -21,11 +21,12 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
-from prefect.results import ResultStore
+from prefect.results import ResultStore, get_default_result_storage
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.console import Console
 
 from prefect_journey import _compat
+from prefect_journey.cache import IMAGINE_CACHE_POLICY
 from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.tasks import imagine
 
@@ -85,6 +86,22 @@ def test_result_store_for_a_task_reads_and_writes_its_records_under_its_lock_man
     key = f"compat-{time.time_ns()}"
     store.write({"ok": 1}, key=key)
     assert store.read(key).result == {"ok": 1}
+
+
+def test_the_run_result_store_is_the_one_the_task_engine_builds_for_imagine() -> None:
+    """The attempt records use the store built from imagine's cache policy without the task:
+    the same lock manager as the task engine's, and (with Prefect's default applied where the
+    run sets no storage, as the engine does) the same storage, in a flow and outside any."""
+    locks = IMAGINE_CACHE_POLICY.lock_manager
+    assert _compat.run_result_store(None).lock_manager is None
+
+    def both() -> tuple[ResultStore, ResultStore]:
+        return _compat.run_result_store(locks), _compat.result_store_for(imagine)
+
+    for built, engines in (both(), flow(both)()):
+        assert built.lock_manager is locks is engines.lock_manager
+        storage = built.result_storage or _compat.call_sync(get_default_result_storage)
+        assert storage == engines.result_storage
 
 
 def test_submit_to_runs_a_task_on_a_runner_that_is_not_the_flows() -> None:

@@ -17,8 +17,8 @@ from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.flows.character_series import character_series
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineRequest, ImagineResult
-from prefect_journey.policy import RECOVERY_WINDOW, attempt_timeout, recovering_timeout
-from prefect_journey.recovery import JourneyWebhookReceiver
+from prefect_journey.policy import RECOVERY_WINDOW, recovering_timeout
+from prefect_journey.receiver import JourneyWebhookReceiver, attempt_timeout
 from prefect_journey.signing import WebhookKeys, new_secret
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import aimagine, astore_image, for_request, imagine, store_image

@@ -92,33 +92,115 @@ def _docstring_set_elsewhere(node: ast.AST) -> bool:
     return any("__doc__" in ast.unparse(decorator) for decorator in decorators)
 
 
-MOVED = [
-    ("campaign", "plan_items", "campaigns.plan", "plan_items"),
-    ("campaign", "DEFAULT_KEY_TEMPLATE", "campaigns.plan", "CAMPAIGN_KEY_TEMPLATE"),
-    (
-        "bulk",
-        "RECOMMENDED_IMAGES_PER_TASK_RUN",
-        "campaigns.chunked",
-        "RECOMMENDED_IMAGES_PER_TASK_RUN",
-    ),
-    ("flowkit", "load_destination", "destinations", "load_destination"),
-    ("tasks", "attempt_timeout", "policy", "attempt_timeout"),
-    ("tasks", "cached_result", "cache", "cached_result"),
-    ("locking", "DEFAULT_LEASE_SECONDS", "settings", "DEFAULT_LEASE_SECONDS"),
-    ("client", "DEFAULT_BASE_URL", "settings", "DEFAULT_BASE_URL"),
-]
+def test_no_module_serves_names_it_does_not_define() -> None:
+    """The package was never released: a moved name moves, with no alias left behind (a
+    module ``__getattr__`` or a module kept for its old path)."""
+    package = Path(__file__).resolve().parent.parent / "prefect_journey"
+    shims = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.Assign | ast.FunctionDef)
+        and any(
+            getattr(target, "id", None) == "__getattr__"
+            for target in (node.targets if isinstance(node, ast.Assign) else [node])
+        )
+    ]
+    assert shims == []
+    for old in ("bulk", "flowkit", "campaign", "deprecations"):
+        assert not (package / f"{old}.py").exists()
 
 
-@pytest.mark.parametrize(("old", "name", "new", "new_name"), MOVED)
-def test_a_moved_name_still_imports_from_its_old_place_with_a_warning(
-    old: str, name: str, new: str, new_name: str
-) -> None:
-    import importlib
+def _import_graph(package: Path) -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports, read from the source:
+    at module level and inside functions alike; only ``if TYPE_CHECKING:`` blocks are left
+    out (they never run)."""
+    root = package.parent
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in package.rglob("*.py")
+    }
 
-    old_module = importlib.import_module(f"prefect_journey.{old}")
-    new_module = importlib.import_module(f"prefect_journey.{new}")
-    with pytest.warns(DeprecationWarning, match=f"moved to prefect_journey.{new}.{new_name}"):
-        value = getattr(old_module, name)
-    assert value is getattr(new_module, new_name)
-    with pytest.raises(AttributeError):
-        getattr(old_module, "never_" + name)
+    def resolved(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]  # a name defined in a module, not a module
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        here = module if is_package else module.rpartition(".")[0]
+        found: set[str] = set()
+        stack: list[ast.AST] = [ast.parse(path.read_text())]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+                stack.extend(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                    base = f"{parent}.{base}" if base else parent
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+            stack.extend(ast.iter_child_nodes(node))
+        targets = {resolved(name) for name in found if name.split(".")[0] == package.name}
+        graph[module] = {target for target in targets if target and target != module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` as the path that goes round it; empty when there is none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return []
+        path.append(module)
+        for target in sorted(graph[module]):
+            if cycle := visit(target):
+                return cycle
+        path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if cycle := visit(module):
+            return cycle
+    return []
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """Every import of a package module, also one inside a function, goes one way: the
+    data's path through the modules is one-directional."""
+    package = Path(prefect_journey.__file__).parent
+    graph = _import_graph(package)
+    assert "prefect_journey.recovery" in graph["prefect_journey.tasks"]  # the graph is read
+    cycle = _cycle(graph)
+    assert cycle == [], " -> ".join(cycle)
+
+
+def test_the_import_graph_sees_imports_inside_functions(tmp_path: Path) -> None:
+    package = tmp_path / "prefect_journey"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from prefect_journey.b import g\n")
+    (package / "b.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from . import c\n"
+        "if TYPE_CHECKING:\n    from prefect_journey import a\n"
+    )
+    (package / "c.py").write_text("import prefect_journey.a\n")
+    graph = _import_graph(package)
+    assert graph["prefect_journey.b"] == {"prefect_journey.c"}
+    assert _cycle(graph) == [
+        "prefect_journey.a",
+        "prefect_journey.b",
+        "prefect_journey.c",
+        "prefect_journey.a",
+    ]

@@ -8,7 +8,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from prefect_journey import policy
+from prefect_journey import policy, receiver
 from prefect_journey.errors import (
     AuthenticationError,
     InsufficientCreditsError,
@@ -19,6 +19,7 @@ from prefect_journey.errors import (
     ServerError,
 )
 from prefect_journey.models import ImagineRequest
+from prefect_journey.signing import new_secret
 
 
 def test_read_timeout_grows_with_references_and_resolution() -> None:
@@ -129,17 +130,27 @@ def test_only_an_unknown_outcome_is_left_possibly_billed() -> None:
 def test_the_attempt_deadline_is_above_the_read_timeout_the_user_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The policy sizes a deadline from the read timeout it is given and never reads the
+    environment; the Prefect layer's one helper passes ``JOURNEY_READ_TIMEOUT``."""
     bare = ImagineRequest(prompt="x")
-    formula = policy.attempt_timeout(bare)
-    assert formula == policy.CONNECT_TIMEOUT + 90 + policy.ATTEMPT_TIMEOUT_MARGIN
+    formula = policy.CONNECT_TIMEOUT + 90 + policy.ATTEMPT_TIMEOUT_MARGIN
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "400")
-    assert policy.attempt_timeout(bare) == policy.CONNECT_TIMEOUT + 400 + (
+    assert policy.attempt_timeout(bare) == formula
+    assert receiver.attempt_timeout(bare) == policy.CONNECT_TIMEOUT + 400 + (
         policy.ATTEMPT_TIMEOUT_MARGIN
     )
     # A client given its own read timeout sizes its deadline by it.
-    assert policy.attempt_timeout(bare, read_timeout=5) == policy.CONNECT_TIMEOUT + 5 + (
+    assert receiver.attempt_timeout(bare, read_timeout=5) == policy.CONNECT_TIMEOUT + 5 + (
         policy.ATTEMPT_TIMEOUT_MARGIN
     )
+    # An attempt's delivery is waited for past that deadline too.
+    hook = receiver.JourneyWebhookReceiver(url="https://hooks.example/x", secret=new_secret())
+    attempt = hook.new_attempt(bare)
+    assert attempt.record.deadline - attempt.record.sent_at == pytest.approx(
+        policy.CONNECT_TIMEOUT + 400 + policy.ATTEMPT_TIMEOUT_MARGIN + hook.recovery_window_seconds
+    )
+    monkeypatch.delenv("JOURNEY_READ_TIMEOUT")
+    assert receiver.attempt_timeout(bare) == formula
 
 
 def test_safe_errors_retried_with_retry_after_up_to_cap() -> None:

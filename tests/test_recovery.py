@@ -32,11 +32,11 @@ from prefect_journey.attempts import (
     save_attempts,
     sweep_expired,
 )
+from prefect_journey.deliveries import Delivery, proven_result, signed_task
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import JourneyConnectionError, NotFoundError, TaskFailedError
 from prefect_journey.flows.campaign import batch_campaign
 from prefect_journey.models import ImagineRequest, ImagineResult, TaskStatus
-from prefect_journey.recovery import Delivery, proven_result, signed_task
 from prefect_journey.signing import SIGNATURE_FIELD, WebhookKeys, new_secret
 from prefect_journey.tasks import aimagine, imagine
 from prefect_journey.tokens import attempt_id, attempt_resource, mint_token

@@ -35,6 +35,7 @@ from prefect.runtime import task_run as current_task_run
 
 from prefect_journey import policy
 from prefect_journey._compat import shared_async_client
+from prefect_journey.attempts import Attempt
 from prefect_journey.cache import (
     LOCKED_ELSEWHERE,
     cache_result,
@@ -65,13 +66,12 @@ from prefect_journey.publishing import (
     log_stored,
     progress_key,
 )
+from prefect_journey.receiver import attempt_timeout, receiver_for
 from prefect_journey.recovery import (
-    Attempt,
     arecover_attempt,
     arecover_earlier,
     begin_attempt,
     end_attempt,
-    receiver_for,
 )
 from prefect_journey.storage import StoredImage, astore_image, async_download_client
 from prefect_journey.tasks import TAGS, declare_assets, imagine
@@ -296,7 +296,7 @@ async def _paid_call(
     wait for a lost answer's delivery, and the pause before a retry, leave the slot to the
     run's other images."""
     # The client's own read timeout, so the deadline never cuts its call short.
-    limit = policy.attempt_timeout(item.request, shared.api.read_timeout)
+    limit = attempt_timeout(item.request, shared.api.read_timeout)
     receiver = receiver_for(item.request, campaign.receiver)
     if receiver is not None:
         # Before every paid attempt, as the per-image task does on each of its tries: an

@@ -34,7 +34,7 @@ from prefect_journey.campaigns.progress import CampaignProgress
 from prefect_journey.errors import ConfigurationError
 from prefect_journey.models import display_text
 from prefect_journey.publishing import PROGRESS_INTERVAL, progress_key
-from prefect_journey.recovery import task_timeout
+from prefect_journey.receiver import task_timeout
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import Settled, declare_assets, imagine, settle
 

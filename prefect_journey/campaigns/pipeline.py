@@ -43,7 +43,7 @@ from prefect_journey.errors import (
 )
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult, display_text
 from prefect_journey.publishing import Logger, emit_stored_event, report_image
-from prefect_journey.recovery import JourneyWebhookReceiver
+from prefect_journey.receiver import JourneyWebhookReceiver
 from prefect_journey.storage import (
     Destination,
     Occupant,

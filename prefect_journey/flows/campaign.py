@@ -42,7 +42,7 @@ from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.gate import concurrency_limit_exists
 from prefect_journey.models import display_text
-from prefect_journey.recovery import load_receiver
+from prefect_journey.receiver import load_receiver
 from prefect_journey.tasks import check_variant, resolve_variant
 
 # The Prefect global concurrency limit a campaign uses when it exists (create it once per

@@ -17,7 +17,7 @@ from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyError, JourneyValidationError, failure_text
 from prefect_journey.models import ImagineRequest, ImagineResult, display_text
 from prefect_journey.publishing import image_row, publish_summary, report_image
-from prefect_journey.recovery import load_receiver
+from prefect_journey.receiver import load_receiver
 from prefect_journey.storage import StoredImage, slugify
 from prefect_journey.tasks import (
     check_variant,

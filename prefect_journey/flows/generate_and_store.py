@@ -13,7 +13,7 @@ from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.models import ImagineRequest
 from prefect_journey.publishing import image_row, publish_summary, report_image
-from prefect_journey.recovery import load_receiver
+from prefect_journey.receiver import load_receiver
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import (
     check_variant,

@@ -3,7 +3,7 @@
 ``deployments/prefect.yaml`` triggers this flow on ``journey.task.finished`` events, which
 the webhook receiver (``prefect-journey webhooks``) emits, signed, when the provider calls
 back. Anyone allowed to write events could emit one, so the flow believes an event only when
-it is proven (:func:`~prefect_journey.recovery.proven_task_event`): the receiver's signature
+it is proven (:func:`~prefect_journey.deliveries.proven_task_event`): the receiver's signature
 checks and the provider's ``/fetch`` reports the same finished image. Nothing is downloaded
 before that. Deploy by module path:
 ``prefect_journey.flows.store_finished_task:store_finished_task``.
@@ -14,10 +14,11 @@ from __future__ import annotations
 from prefect import flow
 
 from prefect_journey.credentials import journey_client, load_credentials
+from prefect_journey.deliveries import proven_task_event
 from prefect_journey.destinations import load_destination
 from prefect_journey.models import ImagineResult
 from prefect_journey.publishing import image_row, publish_summary, report_image
-from prefect_journey.recovery import proven_task_event, webhook_keys
+from prefect_journey.receiver import webhook_keys
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import declare_assets, store_image
 
