@@ -86,26 +86,21 @@ def end_attempt(key: str, attempt: Attempt | None, error: JourneyError | None = 
         key: The image's cache key; the caller holds its lock.
         attempt: The attempt; None (no receiver) does nothing.
         error: How it failed. None (it brought the image) settles every attempt of the
-            image; the provider's refusal (:class:`TaskFailedError`) those past their
-            deadline too. A 503/408
-            (:class:`ServiceUnavailableError`) should have made nothing, but its record stays
-            until its deadline, so that a check before paying still asks for a late delivery
-            (a gateway may have answered for a provider at work). Any other failure forgets
-            the attempt.
+            image. The provider's refusal (:class:`TaskFailedError`) settles all but the
+            attempts a killed run left in flight before their deadline (they may still
+            deliver an image, already billed). A 503/408 (:class:`ServiceUnavailableError`)
+            should have made nothing, but its record stays until its deadline, so that a
+            check before paying still asks for a late delivery (a gateway may have answered
+            for a provider at work). Any other failure forgets the attempt.
     """
     if attempt is None:
         return
-    now = time.time()
-    others = [
-        r
-        for r in recorded_attempts(key)
-        # The image settles every attempt; a refusal those past their deadline (an attempt
-        # of a killed run may still deliver an image, already billed).
-        if error is not None
-        and r.id != attempt.id
-        and (not isinstance(error, TaskFailedError) or r.deadline > now)
-    ]
-    if isinstance(error, ServiceUnavailableError):
+    others = [r for r in recorded_attempts(key) if r.id != attempt.id]
+    if error is None:
+        others = []
+    elif isinstance(error, TaskFailedError):
+        others = _unsettled(others, refused=True)
+    elif isinstance(error, ServiceUnavailableError):
         others.append(attempt.record.model_copy(update={"answered": "unavailable"}))
     save_attempts(key, others)
 
@@ -229,12 +224,19 @@ def _earlier(key: str) -> tuple[list[AttemptRecord], float]:
     return records, deadline
 
 
-def _forget_earlier(key: str, found: ImagineResult | None) -> ImagineResult | None:
+def _unsettled(records: list[AttemptRecord], *, refused: bool) -> list[AttemptRecord]:
+    """The records an answered question leaves: those before their deadline (a killed run's
+    attempt may still deliver; a 503/408's is asked for again by the next check), and after
+    a refusal only a killed run's (a 503/408 made nothing the refused item could use)."""
     now = time.time()
-    # An image found settles every attempt; else (nothing, or a refusal) a record before its
-    # deadline stays: a killed run's attempt may still deliver, and a 503/408's is asked for
-    # again by the next check.
-    kept = [] if found is not None else [r for r in recorded_attempts(key) if r.deadline > now]
+    return [r for r in records if r.deadline > now and not (refused and r.answered)]
+
+
+def _forget_earlier(
+    key: str, found: ImagineResult | None, *, refused: bool = False
+) -> ImagineResult | None:
+    # An image found settles every attempt.
+    kept = [] if found is not None else _unsettled(recorded_attempts(key), refused=refused)
     save_attempts(key, kept)
     if found is not None:
         _logger().info("recovered task %s from an earlier attempt", found.task_id)
@@ -268,7 +270,7 @@ def recover_earlier(
     try:
         found = wait_for_delivery(records, deadline, keys=receiver.signing_keys, api=api, charged=0)
     except TaskFailedError:
-        _forget_earlier(key, None)
+        _forget_earlier(key, None, refused=True)
         raise
     return _forget_earlier(key, found)
 
@@ -288,7 +290,7 @@ async def arecover_earlier(
             records, deadline, keys=receiver.signing_keys, api=api, charged=0, client=client
         )
     except TaskFailedError:
-        await asyncio.to_thread(_forget_earlier, key, None)
+        await asyncio.to_thread(_forget_earlier, key, None, refused=True)
         raise
     return await asyncio.to_thread(_forget_earlier, key, found)
 

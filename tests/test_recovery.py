@@ -437,6 +437,26 @@ def test_the_wait_for_a_delivery_counts_from_when_the_attempt_was_sent(
     assert records_left() == []
 
 
+@BOTH_MODES
+def test_a_refused_image_leaves_no_attempt_record(
+    recovering: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
+    """The retry after the 503 waits the ladder's first pause (2 s +/- 50 %)."""
+    # The 503's record is kept for the check before the retry; the refusal that follows
+    # settles the image, and nothing of it is left to read.
+    recovering.admin("faults", {"queue": {"api": ["503", "failed"]}})
+    before = set(records_left())
+    report = batch_campaign(
+        items=items(1),
+        campaign="refused",
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+        allow_failures=True,
+    )
+    assert report.failed == 1 and report.outcomes[0].reason.startswith("TaskFailedError")
+    assert set(records_left()) - before == set()
+
+
 def test_expired_attempt_records_are_swept_and_live_ones_kept() -> None:
     now = time.time()
     expired = AttemptRecord(id="e" * 32, sent_at=now - 900, deadline=now - 800, expires_at=now - 1)
