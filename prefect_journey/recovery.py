@@ -6,8 +6,8 @@ nobody knows whether an image was made and billed, and a retry may bill again. T
 also POSTs the finished task to the request's ``webhook_url`` when the generation ends,
 whatever happened to the HTTP answer. With a receiver configured
 (:class:`~prefect_journey.receiver.JourneyWebhookReceiver`, or ``JOURNEY_WEBHOOK_URL`` and
-``JOURNEY_WEBHOOK_SECRET``),
-every paid attempt of both campaign executors and of the ``imagine`` tasks:
+``JOURNEY_WEBHOOK_SECRET``), every paid attempt of both campaign executors and of the
+``imagine`` tasks:
 
 1. mints a token (:mod:`prefect_journey.tokens`) and sends ``webhook_url=<receiver>/<token>``
    with the provider secret derived from the webhook secret (:mod:`prefect_journey.signing`);
@@ -17,10 +17,10 @@ every paid attempt of both campaign executors and of the ``imagine`` tasks:
 3. on a possibly-billed failure, waits for the attempt's delivery until the attempt's
    deadline (sent + the attempt's timeout + the recovery window), reading the
    ``journey.attempt.*`` Prefect events the receiver (``prefect-journey webhooks``) emits
-   (:mod:`prefect_journey.deliveries`). A
-   delivery is believed only when it is **proven**: the receiver's signature over the
-   attempt, task, status and image URL checks (so writing events to Prefect is not enough),
-   and the provider's free ``/fetch`` of the task answers the same status and image URL. A
+   (:mod:`prefect_journey.deliveries`). A delivery is believed only when it is **proven**:
+   the receiver's signature over the attempt, task, status and image URL checks (so writing
+   events to Prefect is not enough), and the provider's free ``/fetch`` of the task answers
+   the same status and image URL. A
    finished task then becomes the attempt's result (no new paid call), a failed one its
    typed failure. A delivery that fails either check is refused with a warning naming the
    attempt, and the wait goes on for a real one. Only when the deadline passes with nothing
