@@ -18,6 +18,7 @@ recorded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -41,6 +42,8 @@ from prefect_journey.models import ImagineRequest
 # One document per image, named after its cache key.
 RECORDS_PREFIX = "journey-attempts-"
 RECORDS_SUFFIX = ".json"
+# The result storage as an fsspec filesystem, and the folder of the records in it.
+Filesystem = tuple[fsspec.AbstractFileSystem, str]
 
 
 class AttemptRecord(BaseModel):
@@ -114,7 +117,7 @@ def check_records_storage() -> None:
     _filesystem()
 
 
-def _filesystem() -> tuple[fsspec.AbstractFileSystem, str]:
+def _filesystem() -> Filesystem:
     """The result storage as an fsspec filesystem and the folder of the records."""
     storage = _storage()
     if isinstance(storage, LocalFileSystem):
@@ -129,19 +132,20 @@ def _filesystem() -> tuple[fsspec.AbstractFileSystem, str]:
     )
 
 
-def _read(key: str) -> list[AttemptRecord]:
-    fs, root = _filesystem()
-    path = f"{root}/{_name(key)}"
-    if not fs.exists(path):
+def _read(where: Filesystem, key: str) -> list[AttemptRecord]:
+    fs, root = where
+    try:
+        content = fs.cat_file(f"{root}/{_name(key)}")
+    except FileNotFoundError:
         return []
     # An unreadable document is an error, not "none": taking it for none would let the next
     # write drop attempts still in flight.
-    document = json.loads(fs.cat_file(path))
+    document = json.loads(content)
     return [AttemptRecord.model_validate(item) for item in document["attempts"]]
 
 
-def _write(key: str, records: list[AttemptRecord]) -> None:
-    fs, root = _filesystem()
+def _write(where: Filesystem, key: str, records: list[AttemptRecord]) -> None:
+    fs, root = where
     path = f"{root}/{_name(key)}"
     if records:
         content = json.dumps({"attempts": [r.model_dump() for r in records]}).encode()
@@ -154,8 +158,9 @@ def _write(key: str, records: list[AttemptRecord]) -> None:
             os.replace(temporary, path)
         else:  # an object store's put is whole or not at all
             fs.pipe_file(path, content)
-    elif fs.exists(path):
-        fs.rm_file(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):  # no document: nothing was recorded
+            fs.rm_file(path)
 
 
 def recorded_attempts(key: str) -> list[AttemptRecord]:
@@ -173,11 +178,12 @@ def recorded_attempts(key: str) -> list[AttemptRecord]:
         Exception: The document exists and cannot be read (the filesystem's or JSON's
             error): an unreadable record is not taken for none.
     """
-    records = _read(key)
+    where = _filesystem()
+    records = _read(where, key)
     now = time.time()
     live = [record for record in records if not record.expired(now)]
     if len(live) < len(records):
-        _write(key, live)
+        _write(where, key, live)
     return live
 
 
@@ -191,7 +197,7 @@ def save_attempts(key: str, records: Iterable[AttemptRecord]) -> None:
         key: The image's cache key.
         records: The attempts still to settle.
     """
-    _write(key, list(records))
+    _write(_filesystem(), key, list(records))
 
 
 def sweep_expired() -> int:
@@ -213,7 +219,7 @@ def sweep_expired() -> int:
         if locks is not None and not locks.acquire_lock(key, holder, acquire_timeout=0):
             continue
         try:
-            if all(record.expired(now) for record in _read(key)):
+            if all(record.expired(now) for record in _read((fs, root), key)):
                 fs.rm_file(f"{root}/{name}")
                 swept += 1
         except (OSError, ValueError):  # gone meanwhile, or unreadable: left to its readers

@@ -207,6 +207,19 @@ def journey_env(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> Em
     return emulator
 
 
+def process_env(storage: Path | str, **variables: str) -> dict[str, str]:
+    """The environment of a process a test starts (a campaign to kill and resume): this one's,
+    with the session's Prefect server, results folder ``storage`` and ``variables``."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_LOCAL_STORAGE_PATH": str(storage),
+        **variables,
+    }
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real (subprocess) Prefect server with a temporary database, and a private folder
@@ -253,6 +266,14 @@ class Bucket:
     @property
     def storage_options(self) -> dict[str, Any]:
         return {"key": "testing", "secret": "testing", "endpoint_url": self.endpoint}
+
+    def env(self) -> dict[str, str]:
+        """The variables that point a process's S3 clients at this bucket's server."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
 
     def fs(self) -> Any:
         import s3fs

@@ -23,7 +23,7 @@ from prefect_journey.models import ImagineResult
 from prefect_journey.partials import open_partial, stale_uploads
 from prefect_journey.storage import Destination, astore_image, store_image
 
-from .conftest import Bucket
+from .conftest import Bucket, process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +156,6 @@ def test_a_campaign_killed_during_downloads_leaves_nothing_behind(
 ) -> None:
     """Two campaign processes (each imports Prefect); the first is killed (SIGKILL) while its
     7 MB downloads stream slowly, the second stores the rest: about 20 s each way."""
-    from prefect.settings import PREFECT_API_URL
 
     journey_env.admin("config", {"fixed": 0.2, "realistic_sizes": True, "cdn_chunk_delay": 0.05})
     tag = uuid.uuid4().hex[:8]
@@ -174,18 +173,14 @@ def test_a_campaign_killed_during_downloads_leaves_nothing_behind(
             return bucket.objects()
         return sorted(str(p) for p in out.rglob("*") if p.is_file() and p.suffix != ".part")
 
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_LOCAL_STORAGE_PATH": str(prefect_harness),
-        "AWS_ENDPOINT_URL_S3": bucket.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+    env = process_env(
+        prefect_harness,
+        **bucket.env(),
         # The second run waits out the killed run's image locks, and takes its uploads,
         # begun seconds before, for a dead writer's (no other run stores these images).
-        "JOURNEY_LOCK_LEASE_SECONDS": "2",
-        "JOURNEY_PARTIAL_LEASE_SECONDS": "1",
-    }
+        JOURNEY_LOCK_LEASE_SECONDS="2",
+        JOURNEY_PARTIAL_LEASE_SECONDS="1",
+    )
     command = [
         sys.executable,
         "flows/batch_campaign.py",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 from reliability.soak import READ_TIMEOUT, SLOW_SECONDS
 
 from . import prefect_api
+from .conftest import process_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -84,6 +84,17 @@ def items(n: int) -> list[dict[str, Any]]:
     return [{"prompt": f"recovered poster {i} #{tag}"} for i in range(n)]
 
 
+def campaign_of(n: int, name: str, tmp_path: Path, images_per_task_run: int, **options: Any) -> Any:
+    """``batch_campaign`` of ``n`` new items into ``tmp_path``, in the executor given."""
+    return batch_campaign(
+        items=items(n),
+        campaign=name,
+        destination=str(tmp_path),
+        images_per_task_run=images_per_task_run,
+        **options,
+    )
+
+
 @BOTH_MODES
 def test_lost_answers_are_recovered_not_bought_again(
     recovering: EmulatorServer, tmp_path: Path, images_per_task_run: int
@@ -95,13 +106,7 @@ def test_lost_answers_are_recovered_not_bought_again(
         "faults",
         {"queue": {"api": ["500", "drop", "malformed", "slow"]}, "slow_seconds": SLOW_SECONDS},
     )
-    report = batch_campaign(
-        items=items(4),
-        campaign="recovered",
-        destination=str(tmp_path),
-        max_concurrency=4,
-        images_per_task_run=images_per_task_run,
-    )
+    report = campaign_of(4, "recovered", tmp_path, images_per_task_run, max_concurrency=4)
     ledger = recovering.ledger()
     assert (report.stored, report.recovered, report.calls) == (4, 4, 4)
     assert report.credits_charged == ledger["credits_charged"] == 16
@@ -126,12 +131,7 @@ def test_an_undelivered_attempt_is_retried_after_the_window(
     recovering.admin(
         "faults", {"queue": {"api": ["500"], "webhook": [delivery_fault]}, "late_seconds": 30}
     )
-    report = batch_campaign(
-        items=items(1),
-        campaign="undelivered",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-    )
+    report = campaign_of(1, "undelivered", tmp_path, images_per_task_run)
     assert (report.stored, report.recovered, report.calls) == (1, 0, 2)
     assert report.credits_charged == recovering.ledger()["credits_charged"] == 8
     assert report.possibly_billed_retries == 1
@@ -144,12 +144,7 @@ def test_a_duplicated_delivery_is_one_result(
     """The dropped answer waits for its delivery through the receiver and the events API, which
     the run asks once a second."""
     recovering.admin("faults", {"queue": {"api": ["drop"], "webhook": ["duplicate"]}})
-    report = batch_campaign(
-        items=items(2),
-        campaign="duplicated",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-    )
+    report = campaign_of(2, "duplicated", tmp_path, images_per_task_run)
     assert (report.stored, report.recovered, report.calls, report.credits_charged) == (2, 1, 2, 8)
     assert len(list(tmp_path.rglob("*.png"))) == 2
 
@@ -179,12 +174,7 @@ def test_another_runs_delivery_never_becomes_this_runs_result(
     assert answer.status_code == 200
     monkeypatch.setenv("JOURNEY_RECOVERY_WINDOW", "3")
     recovering.admin("faults", {"queue": {"api": ["500"], "webhook": ["lost"]}})
-    report = batch_campaign(
-        items=items(1),
-        campaign="foreign",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-    )
+    report = campaign_of(1, "foreign", tmp_path, images_per_task_run)
     assert (report.stored, report.recovered, report.calls) == (1, 0, 2)
     assert report.outcomes[0].task_id in recovering.ledger()["billed_tasks"]
 
@@ -366,13 +356,7 @@ def test_a_forged_delivery_is_refused_and_the_real_one_waited_for(
     once a second."""
     recovering.admin("faults", {"queue": {"api": ["500"], "webhook": ["late"]}, "late_seconds": 4})
     forger = emit_while_waiting(recovering, forgery)
-    state = batch_campaign(
-        items=items(1),
-        campaign="forged",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-        return_state=True,
-    )
+    state = campaign_of(1, "forged", tmp_path, images_per_task_run, return_state=True)
     forger.join()
     report = state.result()
     ledger = recovering.ledger()
@@ -400,12 +384,7 @@ def test_a_503_from_a_gateway_is_delivered_after_all_and_not_bought_again(
     # A gateway answered 503 while the provider made (and billed) the image: the check
     # before the retry pays finds its delivery.
     recovering.admin("faults", {"queue": {"api": ["gateway_503"]}, "retry_after": 3})
-    report = batch_campaign(
-        items=items(1),
-        campaign="gateway-503",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-    )
+    report = campaign_of(1, "gateway-503", tmp_path, images_per_task_run)
     ledger = recovering.ledger()
     assert report.stored == 1 and report.outcomes[0].recovered
     assert ledger["credits_charged"] == 4 and len(ledger["billed_tasks"]) == 1
@@ -425,12 +404,7 @@ def test_the_wait_for_a_delivery_counts_from_when_the_attempt_was_sent(
     # sending, it ends 1 + 4 + 0.5 + 3 s after it (connect, read and margin scaled down).
     recovering.admin("config", {"fixed": 3.5})
     recovering.admin("faults", {"queue": {"api": ["gateway_502"]}})
-    report = batch_campaign(
-        items=items(1),
-        campaign="early-502",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-    )
+    report = campaign_of(1, "early-502", tmp_path, images_per_task_run)
     # Counted from the failure, the window would have ended at 3 s and bought it again.
     assert report.stored == 1 and report.outcomes[0].recovered and report.calls == 1
     assert recovering.ledger()["credits_charged"] == 4
@@ -446,13 +420,7 @@ def test_a_refused_image_leaves_no_attempt_record(
     # settles the image, and nothing of it is left to read.
     recovering.admin("faults", {"queue": {"api": ["503", "failed"]}})
     before = set(records_left())
-    report = batch_campaign(
-        items=items(1),
-        campaign="refused",
-        destination=str(tmp_path),
-        images_per_task_run=images_per_task_run,
-        allow_failures=True,
-    )
+    report = campaign_of(1, "refused", tmp_path, images_per_task_run, allow_failures=True)
     assert report.failed == 1 and report.outcomes[0].reason.startswith("TaskFailedError")
     assert set(records_left()) - before == set()
 
@@ -481,12 +449,7 @@ def test_a_killed_runs_calls_are_recovered_by_the_next_run(
 ) -> None:
     """20 images, 5 at a time, killed with SIGKILL mid-run: the re-run pays for 20 in all."""
     recovering.admin("config", {"fixed": 3.0})
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_LOCAL_STORAGE_PATH": str(PREFECT_LOCAL_STORAGE_PATH.value()),
-        "JOURNEY_LOCK_LEASE_SECONDS": "2",
-    }
+    env = process_env(PREFECT_LOCAL_STORAGE_PATH.value(), JOURNEY_LOCK_LEASE_SECONDS="2")
     command = [
         sys.executable,
         "-c",

@@ -33,7 +33,7 @@ from reliability.soak import (
     run_soak,
 )
 
-from .conftest import Bucket
+from .conftest import Bucket, process_env
 
 SOAK_SECRET = "whsec-soak-test-9b74c9897bac770ffc029102a200c5de3c7e1f2a8d4b6e0c"
 
@@ -213,7 +213,6 @@ def test_killed_campaign_resumes_without_rebilling_or_duplicates(
 ) -> None:
     """Two campaign processes (each imports Prefect) of 16 images at 0.5 s, two at a time; the
     second waits out the killed run's 5 s leases."""
-    from prefect.settings import PREFECT_API_URL
 
     journey_env.admin("config", {"fixed": 0.5})
     tag = uuid.uuid4().hex[:8]
@@ -221,16 +220,12 @@ def test_killed_campaign_resumes_without_rebilling_or_duplicates(
     source.write_text(
         "\n".join(json.dumps({"prompt": f"resume item {i} #{tag}"}) for i in range(16))
     )
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_LOCAL_STORAGE_PATH": str(prefect_harness),
-        "AWS_ENDPOINT_URL_S3": bucket.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+    env = process_env(
+        prefect_harness,
+        **bucket.env(),
         # The resumed run waits out the killed run's leases on its in-flight images.
-        "JOURNEY_LOCK_LEASE_SECONDS": "5",
-    }
+        JOURNEY_LOCK_LEASE_SECONDS="5",
+    )
     command = [
         sys.executable,
         "flows/batch_campaign.py",
