@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--destination", help="fsspec URL or folder (default ./outputs)")
     parser.add_argument("--max-credits", type=int)
     parser.add_argument("--max-concurrency", type=int, default=8)
-    parser.add_argument("--task-runner", choices=["thread", "dask"])
-    parser.add_argument("--images-per-task-run", type=int, default=1)
+    parser.add_argument(
+        "--images-per-task-run",
+        type=int,
+        help="images per task run (default: chosen from --max-concurrency)",
+    )
     parser.add_argument(
         "--repay-possibly-billed",
         type=int,
@@ -35,7 +38,6 @@ def main() -> None:
         destination=args.destination,
         max_credits=args.max_credits,
         max_concurrency=args.max_concurrency,
-        task_runner=args.task_runner,
         images_per_task_run=args.images_per_task_run,
         **({} if repay is None else {"repay_possibly_billed": repay}),
     )

@@ -25,10 +25,11 @@ def main() -> None:
             os.environ["JOURNEY_API_KEY"] = emulator.api_key
             os.environ["JOURNEY_BASE_URL"] = emulator.url
             print(f"JourneyAPI emulator running on {emulator.url}")
-        stored = generate_and_store(PROMPT, aspect_ratio="16:9", resolution="2K")
-    print(f"\nImage: {stored.uri}")
-    print(f"  {stored.width}x{stored.height} {stored.format}, {stored.bytes} bytes")
-    print(f"  sha256 {stored.sha256}")
+        report = generate_and_store(PROMPT, aspect_ratio="16:9", resolution="2K")
+    image = report.outcomes[0]
+    print(f"\nImage: {image.uri}")
+    print(f"  task {image.task_id}, {image.credits} credits, {image.latency_s:.1f} s")
+    print(f"  sha256 {image.sha256}")
 
 
 if __name__ == "__main__":

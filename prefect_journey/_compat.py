@@ -16,16 +16,12 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
-from prefect.client.schemas.objects import State
 from prefect.context import AsyncClientContext, SyncClientContext
-from prefect.futures import PrefectFuture
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.locking.protocol import LockManager
 from prefect.logging.handlers import PrefectConsoleHandler
 from prefect.results import ResultStore, get_result_store
-from prefect.task_runners import TaskRunner
 from prefect.tasks import Task
-from prefect.utilities.callables import get_call_parameters
 from rich.console import Console
 
 R = TypeVar("R")
@@ -92,40 +88,11 @@ def run_result_store(lock_manager: LockManager | None) -> ResultStore:
     return store.model_copy(update={"lock_manager": lock_manager})
 
 
-# --- Submitting to a runner that is not the flow's --------------------------------------------
-# Relies on: ``prefect.utilities.callables.get_call_parameters`` (undocumented) and
-# ``TaskRunner.submit(task, parameters, wait_for)`` taking the bound parameters.
-# Why: the campaign picks its task runner (threads or Dask) from a flow parameter at run
-# time; ``Task.submit`` only knows the flow's own runner, and a subflow to carry another one
-# costs a second flow run per campaign.
-def submit_to(
-    runner: TaskRunner[Any],
-    task: Task[..., Any],
-    wait_for: list[PrefectFuture[Any]] | None = None,
-    **parameters: Any,
-) -> PrefectFuture[Any]:
-    """``task.submit(**parameters)`` on ``runner`` instead of the flow's task runner.
-
-    Args:
-        runner: A started task runner.
-        task: The task to run.
-        wait_for: Futures the run waits for (and shows as upstream in the UI).
-        **parameters: The task's parameters, by name.
-
-    Returns:
-        The run's future.
-    """
-    future: PrefectFuture[Any] = runner.submit(
-        task, get_call_parameters(task.fn, (), parameters), wait_for
-    )
-    return future
-
-
 # --- Client contexts ------------------------------------------------------------------------
 # Relies on: ``prefect.context.SyncClientContext`` / ``AsyncClientContext.get_or_create()``
 # (undocumented), which the engines use to share one Prefect client per thread or loop.
 # Why: without one, each task run started from a worker thread of an async flow (or each
-# chunk's task run on the campaign's loop) opens a client of its own: a TLS context and a
+# campaign's task run on its loop) opens a client of its own: a TLS context and a
 # connection per task run.
 @contextmanager
 def shared_sync_client() -> Iterator[SyncPrefectClient]:
@@ -139,26 +106,6 @@ async def shared_async_client() -> AsyncIterator[PrefectClient]:
     """One async Prefect client for this event loop and the task runs it starts."""
     async with AsyncClientContext.get_or_create() as context:
         yield context.client
-
-
-# --- "Cached" state name --------------------------------------------------------------------
-# Relies on: a cache hit finishing in a Completed state named "Cached" (``prefect.states
-# .Cached``); no public predicate tells a cache hit from a run that did the work.
-# Why: a cached generation cost nothing and a cached store was published by the run that
-# made it; the campaign reports and publishes accordingly.
-CACHED_STATE_NAME = "Cached"
-
-
-def is_cached(state: State[Any]) -> bool:
-    """Whether ``state`` is a cache hit.
-
-    Args:
-        state: A task run's final state.
-
-    Returns:
-        True for a Completed state that came from the cache.
-    """
-    return state.is_completed() and state.name == CACHED_STATE_NAME
 
 
 # --- The worker-thread timeout notice ---------------------------------------------------------

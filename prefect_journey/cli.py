@@ -6,7 +6,9 @@ prefect-journey emulator --port 8765 [--time-scale 0.1] [--fault 429=0.1] ...
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,8 +18,11 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:
-    from prefect_journey.models import ImagineResult
-    from prefect_journey.storage import StoredImage
+    from prefect_journey.models import ImagineRequest, ImagineResult
+    from prefect_journey.storage import Destination, StoredImage
+
+# Outside a flow run: a failed attempt's warning goes to Python logging (stderr).
+_LOGGER = logging.getLogger("prefect_journey.cli")
 
 
 def _fault(value: str) -> tuple[str, float]:
@@ -114,9 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_imagine(args: argparse.Namespace) -> int:
     from prefect_journey import policy
-    from prefect_journey.client import JourneyClient
     from prefect_journey.models import ImagineRequest
-    from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination, render_key, store_image
+    from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination, render_key
 
     key_template = args.key_template or DEFAULT_KEY_TEMPLATE
     repay = args.repay_possibly_billed
@@ -124,9 +128,10 @@ def _run_imagine(args: argparse.Namespace) -> int:
     repay = policy.check_repay_possibly_billed(
         policy.DEFAULT_REPAY_POSSIBLY_BILLED if repay is None else repay
     )
-
+    destination = None
     if args.destination:  # a bad destination or key must fail before a credit is spent
-        Destination(args.destination).filesystem()
+        destination = Destination(args.destination)
+        destination.filesystem()
         render_key(key_template, {"task_id": "task", "ext": "png"})
     request = ImagineRequest(
         prompt=args.prompt,
@@ -137,20 +142,12 @@ def _run_imagine(args: argparse.Namespace) -> int:
     # Progress goes to stderr, and only to a terminal: stdout stays the result alone.
     console = Console(stderr=True)
     shown = console.is_terminal and not args.json
-    with (
-        JourneyClient(repay_possibly_billed=repay) as client,
-        _working(console, "generating", shown),
-    ):
-        result = client.imagine(request)
+    with _working(console, "generating", shown):
+        result = asyncio.run(_generate(request, repay))
     stored = None
-    if args.destination:
+    if destination is not None:
         with _working(console, "storing", shown):
-            stored = store_image(
-                result.image_url,
-                args.destination,
-                task_id=result.task_id,
-                key_template=key_template,
-            )
+            stored = asyncio.run(_store(result, destination, key_template))
     if args.json:
         output: dict[str, object] = {"result": result.model_dump()}
         if stored is not None:
@@ -159,6 +156,29 @@ def _run_imagine(args: argparse.Namespace) -> int:
     else:
         print(_summary(result, stored))
     return 0
+
+
+async def _generate(request: ImagineRequest, repay: int) -> ImagineResult:
+    """The paid generation every path of the package makes (same gate, retry rule and
+    ``Retry-After`` handling), without a budget, a concurrency limit or recovery."""
+    from prefect_journey.client import AsyncJourneyClient
+    from prefect_journey.generation import PaidCalls, generate
+
+    async with AsyncJourneyClient(max_retries=0) as api:
+        calls = PaidCalls(api, repay_possibly_billed=repay)
+        return await generate(request, calls, key="", logger=_LOGGER)
+
+
+async def _store(result: ImagineResult, destination: Destination, key_template: str) -> StoredImage:
+    from prefect_journey.retrying import store_with_retries
+
+    return await store_with_retries(
+        result.image_url,
+        destination,
+        logger=_LOGGER,
+        task_id=result.task_id,
+        key_template=key_template,
+    )
 
 
 @contextmanager

@@ -307,48 +307,6 @@ class _Judge:
         return verdict if isinstance(verdict, ImagineResult) else None
 
 
-def wait_for_delivery(
-    records: list[AttemptRecord],
-    deadline: float,
-    *,
-    keys: WebhookKeys,
-    api: JourneyClient,
-    charged: int,
-) -> ImagineResult | None:
-    """Ask the Prefect events API for a proven delivery of ``records`` until ``deadline``.
-
-    Args:
-        records: The attempts whose delivery would do.
-        deadline: When to stop (epoch seconds); asked at least once.
-        keys: The keys of the receiver's secret (checks the signatures).
-        api: The provider's client (confirms the delivered task with ``/fetch``).
-        charged: The credits this run paid for the attempt (0 for an earlier run's).
-
-    Returns:
-        The recovered image; None when nothing proven came in time.
-
-    Raises:
-        TaskFailedError: The delivered task failed, and the provider confirms it.
-    """
-    judge = _Judge(records, keys, charged)
-    with get_client(sync_client=True) as client:
-        while True:
-            try:
-                pages = [client.read_events(filter=delivery_filter(records), limit=DELIVERIES_READ)]
-                while pages[-1].next_page and len(pages) < DELIVERY_PAGES:
-                    pages.append(client.read_events_page(str(pages[-1].next_page)))
-            except Exception as error:  # any failure to ask is "nothing yet"
-                _unanswered(error)
-            else:
-                for delivery, task in judge.new(pages):
-                    found = judge.verdict(delivery, task, _confirm(api, task.task_id))
-                    if found is not None:
-                        return found
-            if time.time() >= deadline:
-                return None
-            time.sleep(min(policy.RECOVERY_POLL_INTERVAL, max(0.0, deadline - time.time())))
-
-
 async def await_delivery(
     records: list[AttemptRecord],
     deadline: float,
@@ -358,7 +316,22 @@ async def await_delivery(
     charged: int,
     client: PrefectClient | None = None,
 ) -> ImagineResult | None:
-    """Async twin of :func:`wait_for_delivery`; ``client`` is a Prefect client to reuse."""
+    """Ask the Prefect events API for a proven delivery of ``records`` until ``deadline``.
+
+    Args:
+        records: The attempts whose delivery would do.
+        deadline: When to stop (epoch seconds); asked at least once.
+        keys: The keys of the receiver's secret (checks the signatures).
+        api: The provider's client (confirms the delivered task with ``/fetch``).
+        charged: The credits this run paid for the attempt (0 for an earlier run's).
+        client: A Prefect client to reuse; None opens one.
+
+    Returns:
+        The recovered image; None when nothing proven came in time.
+
+    Raises:
+        TaskFailedError: The delivered task failed, and the provider confirms it.
+    """
     judge = _Judge(records, keys, charged)
     async with get_client() if client is None else _Borrowed(client) as events:
         while True:

@@ -243,6 +243,12 @@ class TaskFailedError(JourneyError):
         self.reason = reason
 
 
+class NotStartedError(JourneyError):
+    """The provider asked every call of the campaign to wait longer than its pause limit
+    (``max_pause``), so this item was not started, or its retries stopped, without a paid
+    attempt in doubt. Nothing was billed for it; a re-run picks it up."""
+
+
 class UnverifiedDeliveryError(JourneyError):
     """A webhook event is not proven: the receiver did not sign it, or the provider's
     ``/fetch`` does not confirm the task it names. Nothing is downloaded or stored for it.

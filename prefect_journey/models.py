@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import textwrap
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
@@ -350,6 +351,27 @@ class ImagineRequest(_Model):
         if self.webhook_secret is not None:
             payload["webhook_secret"] = self.webhook_secret.get_secret_value()
         return payload
+
+
+def as_request(request: ImagineRequest | Mapping[str, Any]) -> ImagineRequest:
+    """Accept a request or its fields (as a deployment parameter would pass them).
+
+    Args:
+        request: An :class:`ImagineRequest` or its fields.
+
+    Returns:
+        The checked request.
+
+    Raises:
+        JourneyValidationError: Neither, or fields that break a rule.
+    """
+    if isinstance(request, ImagineRequest):
+        return request
+    if isinstance(request, Mapping):
+        return ImagineRequest(**request)
+    raise JourneyValidationError(
+        f"request must be an ImagineRequest or a mapping, not {type(request).__name__}"
+    )
 
 
 def encode_references(image_urls: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -1,25 +1,24 @@
 """Timeouts and retry decisions, in one place.
 
-Two layers retry, each with its own rule, both written here:
+One rule decides every retry, :func:`retry_delay`; each kind of call gives it its ladder:
 
-- the client's transport (:func:`retry_delay`): failures that cannot have been billed, and
-  possibly-billed failures of free calls, with a short backoff;
-- the pipeline around a paid generation or a store (:func:`should_retry_generation`,
-  :func:`should_retry_store`, :data:`GENERATION_RETRY_DELAYS`, :func:`pipeline_retry_delay`):
-  Prefect's task retries in the per-image executor, the same ladder in the chunked one.
+- the client's own calls: a short exponential backoff (:func:`backoff_delay`);
+- a paid generation: :func:`generation_retry_delay`, on :data:`GENERATION_RETRY_DELAYS`;
+  a possibly-billed failure is paid again only within the image's allowance
+  (:class:`RepayAllowance`, ``repay_possibly_billed``, one by default);
+- a download-and-store: :func:`store_retry_delay`, on :data:`STORE_RETRY_DELAYS`.
 
-A possibly-billed failure of a paid generation is paid again only within the image's
-allowance (:class:`RepayAllowance`, ``repay_possibly_billed``, one by default), in both layers.
-
-``Retry-After`` is read once, by :func:`retry_after_seconds`. The docs' retries-and-timeouts
-page is a rendering of this module; change both together. No Prefect import: the plain client
-uses it too.
+``Retry-After`` is read once, by :func:`retry_after_seconds`, and handled one way: waited for
+as given, up to a limit, past which the call gives up. The docs' retries-and-timeouts page is
+a rendering of this module; change both together. No Prefect import: the plain client uses
+it too.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -140,19 +139,6 @@ def retry_after_seconds(error: BaseException) -> float | None:
     return error.retry_after if isinstance(error, RateLimitedError) else None
 
 
-def retry_after_pause(error: BaseException) -> float:
-    """How long the server asks the next attempt to wait, capped at :data:`RETRY_AFTER_CAP`.
-
-    Args:
-        error: The failure of the previous attempt.
-
-    Returns:
-        The server's ``Retry-After`` in seconds, at most :data:`RETRY_AFTER_CAP`; 0 without
-        one.
-    """
-    return min(retry_after_seconds(error) or 0.0, RETRY_AFTER_CAP)
-
-
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Jittered exponential backoff before retry number ``attempt`` (0-based).
 
@@ -178,45 +164,120 @@ def retry_delay(
     max_retries: int,
     idempotent: bool,
     repays: RepayAllowance | None = None,
+    delays: Sequence[float] | None = None,
+    max_pause: float = RETRY_AFTER_CAP,
     rng: random.Random | None = None,
 ) -> float | None:
     """The one retry decision: seconds to wait before retrying, or None to give up.
 
-    - 4xx other than 408/429 (bad input, bad key, no credits, not found): never.
-    - Cannot have been billed (connection refused, 408, 429, 503): yes, honouring
-      ``Retry-After`` up to :data:`RETRY_AFTER_CAP`; a longer demand is handed to the caller.
+    Every retry of the package asks it: the client's own, a paid generation's
+    (:func:`generation_retry_delay`), a store's (:func:`store_retry_delay`).
+
+    - 4xx other than 408/429 (bad input, bad key, no credits, not found), a refused task:
+      never.
+    - Cannot have been billed (connection refused, 408, 429, 503): yes. A ``Retry-After``
+      is honoured as given, up to ``max_pause``; a longer demand gives up (the caller
+      surfaces it, a campaign stops starting items). Without one, the ladder's delay.
     - Possibly billed (read timeout, dropped connection, 500/502/504): for idempotent calls
-      (``/fetch``, ``/account``); a paid ``/imagine`` only within ``repays``, else it
-      surfaces the error.
+      (``/fetch``, ``/account``, a download); a paid ``/imagine`` only within ``repays``.
 
     Args:
         error: The failure of the attempt that just ended.
         attempt: How many retries came before (0 when the first attempt has failed).
         max_retries: The most retries allowed; once ``attempt`` reaches it, the answer is
             None.
-        idempotent: Whether repeating the call cannot bill twice (``/fetch``, ``/account``).
+        idempotent: Whether repeating the call cannot bill twice.
         repays: The paid call's allowance of possibly-billed failures paid again (one is
             used when the answer is yes); None allows none.
-        rng: The random source of the backoff jitter; None uses the :mod:`random` module's
-            own.
+        delays: The ladder: ``delays[attempt]``, jittered (:func:`jittered`); None for the
+            client's exponential :func:`backoff_delay`.
+        max_pause: The longest ``Retry-After`` waited for.
+        rng: The random source of the jitter; None uses the :mod:`random` module's own.
 
     Returns:
-        Seconds to wait before the next attempt (the server's ``Retry-After`` when it gave
-        one, else :func:`backoff_delay`), or None to raise ``error``.
+        Seconds to wait before the next attempt, or None to raise ``error``.
+
+    Example:
+        ```python
+        from prefect_journey.errors import RateLimitedError
+        from prefect_journey.policy import retry_delay
+
+        busy = RateLimitedError("429", status_code=429, retry_after=7)
+        assert retry_delay(busy, 0, max_retries=3, idempotent=False) == 7
+        ```
     """
     if attempt >= max_retries:
         return None
     if error.possibly_billed:
         repaid = idempotent or (repays is not None and repays.take())
-        return backoff_delay(attempt, rng) if repaid else None
+        return _ladder(attempt, delays, rng) if repaid else None
     if not error.retryable:
         return None
     retry_after = retry_after_seconds(error)
     if retry_after is None:
-        return backoff_delay(attempt, rng)
-    if retry_after > RETRY_AFTER_CAP:
-        return None
-    return retry_after
+        return _ladder(attempt, delays, rng)
+    return retry_after if retry_after <= max_pause else None
+
+
+def _ladder(attempt: int, delays: Sequence[float] | None, rng: random.Random | None) -> float:
+    return backoff_delay(attempt, rng) if delays is None else jittered(delays[attempt], rng)
+
+
+def generation_retry_delay(
+    error: JourneyError,
+    failures: int,
+    repays: RepayAllowance,
+    *,
+    max_pause: float = RETRY_AFTER_CAP,
+    rng: random.Random | None = None,
+) -> float | None:
+    """The retry rule of a paid generation (:func:`retry_delay` on
+    :data:`GENERATION_RETRY_DELAYS`, within ``repays``).
+
+    Args:
+        error: The failure of the attempt that just ended.
+        failures: The image's failed attempts so far, 1 after the first.
+        repays: The image's allowance of possibly-billed failures paid again.
+        max_pause: The longest ``Retry-After`` waited for.
+        rng: The random source of the jitter.
+
+    Returns:
+        Seconds before the next attempt, or None to give up.
+    """
+    return retry_delay(
+        error,
+        failures - 1,
+        max_retries=GENERATION_RETRIES,
+        idempotent=False,
+        repays=repays,
+        delays=GENERATION_RETRY_DELAYS,
+        max_pause=max_pause,
+        rng=rng,
+    )
+
+
+def store_retry_delay(
+    error: JourneyError, failures: int, *, rng: random.Random | None = None
+) -> float | None:
+    """The retry rule of a download-and-store (:func:`retry_delay` on
+    :data:`STORE_RETRY_DELAYS`; downloads cost no credits, so nothing counts as billed).
+
+    Args:
+        error: The failure of the attempt that just ended.
+        failures: The store's failed attempts so far, 1 after the first.
+        rng: The random source of the jitter.
+
+    Returns:
+        Seconds before the next attempt, or None to give up.
+    """
+    return retry_delay(
+        error,
+        failures - 1,
+        max_retries=STORE_RETRIES,
+        idempotent=True,
+        delays=STORE_RETRY_DELAYS,
+        rng=rng,
+    )
 
 
 # --- The pipeline's attempts ---------------------------------------------------------------
@@ -302,9 +363,7 @@ def check_repay_possibly_billed(value: object) -> int:
 @dataclass
 class RepayAllowance:
     """One image's allowance of possibly-billed failures paid again, and how much of it is
-    used. Every path that pays for an image asks it (the ``imagine`` tasks' retry condition,
-    the chunked executor, the client's own retries) through :meth:`should_retry` or
-    :meth:`take`.
+    used. Every path that pays for an image asks it through :func:`retry_delay`.
 
     Attributes:
         allowed: Possibly-billed failures that may be paid again (``repay_possibly_billed``).
@@ -313,11 +372,12 @@ class RepayAllowance:
     Example:
         ```python
         from prefect_journey.errors import ServerError
-        from prefect_journey.policy import RepayAllowance
+        from prefect_journey.policy import RepayAllowance, generation_retry_delay
 
         repays = RepayAllowance(allowed=1)
-        assert repays.should_retry(ServerError("502", status_code=502))
-        assert not repays.should_retry(ServerError("502", status_code=502))
+        lost = ServerError("502", status_code=502)
+        assert generation_retry_delay(lost, 1, repays) is not None
+        assert generation_retry_delay(lost, 2, repays) is None
         assert repays.used == 1
         ```
     """
@@ -335,44 +395,6 @@ class RepayAllowance:
             return False
         self.used += 1
         return True
-
-    def should_retry(self, error: BaseException | None) -> bool:
-        """Whether a failed paid generation of this image is tried again.
-
-        Yes for what cannot have been billed; for what may have been, only while a repay is
-        left (it is used). Never for bad input, auth, credits, a refused task or an attempt
-        that ran out of time (its call may still be running).
-
-        Args:
-            error: The failure of the attempt, or None.
-
-        Returns:
-            True for a retryable :class:`~prefect_journey.errors.JourneyError`, or a
-            possibly-billed one within the allowance; False for anything else, None
-            included.
-        """
-        if not isinstance(error, JourneyError):
-            return False
-        if error.possibly_billed:
-            return self.take()
-        return error.retryable
-
-
-def should_retry_generation(
-    error: BaseException | None, *, repaid: int = 0, allowed: int = DEFAULT_REPAY_POSSIBLY_BILLED
-) -> bool:
-    """Whether a failed paid generation is tried again, asked without keeping an allowance
-    (:meth:`RepayAllowance.should_retry` of ``RepayAllowance(allowed, repaid)``).
-
-    Args:
-        error: The failure of the attempt, or None.
-        repaid: The image's possibly-billed failures already paid again.
-        allowed: Its allowance (``repay_possibly_billed``).
-
-    Returns:
-        The decision.
-    """
-    return RepayAllowance(allowed, repaid).should_retry(error)
 
 
 def left_possibly_billed(error: BaseException | None) -> bool:
@@ -392,19 +414,6 @@ def left_possibly_billed(error: BaseException | None) -> bool:
     return isinstance(error, TimeoutError)
 
 
-def should_retry_store(error: BaseException | None) -> bool:
-    """Whether a failed download-and-store is tried again (downloads cost no credits).
-
-    Args:
-        error: The failure of the attempt, or None.
-
-    Returns:
-        True for a retryable :class:`~prefect_journey.errors.JourneyError` (a failed or
-        corrupt download, a failed write); False for anything else, None included.
-    """
-    return isinstance(error, JourneyError) and error.retryable
-
-
 def jittered(delay: float, rng: random.Random | None = None) -> float:
     """``delay`` moved by up to :data:`RETRY_JITTER_FACTOR` of itself either way.
 
@@ -419,30 +428,6 @@ def jittered(delay: float, rng: random.Random | None = None) -> float:
     """
     spread = (rng or random).uniform(-RETRY_JITTER_FACTOR, RETRY_JITTER_FACTOR)
     return max(0.0, delay * (1 + spread))
-
-
-def pipeline_retry_delay(
-    error: BaseException,
-    failed_attempts: int,
-    delays: tuple[float, ...],
-    *,
-    rng: random.Random | None = None,
-) -> float:
-    """Seconds before the next attempt of a pipeline step whose retry rule said yes.
-
-    Args:
-        error: The failure the retry rule accepted; its ``Retry-After``, if any, counts.
-        failed_attempts: The failures so far, 1 after the first; it picks
-            ``delays[failed_attempts - 1]``.
-        delays: The ladder, such as :data:`GENERATION_RETRY_DELAYS` or
-            :data:`STORE_RETRY_DELAYS`.
-        rng: The random source of the jitter; None uses the :mod:`random` module's own.
-
-    Returns:
-        The ladder's jittered delay, or the server's ``Retry-After`` (capped at
-        :data:`RETRY_AFTER_CAP`) when that is longer.
-    """
-    return max(jittered(delays[failed_attempts - 1], rng), retry_after_pause(error))
 
 
 def attempt_timeout(request: ImagineRequest, read_timeout: float | None = None) -> float:
@@ -486,6 +471,34 @@ def worst_case_attempt_timeout(*, recovering: bool = False) -> float:
     """
     timeout = CONNECT_TIMEOUT + read_timeout_for(MAX_REFERENCES, "4K") + ATTEMPT_TIMEOUT_MARGIN
     return recovering_timeout(timeout, RECOVERY_WINDOW) if recovering else timeout
+
+
+def generation_time_limit() -> float:
+    """The longest a paid generation of the slowest request can take, every attempt used:
+    each attempt recovering (:func:`recovering_timeout`), the ladder's longest delays, and a
+    full pause (:data:`RETRY_AFTER_CAP`) before each retry. The ``imagine`` tasks' timeout:
+    every wait inside has its own deadline, so this only catches what has none.
+
+    Returns:
+        Seconds.
+    """
+    attempts = GENERATION_RETRIES + 1
+    waits = sum(d * (1 + RETRY_JITTER_FACTOR) for d in GENERATION_RETRY_DELAYS)
+    return (
+        attempts * worst_case_attempt_timeout(recovering=True)
+        + waits
+        + GENERATION_RETRIES * RETRY_AFTER_CAP
+    )
+
+
+def store_time_limit() -> float:
+    """The longest a store can take, every attempt used: the store tasks' timeout.
+
+    Returns:
+        Seconds.
+    """
+    waits = sum(d * (1 + RETRY_JITTER_FACTOR) for d in STORE_RETRY_DELAYS)
+    return (STORE_RETRIES + 1) * STORE_TIMEOUT + waits
 
 
 def delivery_deadline(sent_at: float, attempt: float, window: float) -> float:

@@ -1,4 +1,4 @@
-"""How a run shows in Prefect: log lines, image artifacts, events, summary tables, progress.
+"""How a run shows in Prefect: log lines, image artifacts, events, assets, progress.
 
 Every text that comes from a user (a prompt, a campaign name) goes through
 :func:`~prefect_journey.models.display_text` before it reaches a log line, a run name or an
@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import ImageArtifact, create_markdown_artifact
+from prefect.artifacts import ImageArtifact
+from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
 
@@ -25,7 +26,6 @@ from prefect_journey.storage import Destination, StoredImage, presign
 # The widths of a prompt where it is shown: a run name, a table cell, an artifact's text, an
 # event payload (data for automations, so longer).
 RUN_NAME_PROMPT_CHARS = 50
-TABLE_PROMPT_CHARS = 80
 DESCRIPTION_PROMPT_CHARS = 200
 EVENT_PROMPT_CHARS = 500
 STORED_EVENT = "journey.image.stored"
@@ -180,81 +180,45 @@ def report_image(
     image_artifact(stored, result, destination, prompt).create()
 
 
-def summary_table(rows: Iterable[dict[str, Any]]) -> str:
-    """Render rows (dicts with the same keys) as a markdown table.
+def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:
+    """Declare stored objects (with their prompts) as Prefect assets materialized by the
+    current flow run, all in one task run.
+
+    An object's key is only known after its bytes arrive (the extension comes from them),
+    so the materializing task is built here rather than decorated in advance. A URI that
+    is not a valid asset key (a local path with spaces) is logged and skipped.
 
     Args:
-        rows: One dict per row; the first row's keys are the columns.
-
-    Returns:
-        The table, or ``_nothing to report_`` without rows.
+        images: Each stored object with the prompt that made it.
     """
-    rows = list(rows)
-    if not rows:
-        return "_nothing to report_"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = (
-            display_text(str(row.get(column, "")), 10_000).replace("|", "\\|") for column in columns
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    assets: list[tuple[Asset, StoredImage]] = []
+    for stored, prompt in images:
+        try:
+            asset = Asset(
+                key=stored.uri,
+                properties=AssetProperties(
+                    name=stored.uri.rsplit("/", 1)[-1],
+                    description=(
+                        display_text(prompt, DESCRIPTION_PROMPT_CHARS) if prompt else None
+                    ),
+                ),
+            )
+        except ValueError as exc:
+            get_run_logger().warning("not declaring %s as an asset: %s", stored.uri, exc)
+            continue
+        assets.append((asset, stored))
+    if not assets:
+        return
 
+    def record() -> None:
+        for asset, stored in assets:
+            add_asset_metadata(asset, stored.model_dump(exclude={"uri"}))
 
-def image_row(prompt: str, result: ImagineResult, stored: StoredImage) -> dict[str, Any]:
-    """One stored image as a row of a summary table.
-
-    Args:
-        prompt: The prompt that made it; shortened to a printable line of
-            :data:`TABLE_PROMPT_CHARS` characters.
-        result: The generation that made it.
-        stored: The object written.
-
-    Returns:
-        The row: ``prompt``, ``task_id``, ``latency_s``, ``credits``, ``uri``, ``size``
-        (``WxH``), ``format`` and the first 16 hex digits of ``sha256``.
-    """
-    return {
-        "prompt": display_text(prompt, TABLE_PROMPT_CHARS),
-        "task_id": result.task_id,
-        "latency_s": f"{result.elapsed_seconds:.1f}",
-        "credits": result.credits_charged,
-        "uri": stored.uri,
-        "size": f"{stored.width}x{stored.height}",
-        "format": stored.format,
-        "sha256": stored.sha256[:16],
-    }
-
-
-def publish_summary(
-    title: str,
-    rows: Sequence[dict[str, Any]],
-    failures: Sequence[str] = (),
-    key: str | None = None,
-    not_repaid: Sequence[str] = (),
-) -> None:
-    """A markdown artifact with a table of images, a list of failures and, apart, the images
-    left possibly billed and not paid again; and a log line.
-
-    Args:
-        title: The artifact's heading and description.
-        rows: Rows of :func:`summary_table`, usually from :func:`image_row`.
-        failures: One line per failure with a known outcome.
-        key: The artifact key, to keep its history across runs.
-        not_repaid: One line per image whose last attempt may have been billed and was not
-            paid again (``repay_possibly_billed`` used up).
-    """
-    title = display_text(title, DESCRIPTION_PROMPT_CHARS)
-    body = [f"# {title}", "", summary_table(rows)]
-    for heading, lines in (("Failed", failures), ("Possibly billed, not repaid", not_repaid)):
-        if lines:
-            body += ["", f"## {heading}", "", *(f"- {display_text(f, 10_000)}" for f in lines)]
-    create_markdown_artifact("\n".join(body), key=key, description=title)
-    get_run_logger().info(
-        "%s: %d stored, %d failed, %d possibly billed and not repaid",
-        title,
-        len(rows),
-        len(failures),
-        len(not_repaid),
-    )
+    first = assets[0][0].properties
+    more = f" and {len(assets) - 1} more" if len(assets) > 1 else ""
+    materialize(
+        *(asset for asset, _ in assets),
+        by="prefect-journey",
+        name="journey-declare-assets",
+        task_run_name=f"assets: {first.name if first else '?'}{more}",
+    )(record)()

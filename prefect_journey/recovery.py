@@ -49,15 +49,12 @@ from prefect.client.orchestration import PrefectClient
 
 from prefect_journey.attempts import Attempt, AttemptRecord, recorded_attempts, save_attempts
 from prefect_journey.budget import CreditBudget
-from prefect_journey.client import AsyncJourneyClient, JourneyClient
-from prefect_journey.deliveries import await_delivery, wait_for_delivery
+from prefect_journey.client import AsyncJourneyClient
+from prefect_journey.deliveries import await_delivery
 from prefect_journey.errors import JourneyError, ServiceUnavailableError, TaskFailedError
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineRequest, ImagineResult
 from prefect_journey.publishing import Logger, run_logger
 from prefect_journey.receiver import JourneyWebhookReceiver
-
-# Sync for the ``imagine`` task (a worker thread), async for ``aimagine`` and the chunked
-# executor (one event loop): the decisions are shared, only the waiting differs.
 
 
 def begin_attempt(key: str, receiver: JourneyWebhookReceiver, request: ImagineRequest) -> Attempt:
@@ -138,13 +135,14 @@ def _refusal(budget: CreditBudget | None, key: str, attempt: Attempt) -> None:
         budget.recovered(billed=False)  # a refused image is not billed
 
 
-def recover_attempt(
+async def recover_attempt(
     key: str,
     attempt: Attempt,
     receiver: JourneyWebhookReceiver,
     error: JourneyError,
     budget: CreditBudget | None,
-    api: JourneyClient,
+    api: AsyncJourneyClient,
+    client: PrefectClient | None = None,
 ) -> ImagineResult | None:
     """After ``attempt`` failed with ``error``: its delivered image, if it may have been
     billed and a proven delivery comes by the attempt's deadline.
@@ -156,6 +154,7 @@ def recover_attempt(
         error: How it failed; only a possibly-billed failure is waited for.
         budget: The run's budget, told when the attempt's fate is known.
         api: The provider's client, to confirm a delivery with ``/fetch``.
+        client: A Prefect client to reuse for reading events; None opens one.
 
     Returns:
         The recovered image; None when the failure is to be handled as usual.
@@ -163,34 +162,6 @@ def recover_attempt(
     Raises:
         TaskFailedError: The provider confirms the delivery's refusal of the image.
     """
-    if not error.possibly_billed:
-        end_attempt(key, attempt, error)
-        return None
-    _waiting(attempt, error)
-    try:
-        found = wait_for_delivery(
-            [attempt.record],
-            attempt.record.deadline,
-            keys=receiver.signing_keys,
-            api=api,
-            charged=CREDITS_PER_IMAGE,
-        )
-    except TaskFailedError:
-        _refusal(budget, key, attempt)
-        raise
-    return _settle(budget, key, attempt, error, found)
-
-
-async def arecover_attempt(
-    key: str,
-    attempt: Attempt,
-    receiver: JourneyWebhookReceiver,
-    error: JourneyError,
-    budget: CreditBudget | None,
-    api: AsyncJourneyClient,
-    client: PrefectClient | None = None,
-) -> ImagineResult | None:
-    """Async twin of :func:`recover_attempt`; ``client`` is a Prefect client to reuse."""
     if not error.possibly_billed:
         await asyncio.to_thread(end_attempt, key, attempt, error)
         return None
@@ -243,8 +214,11 @@ def _forget_earlier(
     return found
 
 
-def recover_earlier(
-    key: str, receiver: JourneyWebhookReceiver, api: JourneyClient
+async def recover_earlier(
+    key: str,
+    receiver: JourneyWebhookReceiver,
+    api: AsyncJourneyClient,
+    client: PrefectClient | None = None,
 ) -> ImagineResult | None:
     """Before paying: the delivered image of an attempt recorded for the same image and not
     settled (a run killed with the call in flight, or a 503/408 still before its deadline).
@@ -257,6 +231,7 @@ def recover_earlier(
         key: The image's cache key; the caller holds its lock.
         receiver: The receiver (the keys that check deliveries).
         api: The provider's client, to confirm a delivery with ``/fetch``.
+        client: A Prefect client to reuse for reading events; None opens one.
 
     Returns:
         The recovered image, at no charge to this run; None when there is none.
@@ -264,24 +239,6 @@ def recover_earlier(
     Raises:
         TaskFailedError: The provider confirms the delivery's refusal of the image.
     """
-    records, deadline = _earlier(key)
-    if not records:
-        return None
-    try:
-        found = wait_for_delivery(records, deadline, keys=receiver.signing_keys, api=api, charged=0)
-    except TaskFailedError:
-        _forget_earlier(key, None, refused=True)
-        raise
-    return _forget_earlier(key, found)
-
-
-async def arecover_earlier(
-    key: str,
-    receiver: JourneyWebhookReceiver,
-    api: AsyncJourneyClient,
-    client: PrefectClient | None = None,
-) -> ImagineResult | None:
-    """Async twin of :func:`recover_earlier`; ``client`` is a Prefect client to reuse."""
     records, deadline = await asyncio.to_thread(_earlier, key)
     if not records:
         return None

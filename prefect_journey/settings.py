@@ -52,22 +52,6 @@ DESTINATION = Variable(
     "./outputs",
     "Where flows store images when given neither destination nor destination_block.",
 )
-TASK_RUNNER = Variable(
-    "JOURNEY_TASK_RUNNER",
-    "thread",
-    "The campaign's task runner when the flow is not given one: thread or dask.",
-)
-DASK_ADDRESS = Variable(
-    "JOURNEY_DASK_ADDRESS",
-    "(none)",
-    "A running Dask scheduler (tcp://host:8786) for task_runner='dask'; "
-    "without it a local cluster starts.",
-)
-DASK_WORKERS = Variable(
-    "JOURNEY_DASK_WORKERS",
-    "2",
-    "Worker processes of the local Dask cluster.",
-)
 BUDGET_DIR = Variable(
     "JOURNEY_BUDGET_DIR",
     "<temp dir>/prefect-journey",
@@ -123,9 +107,6 @@ VARIABLES: tuple[Variable, ...] = (
     BASE_URL,
     READ_TIMEOUT,
     DESTINATION,
-    TASK_RUNNER,
-    DASK_ADDRESS,
-    DASK_WORKERS,
     BUDGET_DIR,
     LOCK_LEASE_SECONDS,
     WEBHOOK_SECRET,
@@ -138,9 +119,6 @@ VARIABLES: tuple[Variable, ...] = (
 
 DEFAULT_BASE_URL = BASE_URL.default
 DEFAULT_DESTINATION = DESTINATION.default
-TASK_RUNNERS = ("thread", "dask")
-# Two worker processes: one per core of a small machine; more on bigger ones.
-DEFAULT_DASK_WORKERS = 2
 # A killed run's images wait this long before another run may generate them; renewing every
 # 20 s costs nothing next to calls that take minutes.
 DEFAULT_LEASE_SECONDS = 60.0
@@ -181,47 +159,6 @@ def read_timeout() -> float | None:
 def destination() -> str:
     """``JOURNEY_DESTINATION``, else ``./outputs``."""
     return _raw(DESTINATION) or DEFAULT_DESTINATION
-
-
-def task_runner(kind: str | None = None) -> str:
-    """``kind``, else ``JOURNEY_TASK_RUNNER``, else ``"thread"``; lower case.
-
-    Args:
-        kind: The caller's choice, if any.
-
-    Returns:
-        ``"thread"`` or ``"dask"``.
-
-    Raises:
-        ConfigurationError: Neither ``thread`` nor ``dask``.
-    """
-    chosen = (kind or _raw(TASK_RUNNER) or TASK_RUNNER.default).strip().lower()
-    if chosen not in TASK_RUNNERS:
-        raise ConfigurationError(f"task_runner must be 'thread' or 'dask', not {chosen!r}")
-    return chosen
-
-
-def dask_address() -> str | None:
-    """``JOURNEY_DASK_ADDRESS``, or None for a local cluster."""
-    return _raw(DASK_ADDRESS)
-
-
-def dask_workers() -> int:
-    """``JOURNEY_DASK_WORKERS``, else 2.
-
-    Raises:
-        ConfigurationError: Not a whole number of at least 1.
-    """
-    raw = _raw(DASK_WORKERS)
-    if raw is None:
-        return DEFAULT_DASK_WORKERS
-    try:
-        workers = int(raw)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise ConfigurationError(f"{DASK_WORKERS.name} must be a whole number >= 1, got {raw!r}")
-    return workers
 
 
 def budget_dir() -> Path:

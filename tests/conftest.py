@@ -207,6 +207,16 @@ def journey_env(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> Em
     return emulator
 
 
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry ladders without their pauses (same number of retries), for tests that
+    exercise several attempts; a server's ``Retry-After`` is still waited as given."""
+    from prefect_journey import policy
+
+    monkeypatch.setattr(policy, "GENERATION_RETRY_DELAYS", (0.0,) * policy.GENERATION_RETRIES)
+    monkeypatch.setattr(policy, "STORE_RETRY_DELAYS", (0.0,) * policy.STORE_RETRIES)
+
+
 def process_env(storage: Path | str, **variables: str) -> dict[str, str]:
     """The environment of a process a test starts (a campaign to kill and resume): this one's,
     with the session's Prefect server, results folder ``storage`` and ``variables``."""

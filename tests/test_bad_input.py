@@ -508,12 +508,12 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         "max_concurrency",
     ),
     (
-        "campaign unknown runner",
+        "campaign negative pause",
         lambda e, t: flow_fails(
-            batch_campaign, items=[{"prompt": "a"}], task_runner="spark", destination=str(t)
+            batch_campaign, items=[{"prompt": "a"}], max_pause=-1, destination=str(t)
         ),
         "Failed",
-        "task_runner",
+        "max_pause",
     ),
     (
         "campaign file is not a campaign",

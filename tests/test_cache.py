@@ -17,11 +17,11 @@ import fsspec
 import pytest
 
 from prefect_journey.cache import cached_result, imagine_cache_key, store_cache_key
-from prefect_journey.campaigns.pipeline import Campaign, look_up, store_and_publish
+from prefect_journey.campaigns.pipeline import Campaign, look_up
 from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items
 from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination
-from prefect_journey.tasks import imagine
+from prefect_journey.tasks import astore_image, imagine
 
 RECORDS = Path(__file__).parent / "data" / "records-0.1.0"
 API = "http://127.0.0.1:1"
@@ -94,4 +94,4 @@ def test_records_written_by_0_1_0_are_hits_for_the_campaign_pipeline(
     assert [o.uri for o in found.finished.values()] == [e["uri"] for e in index()]
     generated = cached_result(imagine, index()[0]["imagine"])
     assert isinstance(generated, ImagineResult) and generated.task_id == "task-1"
-    assert cached_result(store_and_publish, index()[1]["store"]).task_id == "task-2"
+    assert cached_result(astore_image, index()[1]["store"]).task_id == "task-2"

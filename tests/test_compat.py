@@ -19,10 +19,8 @@ from uuid import UUID
 import pytest
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
 from prefect.results import ResultStore, get_default_result_storage
-from prefect.task_runners import ThreadPoolTaskRunner
 from rich.console import Console
 
 from prefect_journey import _compat
@@ -104,21 +102,6 @@ def test_the_run_result_store_is_the_one_the_task_engine_builds_for_imagine() ->
         assert storage == engines.result_storage
 
 
-def test_submit_to_runs_a_task_on_a_runner_that_is_not_the_flows() -> None:
-    @task
-    def add(a: int, b: int = 0) -> int:
-        return a + b
-
-    @flow
-    def uses_another_runner() -> int:
-        with ThreadPoolTaskRunner(max_workers=2) as runner:
-            first = _compat.submit_to(runner, add, a=1, b=2)
-            second = _compat.submit_to(runner, add, wait_for=[first], a=first.result())
-            return int(second.result())
-
-    assert uses_another_runner() == 3
-
-
 def test_shared_clients_are_shared_within_their_context() -> None:
     with _compat.shared_sync_client() as outer, _compat.shared_sync_client() as inner:
         assert isinstance(outer, SyncPrefectClient) and inner is outer
@@ -128,20 +111,6 @@ def test_shared_clients_are_shared_within_their_context() -> None:
             return isinstance(outer, PrefectClient) and inner is outer
 
     assert asyncio.run(on_a_loop())
-
-
-def test_a_cache_hit_is_told_from_a_run_that_did_the_work() -> None:
-    @task(cache_policy=INPUTS, persist_result=True)
-    def double(x: int) -> int:
-        return 2 * x
-
-    @flow
-    def twice(x: int) -> tuple[bool, bool]:
-        first = double(x, return_state=True)
-        second = double(x, return_state=True)
-        return _compat.is_cached(first), _compat.is_cached(second)
-
-    assert twice(time.time_ns()) == (False, True)
 
 
 def test_the_worker_thread_timeout_notice_is_still_the_text_the_filter_matches() -> None:
@@ -165,9 +134,8 @@ def test_the_worker_thread_timeout_notice_is_still_the_text_the_filter_matches()
 
     @flow
     def both() -> None:
-        with ThreadPoolTaskRunner(max_workers=1) as runner:
-            _compat.submit_to(runner, theirs).wait()
-            _compat.submit_to(runner, ours).wait()
+        theirs.submit().wait()
+        ours.submit().wait()
 
     _compat.quiet_worker_thread_timeout_notice("journey-")
     try:

@@ -12,28 +12,22 @@ import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
-from prefect_journey import ImageDestination, JourneyCredentials
+from prefect_journey import ImageDestination, JourneyCredentials, policy
+from prefect_journey.campaigns.pipeline import CampaignReport
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.flows.character_series import character_series
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.models import ImagineRequest, ImagineResult
-from prefect_journey.policy import RECOVERY_WINDOW, recovering_timeout
-from prefect_journey.receiver import JourneyWebhookReceiver, attempt_timeout
-from prefect_journey.signing import WebhookKeys, new_secret
-from prefect_journey.storage import StoredImage
-from prefect_journey.tasks import aimagine, astore_image, for_request, imagine, store_image
+from prefect_journey.signing import WebhookKeys
+from prefect_journey.storage import StoredImage, slugify
+from prefect_journey.tasks import aimagine, astore_image, imagine, store_image
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
 from . import prefect_api
 from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket
 from .test_storage import local_files
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-# Retries without the production back-off, for tests that exercise several attempts.
-fast_imagine = imagine.with_options(retry_delay_seconds=0)
-fast_store = store_image.with_options(retry_delay_seconds=0)
-fast_aimagine = aimagine.with_options(retry_delay_seconds=0)
+pytestmark = pytest.mark.usefixtures("prefect_harness", "fast_retries")
 
 
 def calls(emulator: EmulatorServer, endpoint: str = "imagine") -> int:
@@ -61,56 +55,47 @@ def test_generate_and_store_to_a_local_folder(journey_env: EmulatorServer, tmp_p
     state = generate_and_store(
         prompt, destination=str(tmp_path), aspect_ratio="16:9", return_state=True
     )
-    stored: StoredImage = state.result()
-    assert stored.uri == (tmp_path / f"{stored.task_id}.png").as_uri()
-    assert (stored.width, stored.height) == (1376, 768)
-    assert hashlib.sha256(Path(stored.uri[7:]).read_bytes()).hexdigest() == stored.sha256
+    report: CampaignReport = state.result()
+    [image] = report.outcomes
+    assert image.status == "stored" and report.credits_charged == 4
+    name = f"0001-{slugify(prompt, 40)}.png"
+    assert image.uri == (tmp_path / "images" / name).as_uri()
+    assert hashlib.sha256(Path(image.uri[7:]).read_bytes()).hexdigest() == image.sha256
     run_id = prefect_api.flow_run_id(state)
-    kinds = sorted(a.type for a in prefect_api.artifacts([run_id]))
-    assert kinds == ["image", "markdown"]
-    image = next(a for a in prefect_api.artifacts([run_id]) if a.type == "image")
-    assert image.data.startswith("http")  # a URL a browser can open
+    artifacts = prefect_api.artifacts([run_id])
+    # The campaign's own: the image, its progress, the summary table.
+    assert sorted(a.type for a in artifacts) == ["image", "progress", "table"]
+    picture = next(a for a in artifacts if a.type == "image")
+    assert picture.data.startswith("http")  # a URL a browser can open
     names = {run.name for run in prefect_api.task_runs([run_id])}
-    assert any(name.startswith("imagine: a lighthouse at dusk") for name in names)
-    assert f"assets: {stored.task_id}.png" in names
+    assert any(name.startswith("image 1: a lighthouse at dusk") for name in names)
+    assert f"assets: {name}" in names
     messages = prefect_api.logs([run_id])
     assert any(
-        f"task_id={stored.task_id}" in m and "latency=" in m and "credits=4" in m for m in messages
+        f"task_id={image.task_id}" in m and "latency=" in m and "credits=4" in m for m in messages
     )
 
 
 def test_generate_and_store_to_s3(
     journey_env: EmulatorServer, bucket: Bucket, s3_destination: str
 ) -> None:
-    state = generate_and_store(
-        unique("a red fox"), destination_block=s3_destination, return_state=True
-    )
-    stored = state.result()
-    assert bucket.objects() == [f"out/{stored.task_id}.png"]
+    prompt = unique("a red fox")
+    state = generate_and_store(prompt, destination_block=s3_destination, return_state=True)
+    assert bucket.objects() == [f"out/images/0001-{slugify(prompt, 40)}.png"]
     image = next(
         a for a in prefect_api.artifacts([prefect_api.flow_run_id(state)]) if a.type == "image"
     )
     assert image.data.startswith(bucket.endpoint) and "Signature=" in image.data  # presigned
 
 
-def test_tasks_are_tagged_and_sized_per_request(
-    journey_env: EmulatorServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    slowest = ImagineRequest(
-        prompt="x", resolution="4K", image_urls=[f"https://a.example/{i}" for i in range(14)]
-    )
-    bare = ImagineRequest(prompt="x")
-    # A direct call of the decorated task, not sized: the slowest request, with recovery.
-    assert imagine.timeout_seconds == recovering_timeout(attempt_timeout(slowest), RECOVERY_WINDOW)
-    # Sized: the request's own deadline, and the delivery waits only with a receiver.
-    assert for_request(imagine, bare).timeout_seconds == attempt_timeout(bare) < 180
-    assert for_request(aimagine, slowest).timeout_seconds == attempt_timeout(slowest) > 192
-    receiver = JourneyWebhookReceiver(url="https://hooks.example/x", secret=new_secret())
-    assert for_request(imagine, bare, receiver).timeout_seconds == recovering_timeout(
-        attempt_timeout(bare), RECOVERY_WINDOW
-    )
-    monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "300")
-    assert for_request(imagine, bare).timeout_seconds == attempt_timeout(bare) > 300
+def test_tasks_are_tagged_and_bounded_by_their_whole_ladder() -> None:
+    """Each attempt has its own deadline inside the task run (test_policy); the task's
+    timeout bounds every attempt, pause and delivery wait of the slowest request."""
+    slowest = policy.worst_case_attempt_timeout(recovering=True)
+    assert imagine.timeout_seconds == aimagine.timeout_seconds
+    assert imagine.timeout_seconds > (policy.GENERATION_RETRIES + 1) * slowest
+    assert store_image.timeout_seconds > (policy.STORE_RETRIES + 1) * policy.STORE_TIMEOUT
+    assert imagine.retries == store_image.retries == 0  # the package's rule retries, once
     assert set(imagine.tags) == set(store_image.tags) == {"journey", "nano-banana-2"}
 
 
@@ -123,7 +108,7 @@ def test_a_possibly_billed_failure_is_paid_again_only_within_the_allowance(
     @flow
     def one() -> ImagineResult:
         request = ImagineRequest(prompt=unique("twice lost"))
-        return fast_imagine(request, repay_possibly_billed=repay)
+        return imagine(request, repay_possibly_billed=repay)
 
     state = one(return_state=True)
     assert state.is_failed() and "possibly billed" in str(state.message)
@@ -137,10 +122,8 @@ def test_an_async_task_run_counts_its_own_repays(journey_env: EmulatorServer) ->
 
     @flow
     def two() -> list[ImagineResult]:
-        lost = fast_aimagine.submit(
-            ImagineRequest(prompt=unique("lost twice")), repay_possibly_billed=2
-        )
-        other = fast_aimagine.submit(ImagineRequest(prompt=unique("fine")), wait_for=[lost])
+        lost = aimagine.submit(ImagineRequest(prompt=unique("lost twice")), repay_possibly_billed=2)
+        other = aimagine.submit(ImagineRequest(prompt=unique("fine")), wait_for=[lost])
         return [lost.result(), other.result()]
 
     lost, other = two()
@@ -149,12 +132,14 @@ def test_an_async_task_run_counts_its_own_repays(journey_env: EmulatorServer) ->
     assert calls(journey_env) == 4
 
 
-def test_safe_failures_are_retried_by_prefect(journey_env: EmulatorServer, tmp_path: Path) -> None:
+def test_safe_failures_are_retried_within_the_task_run(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
     journey_env.admin("faults", {"queue": {"api": ["429", "503"]}, "retry_after": 0.05})
 
     @flow
     def one() -> ImagineResult:
-        return fast_imagine(ImagineRequest(prompt=unique("retry me")))
+        return imagine(ImagineRequest(prompt=unique("retry me")))
 
     result = one()
     assert result.status == "finished" and result.possibly_billed_attempts == 0
@@ -163,11 +148,10 @@ def test_safe_failures_are_retried_by_prefect(journey_env: EmulatorServer, tmp_p
 
 
 def test_the_real_flow_retries_a_429(journey_env: EmulatorServer, tmp_path: Path) -> None:
-    """The flow's retry waits the ladder's first pause (2 s +/- 50 %), longer than the server's
-    0.05 s Retry-After."""
     journey_env.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 0.05})
-    stored = generate_and_store(unique("retry in the flow"), destination=str(tmp_path))
-    assert local_files(tmp_path) == [f"{stored.task_id}.png"] and calls(journey_env) == 2
+    report = generate_and_store(unique("retry in the flow"), destination=str(tmp_path))
+    assert report.stored == 1 and report.outcomes[0].attempts == 2
+    assert len(local_files(tmp_path)) == 1 and calls(journey_env) == 2
 
 
 def test_possibly_billed_retry_is_counted(journey_env: EmulatorServer) -> None:
@@ -175,7 +159,7 @@ def test_possibly_billed_retry_is_counted(journey_env: EmulatorServer) -> None:
 
     @flow
     def one() -> ImagineResult:
-        return fast_imagine(ImagineRequest(prompt=unique("ambiguous")))
+        return imagine(ImagineRequest(prompt=unique("ambiguous")))
 
     result = one()
     assert result.possibly_billed_attempts == 1
@@ -192,17 +176,16 @@ def test_client_errors_fail_at_once_without_retry(
         monkeypatch.setenv("JOURNEY_API_KEY", "wrong-key")
     else:
         journey_env.admin("config", {"credits": 0})
-    state = generate_and_store(unique("no retry"), destination=str(tmp_path), return_state=True)
+    try:
+        state = generate_and_store(unique("no retry"), destination=str(tmp_path), return_state=True)
+    finally:
+        journey_env.admin("config", {"credits": 10_000})
     assert state.is_failed()
-    assert calls(journey_env) == 1
-    [imagine_run] = [
-        r
-        for r in prefect_api.task_runs([prefect_api.flow_run_id(state)])
-        if r.name.startswith("imagine")
-    ]
-    assert imagine_run.run_count == 1 and imagine_run.state.is_failed()
+    expected = {"400": "JourneyValidationError", "401": "AuthenticationError"}
+    assert expected.get(case, "InsufficientCreditsError") in str(state.message)
+    # A wrong key or an empty account is found by the balance check before the call.
+    assert calls(journey_env) == (1 if case == "400" else 0)
     assert local_files(tmp_path) == []
-    journey_env.admin("config", {"credits": 10_000})
 
 
 def test_cached_rerun_is_free_and_a_new_variant_is_not(
@@ -210,13 +193,19 @@ def test_cached_rerun_is_free_and_a_new_variant_is_not(
 ) -> None:
     """Three flow runs, each with Prefect's per-run start-up."""
     prompt = unique("a daily postcard")
-    first = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-25")
+
+    def postcard(day: str) -> CampaignReport:
+        return generate_and_store(
+            prompt, destination=str(tmp_path), variant=day, key_template="{variant}-{slug}.{ext}"
+        )
+
+    first = postcard("2026-11-25")
     journey_env.admin("reset")
-    again = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-25")
-    assert again == first
+    again = postcard("2026-11-25")
+    assert again.outcomes[0].uri == first.outcomes[0].uri and again.cache_hits == 1
     assert journey_env.ledger()["calls_total"] == 0 and calls(journey_env, "cdn") == 0
-    tomorrow = generate_and_store(prompt, destination=str(tmp_path), variant="2026-11-26")
-    assert calls(journey_env) == 1 and tomorrow.task_id != first.task_id
+    tomorrow = postcard("2026-11-26")
+    assert calls(journey_env) == 1 and tomorrow.outcomes[0].task_id != first.outcomes[0].task_id
     assert len(local_files(tmp_path)) == 2
 
 
@@ -225,12 +214,12 @@ def test_cache_ignores_credentials_and_webhook_fields(journey_env: EmulatorServe
 
     @flow
     def twice() -> tuple[ImagineResult, ImagineResult]:
-        plain = fast_imagine(ImagineRequest(prompt=prompt))
+        plain = imagine(ImagineRequest(prompt=prompt))
         other = JourneyCredentials(api_key=SENTINEL_KEY, base_url=journey_env.url)
         hooked = ImagineRequest(
             prompt=prompt, webhook_url="https://hooks.example.com/x", webhook_secret="s"
         )
-        return plain, fast_imagine(hooked, other)
+        return plain, imagine(hooked, other)
 
     plain, hooked = twice()
     assert plain == hooked and calls(journey_env) == 1
@@ -240,12 +229,13 @@ def test_cache_ignores_credentials_and_webhook_fields(journey_env: EmulatorServe
 def test_bad_download_leaves_no_object_in_the_bucket(
     journey_env: EmulatorServer, bucket: Bucket, fault: str
 ) -> None:
-    journey_env.admin("faults", {"queue": {"cdn": [fault]}})
+    # Every attempt of the store's ladder gets the bad bytes.
+    journey_env.admin("faults", {"queue": {"cdn": [fault] * (policy.STORE_RETRIES + 1)}})
 
     @flow
     def store_once() -> StoredImage:
-        result = fast_imagine(ImagineRequest(prompt=unique("fragile")))
-        return store_image.with_options(retries=0)(result, bucket.url, bucket.storage_options)
+        result = imagine(ImagineRequest(prompt=unique("fragile")))
+        return store_image(result, bucket.url, bucket.storage_options)
 
     assert store_once(return_state=True).is_failed()
     assert bucket.objects() == [] and bucket.pending_uploads() == 0
@@ -258,8 +248,8 @@ def test_bad_download_is_retried_into_exactly_one_object(
 
     @flow
     def store_with_retries() -> StoredImage:
-        result = fast_imagine(ImagineRequest(prompt=unique("fragile")))
-        return fast_store(result, bucket.url, bucket.storage_options)
+        result = imagine(ImagineRequest(prompt=unique("fragile")))
+        return store_image(result, bucket.url, bucket.storage_options)
 
     stored = store_with_retries()
     assert bucket.objects() == [f"{stored.task_id}.png"]
@@ -270,8 +260,10 @@ def test_jpeg_bytes_are_stored_as_jpg(
     journey_env: EmulatorServer, bucket: Bucket, s3_destination: str
 ) -> None:
     journey_env.admin("config", {"jpeg_as_png_rate": 1.0})
-    stored = generate_and_store(unique("jpeg in disguise"), destination_block=s3_destination)
-    assert stored.format == "jpeg" and bucket.objects() == [f"out/{stored.task_id}.jpg"]
+    prompt = unique("jpeg in disguise")
+    report = generate_and_store(prompt, destination_block=s3_destination)
+    assert report.outcomes[0].uri.endswith(".jpg")
+    assert bucket.objects() == [f"out/images/0001-{slugify(prompt, 40)}.jpg"]
 
 
 def test_character_series_presigns_once_and_reruns_free(
@@ -288,9 +280,10 @@ def test_character_series_presigns_once_and_reruns_free(
         unique("Ana and Bo on a train"),
         unique("Ana and Bo at night"),
     ]
-    stored = character_series(refs, scenes, destination_block=s3_destination, series="Autumn Trip")
-    assert [s.uri.rsplit("/", 1)[-1][:3] for s in stored] == ["00-", "01-", "02-"]
-    assert all(s.uri.startswith(f"s3://{bucket.name}/out/autumn-trip/") for s in stored)
+    report = character_series(refs, scenes, destination_block=s3_destination, series="Autumn Trip")
+    stored = [o.uri for o in report.outcomes]
+    assert [uri.rsplit("/", 1)[-1][:5] for uri in stored] == ["0001-", "0002-", "0003-"]
+    assert all(uri.startswith(f"s3://{bucket.name}/out/autumn-trip/") for uri in stored)
     assert len(bucket.objects()) == 2 + 3
     sent = [c["references"] for c in journey_env.ledger()["log"] if c["endpoint"] == "imagine"]
     assert len(sent) == 3 and all(
@@ -298,7 +291,8 @@ def test_character_series_presigns_once_and_reruns_free(
     )
     journey_env.admin("reset")
     again = character_series(refs, scenes, destination_block=s3_destination, series="Autumn Trip")
-    assert again == stored and journey_env.ledger()["calls_total"] == 0
+    assert [o.uri for o in again.outcomes] == stored and again.cache_hits == 3
+    assert journey_env.ledger()["calls_total"] == 0
 
 
 def test_character_series_stores_the_rest_when_one_scene_fails(
@@ -311,7 +305,8 @@ def test_character_series_stores_the_rest_when_one_scene_fails(
         destination=str(tmp_path),
         return_state=True,
     )
-    assert state.is_failed() and "1 of 2 scenes failed" in str(state.message)
+    assert state.is_failed() and "1 of 2 items not stored" in str(state.message)
+    assert "TaskFailedError" in str(state.message)
     assert len(local_files(tmp_path)) == 1
 
 
@@ -366,7 +361,7 @@ def test_sentinel_secrets_never_reach_logs_artifacts_results_or_errors(
             webhook_url="http://127.0.0.1:9/hook",
             webhook_secret=SENTINEL_WEBHOOK_SECRET,
         )
-        return fast_imagine(request, credentials)
+        return imagine(request, credentials)
 
     states.append(with_webhook(return_state=True))
 

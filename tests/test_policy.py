@@ -11,6 +11,7 @@ import pytest
 from prefect_journey import policy, receiver
 from prefect_journey.errors import (
     AuthenticationError,
+    DownloadError,
     InsufficientCreditsError,
     JourneyConnectionError,
     JourneyTimeoutError,
@@ -92,25 +93,40 @@ def test_the_generation_rule_pays_again_at_most_allowed_times_and_retries_safe_f
 ) -> None:
     repays = policy.RepayAllowance(allowed)
     possibly_billed = [ServerError("x", status_code=500), JourneyTimeoutError("x")] * 3
-    decisions = [repays.should_retry(error) for error in possibly_billed]
+    decisions = [
+        policy.generation_retry_delay(error, 1, repays) is not None for error in possibly_billed
+    ]
     assert decisions == [True] * allowed + [False] * (len(possibly_billed) - allowed)
     assert repays.used == allowed
     # Failures that cannot have been billed do not use the allowance; the others never retry.
-    assert repays.should_retry(RateLimitedError("x", retry_after=1))
-    assert repays.should_retry(JourneyConnectionError("x"))
-    assert not repays.should_retry(InsufficientCreditsError("x", status_code=402))
-    assert not repays.should_retry(TimeoutError("the attempt ran out of time"))
-    assert not repays.should_retry(None)
+    assert policy.generation_retry_delay(RateLimitedError("x", retry_after=1), 1, repays) == 1
+    assert policy.generation_retry_delay(JourneyConnectionError("x"), 1, repays) is not None
+    refused = InsufficientCreditsError("x", status_code=402)
+    assert policy.generation_retry_delay(refused, 1, repays) is None
     assert repays.used == allowed
 
 
-def test_one_repay_is_the_default_and_the_rule_is_the_same_asked_statelessly() -> None:
-    error = ServerError("x", status_code=500)
-    assert policy.RepayAllowance().allowed == policy.DEFAULT_REPAY_POSSIBLY_BILLED == 1
-    assert policy.should_retry_generation(error)
-    assert not policy.should_retry_generation(error, repaid=1)
-    assert not policy.should_retry_generation(error, allowed=0)
-    assert policy.should_retry_generation(error, repaid=1, allowed=2)
+def test_retry_after_is_waited_as_given_up_to_the_pause_limit_by_every_rule() -> None:
+    busy = RateLimitedError("x", status_code=429, retry_after=45)
+    assert policy.retry_delay(busy, 0, max_retries=3, idempotent=False) == 45
+    assert policy.generation_retry_delay(busy, 1, policy.RepayAllowance()) == 45
+    assert policy.store_retry_delay(busy, 1) == 45
+    # Longer than the limit: every rule gives up rather than sleep through it.
+    assert policy.generation_retry_delay(busy, 1, policy.RepayAllowance(), max_pause=30) is None
+    assert policy.retry_delay(busy, 0, max_retries=3, idempotent=False, max_pause=30) is None
+    # The ladder runs out whatever the server says.
+    last = policy.GENERATION_RETRIES + 1
+    assert policy.generation_retry_delay(busy, last, policy.RepayAllowance()) is None
+
+
+def test_the_ladders_apply_when_the_server_names_no_pause() -> None:
+    rng = random.Random(7)
+    error = JourneyConnectionError("x")
+    for failures, nominal in enumerate(policy.GENERATION_RETRY_DELAYS, start=1):
+        delay = policy.generation_retry_delay(error, failures, policy.RepayAllowance(), rng=rng)
+        assert delay is not None
+        assert nominal * 0.5 <= delay <= nominal * 1.5
+    assert policy.store_retry_delay(DownloadError("x"), policy.STORE_RETRIES + 1) is None
 
 
 @pytest.mark.parametrize("value", [-1, 6, 1.0, True, "1", None])

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
+from prefect_journey.campaigns.pipeline import ItemOutcome
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.flows.generate_and_store import generate_and_store
 from prefect_journey.locking import LeasedFileSystemLockManager
-from prefect_journey.storage import StoredImage
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 from reliability.faulty_s3 import create_proxy
 from reliability.soak import (
@@ -103,10 +103,10 @@ def test_concurrent_identical_runs_are_billed_once(
     reads its cached result."""
     journey_env.admin("config", {"fixed": 1.0})
     prompt = f"the same image, twice at once #{uuid.uuid4().hex[:8]}"
-    results: list[StoredImage] = []
+    results: list[ItemOutcome] = []
 
     def run() -> None:
-        results.append(generate_and_store(prompt, destination=str(tmp_path)))
+        results.extend(generate_and_store(prompt, destination=str(tmp_path)).outcomes)
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for thread in threads:
@@ -116,7 +116,7 @@ def test_concurrent_identical_runs_are_billed_once(
     assert len(results) == 2 and results[0].task_id == results[1].task_id
     ledger = journey_env.ledger()
     assert ledger["calls"]["imagine"] == 1 and ledger["credits_charged"] == 4
-    assert len(list(tmp_path.iterdir())) == 1
+    assert [p.name for p in tmp_path.rglob("*.png")] == [Path(results[0].uri).name]
 
 
 @pytest.fixture

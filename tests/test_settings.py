@@ -42,15 +42,11 @@ def test_values_are_read_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.delenv(variable.name, raising=False)
     assert settings.base_url() == "https://api.journeyapi.com"
     assert settings.destination() == "./outputs"
-    assert settings.task_runner() == "thread"
-    assert settings.dask_workers() == 2
     assert settings.lock_lease_seconds() == 60
     assert settings.read_timeout() is None
     assert settings.api_key() is None and settings.webhook_secret() == ""
-    monkeypatch.setenv("JOURNEY_TASK_RUNNER", "Dask")
     monkeypatch.setenv("JOURNEY_BUDGET_DIR", "/var/budgets")
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "240")
-    assert settings.task_runner() == "dask" and settings.task_runner("thread") == "thread"
     assert settings.budget_dir() == Path("/var/budgets")
     assert settings.read_timeout() == 240
 
@@ -62,9 +58,6 @@ def test_values_are_read_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None
         ("JOURNEY_READ_TIMEOUT", "-5", settings.read_timeout),
         ("JOURNEY_LOCK_LEASE_SECONDS", "0.5", settings.lock_lease_seconds),
         ("JOURNEY_LOCK_LEASE_SECONDS", "inf", settings.lock_lease_seconds),
-        ("JOURNEY_DASK_WORKERS", "0", settings.dask_workers),
-        ("JOURNEY_DASK_WORKERS", "two", settings.dask_workers),
-        ("JOURNEY_TASK_RUNNER", "spark", settings.task_runner),
     ],
 )
 def test_a_bad_value_names_its_variable(

@@ -1,11 +1,15 @@
 """Campaigns: hundreds of prompts, generated and stored under a budget and a concurrency limit.
 
-- :mod:`~prefect_journey.campaigns.plan`: read and check the items (plain Python, no Prefect).
-- :mod:`~prefect_journey.campaigns.pipeline`: an item's life, once, and the run around it;
-  the report types.
-- :mod:`~prefect_journey.campaigns.per_image`: executor 1, a task run per image.
-- :mod:`~prefect_journey.campaigns.chunked`: executor 2, many images per task run.
+The data goes one way through the modules:
 
-The flows are :func:`prefect_journey.flows.batch_campaign` and its async twin; the report
-types are also importable from :mod:`prefect_journey` itself.
+- :mod:`~prefect_journey.campaigns.plan`: read and check the items (no Prefect).
+- :mod:`~prefect_journey.campaigns.pipeline`: look up, preflight, outcome, report; the report
+  types.
+- :mod:`~prefect_journey.campaigns.item`: an item's life, written once.
+- :mod:`~prefect_journey.campaigns.executor`: how items are grouped into task runs, and how
+  many run at once.
+- :mod:`~prefect_journey.campaigns.run`: a run from its plan to its report, for every flow.
+
+The flows are in :mod:`prefect_journey.flows`; the report types are also importable from
+:mod:`prefect_journey` itself.
 """

@@ -1,29 +1,24 @@
-"""A campaign item's life, written once, and the run around it.
+"""The campaign pipeline: everything around an item's life, written once for every flow.
 
     plan -> look up (cache records, objects in place) -> preflight (price, budget, balance)
-      -> [gate (concurrency slot, credit budget) -> generate (retries) -> store -> publish]
+      -> items, grouped into task runs (:mod:`~prefect_journey.campaigns.executor`), each
+         living :func:`~prefect_journey.campaigns.item.run_item`
       -> outcome -> report
 
-The steps in brackets run in one of two executors:
-
-- :mod:`~prefect_journey.campaigns.per_image`: a task run per image (``imagine`` then
-  ``store_and_publish``), Prefect's task engine doing retries, caching and locking;
-- :mod:`~prefect_journey.campaigns.chunked`: many images per task run, on one event loop,
-  with the same cache records and locks (:mod:`prefect_journey.cache`), the same retry rules
-  and delays (:mod:`prefect_journey.policy`), the same gate and publication.
-
-Everything else, before and after, is here, so both executors plan, price, report and fail
-the same way, and a campaign can switch between them with every cache record still good.
+``batch_campaign``, ``generate_and_store`` and ``character_series`` all run through it, so
+they plan, price, report and fail the same way: one outcome type (:class:`ItemOutcome`),
+one report (:class:`CampaignReport`) and one failure text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
@@ -38,11 +33,12 @@ from prefect_journey.credentials import JourneyCredentials, api_base_url, journe
 from prefect_journey.errors import (
     InsufficientCreditsError,
     JourneyError,
+    NotStartedError,
     ObjectConflictError,
     failure_text,
 )
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult, display_text
-from prefect_journey.publishing import Logger, emit_stored_event, report_image
+from prefect_journey.publishing import Logger
 from prefect_journey.receiver import JourneyWebhookReceiver
 from prefect_journey.storage import (
     Destination,
@@ -51,7 +47,7 @@ from prefect_journey.storage import (
     check_key_template,
     slugify,
 )
-from prefect_journey.tasks import STORE_OPTIONS, imagine, store_image
+from prefect_journey.tasks import astore_image, imagine
 
 # Metadata reads in parallel when looking for objects an earlier run stored (one HEAD each
 # on S3).
@@ -61,7 +57,7 @@ OUTCOME_PROMPT_CHARS = 120
 # Rows quoted in the error that fails a campaign; the summary artifact lists them all.
 FAILURES_QUOTED = 10
 
-Status = Literal["stored", "failed", "possibly_billed", "skipped"]
+Status = Literal["stored", "failed", "possibly_billed", "skipped", "not_started"]
 
 
 class ItemOutcome(BaseModel):
@@ -69,7 +65,9 @@ class ItemOutcome(BaseModel):
 
     ``status`` is ``stored``, ``failed``, ``possibly_billed`` (its last attempt may have been
     billed and was not paid again: ``repay_possibly_billed`` was used up, or the attempt ran
-    out of time) or ``skipped`` (the credit budget ran out before its call); ``cached`` says
+    out of time), ``skipped`` (the credit budget ran out before its call) or ``not_started``
+    (the provider asked for a pause longer than ``max_pause``: nothing billed, a re-run
+    picks it up); ``cached`` says
     the image came from an earlier run (no credit spent); ``recovered`` says it came from the
     webhook delivery of an attempt whose answer was lost (not bought again). The fields are
     in the summary table's column order: status and reason next to the prompt, where the UI
@@ -112,13 +110,15 @@ class CampaignReport(BaseModel):
     outcomes: list[ItemOutcome]
     recovered: int = 0
     possibly_billed_not_repaid: int = 0
+    not_started: int = 0
 
     def ledger_line(self) -> str:
         """The run's one-line ledger, as logged and shown on the summary artifact."""
         return (
             f"items={self.items} stored={self.stored} failed={self.failed} "
             f"possibly_billed_not_repaid={self.possibly_billed_not_repaid} "
-            f"skipped={self.skipped} cache_hits={self.cache_hits} calls={self.calls} "
+            f"skipped={self.skipped} not_started={self.not_started} "
+            f"cache_hits={self.cache_hits} calls={self.calls} "
             f"credits_charged={self.credits_charged} "
             f"possibly_billed_retries={self.possibly_billed_retries} "
             f"recovered={self.recovered}"
@@ -149,6 +149,8 @@ class Campaign:
         overwrite: Replace the objects at the run's keys instead of refusing them.
         repay_possibly_billed: How many times an image's possibly-billed failure is paid
             again (:class:`~prefect_journey.policy.RepayAllowance`).
+        max_pause: The longest ``Retry-After`` the run waits for; a longer one stops its
+            new calls (:class:`~prefect_journey.gate.Backpressure`).
     """
 
     name: str
@@ -156,17 +158,27 @@ class Campaign:
     key_template: str
     variant: str
     credentials: JourneyCredentials | None
-    budget: CreditBudget | None
-    concurrency_limit: str | None
+    budget: CreditBudget | None = None
+    concurrency_limit: str | None = None
     restore: frozenset[int] = frozenset()
     base_url: str = field(default="")
     receiver: JourneyWebhookReceiver | None = None
     overwrite: bool = False
     repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED
+    max_pause: float = policy.RETRY_AFTER_CAP
 
     def __post_init__(self) -> None:
         if not self.base_url:
             object.__setattr__(self, "base_url", api_base_url(self.credentials))
+
+    def with_run(
+        self, *, budget: CreditBudget, concurrency_limit: str | None, restore: frozenset[int]
+    ) -> Campaign:
+        """This campaign with what its run decided: its budget, the global limit it uses and
+        the rows to store again."""
+        return dataclasses.replace(
+            self, budget=budget, concurrency_limit=concurrency_limit, restore=restore
+        )
 
     @property
     def slug(self) -> str:
@@ -182,50 +194,6 @@ class Campaign:
         return store_cache_key(
             generated.task_id, self.destination, self.key_template, item.key_fields, self.overwrite
         )
-
-
-# --- Store and publish, as one task run --------------------------------------------------------
-
-
-@task(name="journey-store-and-publish", **STORE_OPTIONS)
-def store_and_publish(
-    result: ImagineResult,
-    destination: Destination,
-    key_template: str,
-    key_fields: dict[str, Any],
-    prompt: str,
-    campaign: str,
-    origin: str | None = None,
-    overwrite: bool = False,
-) -> StoredImage:
-    """``store_image`` plus the image artifact and the ``journey.image.stored`` event, in one
-    task run: a cached re-run skips all three. Same cache key as ``store_image``; prompt and
-    campaign are not part of it.
-
-    Args:
-        result: The generation to store.
-        destination: Where to store it.
-        key_template: The object key's template.
-        key_fields: The item's key fields.
-        prompt: The item's prompt (artifact and event).
-        campaign: The campaign's name (event).
-        origin: The cache key of the image's request, recorded on the object.
-        overwrite: Replace a different object at the key instead of failing.
-
-    Returns:
-        What was written.
-    """
-    stored = store_image.fn(
-        result,
-        destination,
-        key_template=key_template,
-        key_fields=key_fields,
-        overwrite=overwrite,
-        origin=origin,
-    )
-    report_image(stored, result, destination, prompt)
-    emit_stored_event(stored, prompt, campaign)
-    return stored
 
 
 # --- Look up and preflight ---------------------------------------------------------------------
@@ -277,7 +245,7 @@ def look_up(plan: list[CampaignItem], campaign: Campaign) -> Lookup:
         result = generated[item.row]
         if result is None:
             continue
-        stored = cached_result(store_and_publish, campaign.store_key(item, result))
+        stored = cached_result(astore_image, campaign.store_key(item, result))
         if isinstance(stored, StoredImage):
             cached[item.row] = (result, stored)
     finished: dict[int, ItemOutcome] = {}
@@ -482,6 +450,8 @@ def outcome(
     status: Status = "failed"
     if generated is None and isinstance(error, BudgetExceededError):
         status = "skipped"
+    elif generated is None and isinstance(error, NotStartedError):
+        status = "not_started"
     elif generated is None and policy.left_possibly_billed(error):
         status = "possibly_billed"
     return ItemOutcome(**fields, status=status, reason=reason)
@@ -521,16 +491,29 @@ def report(
         outcomes=outcomes,
         recovered=sum(o.recovered for o in outcomes),
         possibly_billed_not_repaid=not_repaid,
+        not_started=sum(o.status == "not_started" for o in outcomes),
     )
-    call_sync(
-        create_table_artifact,
-        [o.model_dump() for o in outcomes],
-        key=f"{campaign.slug}-summary",
-        description=f"campaign {display_text(campaign.name)}: {summary.ledger_line()}",
-    )
-    get_run_logger().info("campaign %s: %s", display_text(campaign.name), summary.ledger_line())
+    publish_outcomes(campaign.name, outcomes, summary.ledger_line())
     not_stored = [o for o in outcomes if o.status != "stored"]
     if not_stored and not allow_failures:
         reasons = "; ".join(f"row {o.row}: {o.reason}" for o in not_stored[:FAILURES_QUOTED])
         raise CampaignFailedError(f"{len(not_stored)} of {items} items not stored: {reasons}")
     return summary
+
+
+def publish_outcomes(name: str, outcomes: list[ItemOutcome], summary: str) -> None:
+    """The run's summary table (one row per item, under the key ``<name>-summary`` so its
+    history stays across runs) and its log line.
+
+    Args:
+        name: The campaign's name.
+        outcomes: One per item, in row order.
+        summary: The one-line ledger.
+    """
+    call_sync(
+        create_table_artifact,
+        [o.model_dump() for o in outcomes],
+        key=f"{slugify(name)}-summary",
+        description=f"campaign {display_text(name)}: {summary}",
+    )
+    get_run_logger().info("campaign %s: %s", display_text(name), summary)

@@ -29,7 +29,7 @@ CAMPAIGN_KEY_TEMPLATE = "{campaign}/{index:04d}-{slug}.{ext}"
 MAX_CAMPAIGN_BYTES = 50 * 1024 * 1024
 MAX_ITEMS = 100_000
 _REQUEST_FIELDS = ("prompt", "references", "aspect_ratio", "resolution")
-_RESERVED_FIELDS = ("campaign", "index", "slug", "ext", "task_id")
+_RESERVED_FIELDS = ("campaign", "index", "slug", "ext", "task_id", "variant")
 
 
 class CampaignError(JourneyValidationError):
@@ -129,6 +129,7 @@ def plan_items(
     *,
     campaign: str,
     key_template: str = CAMPAIGN_KEY_TEMPLATE,
+    variant: str = "",
 ) -> list[CampaignItem]:
     """Validate every row (request rules, key template, key collisions) and report all
     problems at once, each with its row number. Nothing is sent anywhere.
@@ -138,6 +139,8 @@ def plan_items(
             ``aspect_ratio``, ``resolution`` and key-template fields).
         campaign: The campaign's name (the ``{campaign}`` of the key template, slugified).
         key_template: The object key of each item.
+        variant: The run's variant, the ``{variant}`` of the key template (slugified); a
+            template without it keeps its keys whatever the variant.
 
     Returns:
         One checked item per row, in order.
@@ -158,14 +161,18 @@ def plan_items(
         raise CampaignError("the campaign has no items")
     if len(rows) > MAX_ITEMS:
         raise CampaignError(f"the campaign has {len(rows)} items; the limit is {MAX_ITEMS}")
-    check_key_template(key_template)
+    named = check_key_template(key_template)
     campaign_slug = slugify(campaign)
+    # Only a template that names it has it: the fields are part of each store's cache key.
+    run_fields = {"campaign": campaign_slug} | (
+        {"variant": slugify(variant)} if "variant" in named else {}
+    )
     items: list[CampaignItem] = []
     problems: list[str] = []
     keys: dict[str, int] = {}
     for row_number, row in enumerate(rows, start=1):
         try:
-            item = _plan_one(row, row_number, campaign_slug, key_template)
+            item = _plan_one(row, row_number, run_fields, key_template)
         except (JourneyValidationError, ValueError) as exc:
             detail = (
                 "; ".join(exc.problems) if isinstance(exc, JourneyValidationError) else str(exc)
@@ -186,7 +193,7 @@ def plan_items(
 
 
 def _plan_one(
-    row: Mapping[str, Any], row_number: int, campaign: str, key_template: str
+    row: Mapping[str, Any], row_number: int, run_fields: dict[str, str], key_template: str
 ) -> CampaignItem:
     if not isinstance(row, Mapping):
         raise ValueError(f"expected a mapping, got {type(row).__name__}")
@@ -204,7 +211,7 @@ def _plan_one(
     extra = {k: v for k, v in row.items() if k not in _REQUEST_FIELDS}
     key_fields = {
         **{k: slugify(str(v)) for k, v in extra.items()},
-        "campaign": campaign,
+        **run_fields,
         "index": row_number,
         "slug": slugify(request.prompt, 40),
     }

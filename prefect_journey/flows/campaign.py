@@ -14,42 +14,27 @@ Deploy by module path: ``prefect_journey.flows.campaign:batch_campaign`` (or
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from prefect_journey import policy, settings
+from prefect_journey import policy
 from prefect_journey._compat import shared_sync_client
-from prefect_journey.budget import CreditBudget
-from prefect_journey.campaigns.chunked import run_chunked
-from prefect_journey.campaigns.per_image import make_task_runner, run_per_image
-from prefect_journey.campaigns.pipeline import (
-    Campaign,
-    CampaignReport,
-    budget_path,
-    look_up,
-    preflight,
-    report,
-    sweep_attempt_records,
-)
+from prefect_journey.campaigns.pipeline import Campaign, CampaignReport
 from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items, read_items
-from prefect_journey.campaigns.progress import campaign_progress
+from prefect_journey.campaigns.run import (
+    DEFAULT_CONCURRENCY_LIMIT,
+    DEFAULT_MAX_CONCURRENCY,
+    check_run_options,
+    run_campaign,
+)
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
-from prefect_journey.gate import concurrency_limit_exists
-from prefect_journey.models import display_text
 from prefect_journey.receiver import load_receiver
-from prefect_journey.tasks import check_variant, resolve_variant
-
-# The Prefect global concurrency limit a campaign uses when it exists (create it once per
-# workspace to share one bound between every flow that calls the API).
-DEFAULT_CONCURRENCY_LIMIT = "journey-imagine"
-# Calls in flight per run when the flow is not told otherwise.
-DEFAULT_MAX_CONCURRENCY = 8
+from prefect_journey.variants import check_variant, resolve_variant
 
 R = TypeVar("R")
 
@@ -69,11 +54,11 @@ def batch_campaign(
     max_credits: int | None = None,
     partial_budget: bool = False,
     allow_failures: bool = False,
-    task_runner: str | None = None,
-    images_per_task_run: int = 1,
+    images_per_task_run: int | None = None,
     webhook_block: str | None = None,
     overwrite: bool = False,
     repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
+    max_pause: float = policy.RETRY_AFTER_CAP,
 ) -> CampaignReport:
     """Generate and store every item of a campaign.
 
@@ -93,10 +78,10 @@ def batch_campaign(
         max_credits: The run's credit budget; refused before any call if it could be passed.
         partial_budget: Run until ``max_credits`` is spent instead of refusing to start.
         allow_failures: Complete the run even if some items failed.
-        task_runner: ``"thread"`` or ``"dask"``; default ``JOURNEY_TASK_RUNNER`` or thread.
-        images_per_task_run: 1 gives every image its own task runs; more runs that many
-            images per task run (same caching, retries, budget and reporting, a fraction of
-            Prefect's per-run cost; thread runner only).
+        images_per_task_run: Images per task run: 1 gives every image its own task run;
+            more share one (same caching, retries, budget, events and reporting, a fraction
+            of the Prefect server's work per image). None (the default) chooses from
+            ``max_concurrency`` and logs the choice (docs/campaigns.md).
         webhook_block: A saved ``JourneyWebhookReceiver``: an attempt whose answer is lost
             is recovered from its webhook delivery instead of being bought again; default
             ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.
@@ -107,6 +92,10 @@ def batch_campaign(
             made and billed it) is paid for again, 0 to 5; default 1. With a webhook
             receiver, only after a recovery window that ended with no delivery. Failures
             that cannot have been billed are retried regardless.
+        max_pause: The longest pause, in seconds, the provider's ``Retry-After`` can impose
+            on the campaign (every new call waits it out together); a longer one stops the
+            campaign's new calls and reports the items left as ``not_started`` (nothing
+            billed; a re-run picks them up).
 
     Returns:
         The report: counts, credits, and one outcome per item.
@@ -133,78 +122,36 @@ def batch_campaign(
     """
     if (items is None) == (source is None):
         raise JourneyValidationError("pass either items or source")
-    rows = items if items is not None else read_items(source or "")
-    plan = plan_items(rows, campaign=campaign, key_template=key_template)
+    check_run_options(
+        max_concurrency=max_concurrency,
+        images_per_task_run=images_per_task_run,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
+    )
     variant = resolve_variant(check_variant(variant))
-    if max_concurrency < 1:
-        raise JourneyValidationError("max_concurrency must be at least 1")
-    if images_per_task_run < 1:
-        raise JourneyValidationError("images_per_task_run must be at least 1")
-    policy.check_repay_possibly_billed(repay_possibly_billed)
-    if images_per_task_run > 1 and settings.task_runner(task_runner) != "thread":
-        raise JourneyValidationError(
-            "images_per_task_run > 1 runs images on the flow's event loop, not on a task "
-            "runner: use task_runner='thread' (or 1 image per task run on Dask)"
-        )
-    # The per-image executor keeps at most max_concurrency generations in flight; the other
-    # half of the pool lets stores run beside them.
-    runner = make_task_runner(task_runner, 2 * max_concurrency)
-    target = load_destination(destination, destination_block)  # fails before spending
-    credentials = load_credentials(credentials_block)
+    rows = items if items is not None else read_items(source or "")
+    plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
     run = Campaign(
         campaign,
-        target,
+        load_destination(destination, destination_block),  # fails before spending
         key_template,
         variant,
-        credentials,
-        None,
-        None,
+        load_credentials(credentials_block),
         receiver=load_receiver(webhook_block),  # fails before spending
         overwrite=overwrite,
         repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
     )
-    found = look_up(plan, run)
-    todo = [item for item in plan if item.row not in found.settled]
-    logger = get_run_logger()
-    if found.finished:
-        logger.info("%d of %d items were stored by an earlier run", len(found.finished), len(plan))
-    if found.refused:
-        logger.warning(
-            "%d of %d items fail before their call: their keys hold other objects (pass "
-            "overwrite=True to replace them, or use another key template)",
-            len(found.refused),
-            len(plan),
-        )
-    preflight(
-        todo,
-        found.generated,
-        credentials=credentials,
+    return run_campaign(
+        plan,
+        run,
+        max_concurrency=max_concurrency,
+        concurrency_limit=concurrency_limit,
         max_credits=max_credits,
         partial_budget=partial_budget,
+        allow_failures=allow_failures,
+        images_per_task_run=images_per_task_run,
     )
-    limit = concurrency_limit if todo and concurrency_limit_exists(concurrency_limit) else None
-    if todo and concurrency_limit and limit is None:
-        logger.info(
-            "no global concurrency limit %r: bounded by max_concurrency=%d",
-            display_text(concurrency_limit),
-            max_concurrency,
-        )
-    run = dataclasses.replace(
-        run,
-        budget=CreditBudget.create(budget_path(), max_credits),
-        concurrency_limit=limit,
-        restore=frozenset(found.restore),
-    )
-    outcomes = list(found.settled.values())
-    with campaign_progress(campaign, len(plan), outcomes, run.budget) as progress:
-        if todo and images_per_task_run > 1:
-            outcomes += run_chunked(todo, run, max_concurrency, images_per_task_run, progress)
-        elif todo:
-            with runner:
-                outcomes += run_per_image(todo, run, runner, max_concurrency, progress)
-    if run.receiver is not None:
-        sweep_attempt_records(logger)
-    return report(run, len(plan), outcomes, allow_failures=allow_failures)
 
 
 # ``batch_campaign`` (same parameters, same docstring, so a deployment of either shows the

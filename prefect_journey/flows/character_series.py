@@ -1,37 +1,30 @@
 """The same characters across several scenes: references presigned once, scenes in parallel.
 
 Character sheets usually live in a bucket (``s3://brand-assets/characters/ana.png``); they
-are presigned once per run and sent as references with every scene.
+are presigned once per run and sent as references with every scene. A series is a campaign
+whose items share their references: the same pipeline, report, summary table, events and
+failure text as ``batch_campaign``.
 """
 
 from __future__ import annotations
 
-from typing import cast
-
 from prefect import flow
-from prefect.futures import wait
 
 from prefect_journey import policy
+from prefect_journey.campaigns.pipeline import Campaign, CampaignReport
+from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items
+from prefect_journey.campaigns.run import (
+    DEFAULT_CONCURRENCY_LIMIT,
+    DEFAULT_MAX_CONCURRENCY,
+    check_run_options,
+    run_campaign,
+)
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
-from prefect_journey.errors import JourneyError, JourneyValidationError, failure_text
-from prefect_journey.models import ImagineRequest, ImagineResult, display_text
-from prefect_journey.publishing import image_row, publish_summary, report_image
+from prefect_journey.errors import JourneyValidationError
 from prefect_journey.receiver import load_receiver
-from prefect_journey.storage import StoredImage, slugify
-from prefect_journey.tasks import (
-    check_variant,
-    declare_assets,
-    for_request,
-    imagine,
-    presign_references,
-    resolve_variant,
-    settle,
-    store_image,
-)
-
-# The objects of a series sit under its name, in scene order.
-SERIES_KEY_TEMPLATE = "{series}/{index:02d}-{slug}.{ext}"
+from prefect_journey.tasks import presign_references
+from prefect_journey.variants import check_variant, resolve_variant
 
 
 @flow(name="character-series")
@@ -47,16 +40,20 @@ def character_series(
     destination_block: str | None = None,
     webhook_block: str | None = None,
     repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
-) -> list[StoredImage]:
+    key_template: str = CAMPAIGN_KEY_TEMPLATE,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    overwrite: bool = False,
+    max_pause: float = policy.RETRY_AFTER_CAP,
+) -> CampaignReport:
     """One image per scene with the same reference images, scenes in parallel; stored as
-    ``{series}/{index:02d}-{scene slug}.{ext}``.
+    ``{series}/{index:04d}-{scene slug}.{ext}`` by default.
 
     Args:
         character_refs: The character sheets (https URLs or ``s3://`` objects, presigned
             once for the run), sent with every scene.
         scenes: One prompt per image.
         destination: An fsspec URL or folder; default ``JOURNEY_DESTINATION`` or ./outputs.
-        series: The series' name (the first part of every key).
+        series: The series' name (the ``{campaign}`` of the key template).
         aspect_ratio: One of 1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3.
         resolution: 1K, 2K or 4K.
         variant: Part of every cache key (``"{scheduled_date}"``: new images each day).
@@ -70,13 +67,19 @@ def character_series(
             made and billed it) is paid for again, 0 to 5; default 1. With a webhook
             receiver, only after a recovery window that ended with no delivery. Failures
             that cannot have been billed are retried regardless.
+        key_template: Each object's key (``{variant}`` gives each day's series its keys).
+        max_concurrency: Scenes generated at once.
+        overwrite: Replace the objects already at the series' keys.
+        max_pause: The longest ``Retry-After`` waited for, in seconds; a longer one stops
+            the series' new calls (those scenes are reported not started, nothing billed).
 
     Returns:
-        The stored objects, in scene order.
+        The report, one outcome per scene in scene order.
 
     Raises:
         JourneyValidationError: No scene, or bad parameters, before any credit is spent.
-        JourneyError: Some scenes failed, raised after every other scene is stored.
+        CampaignFailedError: Some scenes were not stored, raised after every other scene
+            is stored; the reason names each.
 
     Example:
         ```python
@@ -91,61 +94,43 @@ def character_series(
     """
     if not scenes:
         raise JourneyValidationError("character_series needs at least one scene")
+    check_run_options(
+        max_concurrency=max_concurrency,
+        images_per_task_run=None,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
+    )
     variant = resolve_variant(check_variant(variant))
-    policy.check_repay_possibly_billed(repay_possibly_billed)
     target = load_destination(destination, destination_block)
-    credentials = load_credentials(credentials_block)
     references = presign_references(character_refs, target.storage_options)
-    requests = [
-        ImagineRequest(
-            prompt=scene, image_urls=references, aspect_ratio=aspect_ratio, resolution=resolution
-        )
+    rows = [
+        {
+            "prompt": scene,
+            "references": references,
+            "aspect_ratio": aspect_ratio,
+            "resolution": resolution,
+        }
         for scene in scenes
     ]
-    receiver = load_receiver(webhook_block)
-    # Every scene has the same references and resolution: one timeout fits them all.
-    generate = for_request(imagine, requests[0], receiver)
-    results = [
-        generate.submit(
-            request,
-            credentials,
-            variant,
-            webhook=receiver,
-            repay_possibly_billed=repay_possibly_billed,
-        )
-        for request in requests
-    ]
-    stores = [
-        store_image.submit(
-            # Prefect passes the future's value; its overloads only type values.
-            cast(ImagineResult, result),
-            target,
-            key_template=SERIES_KEY_TEMPLATE,
-            key_fields={"series": slugify(series), "index": index, "slug": slugify(scene, 40)},
-        )
-        for index, (scene, result) in enumerate(zip(scenes, results, strict=True))
-    ]
-    wait(stores)
-    rows, stored_images = [], []
-    failures: list[str] = []
-    not_repaid: list[str] = []
-    for scene, result, store in zip(scenes, results, stores, strict=True):
-        generated = settle(result)
-        settled = generated if generated.error is not None else settle(store)
-        if settled.error is not None:
-            line = f"{display_text(scene, 60)}: {failure_text(settled.error)}"
-            left = policy.left_possibly_billed(generated.error)
-            (not_repaid if left else failures).append(line)
-            continue
-        stored = settled.value
-        report_image(stored, result.result(), target, scene)
-        rows.append(image_row(scene, result.result(), stored))
-        stored_images.append(stored)
-    declare_assets(
-        [(stored, row["prompt"]) for stored, row in zip(stored_images, rows, strict=True)]
+    plan = plan_items(rows, campaign=series, key_template=key_template, variant=variant)
+    run = Campaign(
+        series,
+        target,
+        key_template,
+        variant,
+        load_credentials(credentials_block),
+        receiver=load_receiver(webhook_block),
+        overwrite=overwrite,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
     )
-    publish_summary(f"character-series {series}", rows, failures, not_repaid=not_repaid)
-    if failures or not_repaid:
-        lost = failures + [f"{line} (possibly billed, not repaid)" for line in not_repaid]
-        raise JourneyError(f"{len(lost)} of {len(scenes)} scenes failed: " + "; ".join(lost))
-    return stored_images
+    return run_campaign(
+        plan,
+        run,
+        max_concurrency=max_concurrency,
+        concurrency_limit=DEFAULT_CONCURRENCY_LIMIT,
+        max_credits=None,
+        partial_budget=False,
+        allow_failures=False,
+        images_per_task_run=None,
+    )

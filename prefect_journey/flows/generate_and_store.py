@@ -1,7 +1,8 @@
 """Generate one image and store it: the main flow of prefect-journey.
 
 Deploy by module path: ``prefect_journey.flows.generate_and_store:generate_and_store``.
-``make demo`` runs it against the local emulator.
+``make demo`` runs it against the local emulator. It is a campaign of one item: the same
+pipeline, report, summary table, events and failure text as ``batch_campaign``.
 """
 
 from __future__ import annotations
@@ -9,21 +10,18 @@ from __future__ import annotations
 from prefect import flow
 
 from prefect_journey import policy
+from prefect_journey.campaigns.pipeline import Campaign, CampaignReport
+from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items
+from prefect_journey.campaigns.run import (
+    DEFAULT_CONCURRENCY_LIMIT,
+    check_run_options,
+    run_campaign,
+)
 from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
-from prefect_journey.models import ImagineRequest
-from prefect_journey.publishing import image_row, publish_summary, report_image
 from prefect_journey.receiver import load_receiver
-from prefect_journey.storage import StoredImage
-from prefect_journey.tasks import (
-    check_variant,
-    declare_assets,
-    for_request,
-    imagine,
-    presign_references,
-    resolve_variant,
-    store_image,
-)
+from prefect_journey.tasks import presign_references
+from prefect_journey.variants import check_variant, resolve_variant
 
 
 @flow(name="generate-and-store", log_prints=True)
@@ -38,8 +36,13 @@ def generate_and_store(
     destination_block: str | None = None,
     webhook_block: str | None = None,
     repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
-) -> StoredImage:
-    """imagine -> store, with an image artifact, a summary and the object as an asset.
+    campaign: str = "images",
+    key_template: str = CAMPAIGN_KEY_TEMPLATE,
+    overwrite: bool = False,
+    max_pause: float = policy.RETRY_AFTER_CAP,
+) -> CampaignReport:
+    """imagine -> store, with an image artifact, a summary, an event and the object as an
+    asset.
 
     Args:
         prompt: What the image should show.
@@ -60,38 +63,67 @@ def generate_and_store(
             made and billed it) is paid for again, 0 to 5; default 1. With a webhook
             receiver, only after a recovery window that ended with no delivery. Failures
             that cannot have been billed are retried regardless.
+        campaign: The ``{campaign}`` of the key template.
+        key_template: The object's key; default ``{campaign}/{index:04d}-{slug}.{ext}``. A
+            scheduled flow with a ``variant`` puts ``{variant}`` in it, so each day's image
+            has its own key.
+        overwrite: Replace the object already at the key; by default another request's
+            object there fails the run before its call.
+        max_pause: The longest ``Retry-After`` waited for, in seconds; a longer one ends the
+            run with the image not started (nothing billed).
 
     Returns:
-        The stored object.
+        The report; ``outcomes[0].uri`` is the stored object.
 
     Raises:
         JourneyValidationError: Bad parameters, before any credit is spent.
-        JourneyError: The generation or the store failed (see the run's logs).
+        CampaignFailedError: The image was not stored; the reason names its failure.
 
     Example:
         ```python
         from prefect_journey.flows import generate_and_store
 
-        stored = generate_and_store("a lighthouse at dusk", destination="./outputs")
-        print(stored.uri)
+        report = generate_and_store("a lighthouse at dusk", destination="./outputs")
+        print(report.outcomes[0].uri)
         ```
     """
+    check_run_options(
+        max_concurrency=1,
+        images_per_task_run=1,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
+    )
     variant = resolve_variant(check_variant(variant))
-    policy.check_repay_possibly_billed(repay_possibly_billed)
     target = load_destination(destination, destination_block)
-    credentials = load_credentials(credentials_block)
     reference_urls = presign_references(references, target.storage_options) if references else []
-    # Built before any call, so a bad parameter fails the run before a credit is spent.
-    request = ImagineRequest(
-        prompt=prompt, image_urls=reference_urls, aspect_ratio=aspect_ratio, resolution=resolution
+    row = {
+        "prompt": prompt,
+        "references": reference_urls,
+        "aspect_ratio": aspect_ratio,
+        "resolution": resolution,
+    }
+    # Planned before any call, so a bad parameter fails the run before a credit is spent.
+    plan = plan_items([row], campaign=campaign, key_template=key_template, variant=variant)
+    run = Campaign(
+        campaign,
+        target,
+        key_template,
+        variant,
+        load_credentials(credentials_block),
+        receiver=load_receiver(webhook_block),
+        overwrite=overwrite,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
     )
-    receiver = load_receiver(webhook_block)
-    result = for_request(imagine, request, receiver)(
-        request, credentials, variant, webhook=receiver, repay_possibly_billed=repay_possibly_billed
+    report = run_campaign(
+        plan,
+        run,
+        max_concurrency=1,
+        concurrency_limit=DEFAULT_CONCURRENCY_LIMIT,
+        max_credits=None,
+        partial_budget=False,
+        allow_failures=False,
+        images_per_task_run=1,
     )
-    stored = store_image(result, target)
-    declare_assets([(stored, prompt)])
-    report_image(stored, result, target, prompt)
-    publish_summary("generate-and-store", [image_row(prompt, result, stored)])
-    print(f"image stored at {stored.uri}")
-    return stored
+    print(f"image stored at {report.outcomes[0].uri}")
+    return report

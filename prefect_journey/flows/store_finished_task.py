@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from prefect import flow
 
+from prefect_journey.campaigns.pipeline import ItemOutcome, publish_outcomes
 from prefect_journey.credentials import journey_client, load_credentials
 from prefect_journey.deliveries import proven_task_event
 from prefect_journey.destinations import load_destination
 from prefect_journey.models import ImagineResult
-from prefect_journey.publishing import image_row, publish_summary, report_image
+from prefect_journey.publishing import declare_assets, emit_stored_event, report_image
 from prefect_journey.receiver import webhook_keys
 from prefect_journey.storage import StoredImage
-from prefect_journey.tasks import declare_assets, store_image
+from prefect_journey.tasks import store_image
 
 
 @flow(name="store-finished-task")
@@ -86,7 +87,12 @@ def store_finished_task(
         credits_charged=0,
     )
     stored = store_image(result, target)
-    declare_assets([(stored, f"task {task_id}")])
-    report_image(stored, result, target, f"task {task_id}")
-    publish_summary("store-finished-task", [image_row(f"task {task_id}", result, stored)])
+    label = f"task {task_id}"
+    declare_assets([(stored, label)])
+    report_image(stored, result, target, label)
+    emit_stored_event(stored, label)
+    stored_row = ItemOutcome(
+        row=1, prompt=label, status="stored", task_id=task_id, uri=stored.uri, sha256=stored.sha256
+    )
+    publish_outcomes("store-finished-task", [stored_row], "items=1 stored=1")
     return stored

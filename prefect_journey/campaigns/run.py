@@ -1,0 +1,135 @@
+"""A campaign run from its checked plan to its report: what every flow of the package does
+after reading its parameters (``batch_campaign``, ``generate_and_store``,
+``character_series``)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+
+from prefect_journey import policy
+from prefect_journey.budget import CreditBudget
+from prefect_journey.campaigns.executor import log_grouping, run_items
+from prefect_journey.campaigns.pipeline import (
+    Campaign,
+    CampaignReport,
+    budget_path,
+    look_up,
+    preflight,
+    report,
+    sweep_attempt_records,
+)
+from prefect_journey.campaigns.plan import CampaignItem
+from prefect_journey.campaigns.progress import campaign_progress
+from prefect_journey.errors import JourneyValidationError
+from prefect_journey.gate import concurrency_limit_exists
+from prefect_journey.models import display_text
+
+# The Prefect global concurrency limit a campaign uses when it exists (create it once per
+# workspace to share one bound between every flow that calls the API).
+DEFAULT_CONCURRENCY_LIMIT = "journey-imagine"
+# Calls in flight per run when the flow is not told otherwise.
+DEFAULT_MAX_CONCURRENCY = 8
+
+
+def check_run_options(
+    *,
+    max_concurrency: int,
+    images_per_task_run: int | None,
+    repay_possibly_billed: int,
+    max_pause: float,
+) -> None:
+    """Refuse run options that cannot work, before anything is read or spent.
+
+    Args:
+        max_concurrency: Calls in flight at most; at least 1.
+        images_per_task_run: Images per task run; None (chosen by the run) or at least 1.
+        repay_possibly_billed: Repays of a possibly-billed failure, 0 to 5.
+        max_pause: The longest ``Retry-After`` waited for; not negative.
+
+    Raises:
+        JourneyValidationError: The first option that is out of range.
+    """
+    if max_concurrency < 1:
+        raise JourneyValidationError("max_concurrency must be at least 1")
+    if images_per_task_run is not None and images_per_task_run < 1:
+        raise JourneyValidationError("images_per_task_run must be at least 1")
+    if max_pause < 0:
+        raise JourneyValidationError("max_pause cannot be negative")
+    policy.check_repay_possibly_billed(repay_possibly_billed)
+
+
+def run_campaign(
+    plan: list[CampaignItem],
+    campaign: Campaign,
+    *,
+    max_concurrency: int,
+    concurrency_limit: str | None,
+    max_credits: int | None,
+    partial_budget: bool,
+    allow_failures: bool,
+    images_per_task_run: int | None,
+) -> CampaignReport:
+    """Look up, price, run and report ``plan``.
+
+    Args:
+        plan: The checked items.
+        campaign: What every item shares (its budget and limit are set here).
+        max_concurrency: Calls (and stores) in flight in this run.
+        concurrency_limit: A Prefect global concurrency limit, used when it exists.
+        max_credits: The run's credit budget; refused before any call if it could be passed.
+        partial_budget: Run until ``max_credits`` is spent instead of refusing to start.
+        allow_failures: Return the report even if some items were not stored.
+        images_per_task_run: Images per task run; None lets the run choose.
+
+    Returns:
+        The report.
+
+    Raises:
+        BudgetExceededError: The campaign could cost more than ``max_credits``.
+        InsufficientCreditsError: More than the account's balance.
+        CampaignFailedError: Some items were not stored (unless ``allow_failures``).
+    """
+    logger = get_run_logger()
+    found = look_up(plan, campaign)
+    todo = [item for item in plan if item.row not in found.settled]
+    if found.finished:
+        logger.info("%d of %d items were stored by an earlier run", len(found.finished), len(plan))
+    if found.refused:
+        logger.warning(
+            "%d of %d items fail before their call: their keys hold other objects (pass "
+            "overwrite=True to replace them, or use another key template)",
+            len(found.refused),
+            len(plan),
+        )
+    preflight(
+        todo,
+        found.generated,
+        credentials=campaign.credentials,
+        max_credits=max_credits,
+        partial_budget=partial_budget,
+    )
+    limit = concurrency_limit if todo and concurrency_limit_exists(concurrency_limit) else None
+    if todo and concurrency_limit and limit is None:
+        logger.info(
+            "no global concurrency limit %r: bounded by max_concurrency=%d",
+            display_text(concurrency_limit),
+            max_concurrency,
+        )
+    campaign = campaign.with_run(
+        budget=CreditBudget.create(budget_path(), max_credits),
+        concurrency_limit=limit,
+        restore=frozenset(found.restore),
+    )
+    outcomes = list(found.settled.values())
+    with campaign_progress(campaign.name, len(plan), outcomes, campaign.budget) as progress:
+        if todo:
+            outcomes += run_items(
+                todo,
+                campaign,
+                max_concurrency=max_concurrency,
+                images_per_task_run=log_grouping(len(todo), max_concurrency, images_per_task_run),
+                progress=progress,
+            )
+    if campaign.receiver is not None:
+        sweep_attempt_records(logger)
+    return report(campaign, len(plan), outcomes, allow_failures=allow_failures)
