@@ -58,7 +58,6 @@ from pydantic import BaseModel, ConfigDict
 
 from prefect_journey import partials, policy, settings
 from prefect_journey.address_rules import AddressRules, AsyncCheckedTransport, CheckedTransport
-from prefect_journey.client import shared_ssl_context
 from prefect_journey.errors import (
     DownloadError,
     DownloadRefusedError,
@@ -76,6 +75,7 @@ from prefect_journey.imageformat import (
     detect_format,
 )
 from prefect_journey.models import check_http_url
+from prefect_journey.tls import shared_ssl_context
 
 logger = logging.getLogger("prefect_journey.storage")
 
