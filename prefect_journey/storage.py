@@ -9,10 +9,10 @@ The guarantees, in the order they are applied:
    (:mod:`prefect_journey.address_rules`).
 2. Bytes are streamed in :data:`DOWNLOAD_CHUNK` pieces, never held whole; a
    ``Content-Length`` or a running total above ``max_bytes`` aborts the transfer, and so
-   does the whole download's deadline (:func:`download_deadline`). From the
-   second chunk on, hashing, verification and the store's writes run on a second thread, one
-   chunk behind the socket reads (see :class:`_WriteBehind`), so at most three chunks are in
-   memory.
+   does the whole download's deadline
+   (:func:`~prefect_journey.policy.download_deadline`). From the second chunk on, hashing,
+   verification and the store's writes run on a second thread, one chunk behind the socket
+   reads (see :class:`_WriteBehind`), so at most three chunks are in memory.
 3. The format comes from the bytes (PNG, JPEG, WebP), not the URL, and names the object's
    extension; width and height come from the header; sha256 is computed on the way.
 4. The object is written with ``autocommit=False`` and only committed once the whole image
@@ -94,14 +94,13 @@ LOCAL_WRITEBACK_BYTES = 16 * 1024 * 1024
 _CAN_START_WRITEBACK = hasattr(os, "posix_fadvise")  # not on macOS or Windows
 # A CDN redirects once or twice; more is a loop or an attack.
 MAX_REDIRECTS = 5
-# The CDN answers at once; ``read`` is the longest gap between two chunks.
-DOWNLOAD_TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=30.0, pool=30.0)
-# A whole download's deadline is download_deadline(max_bytes): the cap at this rate plus the
-# margin. 1 MiB/s is a slow link (a 25 MB 4K image in 25 s); a CDN that trickles slower is
-# broken or hostile and would otherwise hold a worker for ever, one byte per read gap.
-MIN_DOWNLOAD_BYTES_PER_SECOND = 1024 * 1024
-# Connecting, TLS and the first byte, on top of the transfer itself.
-DOWNLOAD_DEADLINE_MARGIN = 30.0
+# A download's timeouts: the API's for connecting, writing and the pool, its own for reading.
+DOWNLOAD_TIMEOUT = httpx.Timeout(
+    connect=policy.CONNECT_TIMEOUT,
+    read=policy.DOWNLOAD_READ_TIMEOUT,
+    write=policy.WRITE_TIMEOUT,
+    pool=policy.POOL_TIMEOUT,
+)
 # Object stores cap keys at 1024 bytes (S3, GCS).
 MAX_KEY_BYTES = 1024
 DEFAULT_KEY_TEMPLATE = "{task_id}.{ext}"
@@ -461,19 +460,6 @@ def slugify(text: str, max_length: int = 60) -> str:
     return slug[:max_length].rstrip("-") or "image"
 
 
-def download_deadline(max_bytes: int) -> float:
-    """The seconds a whole download of up to ``max_bytes`` may take.
-
-    Args:
-        max_bytes: The download's size cap.
-
-    Returns:
-        :data:`DOWNLOAD_DEADLINE_MARGIN` plus ``max_bytes`` at
-        :data:`MIN_DOWNLOAD_BYTES_PER_SECOND`: 130 s for the default 100 MB cap.
-    """
-    return DOWNLOAD_DEADLINE_MARGIN + max_bytes / MIN_DOWNLOAD_BYTES_PER_SECOND
-
-
 class _Regrouper:
     """Regroups the pieces the socket gives into :data:`DOWNLOAD_CHUNK` chunks, and ends the
     download past its deadline. The deadline is checked as each piece arrives, so a trickle
@@ -491,7 +477,8 @@ class _Regrouper:
         if time.monotonic() > self._ends:
             raise DownloadTimeoutError(
                 f"image download passed its {self._deadline:g} s deadline after "
-                f"{self._received} bytes (slower than {MIN_DOWNLOAD_BYTES_PER_SECOND} bytes/s)"
+                f"{self._received} bytes "
+                f"(slower than {policy.MIN_DOWNLOAD_BYTES_PER_SECOND} bytes/s)"
             )
         self._buffer += piece
         return self.rest() if len(self._buffer) >= DOWNLOAD_CHUNK else None
@@ -793,7 +780,8 @@ class _ObjectWriter:
         # Never shorter than this very store may take: a concurrent store of the same key
         # that began before it is alive for at least its download deadline and commit.
         self.lease_seconds = max(
-            settings.partial_lease_seconds(), download_deadline(max_bytes) + policy.STORE_TIMEOUT
+            settings.partial_lease_seconds(),
+            policy.download_deadline(max_bytes) + policy.STORE_TIMEOUT,
         )
         self.path: str | None = None
         self._file: Any = None
@@ -1050,7 +1038,8 @@ def store_image(
             :meth:`Destination.occupant` can tell a later run what the key holds. None (the
             default) records nothing.
         deadline: Seconds the whole download may take; None (the default) gives
-            :func:`download_deadline` of ``max_bytes`` (130 s for 100 MB).
+            :func:`~prefect_journey.policy.download_deadline` of ``max_bytes`` (130 s for
+            100 MB).
 
     Returns:
         The stored image: its URI, sha256, size, format and pixel size.
@@ -1149,7 +1138,7 @@ async def astore_image(
         origin: The cache key of the request that made the image, recorded on the object
             (see :func:`store_image`); None (the default) records nothing.
         deadline: Seconds the whole download may take; None (the default) gives
-            :func:`download_deadline` of ``max_bytes``.
+            :func:`~prefect_journey.policy.download_deadline` of ``max_bytes``.
 
     Returns:
         The stored image: its URI, sha256, size, format and pixel size.
@@ -1236,7 +1225,7 @@ def _complete(pipe: _WriteBehind, writer: _ObjectWriter) -> StoredImage:
 
 def _deadline(max_bytes: int, deadline: float | None) -> float:
     if deadline is None:
-        return download_deadline(max_bytes)
+        return policy.download_deadline(max_bytes)
     if not deadline > 0:
         raise JourneyValidationError("deadline must be a positive number of seconds")
     return deadline
