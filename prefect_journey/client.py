@@ -11,15 +11,12 @@ This module does not import Prefect: it works in any Python program.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
-import ssl
 import time
 from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-import certifi
 import httpx
 from pydantic import SecretStr, ValidationError
 
@@ -52,6 +49,7 @@ from prefect_journey.models import (
     TaskStatus,
     check_http_url,
 )
+from prefect_journey.tls import shared_ssl_context
 
 API_PREFIX = "/api/v1"
 # Enough for a batch of 32 concurrent generations; raise it with the caller's concurrency.
@@ -69,19 +67,6 @@ T = TypeVar("T")
 Step = httpx.Request | float
 Outcome = httpx.Response | httpx.HTTPError | None
 CallFlow = Generator[Step, Outcome, T]
-
-
-@functools.cache
-def shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client of the process, built on first use.
-
-    Building one (loading the CA bundle) costs tens of milliseconds of CPU, more than the
-    rest of a task run's share of this package.
-
-    Returns:
-        The process's TLS context, verifying against certifi's CA bundle.
-    """
-    return ssl.create_default_context(cafile=certifi.where())
 
 
 def _resolve_api_key(api_key: str | SecretStr | None) -> SecretStr:

@@ -83,6 +83,37 @@ def request_read_timeout(request: ImagineRequest, override: float | None = None)
     return read_timeout_for(len(request.image_urls), request.resolution)
 
 
+# A CDN download connects, writes and waits for a pooled connection under the API's timeouts
+# above; the CDN answers at once, so its read timeout is the longest gap between two chunks.
+DOWNLOAD_READ_TIMEOUT = 60.0
+# A whole download's deadline is download_deadline(max_bytes): the cap at this rate plus the
+# margin. 1 MiB/s is a slow link (a 25 MB 4K image in 25 s); a CDN that trickles slower is
+# broken or hostile and would otherwise hold a worker for ever, one byte per read gap.
+MIN_DOWNLOAD_BYTES_PER_SECOND = 1024 * 1024
+# Connecting, TLS and the first byte, on top of the transfer itself.
+DOWNLOAD_DEADLINE_MARGIN = 30.0
+
+
+def download_deadline(max_bytes: int) -> float:
+    """The seconds a whole download of up to ``max_bytes`` may take.
+
+    Args:
+        max_bytes: The download's size cap.
+
+    Returns:
+        :data:`DOWNLOAD_DEADLINE_MARGIN` plus ``max_bytes`` at
+        :data:`MIN_DOWNLOAD_BYTES_PER_SECOND`: 130 s for the default 100 MB cap.
+
+    Example:
+        ```python
+        from prefect_journey.policy import download_deadline
+
+        assert download_deadline(100 * 1024 * 1024) == 130.0
+        ```
+    """
+    return DOWNLOAD_DEADLINE_MARGIN + max_bytes / MIN_DOWNLOAD_BYTES_PER_SECOND
+
+
 # --- Retries --------------------------------------------------------------------------------
 # Retries the client makes by itself, and only for failures that cannot have been billed.
 DEFAULT_MAX_RETRIES = 3

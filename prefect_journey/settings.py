@@ -125,7 +125,7 @@ DEFAULT_LEASE_SECONDS = 60.0
 # Renewal runs every third of a lease: below a second it would be a busy loop of file writes.
 MIN_LEASE_SECONDS = 1.0
 # A live writer's unfinished write lasts at most its download deadline (130 s with the
-# default 100 MB cap, storage.download_deadline) plus its commit (an upload's last part and
+# default 100 MB cap, policy.download_deadline) plus its commit (an upload's last part and
 # completion): five minutes is well above both, and short enough that the runs after a kill
 # find its leftovers stale. S3 shows no owner of an upload, only its age, so this lease is
 # all that keeps a store from aborting the upload of another run storing the same image.

@@ -31,13 +31,24 @@ def _from_prefect(modules: set[str]) -> set[str]:
 
 
 def test_the_core_and_the_emulator_import_without_prefect() -> None:
+    """Every module of the storage package is imported, so a Prefect import in any of them
+    (also one no public name leads to) is caught."""
+    storage = Path(prefect_journey.__file__).parent / "storage"
+    storage_modules = {
+        "prefect_journey.storage" + ("" if path.stem == "__init__" else f".{path.stem}")
+        for path in storage.glob("*.py")
+    }
     loaded = _modules_loaded_by(
-        "import prefect_journey\n"
+        "import importlib, prefect_journey\n"
         "from prefect_journey import AsyncJourneyClient, Destination, ImagineRequest,"
         " ImagineResult, JourneyClient, JourneyError, StoredImage\n"
-        "import prefect_journey.cli, prefect_journey.emulator, prefect_journey.policy"
+        "import prefect_journey.cli, prefect_journey.emulator, prefect_journey.policy\n"
+        f"for name in {sorted(storage_modules)!r}:\n"
+        "    importlib.import_module(name)"
     )
     assert "prefect_journey.client" in loaded and "prefect_journey.emulator.app" in loaded
+    assert "prefect_journey.storage.records" in storage_modules
+    assert storage_modules <= loaded
     assert _from_prefect(loaded) == set()
 
 

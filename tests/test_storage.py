@@ -76,7 +76,7 @@ def test_store_to_s3(emulator: EmulatorServer, bucket: Bucket) -> None:
 def test_local_store_starting_writeback_as_it_grows_is_whole(
     emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("prefect_journey.storage.LOCAL_WRITEBACK_BYTES", 256 * 1024)
+    monkeypatch.setattr("prefect_journey.storage.writers.LOCAL_WRITEBACK_BYTES", 256 * 1024)
     emulator.admin("config", {"realistic_sizes": True})  # several MB: many writebacks
     try:
         result = generate(emulator, resolution="2K")
