@@ -2,7 +2,8 @@
 ``imagine`` tasks, both campaign executors, ``prefect-journey imagine``).
 
     [the run's pause -> look for an earlier attempt's delivery -> a slot of the run
-     -> the gate (concurrency limit, budget) -> record the attempt -> the call
+     -> the pause again -> the gate (concurrency limit, budget) -> record the attempt
+     -> the call
      -> settle, or recover a lost answer from its delivery] x the retry rule
 
 The retry rule is :func:`~prefect_journey.policy.generation_retry_delay`, applied by the one
@@ -113,12 +114,15 @@ async def _attempt(
             return earlier
     attempt = None
     try:
-        async with calls.slots, paid_attempt(calls.budget, calls.concurrency_limit):
-            if receiver is not None:
-                attempt = await asyncio.to_thread(begin_attempt, key, receiver, request)
-            result = await asyncio.wait_for(
-                calls.api.imagine(attempt.request(request) if attempt else request), limit
-            )
+        async with calls.slots:
+            # Again once the slot is ours: a pause may have begun while this image queued.
+            await calls.pause.wait()
+            async with paid_attempt(calls.budget, calls.concurrency_limit):
+                if receiver is not None:
+                    attempt = await asyncio.to_thread(begin_attempt, key, receiver, request)
+                result = await asyncio.wait_for(
+                    calls.api.imagine(attempt.request(request) if attempt else request), limit
+                )
     except JourneyError as error:
         return await _recovered_or_raise(key, attempt, receiver, calls, error)
     except TimeoutError:

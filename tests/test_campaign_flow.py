@@ -615,3 +615,48 @@ def test_campaign_from_a_file_in_a_bucket(
     assert (
         report.stored == 3 and len([o for o in bucket.objects() if o.startswith("campaign/")]) == 3
     )
+
+
+@BOTH_MODES
+def test_a_retry_after_pauses_every_new_call_of_the_campaign(
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
+    """Six 0.5 s images, three at a time; the first call's 429 asks for 2 s."""
+    journey_env.admin("config", {"fixed": 0.5})
+    journey_env.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 2})
+    report = batch_campaign(
+        items=items(6),
+        destination=str(tmp_path),
+        max_concurrency=3,
+        images_per_task_run=images_per_task_run,
+    )
+    assert report.stored == 6 and imagine_calls(journey_env) == 7
+    log = [c for c in journey_env.ledger()["log"] if c["endpoint"] == "imagine"]
+    [refused] = [c for c in log if c["status"] == 429]
+    # The calls already in flight finish; none starts until the pause ends.
+    started_during = [c for c in log if refused["at"] + 0.2 < c["at"] < refused["at"] + 1.8]
+    assert started_during == []
+
+
+@BOTH_MODES
+def test_a_pause_longer_than_max_pause_leaves_the_rest_not_started_and_unpaid(
+    journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
+) -> None:
+    journey_env.admin("faults", {"rates": {"429": 1.0}, "retry_after": 120})
+    report = batch_campaign(
+        items=items(5),
+        destination=str(tmp_path),
+        max_concurrency=2,
+        max_pause=30,
+        images_per_task_run=images_per_task_run,
+        allow_failures=True,
+    )
+    assert (
+        [o.status for o in report.outcomes]
+        == ["not_started"] * 5
+        == ["not_started"] * (report.not_started)
+    )
+    assert all("max_pause=30" in o.reason and o.credits == 0 for o in report.outcomes)
+    assert "not_started=5" in report.ledger_line()
+    # Only the calls already under way when the first 429 came: no item burned its retries.
+    assert imagine_calls(journey_env) <= 2 and journey_env.ledger()["credits_charged"] == 0
