@@ -4,6 +4,8 @@ after reading its parameters (``batch_campaign``, ``generate_and_store``,
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import get_run_logger
 
 from prefect_journey import policy
@@ -18,11 +20,14 @@ from prefect_journey.campaigns.pipeline import (
     report,
     sweep_attempt_records,
 )
-from prefect_journey.campaigns.plan import CampaignItem
+from prefect_journey.campaigns.plan import plan_items
 from prefect_journey.campaigns.progress import campaign_progress
+from prefect_journey.credentials import load_credentials
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.gate import concurrency_limit_exists
 from prefect_journey.models import display_text
+from prefect_journey.receiver import load_receiver
+from prefect_journey.storage import Destination
 
 # The Prefect global concurrency limit a campaign uses when it exists (create it once per
 # workspace to share one bound between every flow that calls the API).
@@ -59,24 +64,43 @@ def check_run_options(
 
 
 def run_campaign(
-    plan: list[CampaignItem],
-    campaign: Campaign,
+    rows: list[dict[str, Any]],
     *,
+    campaign: str,
+    destination: Destination,
+    key_template: str,
+    variant: str,
+    credentials_block: str | None,
+    webhook_block: str | None,
+    overwrite: bool,
+    repay_possibly_billed: int,
+    max_pause: float,
     max_concurrency: int,
-    concurrency_limit: str | None,
-    max_credits: int | None,
-    partial_budget: bool,
-    allow_failures: bool,
-    images_per_task_run: int | None,
+    concurrency_limit: str | None = DEFAULT_CONCURRENCY_LIMIT,
+    max_credits: int | None = None,
+    partial_budget: bool = False,
+    allow_failures: bool = False,
+    images_per_task_run: int | None = None,
 ) -> CampaignReport:
-    """Look up, price, run and report ``plan``.
+    """What every flow does once it has its rows and its destination: plan them (every row
+    checked before any call), load the credentials and the receiver, look up what earlier
+    runs did, price the rest against the budget and the balance, run it and report.
 
     Args:
-        plan: The checked items.
-        campaign: What every item shares (its budget and limit are set here).
-        max_concurrency: Calls (and stores) in flight in this run.
+        rows: The items, as mappings (``prompt``; optional ``references``,
+            ``aspect_ratio``, ``resolution``; other fields feed the key template).
+        campaign: The campaign's name.
+        destination: Where the images go.
+        key_template: Each object's key.
+        variant: The resolved variant, part of every cache key.
+        credentials_block: A saved ``JourneyCredentials``; None for ``JOURNEY_API_KEY``.
+        webhook_block: A saved ``JourneyWebhookReceiver``; None reads the environment.
+        overwrite: Replace the objects at the run's keys.
+        repay_possibly_billed: Repays of a possibly-billed failure.
+        max_pause: The longest ``Retry-After`` waited for.
+        max_concurrency: Calls (and stores) in flight.
         concurrency_limit: A Prefect global concurrency limit, used when it exists.
-        max_credits: The run's credit budget; refused before any call if it could be passed.
+        max_credits: The run's credit budget.
         partial_budget: Run until ``max_credits`` is spent instead of refusing to start.
         allow_failures: Return the report even if some items were not stored.
         images_per_task_run: Images per task run; None lets the run choose.
@@ -85,12 +109,25 @@ def run_campaign(
         The report.
 
     Raises:
+        CampaignError: Bad rows (every one listed), before any call.
         BudgetExceededError: The campaign could cost more than ``max_credits``.
         InsufficientCreditsError: More than the account's balance.
         CampaignFailedError: Some items were not stored (unless ``allow_failures``).
     """
+    plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
+    campaign_run = Campaign(
+        campaign,
+        destination,
+        key_template,
+        variant,
+        load_credentials(credentials_block),
+        receiver=load_receiver(webhook_block),  # fails before spending
+        overwrite=overwrite,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
+    )
     logger = get_run_logger()
-    found = look_up(plan, campaign)
+    found = look_up(plan, campaign_run)
     todo = [item for item in plan if item.row not in found.settled]
     if found.finished:
         logger.info("%d of %d items were stored by an earlier run", len(found.finished), len(plan))
@@ -104,7 +141,7 @@ def run_campaign(
     preflight(
         todo,
         found.generated,
-        credentials=campaign.credentials,
+        credentials=campaign_run.credentials,
         max_credits=max_credits,
         partial_budget=partial_budget,
     )
@@ -115,21 +152,21 @@ def run_campaign(
             display_text(concurrency_limit),
             max_concurrency,
         )
-    campaign = campaign.with_run(
+    campaign_run = campaign_run.with_run(
         budget=CreditBudget.create(budget_path(), max_credits),
         concurrency_limit=limit,
         restore=frozenset(found.restore),
     )
     outcomes = list(found.settled.values())
-    with campaign_progress(campaign.name, len(plan), outcomes, campaign.budget) as progress:
+    with campaign_progress(campaign, len(plan), outcomes, campaign_run.budget) as progress:
         if todo:
             outcomes += run_items(
                 todo,
-                campaign,
+                campaign_run,
                 max_concurrency=max_concurrency,
                 images_per_task_run=log_grouping(len(todo), max_concurrency, images_per_task_run),
                 progress=progress,
             )
-    if campaign.receiver is not None:
+    if campaign_run.receiver is not None:
         sweep_attempt_records(logger)
-    return report(campaign, len(plan), outcomes, allow_failures=allow_failures)
+    return report(campaign_run, len(plan), outcomes, allow_failures=allow_failures)

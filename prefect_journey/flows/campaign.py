@@ -22,18 +22,16 @@ from prefect import flow
 
 from prefect_journey import policy
 from prefect_journey._compat import shared_sync_client
-from prefect_journey.campaigns.pipeline import Campaign, CampaignReport
-from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items, read_items
+from prefect_journey.campaigns.pipeline import CampaignReport
+from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, read_items
 from prefect_journey.campaigns.run import (
     DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_MAX_CONCURRENCY,
     check_run_options,
     run_campaign,
 )
-from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
-from prefect_journey.receiver import load_receiver
 from prefect_journey.variants import check_variant, resolve_variant
 
 R = TypeVar("R")
@@ -128,23 +126,18 @@ def batch_campaign(
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
     )
-    variant = resolve_variant(check_variant(variant))
     rows = items if items is not None else read_items(source or "")
-    plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
-    run = Campaign(
-        campaign,
-        load_destination(destination, destination_block),  # fails before spending
-        key_template,
-        variant,
-        load_credentials(credentials_block),
-        receiver=load_receiver(webhook_block),  # fails before spending
+    return run_campaign(
+        rows,
+        campaign=campaign,
+        destination=load_destination(destination, destination_block),  # fails before spending
+        key_template=key_template,
+        variant=resolve_variant(check_variant(variant)),
+        credentials_block=credentials_block,
+        webhook_block=webhook_block,
         overwrite=overwrite,
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
-    )
-    return run_campaign(
-        plan,
-        run,
         max_concurrency=max_concurrency,
         concurrency_limit=concurrency_limit,
         max_credits=max_credits,

@@ -11,18 +11,15 @@ from __future__ import annotations
 from prefect import flow
 
 from prefect_journey import policy
-from prefect_journey.campaigns.pipeline import Campaign, CampaignReport
-from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items
+from prefect_journey.campaigns.pipeline import CampaignReport
+from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE
 from prefect_journey.campaigns.run import (
-    DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_MAX_CONCURRENCY,
     check_run_options,
     run_campaign,
 )
-from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
-from prefect_journey.receiver import load_receiver
 from prefect_journey.tasks import presign_references
 from prefect_journey.variants import check_variant, resolve_variant
 
@@ -112,25 +109,16 @@ def character_series(
         }
         for scene in scenes
     ]
-    plan = plan_items(rows, campaign=series, key_template=key_template, variant=variant)
-    run = Campaign(
-        series,
-        target,
-        key_template,
-        variant,
-        load_credentials(credentials_block),
-        receiver=load_receiver(webhook_block),
+    return run_campaign(
+        rows,
+        campaign=series,
+        destination=target,
+        key_template=key_template,
+        variant=variant,
+        credentials_block=credentials_block,
+        webhook_block=webhook_block,
         overwrite=overwrite,
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
-    )
-    return run_campaign(
-        plan,
-        run,
         max_concurrency=max_concurrency,
-        concurrency_limit=DEFAULT_CONCURRENCY_LIMIT,
-        max_credits=None,
-        partial_budget=False,
-        allow_failures=False,
-        images_per_task_run=None,
     )

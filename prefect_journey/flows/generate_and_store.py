@@ -10,16 +10,13 @@ from __future__ import annotations
 from prefect import flow
 
 from prefect_journey import policy
-from prefect_journey.campaigns.pipeline import Campaign, CampaignReport
-from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, plan_items
+from prefect_journey.campaigns.pipeline import CampaignReport
+from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE
 from prefect_journey.campaigns.run import (
-    DEFAULT_CONCURRENCY_LIMIT,
     check_run_options,
     run_campaign,
 )
-from prefect_journey.credentials import load_credentials
 from prefect_journey.destinations import load_destination
-from prefect_journey.receiver import load_receiver
 from prefect_journey.tasks import presign_references
 from prefect_journey.variants import check_variant, resolve_variant
 
@@ -102,27 +99,18 @@ def generate_and_store(
         "aspect_ratio": aspect_ratio,
         "resolution": resolution,
     }
-    # Planned before any call, so a bad parameter fails the run before a credit is spent.
-    plan = plan_items([row], campaign=campaign, key_template=key_template, variant=variant)
-    run = Campaign(
-        campaign,
-        target,
-        key_template,
-        variant,
-        load_credentials(credentials_block),
-        receiver=load_receiver(webhook_block),
+    report = run_campaign(
+        [row],
+        campaign=campaign,
+        destination=target,
+        key_template=key_template,
+        variant=variant,
+        credentials_block=credentials_block,
+        webhook_block=webhook_block,
         overwrite=overwrite,
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
-    )
-    report = run_campaign(
-        plan,
-        run,
         max_concurrency=1,
-        concurrency_limit=DEFAULT_CONCURRENCY_LIMIT,
-        max_credits=None,
-        partial_budget=False,
-        allow_failures=False,
         images_per_task_run=1,
     )
     print(f"image stored at {report.outcomes[0].uri}")
