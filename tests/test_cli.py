@@ -43,11 +43,25 @@ def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_p
     assert SENTINEL_KEY not in done.stdout + done.stderr
 
 
+def test_the_command_line_waits_a_retry_after_as_given_and_gives_up_past_the_limit(
+    emulator: EmulatorServer,
+) -> None:
+    """Two runs of the CLI: the paid generation of every path, with its Retry-After rule."""
+    emulator.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 0.3})
+    done = run(emulator, "imagine", "--prompt", "after a short pause", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"]["attempts"] == 2
+    emulator.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 120})
+    done = run(emulator, "imagine", "--prompt", "after a long pause")
+    assert done.returncode == 1 and "wait 120 s" in done.stderr and "nothing billed" in done.stderr
+    assert emulator.ledger()["calls"]["imagine"] == 3 and emulator.ledger()["credits_charged"] == 4
+
+
 def test_a_lost_answer_is_paid_again_once_by_default_and_never_with_0(
     emulator: EmulatorServer,
 ) -> None:
     """Four runs of the CLI, each a subprocess that imports the package; a repay waits the
-    client's first backoff (under a second)."""
+    generation ladder's first pause (2 s +/- 50 %)."""
     emulator.admin("faults", {"queue": {"api": ["500"]}})
     done = run(emulator, "imagine", "--prompt", "repaid once", "--json")
     assert done.returncode == 0, done.stderr
