@@ -120,7 +120,7 @@ class Backpressure:
 
 @asynccontextmanager
 async def paid_attempt(
-    budget: CreditBudget | None, concurrency_limit: str | None
+    budget: CreditBudget | None, concurrency_limit: str | None, *, lease: float | None = None
 ) -> AsyncIterator[None]:
     """One paid attempt's gate: a concurrency slot, then a reservation on the budget.
 
@@ -133,9 +133,11 @@ async def paid_attempt(
         budget: The run's credit budget; None for none.
         concurrency_limit: The name of a Prefect global concurrency limit, of which the
             attempt holds one slot; None or empty for no limit.
+        lease: The attempt's deadline in seconds: its reservation on the budget lives that
+            long if nothing settles it (a killed process); None for the slowest request's.
 
     Raises:
-        BudgetExceededError: The attempt could take the run past its budget.
+        BudgetExceededError: The attempt could take the budget past its limit.
         ConcurrencySlotAcquisitionError: No limit is called ``concurrency_limit`` (Prefect's
             error: the slot is taken with ``strict=True``).
 
@@ -161,5 +163,5 @@ async def paid_attempt(
         if concurrency_limit:
             await stack.enter_async_context(concurrency(concurrency_limit, occupy=1, strict=True))
         if budget is not None:
-            stack.enter_context(budget.attempt())
+            stack.enter_context(budget.attempt(lease))
         yield

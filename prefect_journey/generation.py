@@ -117,7 +117,7 @@ async def _attempt(
         async with calls.slots:
             # Again once the slot is ours: a pause may have begun while this image queued.
             await calls.pause.wait()
-            async with paid_attempt(calls.budget, calls.concurrency_limit):
+            async with paid_attempt(calls.budget, calls.concurrency_limit, lease=limit):
                 if receiver is not None:
                     attempt = await asyncio.to_thread(begin_attempt, key, receiver, request)
                 result = await asyncio.wait_for(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +53,8 @@ DESTINATION = Variable(
 )
 BUDGET_DIR = Variable(
     "JOURNEY_BUDGET_DIR",
-    "<temp dir>/prefect-journey",
-    "Folder of the campaigns' credit-budget files (share it between the processes of a run).",
+    "$PREFECT_HOME/journey/budgets",
+    "Folder of the campaigns' credit budgets, which outlive runs (one file per budget name).",
 )
 LOCK_LEASE_SECONDS = Variable(
     "JOURNEY_LOCK_LEASE_SECONDS",
@@ -161,10 +160,15 @@ def destination() -> str:
     return _raw(DESTINATION) or DEFAULT_DESTINATION
 
 
-def budget_dir() -> Path:
-    """``JOURNEY_BUDGET_DIR``, else ``prefect-journey`` in the system's temporary folder."""
+def budget_dir(prefect_home: Path) -> Path:
+    """``JOURNEY_BUDGET_DIR``, else ``journey/budgets`` under ``prefect_home``: durable,
+    beside the image locks, since a campaign's budget outlives its runs.
+
+    Args:
+        prefect_home: Prefect's home folder (this module does not import Prefect).
+    """
     raw = _raw(BUDGET_DIR)
-    return Path(raw) if raw else Path(tempfile.gettempdir()) / "prefect-journey"
+    return Path(raw) if raw else prefect_home / "journey" / "budgets"
 
 
 def lock_lease_seconds() -> float:

@@ -191,6 +191,13 @@ def emulator(
 
 
 @pytest.fixture(autouse=True)
+def _own_budgets(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own campaign budgets: a budget outlives runs, and tests reuse campaign
+    names."""
+    monkeypatch.setenv("JOURNEY_BUDGET_DIR", str(tmp_path_factory.mktemp("budgets")))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_s3_filesystems() -> None:
     """s3fs caches filesystem instances by their arguments and reads AWS_* variables only
     when it builds one; tests change those variables, so each test starts uncached."""

@@ -123,35 +123,55 @@ def test_budget_counts_spent_in_flight_and_refunds(tmp_path: Path) -> None:
         raise ServiceUnavailableError("503")  # not billed: given back
     with pytest.raises(ServerError), budget.attempt():
         raise ServerError("500")  # possibly billed: counted
-    budget.reserve()
+    held = budget.reserve()
     with pytest.raises(BudgetExceededError, match="max_credits=12"):
         budget.reserve()
-    budget.settle(None)
-    snapshot = budget.snapshot()
-    assert snapshot == {
-        "in_flight": 0,
-        "spent": 12,
-        "calls": 4,
+    budget.settle(held, None)
+    expected = {"spent": 12, "calls": 4, "possibly_billed": 1, "refused": 1}
+    assert budget.snapshot() == {**expected, "in_flight": 0, "limit": 12, "left": 0}
+    assert budget.this_run == expected
+
+
+def test_a_campaign_budget_outlives_its_runs_and_a_killed_reservation_counts_after_its_lease(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("JOURNEY_BUDGET_DIR", str(tmp_path))
+    first = CreditBudget.for_campaign("Spring 2027", limit=12)
+    with first.attempt():
+        pass
+    first.reserve(lease=0.0)  # its process was killed with the call in flight
+    again = CreditBudget.for_campaign("Spring 2027", limit=12)
+    assert again.path == first.path and again.this_run["calls"] == 0
+    # The lease has passed: spent and possibly billed, unless a delivery proves otherwise.
+    assert again.snapshot() == {
+        "spent": 8,
+        "calls": 2,
         "possibly_billed": 1,
-        "refused": 1,
+        "refused": 0,
+        "in_flight": 0,
         "limit": 12,
+        "left": 4,
     }
+    with again.attempt():
+        pass
+    with pytest.raises(BudgetExceededError, match="12"), again.attempt():
+        pass
+    assert CreditBudget.for_campaign("other", limit=12).snapshot()["left"] == 12
 
 
 def test_the_budget_file_stays_whole_as_its_state_shrinks(tmp_path: Path) -> None:
     # Updates overwrite the file in place: a shorter state must not leave old bytes behind.
     path = tmp_path / "b.json"
     budget = CreditBudget.create(path)
-    for _ in range(3):
-        budget.reserve()  # 12 credits in flight
-    for _ in range(3):
-        budget.settle(ServiceUnavailableError("503"))  # given back: 0, one digit shorter
+    held = [budget.reserve() for _ in range(3)]  # 12 credits in flight
+    for reservation in held:
+        budget.settle(reservation, ServiceUnavailableError("503"))  # given back
     assert json.loads(path.read_text()) == {
-        "in_flight": 0,
         "spent": 0,
         "calls": 3,
         "possibly_billed": 0,
         "refused": 0,
+        "reservations": {},
     }
 
 

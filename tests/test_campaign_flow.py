@@ -388,7 +388,7 @@ def test_over_budget_or_balance_fails_before_any_call(
     over_budget = batch_campaign(
         items=items(10), destination=str(tmp_path), max_credits=39, return_state=True
     )
-    assert over_budget.is_failed() and "above max_credits=39" in str(over_budget.message)
+    assert over_budget.is_failed() and "left of max_credits=39" in str(over_budget.message)
     journey_env.admin("config", {"credits": 20})
     over_balance = batch_campaign(items=items(10), destination=str(tmp_path), return_state=True)
     assert over_balance.is_failed() and "account has 20" in str(over_balance.message)
@@ -413,6 +413,23 @@ def test_half_budget_stops_new_calls_at_the_limit(
     assert (report.calls, report.credits_charged, report.stored, report.skipped) == (5, 20, 5, 5)
     assert journey_env.ledger()["credits_charged"] == 20 and imagine_calls(journey_env) == 5
     assert all("budget" in o.reason for o in report.outcomes if o.status == "skipped")
+
+
+def test_a_budget_belongs_to_the_campaign_not_to_a_run(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    """Three runs of one campaign against one max_credits: the third is refused before its
+    call, whatever its items."""
+    options: dict[str, Any] = {"campaign": "capped", "destination": str(tmp_path)}
+    first = batch_campaign(items=items(1), max_credits=8, **options)
+    assert first.budget_left == 4 and "budget_left=4" in first.ledger_line()
+    second = batch_campaign(items=items(1), max_credits=8, **options)
+    assert (second.credits_charged, second.budget_left) == (4, 0)
+    third = batch_campaign(items=items(1), max_credits=8, return_state=True, **options)
+    assert third.is_failed() and "8 spent by earlier runs" in str(third.message)
+    # Another budget name is another budget.
+    other = batch_campaign(items=items(1), max_credits=8, budget_name="capped-2", **options)
+    assert other.budget_left == 4 and imagine_calls(journey_env) == 3
 
 
 @BOTH_MODES

@@ -42,12 +42,13 @@ def test_values_are_read_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.delenv(variable.name, raising=False)
     assert settings.base_url() == "https://api.journeyapi.com"
     assert settings.destination() == "./outputs"
+    assert settings.budget_dir(Path("/home")) == Path("/home/journey/budgets")
     assert settings.lock_lease_seconds() == 60
     assert settings.read_timeout() is None
     assert settings.api_key() is None and settings.webhook_secret() == ""
     monkeypatch.setenv("JOURNEY_BUDGET_DIR", "/var/budgets")
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "240")
-    assert settings.budget_dir() == Path("/var/budgets")
+    assert settings.budget_dir(Path("/home")) == Path("/var/budgets")
     assert settings.read_timeout() == 240
 
 

@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from prefect_journey import policy, settings
+from prefect_journey import policy
 from prefect_journey._compat import call_sync
 from prefect_journey.attempts import sweep_expired
 from prefect_journey.budget import BudgetExceededError, CreditBudget
@@ -95,7 +93,9 @@ class CampaignReport(BaseModel):
     the items whose last attempt may have been billed and was not paid again (status
     ``possibly_billed``), apart. ``possibly_billed_retries`` counts possibly-billed attempts
     that were paid again (the ledger's possibly-billed attempts, less each not-repaid item's
-    last one); ``recovered`` the images taken from a webhook delivery instead.
+    last one); ``recovered`` the images taken from a webhook delivery instead. ``calls`` and
+    ``credits_charged`` are this run's; ``budget_left`` is what is left of the campaign's
+    budget after it (None without ``max_credits``).
     """
 
     campaign: str
@@ -111,6 +111,7 @@ class CampaignReport(BaseModel):
     recovered: int = 0
     possibly_billed_not_repaid: int = 0
     not_started: int = 0
+    budget_left: int | None = None
 
     def ledger_line(self) -> str:
         """The run's one-line ledger, as logged and shown on the summary artifact."""
@@ -122,6 +123,7 @@ class CampaignReport(BaseModel):
             f"credits_charged={self.credits_charged} "
             f"possibly_billed_retries={self.possibly_billed_retries} "
             f"recovered={self.recovered}"
+            + ("" if self.budget_left is None else f" budget_left={self.budget_left}")
         )
 
 
@@ -337,24 +339,24 @@ def preflight(
     generated: dict[int, ImagineResult | None],
     *,
     credentials: JourneyCredentials | None,
-    max_credits: int | None,
+    budget: CreditBudget,
     partial_budget: bool,
 ) -> int:
-    """The credits ``todo`` can cost (cache hits excluded), checked against the budget and
-    the account's balance before anything is spent.
+    """The credits ``todo`` can cost (cache hits excluded), checked against what is left of
+    the campaign's budget and the account's balance before anything is spent.
 
     Args:
         todo: The items still to run.
         generated: Each row's cached image, or None (from :func:`look_up`).
         credentials: Whose balance to read; None for ``JOURNEY_API_KEY``.
-        max_credits: The run's budget, if any.
+        budget: The campaign's budget (its earlier runs' spending counts).
         partial_budget: Run until the budget is spent instead of refusing.
 
     Returns:
         The most the items can cost.
 
     Raises:
-        BudgetExceededError: Over ``max_credits`` (unless ``partial_budget``).
+        BudgetExceededError: Over what is left of the budget (unless ``partial_budget``).
         InsufficientCreditsError: Over the account's balance.
     """
     uncached = [item for item in todo if generated[item.row] is None]
@@ -367,13 +369,15 @@ def preflight(
     )
     if cost == 0:
         return 0
-    if max_credits is not None and cost > max_credits and not partial_budget:
+    left = budget.snapshot()["left"]
+    if left is not None and cost > left and not partial_budget:
+        spent = "" if left == budget.limit else f" ({budget.limit - left} spent by earlier runs)"
         raise BudgetExceededError(
             f"the campaign can cost {cost} credits ({len(uncached)} uncached items x "
-            f"{CREDITS_PER_IMAGE}), above max_credits={max_credits}; "
-            "raise max_credits or pass partial_budget=True"
+            f"{CREDITS_PER_IMAGE}), above the {left} left of max_credits={budget.limit}"
+            f"{spent}; raise max_credits or pass partial_budget=True"
         )
-    needed = min(cost, max_credits) if max_credits is not None else cost
+    needed = min(cost, left) if left is not None else cost
     with journey_client(credentials) as api:
         balance = api.account().credits
     if needed > balance:
@@ -398,11 +402,6 @@ def sweep_attempt_records(logger: Logger) -> None:
         return
     if swept:
         logger.info("removed %d expired attempt record(s)", swept)
-
-
-def budget_path() -> Path:
-    """This flow run's budget file, under ``JOURNEY_BUDGET_DIR``."""
-    return settings.budget_dir() / f"budget-{flow_run.id or 'local'}.json"
 
 
 # --- Outcome and report ------------------------------------------------------------------------
@@ -475,7 +474,8 @@ def report(
         CampaignFailedError: An item was not stored, unless ``allow_failures``.
     """
     outcomes = sorted(outcomes, key=lambda o: o.row)
-    ledger = campaign.budget.snapshot() if campaign.budget else {}
+    ledger = campaign.budget.this_run if campaign.budget else {}
+    left = campaign.budget.snapshot()["left"] if campaign.budget else None
     not_repaid = sum(o.status == "possibly_billed" for o in outcomes)
     summary = CampaignReport(
         campaign=campaign.name,
@@ -492,6 +492,7 @@ def report(
         recovered=sum(o.recovered for o in outcomes),
         possibly_billed_not_repaid=not_repaid,
         not_started=sum(o.status == "not_started" for o in outcomes),
+        budget_left=left,
     )
     publish_outcomes(campaign.name, outcomes, summary.ledger_line())
     not_stored = [o for o in outcomes if o.status != "stored"]

@@ -86,7 +86,7 @@ class CampaignProgress:
             return
         now = time.monotonic()
         if self._budget and (now - self._credits_read > CREDITS_READ_INTERVAL or self.share == 1):
-            self._credits = int(self._budget.snapshot()["spent"])
+            self._credits = self._budget.this_run["spent"]
             self._credits_read = now
         summary = (
             f"stored {self.stored} · cache hits {self.cache_hits} · failed {self.failed}"

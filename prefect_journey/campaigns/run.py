@@ -14,7 +14,6 @@ from prefect_journey.campaigns.executor import log_grouping, run_items
 from prefect_journey.campaigns.pipeline import (
     Campaign,
     CampaignReport,
-    budget_path,
     look_up,
     preflight,
     report,
@@ -81,6 +80,7 @@ def run_campaign(
     partial_budget: bool = False,
     allow_failures: bool = False,
     images_per_task_run: int | None = None,
+    budget_name: str | None = None,
 ) -> CampaignReport:
     """What every flow does once it has its rows and its destination: plan them (every row
     checked before any call), load the credentials and the receiver, look up what earlier
@@ -100,10 +100,12 @@ def run_campaign(
         max_pause: The longest ``Retry-After`` waited for.
         max_concurrency: Calls (and stores) in flight.
         concurrency_limit: A Prefect global concurrency limit, used when it exists.
-        max_credits: The run's credit budget.
+        max_credits: The campaign's credit budget, over all its runs (its earlier runs'
+            spending counts); None counts without refusing.
         partial_budget: Run until ``max_credits`` is spent instead of refusing to start.
         allow_failures: Return the report even if some items were not stored.
         images_per_task_run: Images per task run; None lets the run choose.
+        budget_name: The budget's name; None for the campaign's.
 
     Returns:
         The report.
@@ -138,11 +140,13 @@ def run_campaign(
             len(found.refused),
             len(plan),
         )
+    # The campaign's budget, as its earlier runs left it: max_credits bounds the campaign.
+    budget = CreditBudget.for_campaign(budget_name or campaign, max_credits)
     preflight(
         todo,
         found.generated,
         credentials=campaign_run.credentials,
-        max_credits=max_credits,
+        budget=budget,
         partial_budget=partial_budget,
     )
     limit = concurrency_limit if todo and concurrency_limit_exists(concurrency_limit) else None
@@ -153,7 +157,7 @@ def run_campaign(
             max_concurrency,
         )
     campaign_run = campaign_run.with_run(
-        budget=CreditBudget.create(budget_path(), max_credits),
+        budget=budget,
         concurrency_limit=limit,
         restore=frozenset(found.restore),
     )

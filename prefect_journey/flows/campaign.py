@@ -57,6 +57,7 @@ def batch_campaign(
     overwrite: bool = False,
     repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
     max_pause: float = policy.RETRY_AFTER_CAP,
+    budget_name: str | None = None,
 ) -> CampaignReport:
     """Generate and store every item of a campaign.
 
@@ -73,7 +74,9 @@ def batch_campaign(
         max_concurrency: Calls (and stores) in flight in this run.
         concurrency_limit: A Prefect global concurrency limit shared with other flows, used
             when it exists; ``max_concurrency`` bounds the run either way.
-        max_credits: The run's credit budget; refused before any call if it could be passed.
+        max_credits: The campaign's credit budget, over all its runs: a re-run, a retry
+            of the run and the other runs of the same budget spend from it. Refused before
+            any call if it could be passed.
         partial_budget: Run until ``max_credits`` is spent instead of refusing to start.
         allow_failures: Complete the run even if some items failed.
         images_per_task_run: Images per task run: 1 gives every image its own task run;
@@ -94,6 +97,8 @@ def batch_campaign(
             on the campaign (every new call waits it out together); a longer one stops the
             campaign's new calls and reports the items left as ``not_started`` (nothing
             billed; a re-run picks them up).
+        budget_name: Whose budget ``max_credits`` is; default the campaign's name. Runs
+            that name the same budget share it.
 
     Returns:
         The report: counts, credits, and one outcome per item.
@@ -144,6 +149,7 @@ def batch_campaign(
         partial_budget=partial_budget,
         allow_failures=allow_failures,
         images_per_task_run=images_per_task_run,
+        budget_name=budget_name,
     )
 
 
