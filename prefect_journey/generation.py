@@ -30,7 +30,7 @@ from prefect_journey.gate import Backpressure, paid_attempt
 from prefect_journey.models import ImagineRequest, ImagineResult
 from prefect_journey.publishing import Logger, log_generation
 from prefect_journey.receiver import JourneyWebhookReceiver, attempt_timeout, receiver_for
-from prefect_journey.recovery import begin_attempt, end_attempt, recover_attempt, recover_earlier
+from prefect_journey.recovery import begin_attempt, recover_attempt, recover_earlier
 from prefect_journey.retrying import retrying
 
 
@@ -76,7 +76,10 @@ async def generate(
 
     Returns:
         The image, with its attempts and the possibly-billed ones paid again counted, and
-        ``recovered`` when it came from a webhook delivery.
+        ``recovered`` when it came from a webhook delivery. Its attempt records stay: the
+        caller writes the image's cache record, then settles the image
+        (:func:`~prefect_journey.recovery.settle_image`), so a process killed in between
+        leaves the next run a delivery to find instead of an image to pay for again.
 
     Raises:
         JourneyError: The last attempt's failure, when the rule gives up.
@@ -133,8 +136,8 @@ async def _attempt(
             return await _recovered_or_raise(key, attempt, receiver, calls, lost)
         except JourneyTimeoutError:
             raise TimeoutError(str(lost)) from None
-    if attempt is not None:
-        await asyncio.to_thread(end_attempt, key, attempt)
+    # The attempt's record stays until the image's cache record is written: the caller,
+    # which writes it, settles the image (recovery.settle_image).
     return result
 
 

@@ -76,26 +76,36 @@ def begin_attempt(key: str, receiver: JourneyWebhookReceiver, request: ImagineRe
     return attempt
 
 
-def end_attempt(key: str, attempt: Attempt | None, error: JourneyError | None = None) -> None:
-    """Settle an attempt by how it ended.
+def settle_image(key: str) -> None:
+    """Forget every attempt of an image, once it is settled for good: its result is in its
+    cache record, or the provider refused it.
+
+    An image that came back is settled only after its cache record is written: a run killed
+    in between leaves the record, and the next run finds the image's delivery instead of
+    paying again.
 
     Args:
         key: The image's cache key; the caller holds its lock.
-        attempt: The attempt; None (no receiver) does nothing.
-        error: How it failed. None (it brought the image) settles every attempt of the
-            image. The provider's refusal (:class:`TaskFailedError`) settles all but the
-            attempts a killed run left in flight before their deadline (they may still
-            deliver an image, already billed). A 503/408 (:class:`ServiceUnavailableError`)
-            should have made nothing, but its record stays until its deadline, so that a
-            check before paying still asks for a late delivery (a gateway may have answered
-            for a provider at work). Any other failure forgets the attempt.
     """
-    if attempt is None:
-        return
+    save_attempts(key, [])
+
+
+def end_attempt(key: str, attempt: Attempt, error: JourneyError) -> None:
+    """Settle a failed attempt by how it failed.
+
+    Args:
+        key: The image's cache key; the caller holds its lock.
+        attempt: The attempt.
+        error: How it failed. The provider's refusal (:class:`TaskFailedError`) settles all
+            but the attempts a killed run left in flight before their deadline (they may
+            still deliver an image, already billed). A 503/408
+            (:class:`ServiceUnavailableError`) should have made nothing, but its record
+            stays until its deadline, so that a check before paying still asks for a late
+            delivery (a gateway may have answered for a provider at work). Any other
+            failure forgets the attempt.
+    """
     others = [r for r in recorded_attempts(key) if r.id != attempt.id]
-    if error is None:
-        others = []
-    elif isinstance(error, TaskFailedError):
+    if isinstance(error, TaskFailedError):
         others = _unsettled(others, refused=True)
     elif isinstance(error, ServiceUnavailableError):
         others.append(attempt.record.model_copy(update={"answered": "unavailable"}))
@@ -122,7 +132,7 @@ def _settle(
         end_attempt(key, attempt, error)
         _logger().warning("no proven delivery of attempt %s by its deadline", attempt.id)
         return None
-    end_attempt(key, attempt)
+    # Its record stays until the image's cache record is written (settle_image).
     _logger().info("recovered task %s from attempt %s's delivery", found.task_id, attempt.id)
     if budget is not None:
         budget.recovered(billed=True)
@@ -130,7 +140,7 @@ def _settle(
 
 
 def _refusal(budget: CreditBudget | None, key: str, attempt: Attempt) -> None:
-    end_attempt(key, attempt)  # the provider's answer settles the image
+    settle_image(key)  # the provider's answer settles the image
     if budget is not None:
         budget.recovered(billed=False)  # a refused image is not billed
 
@@ -206,12 +216,12 @@ def _unsettled(records: list[AttemptRecord], *, refused: bool) -> list[AttemptRe
 def _forget_earlier(
     key: str, found: ImagineResult | None, *, refused: bool = False
 ) -> ImagineResult | None:
-    # An image found settles every attempt.
-    kept = [] if found is not None else _unsettled(recorded_attempts(key), refused=refused)
-    save_attempts(key, kept)
     if found is not None:
+        # The records stay until the image's cache record is written (settle_image).
         _logger().info("recovered task %s from an earlier attempt", found.task_id)
-    return found
+        return found
+    save_attempts(key, _unsettled(recorded_attempts(key), refused=refused))
+    return None
 
 
 async def recover_earlier(

@@ -52,6 +52,7 @@ from prefect_journey.models import (
 )
 from prefect_journey.publishing import RUN_NAME_PROMPT_CHARS, log_stored
 from prefect_journey.receiver import JourneyWebhookReceiver, load_receiver
+from prefect_journey.recovery import settle_image
 from prefect_journey.retrying import store_with_retries
 from prefect_journey.settings import DEFAULT_DESTINATION
 from prefect_journey.storage import (
@@ -182,7 +183,11 @@ async def aimagine(
             repay_possibly_billed=repays,
             pause=Backpressure(max_pause),
         )
-        return await generate(request, calls, key=key, logger=get_run_logger())
+        result = await generate(request, calls, key=key, logger=get_run_logger())
+    if receiver is not None:
+        # Prefect's engine writes the cache record as the task returns, right after this.
+        await asyncio.to_thread(settle_image, key)
+    return result
 
 
 @task(name="journey-imagine", **IMAGINE_OPTIONS)

@@ -54,6 +54,8 @@ class Run:
         report: CampaignReport = batch_campaign(
             items=rows,
             campaign="compare",
+            # A budget outlives runs: each grouping spends from its own.
+            budget_name=f"compare-{self.images_per_task_run}",
             destination=str(self.folder),
             images_per_task_run=self.images_per_task_run,
             max_concurrency=ITEMS,

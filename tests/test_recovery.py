@@ -474,3 +474,38 @@ def test_a_killed_runs_calls_are_recovered_by_the_next_run(
     ledger = recovering.ledger()
     assert ledger["credits_charged"] == 80 and len(ledger["billed_tasks"]) == 20
     assert len(list(tmp_path.rglob("*.png"))) == 20
+
+
+def test_an_image_paid_by_a_run_that_died_before_caching_it_is_recovered_not_bought_again(
+    recovering: EmulatorServer, tmp_path: Path
+) -> None:
+    """The paid generation returns, and its process dies before the image's cache record is
+    written: the next run finds the attempt's record and its delivery (the events API, once
+    a second)."""
+    from prefect import get_run_logger
+
+    from prefect_journey.cache import imagine_cache_key
+    from prefect_journey.client import AsyncJourneyClient
+    from prefect_journey.generation import PaidCalls, generate
+    from prefect_journey.receiver import load_receiver
+
+    [row] = items(1)
+    request = ImagineRequest(prompt=row["prompt"])
+    key = imagine_cache_key(request, "", recovering.url)
+
+    @flow
+    def dies_before_caching() -> ImagineResult:
+        async def paid() -> ImagineResult:
+            async with AsyncJourneyClient(max_retries=0) as api:
+                calls = PaidCalls(api, receiver=load_receiver())
+                return await generate(request, calls, key=key, logger=get_run_logger())
+
+        return asyncio.run(paid())
+
+    first = dies_before_caching()
+    assert [r.id for r in recorded_attempts(key)]  # the attempt is still on record
+    report = batch_campaign(items=[row], destination=str(tmp_path))
+    ledger = recovering.ledger()
+    assert report.stored == 1 and report.outcomes[0].task_id == first.task_id
+    assert report.calls == 0 and ledger["credits_charged"] == 4
+    assert ledger["billed_tasks"] == [first.task_id] and recorded_attempts(key) == []

@@ -33,6 +33,7 @@ from prefect_journey.campaigns.plan import CampaignItem
 from prefect_journey.generation import PaidCalls, generate
 from prefect_journey.models import ImagineResult
 from prefect_journey.publishing import emit_stored_event, image_artifact, log_stored
+from prefect_journey.recovery import settle_image
 from prefect_journey.retrying import store_with_retries
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import astore_image, imagine
@@ -120,6 +121,8 @@ async def _cached_or_generated(
         return found, True
     result = await generate(item.request, shared.calls, key=key, logger=get_run_logger())
     await asyncio.to_thread(cache_result, imagine, key, result, holder)
+    if shared.calls.receiver is not None:
+        await asyncio.to_thread(settle_image, key)  # only now: the image is in its record
     return result, False
 
 
