@@ -191,7 +191,8 @@ def test_an_object_created_during_the_upload_is_kept_and_the_upload_aborted(
     emulator.admin("config", {"realistic_sizes": True})  # tens of MB: several parts
     try:
         result = generate(emulator, resolution="4K")
-        image = httpx.get(result.image_url).content
+        # Rendering and encoding tens of MB takes seconds on a loaded machine.
+        image = httpx.get(result.image_url, timeout=120).content
     finally:
         emulator.admin("config", {"realistic_sizes": False})
     key = f"{result.task_id}.png"
