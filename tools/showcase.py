@@ -22,26 +22,25 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import SecretStr
 
+from tools.services import PREFECT, ROOT, free_port, port_is_free, prefect_server
+
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "docs" / "images"
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-PREFECT = (sys.executable, "-m", "prefect")
 CHROMIUM = "/usr/bin/chromium"
 # Prefect's own default, so the address is the one Prefect's docs show.
 UI_PORT = 4200
@@ -106,78 +105,6 @@ PICTURES = (
     Shot("ui-block-form.png", "/blocks/catalog/journeyapi-credentials/create", "API Key"),
     Shot("ui-deployment.png", "/deployments/deployment/{deployment}", "every day"),
 )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def prefect_server(home: Path, port: int) -> Iterator[str]:
-    """``prefect server start`` on ``port`` with its own home; yields its base URL (UI and
-    ``/api``)."""
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    base = f"http://127.0.0.1:{port}"
-    # The UI asks the API at this address (its default is port 4200).
-    env["PREFECT_UI_API_URL"] = f"{base}/api"
-    env.pop("PREFECT_API_URL", None)
-    with (home / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until(lambda: healthy(f"{base}/api"), "the Prefect server to answer", server)
-            yield base
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
-def port_is_free(port: int) -> bool:
-    """Whether nothing listens on ``port`` of the loopback interface."""
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0
-
-
-def healthy(api: str) -> bool:
-    """Whether the Prefect API answers its health check."""
-    try:
-        return httpx.get(f"{api}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_until(
-    condition: Callable[[], Any],
-    what: str,
-    process: subprocess.Popen[Any] | None = None,
-    timeout: float = 180,
-) -> Any:
-    """Poll ``condition`` until it is truthy; fail naming ``what`` on timeout or exit."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"gave up waiting for {what}: the process exited")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(0.5)
-    return value
 
 
 def prefect_cli(*args: str) -> None:
