@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-prefect-lowest lint docs ui screenshots demo soak bench bench-recheck profile emulator clean
+.PHONY: test test-prefect-lowest lint docs ui screenshots demo soak scale bench bench-recheck profile emulator clean system-packages
 
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -36,8 +36,8 @@ PARALLEL := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 # The whole check: lint, the documentation site, then every test in one run: the default suite,
 # the wheel installed into a fresh environment (marker install) and the long suites (marker
-# slow: the 60-item soak, campaigns killed mid-run and resumed, make ui).
-test: lint docs
+# slow: the 60-item soak, campaigns killed mid-run and resumed, make ui, make scale).
+test: lint docs system-packages
 	$(BIN)/pytest $(PARALLEL) -m 'slow or install or not slow'
 
 # The documentation site (mkdocs.yml) into site/; --strict: a broken link, a missing page or
@@ -71,14 +71,28 @@ demo: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m reliability.soak --items 500
 
+# The production shape on one machine: a Prefect server on PostgreSQL, Redis, a moto S3 bucket
+# (destination and result storage), the emulator, the webhook receiver and two process workers
+# with their own Prefect homes; overlapping campaigns, a global concurrency limit, a shared
+# budget, a worker killed mid-run and Redis restarted mid-run. Prints one line of counts,
+# fails if a guarantee did not hold. A few minutes; `make test` runs a smaller one.
+scale: $(STAMP) system-packages
+	$(BIN)/python -m tools.scale
+
+# Debian's PostgreSQL and Redis servers, which make bench, make scale and the tests start for
+# real (each from a temporary folder, on a free loopback port); installed only where missing.
+system-packages:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
 # Figures as ratios to baselines measured in the same run; writes BENCHMARKS.md, the figure
 # table of docs/benchmarks.md and benchmarks/results.json (`python -m benchmarks.run --render`
 # re-renders). The N=200 campaign is measured again on PostgreSQL (Debian's package), as
 # production servers run. `bench-recheck`: the N=200 and transfer rows only, against the saved
 # results, to see whether a change moved them.
-bench: $(STAMP)
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-		(apt-get update -qq && apt-get install -y -qq postgresql)
+bench: $(STAMP) system-packages
 	$(BIN)/python -m benchmarks.run
 
 bench-recheck: $(STAMP)

@@ -81,6 +81,8 @@ AWS = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+# The variables a machine sets for itself (see production_shape).
+MACHINE_SETTINGS = ("PREFECT_", "JOURNEY_", "AWS_")
 # A killed machine's image locks are free for the others after this lease: short, so that
 # the campaign resumed on another machine does not wait a production lease (60 s) for them.
 LOCK_LEASE_SECONDS = 10
@@ -520,8 +522,13 @@ def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
     """Every part started, deployed and configured; stopped on the way out."""
     logs = folder / "logs"
     logs.mkdir()
-    base_env = {**os.environ, **AWS, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    base_env.pop("PREFECT_API_URL", None)
+    # Each machine has only the settings given here: none of this process's Prefect, JourneyAPI
+    # or AWS settings (a test's shared budget folder would join the machines' budgets).
+    base_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(MACHINE_SETTINGS)},
+        **AWS,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     with ExitStack() as stack:
         postgres = stack.enter_context(postgres_server())
         redis = stack.enter_context(running(redis_server(logs)))
