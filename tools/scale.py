@@ -374,86 +374,80 @@ def budget(shape: Shape, sizes: Sizes, tally: Tally) -> None:
     )
 
 
-def kill_and_resume(shape: Shape, sizes: Sizes, tally: Tally) -> None:
-    """d: machine 0 killed with calls in flight; the campaign run again on machine 1."""
-    items = shape.items("killed", sizes.campaign)
+def interrupted_and_resumed(
+    shape: Shape,
+    sizes: Sizes,
+    tally: Tally,
+    label: str,
+    interrupt: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """A campaign of its own images started on machine 0, interrupted once a third of them
+    are paid for and some are still being generated (``interrupt`` is given the run and the
+    emulator's ledger then), and run again on machine 1. Checks ``<label>.mid_run``,
+    ``<label>.nothing_lost`` and those of :func:`check_paid_and_stored_once`."""
+    items = shape.items(label, sizes.campaign)
     parameters = {
         "items": items,
-        "campaign": "killed",
-        "key_template": "killed/{name}/{task_id}.{ext}",
+        "campaign": label,
+        "key_template": f"{label}/{{name}}/{{task_id}}.{{ext}}",
         "max_concurrency": sizes.max_concurrency,
     }
-    shape.start(0, **parameters)
-    # Killed once a third of its images are paid for and some are still being generated.
-    at_kill = wait_until(
+    run = shape.start(0, **parameters)
+    ledger = wait_until(
         lambda: (
             (ledger := shape.ledger())
             and len(ledger["billed_tasks"]) >= sizes.campaign // 3
             and in_flight(ledger)
             and ledger
         ),
-        "the campaign to be mid-way on the machine to kill",
+        f"the {label} campaign to be mid-way",
         timeout=RUN_TIMEOUT,
     )
-    shape.workers[0].kill()
-    tally.counts["killed_in_flight"] = in_flight(at_kill)
-    tally.check(
-        "kill.mid_run",
-        0 < len(at_kill["billed_tasks"]) < sizes.campaign,
-        f"killed with {len(at_kill['billed_tasks'])} of {sizes.campaign} paid",
-    )
+    paid = len(ledger["billed_tasks"])
+    tally.check(f"{label}.mid_run", paid < sizes.campaign, f"{paid} of {sizes.campaign} paid")
+    interrupt(run, ledger)
     resumed = shape.wait(shape.start(1, **parameters))
-    shape.workers[0].start()  # the machine comes back
-    tally.counts["kill_recovered"] = resumed.count("recovered") or 0
+    tally.counts[f"{label}_recovered"] = resumed.count("recovered") or 0
     tally.check(
-        "kill.nothing_lost",
+        f"{label}.nothing_lost",
         resumed.stored == len(items),
         f"{resumed.stored} of {len(items)} stored",
     )
-    check_paid_and_stored_once(shape, tally, "kill", "killed", {i["name"] for i in items})
+    check_paid_and_stored_once(shape, tally, label, label, {i["name"] for i in items})
+
+
+def kill_and_resume(shape: Shape, sizes: Sizes, tally: Tally) -> None:
+    """d: machine 0 (its worker and flow run) killed with calls in flight; the campaign run
+    again on machine 1, which recovers them from the receiver's deliveries."""
+
+    def kill(run: str, ledger: dict[str, Any]) -> None:
+        shape.workers[0].kill()
+        tally.counts["kill_in_flight"] = in_flight(ledger)
+
+    interrupted_and_resumed(shape, sizes, tally, "kill", kill)
+    shape.workers[0].start()  # the machine comes back
 
 
 def redis_restart(shape: Shape, sizes: Sizes, tally: Tally) -> None:
     """e: Redis stopped and started again while a campaign runs; then run again."""
-    items = shape.items("redis", sizes.campaign)
-    parameters = {
-        "items": items,
-        "campaign": "redis-restart",
-        "key_template": "redis/{name}/{task_id}.{ext}",
-        "max_concurrency": sizes.max_concurrency,
-    }
-    run = shape.start(0, **parameters)
-    at_stop = wait_until(
-        lambda: (
-            (ledger := shape.ledger())
-            and len(ledger["billed_tasks"]) >= sizes.campaign // 3
-            and ledger
-        ),
-        "the campaign to be mid-way",
-        timeout=RUN_TIMEOUT,
-    )
-    shape.redis.stop()
-    # Down until the run ends or --redis-down seconds pass, whichever comes first.
-    deadline = time.monotonic() + sizes.redis_down
-    while time.monotonic() < deadline and not shape.state(run).is_final():
-        time.sleep(0.5)
-    shape.redis.start()
-    first = shape.wait(run)
-    not_stored = [row for row in first.rows if row["status"] != "stored"]
+    not_stored: list[dict[str, Any]] = []
+
+    def restart(run: str, ledger: dict[str, Any]) -> None:
+        shape.redis.stop()
+        # Down until the run ends or --redis-down seconds pass, whichever comes first.
+        deadline = time.monotonic() + sizes.redis_down
+        while time.monotonic() < deadline and not shape.state(run).is_final():
+            time.sleep(0.5)
+        shape.redis.start()
+        not_stored.extend(row for row in shape.wait(run).rows if row["status"] != "stored")
+
+    interrupted_and_resumed(shape, sizes, tally, "redis", restart)
     tally.counts["redis_failed"] = len(not_stored)
-    tally.check(
-        "redis.mid_run",
-        len(at_stop["billed_tasks"]) < sizes.campaign,
-        f"stopped with {len(at_stop['billed_tasks'])} of {sizes.campaign} paid",
-    )
     tally.check(
         "redis.reasons",
         all("redis" in row["reason"].lower() for row in not_stored),
         "; ".join(sorted({row["reason"] for row in not_stored})[:3]) or "none failed",
     )
-    again = shape.wait(shape.start(1, **parameters))
-    tally.check("redis.nothing_lost", again.stored == len(items), f"{again.stored} of {len(items)}")
-    check_paid_and_stored_once(shape, tally, "redis", "redis", {i["name"] for i in items})
 
 
 SCENARIOS: tuple[Callable[[Shape, Sizes, Tally], None], ...] = (
