@@ -17,7 +17,8 @@ Every part is a real process on loopback, started as a platform team starts it:
   own Prefect home and work queue, as machines; ``batch_campaign`` deployed by module path
   (``prefect_journey.flows.campaign:batch_campaign``, no pull step).
 
-The workers and the receiver get ``JOURNEY_REDIS_URL``. Secrets travel in environments,
+The workers and the receiver get ``JOURNEY_REDIS_URL`` (``--no-redis``: no Redis, to see
+what each machine on its own disk costs). Secrets travel in environments,
 never on a command line. Then, one after the other (:data:`SCENARIOS`):
 
 a. two overlapping campaigns at once on two machines: every image generated once (the
@@ -108,6 +109,7 @@ class Sizes:
     max_concurrency: int
     time_scale: float
     redis_down: float
+    redis: bool = True
 
     @property
     def campaign(self) -> int:
@@ -165,7 +167,7 @@ class Shape:
     api: str
     s3: str
     emulator: str
-    redis: Service
+    redis: Service | None
     workers: list[Service]
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
@@ -430,15 +432,18 @@ def kill_and_resume(shape: Shape, sizes: Sizes, tally: Tally) -> None:
 
 def redis_restart(shape: Shape, sizes: Sizes, tally: Tally) -> None:
     """e: Redis stopped and started again while a campaign runs; then run again."""
+    redis = shape.redis
+    if redis is None:  # --no-redis
+        return
     not_stored: list[dict[str, Any]] = []
 
     def restart(run: str, ledger: dict[str, Any]) -> None:
-        shape.redis.stop()
+        redis.stop()
         # Down until the run ends or --redis-down seconds pass, whichever comes first.
         deadline = time.monotonic() + sizes.redis_down
         while time.monotonic() < deadline and not shape.state(run).is_final():
             time.sleep(0.5)
-        shape.redis.start()
+        redis.start()
         not_stored.extend(row for row in shape.wait(run).rows if row["status"] != "stored")
 
     interrupted_and_resumed(shape, sizes, tally, "redis", restart)
@@ -525,7 +530,9 @@ def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
     }
     with ExitStack() as stack:
         postgres = stack.enter_context(postgres_server())
-        redis = stack.enter_context(running(redis_server(logs)))
+        redis = stack.enter_context(running(redis_server(logs))) if sizes.redis else None
+        # Where the machines and the receiver share their locks, budgets and deliveries.
+        shared = {"JOURNEY_REDIS_URL": redis.url} if redis else {}
         s3 = stack.enter_context(running(moto_server(logs)))
         server_home = folder / "server"
         server_home.mkdir()
@@ -576,7 +583,7 @@ def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
                         "PREFECT_HOME": str(receiver_home),
                         "PREFECT_API_URL": api,
                         "JOURNEY_WEBHOOK_SECRET": secret,
-                        "JOURNEY_REDIS_URL": redis.url,
+                        **shared,
                     },
                     logs,
                     ready=lambda: _answers(f"http://127.0.0.1:{receiver_port}/health"),
@@ -600,7 +607,7 @@ def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
             "JOURNEY_WEBHOOK_SECRET": secret,
             "JOURNEY_RECOVERY_WINDOW": str(RECOVERY_WINDOW),
             "JOURNEY_LOCK_LEASE_SECONDS": str(LOCK_LEASE_SECONDS),
-            "JOURNEY_REDIS_URL": redis.url,
+            **shared,
         }
         workers = [worker(index, folder, worker_env) for index in range(sizes.workers)]
         for machine in workers:
@@ -639,6 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--redis-down", type=float, default=5.0, help="seconds Redis stays down (at most)"
     )
+    parser.add_argument(
+        "--no-redis",
+        action="store_true",
+        help="no Redis: each machine locks images and keeps budgets on its own disk "
+        "(the checks that need Redis fail; the Redis restart is not run)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs even if all passed")
     args = parser.parse_args(argv)
     if args.workers < 2:
@@ -651,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_concurrency,
         args.time_scale,
         args.redis_down,
+        redis=not args.no_redis,
     )
     folder = Path(tempfile.mkdtemp(prefix="journey-scale-"))
     try:
