@@ -185,3 +185,9 @@ def test_a_terminal_sees_that_it_is_working(emulator: EmulatorServer) -> None:
     text = run_in_terminal(command, env, timeout=60)
     assert "generating…" in text and "0:00:01" in text  # the spinner and the time elapsed
     assert "image ready in" in text and SENTINEL_KEY not in text
+
+
+def test_the_cli_reference_page_is_what_the_parser_says() -> None:
+    from tools.cli_reference import PAGE, render
+
+    assert PAGE.read_text() == render(), "run: python -m tools.cli_reference"
