@@ -11,26 +11,99 @@ that image would wait for ever. A fixed timeout long enough for a slow call with
 ``JOURNEY_LOCK_LEASE_SECONDS``) that a daemon thread renews every third of a lease while the
 holder's process lives. A dead process stops renewing, and its locks lapse within one lease:
 a shorter lease resumes a killed run sooner, at the price of more renewals. One machine only
-(the lock files are local); for several, configure prefect-redis's ``RedisLockManager``
-instead (see docs/scaling.md).
+(the lock files are local).
+
+:class:`LeasedRedisLockManager` holds the same leases in Redis, for workers on several
+machines: prefect-redis's ``RedisLockManager`` with leases renewed the same way (its own
+holds a lock for ever, or for a fixed time, and cannot release from sync code a lock taken
+from async code, which Prefect's async task engine does).
+
+Which one the ``imagine`` tasks and the campaigns use is decided at each call by
+:func:`prefect_journey.cache.image_lock_manager` (``JOURNEY_REDIS_URL``), through
+:class:`SelectedLockManager`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
+from prefect.locking.protocol import LockManager
 
-from prefect_journey import settings
+from prefect_journey import policy, settings
 from prefect_journey._compat import RenewableFileSystemLockManager
+from prefect_journey.errors import RedisUnavailableError
+
+if TYPE_CHECKING:
+    from prefect_redis.locking import RedisLockManager
+else:  # an optional dependency: the Redis manager is defined only when it is installed
+    try:
+        from prefect_redis.locking import RedisLockManager
+    except ImportError:
+        RedisLockManager = object
+
+logger = logging.getLogger(__name__)
 
 
-class LeasedFileSystemLockManager(RenewableFileSystemLockManager):
+class LeaseRenewal:
+    """Renews the leases of the locks this process holds, from one daemon thread that wakes
+    every third of a lease while any is held.
+
+    A manager calls :meth:`_start_renewals` once, :meth:`_track` after each lock it takes,
+    and releases under :attr:`_held_lock` after :meth:`_untrack`, so that a renewal cannot
+    bring back a released lock; it renews one lock in :meth:`_renew`.
+    """
+
+    lease_seconds: float
+
+    def _start_renewals(self) -> None:
+        self._held: dict[str, str] = {}
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def _track(self, key: str, holder: str) -> None:
+        with self._held_lock:
+            self._held[key] = holder
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=self._renew_while_held, name="journey-lock-renewer", daemon=True
+                )
+                self._renewer.start()
+
+    def _untrack(self, key: str) -> None:
+        """Stop renewing ``key``'s lock; the caller holds :attr:`_held_lock`."""
+        self._held.pop(key, None)
+
+    def _renew_while_held(self) -> None:
+        # Ends once nothing is held: a long-lived worker keeps no idle thread waking for ever.
+        while True:
+            time.sleep(self.lease_seconds / 3)
+            with self._held_lock:
+                if not self._held:
+                    self._renewer = None
+                    return
+                for key, holder in list(self._held.items()):
+                    if not self._renew(key, holder):
+                        self._untrack(key)
+
+    def _renew(self, key: str, holder: str) -> bool:
+        """Extend ``key``'s lease by a lease if ``holder`` holds it.
+
+        Returns:
+            False when ``holder`` has lost the lock: it is renewed no more.
+        """
+        raise NotImplementedError
+
+
+class LeasedFileSystemLockManager(LeaseRenewal, RenewableFileSystemLockManager):
     """File locks held as leases of ``lease_seconds`` (default: ``JOURNEY_LOCK_LEASE_SECONDS``,
     else 60 s), renewed while the process lives.
 
@@ -54,9 +127,7 @@ class LeasedFileSystemLockManager(RenewableFileSystemLockManager):
         self.lease_seconds = (
             lease_seconds if lease_seconds is not None else settings.lock_lease_seconds()
         )
-        self._held: dict[str, str] = {}
-        self._held_lock = threading.Lock()
-        self._renewer: threading.Thread | None = None
+        self._start_renewals()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses process boundaries (Dask workers) as its settings; threads stay behind.
@@ -91,39 +162,20 @@ class LeasedFileSystemLockManager(RenewableFileSystemLockManager):
         return acquired
 
     def release_lock(self, key: str, holder: str) -> None:
-        # Under the same lock as renewals, so a renewal cannot recreate a released lock.
         with self._held_lock:
-            self._held.pop(key, None)
+            self._untrack(key)
             super().release_lock(key, holder)
 
-    def _track(self, key: str, holder: str) -> None:
-        with self._held_lock:
-            self._held[key] = holder
-            if self._renewer is None or not self._renewer.is_alive():
-                self._renewer = threading.Thread(
-                    target=self._renew_while_held, name="journey-lock-renewer", daemon=True
-                )
-                self._renewer.start()
-
-    def _renew_while_held(self) -> None:
-        # Ends once nothing is held: a long-lived worker keeps no idle thread waking for ever.
-        while True:
-            time.sleep(self.lease_seconds / 3)
-            with self._held_lock:
-                if not self._held:
-                    self._renewer = None
-                    return
-                for key, holder in list(self._held.items()):
-                    self._renew(key, holder)
-
-    def _renew(self, key: str, holder: str) -> None:
+    def _renew(self, key: str, holder: str) -> bool:
         path = self.lock_file(key)
         try:
             current = pydantic_core.from_json(path.read_bytes())
-        except (FileNotFoundError, ValueError):
-            return
+        except FileNotFoundError:
+            return False
+        except ValueError:  # being written this instant: looked at again at the next renewal
+            return True
         if current.get("holder") != holder:
-            return
+            return False
         expiration = datetime.now(UTC) + timedelta(seconds=self.lease_seconds)
         renewed = path.with_name(f".{path.name}.{os.getpid()}.renew")
         renewed.write_bytes(
@@ -131,3 +183,255 @@ class LeasedFileSystemLockManager(RenewableFileSystemLockManager):
         )
         os.replace(renewed, path)  # readers see the old lease or the new one, never half
         self.remember_expiration(key, expiration)
+        return True
+
+
+# Take the lock if it is free, or extend it if the holder has it already (taking it again is
+# not an error, as with Prefect's managers): 1 if held now, else 0.
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# Remove the lock if the holder has it: 1 removed, 0 there was none, -1 another holder has it.
+_RELEASE = """
+local holder = redis.call('get', KEYS[1])
+if not holder then return 0 end
+if holder == ARGV[1] then
+  redis.call('del', KEYS[1])
+  return 1
+end
+return -1
+"""
+# Extend the holder's lease; a lock that vanished (a Redis restarted without its data) is
+# taken again if nobody else took it meanwhile: 1 still held, else 0.
+_RENEW = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder and redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+class LeasedRedisLockManager(LeaseRenewal, RedisLockManager):  # type: ignore[misc]  # untyped base
+    """prefect-redis's lock manager with leases: each lock is a Redis key that lapses after
+    ``lease_seconds`` unless renewed, and a daemon thread renews it while the holder's process
+    lives, as :class:`LeasedFileSystemLockManager` does with files.
+
+    Keys are ``<prefix>lock:<cache key>``. A Redis that does not answer is a
+    :class:`~prefect_journey.errors.RedisUnavailableError` (not billed), so a run never pays
+    for an image whose lock it could not take. A lock lost to a Redis restarted without its
+    data is taken again at the next renewal, unless another run took it first.
+
+    Args:
+        url: The Redis URL (``JOURNEY_REDIS_URL``).
+        prefix: The start of its keys; None reads ``JOURNEY_REDIS_PREFIX``.
+        lease_seconds: The lease; None reads ``JOURNEY_LOCK_LEASE_SECONDS``.
+
+    Example:
+        ```python
+        from prefect_journey.cache import IMAGINE_CACHE_POLICY
+        from prefect_journey.locking import LeasedRedisLockManager
+
+        locks = LeasedRedisLockManager("redis://redis.internal:6379/0", lease_seconds=30)
+        policy = IMAGINE_CACHE_POLICY.configure(lock_manager=locks)
+        ```
+    """
+
+    def __init__(
+        self, url: str, prefix: str | None = None, lease_seconds: float | None = None
+    ) -> None:
+        from prefect_journey import coordination
+
+        super().__init__(connection_url=url)
+        self.url = url
+        self.prefix = settings.redis_prefix() if prefix is None else prefix
+        self.lease_seconds = (
+            lease_seconds if lease_seconds is not None else settings.lock_lease_seconds()
+        )
+        # The process's shared client, with the package's timeouts and retries.
+        self.client = coordination.sync_client(url)
+        self._start_renewals()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.url, self.prefix, self.lease_seconds))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({settings.redacted_url(self.url)!r}, prefix={self.prefix!r})"
+
+    def lock_key(self, key: str) -> str:
+        """The Redis key of ``key``'s lock."""
+        return f"{self.prefix}lock:{key}"
+
+    def _milliseconds(self, hold_timeout: float | None) -> int:
+        return max(1, int((hold_timeout or self.lease_seconds) * 1000))
+
+    def _reaching(self, purpose: str) -> Any:
+        from prefect_journey import coordination
+
+        return coordination.reaching(self.url, purpose)
+
+    def _sync_script(self, source: str) -> Any:
+        return self.client.register_script(source)
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        script = self._sync_script(_ACQUIRE)
+        while True:
+            with self._reaching("to take an image's lock, so its call was not made"):
+                taken = script(
+                    keys=[self.lock_key(key)], args=[holder, self._milliseconds(hold_timeout)]
+                )
+            if taken:
+                self._track(key, holder)
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(policy.LOCK_POLL_INTERVAL)
+
+    async def aacquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        from prefect_journey import coordination
+
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        script = coordination.async_client(self.url).register_script(_ACQUIRE)
+        while True:
+            with self._reaching("to take an image's lock, so its call was not made"):
+                taken = await script(
+                    keys=[self.lock_key(key)], args=[holder, self._milliseconds(hold_timeout)]
+                )
+            if taken:
+                self._track(key, holder)
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(policy.LOCK_POLL_INTERVAL)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Release ``key``'s lock, however it was taken.
+
+        Raises:
+            ValueError: Another holder has the lock (as Prefect's managers raise).
+        """
+        with self._held_lock:
+            self._untrack(key)
+            try:
+                with self._reaching("to release an image's lock"):
+                    released = self._sync_script(_RELEASE)(keys=[self.lock_key(key)], args=[holder])
+            except RedisUnavailableError as exc:
+                # The work under the lock is over either way: unrenewed, it lapses after
+                # its lease, and failing here would fail a run whose image is recorded.
+                logger.warning("%s; it lapses within %.0f s", exc, self.lease_seconds)
+                return
+        if released == -1:
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+
+    def is_locked(self, key: str) -> bool:
+        with self._reaching("to look at an image's lock"):
+            return bool(self.client.exists(self.lock_key(key)))
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        with self._reaching("to look at an image's lock"):
+            current = self.client.get(self.lock_key(key))
+        return current == holder.encode()
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(policy.LOCK_POLL_INTERVAL)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        from prefect_journey import coordination
+
+        client = coordination.async_client(self.url)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._reaching("to look at an image's lock"):
+                if not await client.exists(self.lock_key(key)):
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(policy.LOCK_POLL_INTERVAL)
+
+    def _renew(self, key: str, holder: str) -> bool:
+        try:
+            with self._reaching("to renew an image's lock"):
+                held = self._sync_script(_RENEW)(
+                    keys=[self.lock_key(key)], args=[holder, self._milliseconds(None)]
+                )
+        except Exception as exc:  # tried again at the next renewal; the lease may lapse
+            logger.warning("could not renew the lock of %s: %s", key, exc)
+            return True
+        if not held:
+            logger.warning("the lock of %s was lost to another holder", key)
+        return bool(held)
+
+
+class SelectedLockManager(LockManager):
+    """The lock manager ``select()`` returns, asked again at each call: the package's cache
+    policy holds this one object while the settings decide, when a lock is taken, which
+    manager holds it (:func:`prefect_journey.cache.image_lock_manager`).
+
+    Args:
+        select: Returns the manager to use now; a module-level function, so that this
+            object pickles as a reference to it.
+    """
+
+    def __init__(self, select: Callable[[], LockManager]) -> None:
+        self.select = select
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.select,))
+
+    def acquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        return self.select().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    async def aacquire_lock(
+        self,
+        key: str,
+        holder: str,
+        acquire_timeout: float | None = None,
+        hold_timeout: float | None = None,
+    ) -> bool:
+        return await self.select().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        self.select().release_lock(key, holder)
+
+    def is_locked(self, key: str) -> bool:
+        return self.select().is_locked(key)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return self.select().is_lock_holder(key, holder)
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return self.select().wait_for_lock(key, timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await self.select().await_for_lock(key, timeout)

@@ -1,0 +1,289 @@
+"""JOURNEY_REDIS_URL: the image locks, the credit budgets and the receiver's memory shared
+through a real ``redis-server``, as workers on several machines share them; and the refusals
+and failures that keep money safe when the setup cannot."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from prefect_journey import settings
+from prefect_journey.budget import BudgetExceededError, CreditBudget
+from prefect_journey.cache import image_lock_manager
+from prefect_journey.errors import (
+    ConfigurationError,
+    RedisUnavailableError,
+    ServerError,
+    ServiceUnavailableError,
+)
+from prefect_journey.locking import LeasedFileSystemLockManager, LeasedRedisLockManager
+
+from .conftest import RedisProcess, free_port
+
+
+def dead_redis_url() -> str:
+    """A Redis URL where nothing listens."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+# --- Settings --------------------------------------------------------------------------------
+
+
+def test_the_url_and_prefix_are_read_when_asked_for_and_a_password_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JOURNEY_REDIS_URL", raising=False)
+    monkeypatch.delenv("JOURNEY_REDIS_PREFIX", raising=False)
+    assert settings.redis_url() is None and settings.redis_prefix() == "journey:"
+    monkeypatch.setenv("JOURNEY_REDIS_URL", "rediss://app:s3cret-pw@cache.internal:6380/2")
+    monkeypatch.setenv("JOURNEY_REDIS_PREFIX", "team-a:")
+    assert settings.redis_url() == "rediss://app:s3cret-pw@cache.internal:6380/2"
+    assert settings.redis_prefix() == "team-a:"
+    assert settings.redacted_url("redis://:pw@h:1/0?password=pw2&db=1") == (
+        "redis://:***@h:1/0?password=***&db=1"
+    )
+    assert settings.redacted_url("redis://h:1/0") == "redis://h:1/0"
+    monkeypatch.setenv("JOURNEY_REDIS_URL", "http://app:s3cret-pw@cache.internal:6380")
+    with pytest.raises(ConfigurationError, match="JOURNEY_REDIS_URL") as caught:
+        settings.redis_url()
+    assert "s3cret-pw" not in str(caught.value) and "app:***@" in str(caught.value)
+
+
+def test_an_unreachable_redis_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect_journey import coordination
+
+    url = f"redis://app:s3cret-pw@127.0.0.1:{free_port()}/0"
+    with pytest.raises(RedisUnavailableError, match="JOURNEY_REDIS_URL") as caught:
+        coordination.check_reachable(url)
+    assert "s3cret-pw" not in str(caught.value) and "app:***@127.0.0.1" in str(caught.value)
+    assert not caught.value.possibly_billed and not caught.value.retryable
+
+
+# --- The image locks -------------------------------------------------------------------------
+
+
+def test_the_image_locks_are_chosen_by_the_setting(
+    redis_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locks = image_lock_manager()
+    assert isinstance(locks, LeasedRedisLockManager) and locks is image_lock_manager()
+    assert locks.prefix == os.environ["JOURNEY_REDIS_PREFIX"]
+    assert locks.lease_seconds == settings.lock_lease_seconds()
+    monkeypatch.delenv("JOURNEY_REDIS_URL")
+    assert isinstance(image_lock_manager(), LeasedFileSystemLockManager)
+
+
+def test_redis_locks_exclude_release_and_live_under_the_prefix(redis_env: str) -> None:
+    locks = LeasedRedisLockManager(redis_env, lease_seconds=30)
+    other_machine = LeasedRedisLockManager(redis_env, lease_seconds=30)
+    key = f"k-{uuid.uuid4().hex}"
+    assert locks.acquire_lock(key, "a") and locks.acquire_lock(key, "a")  # taken again: fine
+    assert not other_machine.acquire_lock(key, "b", acquire_timeout=0.2)
+    assert other_machine.is_locked(key) and not other_machine.is_lock_holder(key, "b")
+    assert other_machine.is_lock_holder(key, "a")
+    client = redis.Redis.from_url(redis_env)
+    assert client.get(f"{os.environ['JOURNEY_REDIS_PREFIX']}lock:{key}") == b"a"
+    assert 29_000 < client.pttl(f"{os.environ['JOURNEY_REDIS_PREFIX']}lock:{key}") <= 30_000
+    with pytest.raises(ValueError, match="No lock held by b"):
+        other_machine.release_lock(key, "b")
+    locks.release_lock(key, "a")
+    assert not locks.is_locked(key) and other_machine.wait_for_lock(key, timeout=1)
+    assert other_machine.acquire_lock(key, "b", acquire_timeout=0)
+    other_machine.release_lock(key, "b")
+
+
+def test_a_lock_taken_on_a_loop_is_released_from_sync_code(redis_env: str) -> None:
+    """Prefect's async task engine takes the lock with aacquire_lock and releases it with the
+    sync release_lock; prefect-redis's own manager then leaves the lock in Redis for ever."""
+    locks = LeasedRedisLockManager(redis_env, lease_seconds=30)
+    key = f"k-{uuid.uuid4().hex}"
+
+    async def take() -> bool:
+        return await locks.aacquire_lock(key, "engine")
+
+    assert asyncio.run(take()) and asyncio.run(take())  # each sync task runs its own loop
+    locks.release_lock(key, "engine")
+    assert not locks.is_locked(key)
+
+    async def wait_while_held() -> tuple[bool, bool]:
+        locks.acquire_lock(key, "other")
+        held = await locks.await_for_lock(key, timeout=0.3)
+        locks.release_lock(key, "other")
+        return held, await locks.await_for_lock(key, timeout=1)
+
+    assert asyncio.run(wait_while_held()) == (False, True)
+
+
+def _hold_and_die(url: str, prefix: str, key: str) -> None:
+    LeasedRedisLockManager(url, prefix=prefix, lease_seconds=1.0).acquire_lock(key, "dead")
+    os._exit(0)  # killed: no release, no renewal
+
+
+def test_a_dead_holders_redis_lock_lapses_and_a_live_one_is_renewed(redis_env: str) -> None:
+    """A spawned process takes a lock and dies; then a lock is held across more than two 1 s
+    leases, so that a renewal must have happened meanwhile."""
+    prefix = os.environ["JOURNEY_REDIS_PREFIX"]
+    process = multiprocessing.get_context("spawn").Process(
+        target=_hold_and_die, args=(redis_env, prefix, "k")
+    )
+    process.start()
+    process.join()
+    locks = LeasedRedisLockManager(redis_env, lease_seconds=1.0)
+    assert locks.is_locked("k")
+    assert locks.wait_for_lock("k", timeout=5)  # lapsed within a lease
+    assert locks.acquire_lock("k", "alive")
+    time.sleep(2.5)  # more than two leases: renewed meanwhile
+    assert locks.is_lock_holder("k", "alive")
+    locks.release_lock("k", "alive")
+    assert not locks.is_locked("k")
+
+
+def test_a_lock_lost_with_a_restarted_redis_is_taken_again(tmp_path: Path) -> None:
+    """A Redis restarted without its data forgets the locks; the holder's next renewal takes
+    its lock again, so that another run does not pay for the image meanwhile."""
+    server = RedisProcess(tmp_path).start()
+    try:
+        locks = LeasedRedisLockManager(server.url, prefix="t:", lease_seconds=1.0)
+        assert locks.acquire_lock("k", "holder")
+        server.stop()
+        server.start()
+        deadline = time.monotonic() + 10
+        while not locks.is_lock_holder("k", "holder"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not LeasedRedisLockManager(server.url, prefix="t:").acquire_lock(
+            "k", "another run", acquire_timeout=0
+        )
+        locks.release_lock("k", "holder")
+    finally:
+        server.stop()
+
+
+def test_the_redis_lock_manager_pickles_as_its_settings(redis_env: str) -> None:
+    import pickle
+
+    locks = LeasedRedisLockManager(redis_env, prefix="p:", lease_seconds=7)
+    copy = pickle.loads(pickle.dumps(locks))
+    assert (copy.url, copy.prefix, copy.lease_seconds) == (redis_env, "p:", 7)
+    selected = pickle.loads(pickle.dumps(image_lock_manager()))
+    assert isinstance(selected, LeasedRedisLockManager)
+
+
+def test_an_unreachable_redis_fails_the_lock_and_its_release_lapses_instead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisProcess(tmp_path).start()
+    locks = LeasedRedisLockManager(server.url, prefix="t:", lease_seconds=30)
+    assert locks.acquire_lock("k", "holder")
+    server.stop()
+    with pytest.raises(RedisUnavailableError, match="so its call was not made"):
+        locks.acquire_lock("other", "holder")
+    locks.release_lock("k", "holder")  # lapses after its lease, without failing the run
+    assert "lapses" in caplog.text
+
+
+# --- The credit budget -----------------------------------------------------------------------
+
+
+def test_the_redis_budget_counts_as_the_file_one(redis_env: str) -> None:
+    budget = CreditBudget.for_campaign("Spring 2027", limit=12)
+    assert budget.path.startswith("redis:") and redis_env not in budget.path
+    with budget.attempt():
+        pass
+    with pytest.raises(ServiceUnavailableError), budget.attempt():
+        raise ServiceUnavailableError("503")  # not billed: given back
+    with pytest.raises(ServerError), budget.attempt():
+        raise ServerError("500")  # possibly billed: counted
+    held = budget.reserve()
+    with pytest.raises(BudgetExceededError, match="max_credits=12"):
+        budget.reserve()
+    budget.settle(held, None)
+    expected = {"spent": 12, "calls": 4, "possibly_billed": 1, "refused": 1}
+    assert budget.snapshot() == {**expected, "in_flight": 0, "limit": 12, "left": 0}
+    assert budget.this_run == expected
+    budget.recovered(billed=False)
+    assert budget.snapshot()["left"] == 4
+    other = CreditBudget.for_campaign("other", limit=12)
+    assert other.snapshot()["left"] == 12
+
+
+def test_a_redis_budget_outlives_its_runs_and_a_killed_reservation_counts_after_its_lease(
+    redis_env: str,
+) -> None:
+    first = CreditBudget.for_campaign("Spring 2027", limit=12)
+    with first.attempt():
+        pass
+    first.reserve(lease=0.0)  # its process was killed with the call in flight
+    again = CreditBudget.for_campaign("Spring 2027", limit=12)
+    assert again.path == first.path and again.this_run["calls"] == 0
+    assert again.snapshot() == {
+        "spent": 8,
+        "calls": 2,
+        "possibly_billed": 1,
+        "refused": 0,
+        "in_flight": 0,
+        "limit": 12,
+        "left": 4,
+    }
+    with again.attempt():
+        pass
+    with pytest.raises(BudgetExceededError, match="12"), again.attempt():
+        pass
+
+
+def _hammer(path: str) -> int:
+    budget = CreditBudget(path, limit=200)
+    started = 0
+    for _ in range(40):
+        try:
+            with budget.attempt():
+                started += 1
+        except BudgetExceededError:
+            pass
+    return started
+
+
+def test_the_redis_budget_is_exact_across_processes_and_threads(redis_env: str) -> None:
+    """Four spawned processes (each its own machine, as far as the budget can tell) and four
+    threads take 320 attempts at a 50-attempt budget: exactly 50 start."""
+    budget = CreditBudget.for_campaign("shared", limit=200)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        in_processes = pool.map_async(_hammer, [budget.path] * 4)
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(_hammer(budget.path))) for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        started = sum(in_processes.get(timeout=120)) + sum(results)
+    snapshot = budget.snapshot()
+    assert started == 50 and snapshot["spent"] == 200 and snapshot["calls"] == 50
+    assert snapshot["refused"] == 320 - 50
+
+
+def test_a_budget_whose_redis_is_gone_starts_no_call_and_leaves_settling_to_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisProcess(tmp_path).start()
+    monkeypatch.setenv("JOURNEY_REDIS_URL", server.url)
+    budget = CreditBudget.for_campaign("gone", limit=40)
+    held = budget.reserve()
+    server.stop()
+    budget.settle(held, None)  # the call was made: not failed for a settlement
+    assert "counts the call as spent" in caplog.text
+    with pytest.raises(RedisUnavailableError, match="so the call was not made") as caught:
+        budget.reserve()
+    assert not caught.value.possibly_billed and not caught.value.retryable
+    assert budget.this_run["calls"] == 1 and budget.this_run["spent"] == 4
