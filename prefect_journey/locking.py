@@ -66,12 +66,15 @@ class LeaseRenewal:
 
     def _start_renewals(self) -> None:
         self._held: dict[str, str] = {}
+        # When each held lock's lease, as last taken or renewed, ends (monotonic clock).
+        self._leased_until: dict[str, float] = {}
         self._held_lock = threading.Lock()
         self._renewer: threading.Thread | None = None
 
     def _track(self, key: str, holder: str) -> None:
         with self._held_lock:
             self._held[key] = holder
+            self._leased_until[key] = time.monotonic() + self.lease_seconds
             if self._renewer is None or not self._renewer.is_alive():
                 self._renewer = threading.Thread(
                     target=self._renew_while_held, name="journey-lock-renewer", daemon=True
@@ -81,6 +84,14 @@ class LeaseRenewal:
     def _untrack(self, key: str) -> None:
         """Stop renewing ``key``'s lock; the caller holds :attr:`_held_lock`."""
         self._held.pop(key, None)
+        self._leased_until.pop(key, None)
+
+    def _within_lease(self, key: str, holder: str) -> bool:
+        """Whether ``holder`` took ``key``'s lock in this process and its lease, as last
+        taken or renewed, has not passed: no other holder can have it yet."""
+        with self._held_lock:
+            held = self._held.get(key) == holder
+            return held and time.monotonic() < self._leased_until.get(key, 0.0)
 
     def _renew_while_held(self) -> None:
         # Ends once nothing is held: a long-lived worker keeps no idle thread waking for ever.
@@ -91,14 +102,19 @@ class LeaseRenewal:
                     self._renewer = None
                     return
                 for key, holder in list(self._held.items()):
-                    if not self._renew(key, holder):
+                    renewed_at = time.monotonic()
+                    renewed = self._renew(key, holder)
+                    if renewed is False:
                         self._untrack(key)
+                    elif renewed:
+                        self._leased_until[key] = renewed_at + self.lease_seconds
 
-    def _renew(self, key: str, holder: str) -> bool:
+    def _renew(self, key: str, holder: str) -> bool | None:
         """Extend ``key``'s lease by a lease if ``holder`` holds it.
 
         Returns:
-            False when ``holder`` has lost the lock: it is renewed no more.
+            True when renewed; False when ``holder`` has lost the lock, which is renewed no
+            more; None when it cannot be told now (tried again at the next renewal).
         """
         raise NotImplementedError
 
@@ -166,14 +182,14 @@ class LeasedFileSystemLockManager(LeaseRenewal, RenewableFileSystemLockManager):
             self._untrack(key)
             super().release_lock(key, holder)
 
-    def _renew(self, key: str, holder: str) -> bool:
+    def _renew(self, key: str, holder: str) -> bool | None:
         path = self.lock_file(key)
         try:
             current = pydantic_core.from_json(path.read_bytes())
         except FileNotFoundError:
             return False
         except ValueError:  # being written this instant: looked at again at the next renewal
-            return True
+            return None
         if current.get("holder") != holder:
             return False
         expiration = datetime.now(UTC) + timedelta(seconds=self.lease_seconds)
@@ -344,12 +360,31 @@ class LeasedRedisLockManager(LeaseRenewal, RedisLockManager):  # type: ignore[mi
             raise ValueError(f"No lock held by {holder} for transaction with key {key}")
 
     def is_locked(self, key: str) -> bool:
-        with self._reaching("to look at an image's lock"):
-            return bool(self.client.exists(self.lock_key(key)))
+        try:
+            with self._reaching("to look at an image's lock"):
+                return bool(self.client.exists(self.lock_key(key)))
+        except RedisUnavailableError:
+            holder = self._held.get(key)
+            if holder is not None and self._within_lease(key, holder):
+                return True  # this process's own, as is_lock_holder answers
+            raise
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
-        with self._reaching("to look at an image's lock"):
-            current = self.client.get(self.lock_key(key))
+        """Whether ``holder`` has ``key``'s lock. With Redis unreachable, a lock this process
+        took is still its own until its lease, as last renewed, passes: the image paid for
+        under it is still recorded, so a later run does not pay for it again.
+
+        Raises:
+            RedisUnavailableError: Redis does not answer, and the lock is not one this
+                process holds within its lease.
+        """
+        try:
+            with self._reaching("to look at an image's lock"):
+                current = self.client.get(self.lock_key(key))
+        except RedisUnavailableError:
+            if self._within_lease(key, holder):
+                return True
+            raise
         return current == holder.encode()
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
@@ -373,7 +408,7 @@ class LeasedRedisLockManager(LeaseRenewal, RedisLockManager):  # type: ignore[mi
                 return False
             await asyncio.sleep(policy.LOCK_POLL_INTERVAL)
 
-    def _renew(self, key: str, holder: str) -> bool:
+    def _renew(self, key: str, holder: str) -> bool | None:
         try:
             with self._reaching("to renew an image's lock"):
                 held = self._sync_script(_RENEW)(
@@ -381,7 +416,7 @@ class LeasedRedisLockManager(LeaseRenewal, RedisLockManager):  # type: ignore[mi
                 )
         except Exception as exc:  # tried again at the next renewal; the lease may lapse
             logger.warning("could not renew the lock of %s: %s", key, exc)
-            return True
+            return None
         if not held:
             logger.warning("the lock of %s was lost to another holder", key)
         return bool(held)

@@ -339,6 +339,7 @@ class RedisProcess:
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.fail("redis-server is not installed: make test installs it")
+        folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._command = [

@@ -5,28 +5,53 @@ and failures that keep money safe when the setup cannot."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import multiprocessing
 import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
+from prefect import flow
 
-from prefect_journey import settings
+from prefect_journey import policy, settings
 from prefect_journey.budget import BudgetExceededError, CreditBudget
 from prefect_journey.cache import image_lock_manager
+from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import (
     ConfigurationError,
     RedisUnavailableError,
     ServerError,
     ServiceUnavailableError,
 )
+from prefect_journey.flows.campaign import batch_campaign
 from prefect_journey.locking import LeasedFileSystemLockManager, LeasedRedisLockManager
+from prefect_journey.models import ImagineResult
+from prefect_journey.tasks import imagine
+from prefect_journey.tokens import mint_token
+from prefect_journey.webhooks import (
+    EMIT_DEADLINE,
+    WEBHOOK_PATH,
+    create_webhook_app,
+    delivery_memory,
+)
 
 from .conftest import RedisProcess, free_port
+from .test_campaign_flow import (
+    campaign_in_background,
+    generated_by_another_run,
+    imagine_calls,
+    imagine_key,
+    items,
+    wait_for_calls,
+)
+from .test_webhooks import KEYS, PROVIDER_SECRET, SECRET, Recorder
 
 
 def dead_redis_url() -> str:
@@ -287,3 +312,248 @@ def test_a_budget_whose_redis_is_gone_starts_no_call_and_leaves_settling_to_the_
         budget.reserve()
     assert not caught.value.possibly_billed and not caught.value.retryable
     assert budget.this_run["calls"] == 1 and budget.this_run["spent"] == 4
+
+
+# --- Runs: the task engine and the campaigns -------------------------------------------------
+
+
+def imagine_flow_in_background(prompt: str) -> tuple[threading.Thread, list[ImagineResult]]:
+    """A flow calling the ``imagine`` task for ``prompt``, started on a thread (in a copy of
+    this one's context, so it sees the test's Prefect settings); its result lands in the
+    list."""
+    results: list[ImagineResult] = []
+
+    @flow
+    def one_image() -> ImagineResult:
+        return imagine({"prompt": prompt})
+
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=lambda: context.run(lambda: results.append(one_image())))
+    thread.start()
+    return thread, results
+
+
+@pytest.mark.usefixtures("prefect_harness", "redis_env")
+def test_with_redis_a_run_whose_result_storage_is_local_is_refused_before_any_call(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    """Both the campaigns and the imagine task refuse; their error names the setting. Over
+    5 s on a busy machine: two flow runs on a real Prefect server."""
+    with pytest.raises(ConfigurationError, match="PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
+        batch_campaign(items=items(2), destination=str(tmp_path))
+
+    @flow
+    def one_image() -> ImagineResult:
+        return imagine({"prompt": f"a lighthouse #{uuid.uuid4().hex[:8]}"})
+
+    with pytest.raises(ConfigurationError, match="PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
+        one_image()
+    assert imagine_calls(journey_env) == 0
+
+
+@pytest.mark.usefixtures("shared_results")
+def test_a_run_whose_redis_does_not_answer_stops_before_any_call(
+    journey_env: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The campaign stops at its start; the task's lock cannot be taken, so its body never
+    runs. Each refusal first tries Redis again (policy.REDIS_RETRIES), about a second."""
+    monkeypatch.setenv("JOURNEY_REDIS_URL", dead_redis_url())
+    with pytest.raises(RedisUnavailableError, match="at the run's start"):
+        batch_campaign(items=items(2), destination=str(tmp_path))
+
+    @flow
+    def one_image() -> ImagineResult:
+        return imagine({"prompt": f"a lighthouse #{uuid.uuid4().hex[:8]}"})
+
+    with pytest.raises(RedisUnavailableError, match="JOURNEY_REDIS_URL"):
+        one_image()
+    assert imagine_calls(journey_env) == 0
+
+
+@pytest.mark.usefixtures("shared_results")
+def test_an_image_another_machine_locked_in_redis_is_waited_for_by_the_task_and_the_campaign(
+    journey_env: EmulatorServer, redis_env: str, tmp_path: Path
+) -> None:
+    """Another machine (its own lock manager on the same Redis) holds an image's lock: the
+    campaign generates the rest, and both it and an ``imagine`` task wait for that image,
+    then read the record the other machine left in the shared result storage."""
+    batch = items(3)
+    key = imagine_key(batch[0], journey_env)
+    other_machine = LeasedRedisLockManager(redis_env)
+    assert other_machine.acquire_lock(key, "another run")
+    try:
+        campaign, reports = campaign_in_background(items=batch, destination=str(tmp_path))
+        task, results = imagine_flow_in_background(batch[0]["prompt"])
+        wait_for_calls(journey_env, 2, campaign)  # every image but the held one
+        time.sleep(0.5)  # time enough to pay for the held image too, were they not waiting
+        assert imagine_calls(journey_env) == 2 and campaign.is_alive() and task.is_alive()
+        generated_by_another_run(batch[0], journey_env)
+    finally:
+        other_machine.release_lock(key, "another run")
+        campaign.join(timeout=120)
+        task.join(timeout=120)
+    [report] = reports
+    assert (report.stored, report.cache_hits, report.calls) == (3, 1, 2)
+    [result] = results
+    assert result.task_id == report.outcomes[0].task_id
+    assert imagine_calls(journey_env) == 3  # two by the campaign, one by the other machine
+
+
+@pytest.mark.usefixtures("shared_results", "redis_env")
+def test_two_campaigns_and_a_task_at_once_pay_once_per_image_through_redis(
+    journey_env: EmulatorServer, tmp_path: Path
+) -> None:
+    """Two runs of one campaign and an ``imagine`` task of its first image, all at once, on
+    0.5 s generations: each image is generated once and both runs store all of them."""
+    journey_env.state.config.latency.fixed = 0.5
+    batch = items(4)
+    runs = [
+        campaign_in_background(items=batch, destination=str(tmp_path / f"run-{n}"))
+        for n in range(2)
+    ]
+    task, results = imagine_flow_in_background(batch[0]["prompt"])
+    for thread, _ in runs:
+        thread.join(timeout=120)
+    task.join(timeout=120)
+    reports = [report for _, [report] in runs]
+    assert [report.stored for report in reports] == [4, 4]
+    first_images = {report.outcomes[0].task_id for report in reports} | {results[0].task_id}
+    assert len(first_images) == 1  # one image, whoever paid for it
+    assert imagine_calls(journey_env) == 4
+
+
+def test_redis_gone_mid_run_fails_the_items_left_and_nothing_is_paid_twice_when_it_is_back(
+    journey_env: EmulatorServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    shared_results: str,
+) -> None:
+    """Redis stops after two of five 0.5 s generations: no call starts without its lock and
+    reservation, the items left fail saying Redis did not answer, the image in flight is
+    recorded and stored; once Redis is back (empty: it kept nothing), a re-run pays for the
+    failed items only. Over 5 s: each operation on the stopped Redis is tried again for about
+    a second before it fails (policy.REDIS_RETRIES), and the campaign runs twice."""
+    server = RedisProcess(tmp_path / "redis").start()
+    monkeypatch.setenv("JOURNEY_REDIS_URL", server.url)
+    journey_env.state.config.latency.fixed = 0.5
+    batch = items(5)
+    try:
+        campaign, reports = campaign_in_background(
+            items=batch, destination=str(tmp_path / "out"), max_concurrency=1, allow_failures=True
+        )
+        wait_for_calls(journey_env, 2, campaign)
+        server.stop()
+        campaign.join(timeout=120)
+        [report] = reports
+        failed = [o for o in report.outcomes if o.status != "stored"]
+        assert failed and all("RedisUnavailableError" in (o.reason or "") for o in failed)
+        assert imagine_calls(journey_env) == report.stored  # every image paid is stored
+        server.start()
+        again = batch_campaign(items=batch, destination=str(tmp_path / "out"))
+        assert again.stored == 5 and again.calls == len(failed)
+        assert imagine_calls(journey_env) == 5
+    finally:
+        server.stop()
+
+
+# --- The receiver's memory -------------------------------------------------------------------
+
+
+class SlowRecorder(Recorder):
+    """Takes a while to emit, so that two receivers handle one delivery at the same time."""
+
+    def __call__(
+        self, event: str, resource: dict[str, str], payload: dict[str, Any], event_id: uuid.UUID
+    ) -> bool:
+        time.sleep(0.3)
+        return super().__call__(event, resource, payload, event_id)
+
+
+def test_two_receivers_sharing_redis_emit_each_delivery_once_and_bind_each_token_once(
+    redis_env: str,
+) -> None:
+    """Two receivers behind one URL (each its own process memory, one Redis): a delivery
+    that reaches both at once, a replay to either, a token reused on the other, a receiver
+    restarted; each delivery is emitted once."""
+    first, second = SlowRecorder(), SlowRecorder()
+    signed = {"x-webhook-secret": PROVIDER_SECRET}
+    task = {"task_id": "t-1", "status": "finished", "image_url": "https://cdn.example.com/1.png"}
+    token = mint_token(KEYS.token_key)
+    with (
+        BackgroundServer(create_webhook_app(SECRET, emit=first)) as a,
+        BackgroundServer(create_webhook_app(SECRET, emit=second)) as b,
+    ):
+        urls = [f"{a.url}{WEBHOOK_PATH}/{token}", f"{b.url}{WEBHOOK_PATH}/{token}"]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda url: httpx.post(url, json=task, headers=signed), urls))
+        assert sorted(answer.status_code for answer in answers) == [200, 200]
+        assert {"duplicate": True} in [answer.json() for answer in answers]
+        assert httpx.post(urls[0], json=task, headers=signed).json() == {"duplicate": True}
+        other_task = {**task, "task_id": "t-2"}
+        assert httpx.post(urls[1], json=other_task, headers=signed).status_code == 409
+        another = f"{b.url}{WEBHOOK_PATH}/{mint_token(KEYS.token_key)}"
+        assert httpx.post(another, json=task, headers=signed).status_code == 409
+    assert len(first.events) + len(second.events) == 1
+    restarted = Recorder()
+    with BackgroundServer(create_webhook_app(SECRET, emit=restarted)) as c:
+        url = f"{c.url}{WEBHOOK_PATH}/{token}"
+        assert httpx.post(url, json=task, headers=signed).json() == {"duplicate": True}
+    assert restarted.events == []
+
+
+def test_a_delivery_not_emitted_is_left_to_the_other_receiver_and_claims_are_short(
+    redis_env: str,
+) -> None:
+    failing, working = Recorder(), Recorder()
+    failing.fail_next = True
+    signed = {"x-webhook-secret": PROVIDER_SECRET}
+    task = {"task_id": "t-3", "status": "finished", "image_url": "https://cdn.example.com/3.png"}
+    with (
+        BackgroundServer(create_webhook_app(SECRET, emit=failing)) as a,
+        BackgroundServer(create_webhook_app(SECRET, emit=working)) as b,
+    ):
+        assert httpx.post(f"{a.url}{WEBHOOK_PATH}", json=task, headers=signed).status_code == 503
+        assert httpx.post(f"{b.url}{WEBHOOK_PATH}", json=task, headers=signed).status_code == 200
+    assert failing.events == [] and len(working.events) == 1
+    # A claim lapses soon, so a receiver killed while emitting leaves nothing behind; a kept
+    # delivery lasts past the provider's last retry.
+    client = redis.Redis.from_url(redis_env)
+    prefix = os.environ["JOURNEY_REDIS_PREFIX"]
+    memory = delivery_memory()
+
+    async def claim() -> None:
+        assert await memory.add("claimed") is None and await memory.add("claimed") == ""
+        assert await memory.add("kept", "v") is None
+        await memory.keep(["kept"])
+
+    asyncio.run(claim())
+    claim_ms, memory_ms = (
+        policy.DELIVERY_CLAIM_SECONDS * 1000,
+        policy.DELIVERY_MEMORY_SECONDS * 1000,
+    )
+    assert 0 < client.pttl(f"{prefix}delivery:claimed") <= claim_ms
+    assert claim_ms < client.pttl(f"{prefix}delivery:kept") <= memory_ms
+    assert policy.DELIVERY_CLAIM_SECONDS > EMIT_DEADLINE
+
+
+def test_a_receiver_whose_redis_is_gone_asks_the_provider_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOURNEY_REDIS_URL", dead_redis_url())
+    with pytest.raises(RedisUnavailableError, match="at the run's start"):
+        create_webhook_app(SECRET, emit=Recorder())
+    server = RedisProcess(tmp_path).start()
+    monkeypatch.setenv("JOURNEY_REDIS_URL", server.url)
+    recorder = Recorder()
+    try:
+        with BackgroundServer(create_webhook_app(SECRET, emit=recorder)) as receiver:
+            server.stop()
+            task = {"task_id": "t-4", "status": "failed"}
+            answer = httpx.post(
+                f"{receiver.url}{WEBHOOK_PATH}",
+                json=task,
+                headers={"x-webhook-secret": PROVIDER_SECRET},
+            )
+    finally:
+        server.stop()
+    assert answer.status_code == 503 and recorder.events == []
