@@ -21,14 +21,12 @@ import redis
 from prefect import flow
 
 from prefect_journey import policy, settings
-from prefect_journey.budget import BudgetExceededError, CreditBudget
+from prefect_journey.budget import CreditBudget
 from prefect_journey.cache import image_lock_manager
 from prefect_journey.emulator import BackgroundServer, EmulatorServer
 from prefect_journey.errors import (
     ConfigurationError,
     RedisUnavailableError,
-    ServerError,
-    ServiceUnavailableError,
 )
 from prefect_journey.flows.campaign import batch_campaign
 from prefect_journey.locking import LeasedFileSystemLockManager, LeasedRedisLockManager
@@ -220,84 +218,6 @@ def test_an_unreachable_redis_fails_the_lock_and_its_release_lapses_instead(
 # --- The credit budget -----------------------------------------------------------------------
 
 
-def test_the_redis_budget_counts_as_the_file_one(redis_env: str) -> None:
-    budget = CreditBudget.for_campaign("Spring 2027", limit=12)
-    assert budget.path.startswith("redis:") and redis_env not in budget.path
-    with budget.attempt():
-        pass
-    with pytest.raises(ServiceUnavailableError), budget.attempt():
-        raise ServiceUnavailableError("503")  # not billed: given back
-    with pytest.raises(ServerError), budget.attempt():
-        raise ServerError("500")  # possibly billed: counted
-    held = budget.reserve()
-    with pytest.raises(BudgetExceededError, match="max_credits=12"):
-        budget.reserve()
-    budget.settle(held, None)
-    expected = {"spent": 12, "calls": 4, "possibly_billed": 1, "refused": 1}
-    assert budget.snapshot() == {**expected, "in_flight": 0, "limit": 12, "left": 0}
-    assert budget.this_run == expected
-    budget.recovered(billed=False)
-    assert budget.snapshot()["left"] == 4
-    other = CreditBudget.for_campaign("other", limit=12)
-    assert other.snapshot()["left"] == 12
-
-
-def test_a_redis_budget_outlives_its_runs_and_a_killed_reservation_counts_after_its_lease(
-    redis_env: str,
-) -> None:
-    first = CreditBudget.for_campaign("Spring 2027", limit=12)
-    with first.attempt():
-        pass
-    first.reserve(lease=0.0)  # its process was killed with the call in flight
-    again = CreditBudget.for_campaign("Spring 2027", limit=12)
-    assert again.path == first.path and again.this_run["calls"] == 0
-    assert again.snapshot() == {
-        "spent": 8,
-        "calls": 2,
-        "possibly_billed": 1,
-        "refused": 0,
-        "in_flight": 0,
-        "limit": 12,
-        "left": 4,
-    }
-    with again.attempt():
-        pass
-    with pytest.raises(BudgetExceededError, match="12"), again.attempt():
-        pass
-
-
-def _hammer(path: str) -> int:
-    budget = CreditBudget(path, limit=200)
-    started = 0
-    for _ in range(40):
-        try:
-            with budget.attempt():
-                started += 1
-        except BudgetExceededError:
-            pass
-    return started
-
-
-def test_the_redis_budget_is_exact_across_processes_and_threads(redis_env: str) -> None:
-    """Four spawned processes (each its own machine, as far as the budget can tell) and four
-    threads take 320 attempts at a 50-attempt budget: exactly 50 start."""
-    budget = CreditBudget.for_campaign("shared", limit=200)
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        in_processes = pool.map_async(_hammer, [budget.path] * 4)
-        results: list[int] = []
-        threads = [
-            threading.Thread(target=lambda: results.append(_hammer(budget.path))) for _ in range(4)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        started = sum(in_processes.get(timeout=120)) + sum(results)
-    snapshot = budget.snapshot()
-    assert started == 50 and snapshot["spent"] == 200 and snapshot["calls"] == 50
-    assert snapshot["refused"] == 320 - 50
-
-
 def test_a_budget_whose_redis_is_gone_starts_no_call_and_leaves_settling_to_the_lease(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -317,56 +237,52 @@ def test_a_budget_whose_redis_is_gone_starts_no_call_and_leaves_settling_to_the_
 # --- Runs: the task engine and the campaigns -------------------------------------------------
 
 
+@flow
+def one_image(prompt: str) -> ImagineResult:
+    return imagine({"prompt": prompt})
+
+
 def imagine_flow_in_background(prompt: str) -> tuple[threading.Thread, list[ImagineResult]]:
-    """A flow calling the ``imagine`` task for ``prompt``, started on a thread (in a copy of
-    this one's context, so it sees the test's Prefect settings); its result lands in the
-    list."""
+    """:func:`one_image` started on a thread (in a copy of this one's context, so it sees the
+    test's Prefect settings); its result lands in the list."""
     results: list[ImagineResult] = []
-
-    @flow
-    def one_image() -> ImagineResult:
-        return imagine({"prompt": prompt})
-
     context = contextvars.copy_context()
-    thread = threading.Thread(target=lambda: context.run(lambda: results.append(one_image())))
+    thread = threading.Thread(target=lambda: context.run(lambda: results.append(one_image(prompt))))
     thread.start()
     return thread, results
 
 
-@pytest.mark.usefixtures("prefect_harness", "redis_env")
-def test_with_redis_a_run_whose_result_storage_is_local_is_refused_before_any_call(
-    journey_env: EmulatorServer, tmp_path: Path
+@pytest.mark.parametrize(
+    ("setup", "refusal", "naming"),
+    [
+        ("local result storage", ConfigurationError, "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"),
+        ("Redis not answering", RedisUnavailableError, "JOURNEY_REDIS_URL"),
+    ],
+)
+def test_a_setup_that_cannot_pay_once_is_refused_before_any_call(
+    setup: str,
+    refusal: type[Exception],
+    naming: str,
+    journey_env: EmulatorServer,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Both the campaigns and the imagine task refuse; their error names the setting. Over
-    5 s on a busy machine: two flow runs on a real Prefect server."""
-    with pytest.raises(ConfigurationError, match="PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
+    """JOURNEY_REDIS_URL with a result storage local to the worker, or with a Redis that does
+    not answer: the campaign and the ``imagine`` task both stop before any call, with an
+    error that names the setting to change. Over 5 s on a busy machine: two flow runs on a
+    real Prefect server, and a Redis not answering is tried again for about a second
+    (policy.REDIS_RETRIES)."""
+    if setup == "local result storage":
+        request.getfixturevalue("prefect_harness")
+        request.getfixturevalue("redis_env")
+    else:
+        request.getfixturevalue("shared_results")
+        monkeypatch.setenv("JOURNEY_REDIS_URL", dead_redis_url())
+    with pytest.raises(refusal, match=naming):
         batch_campaign(items=items(2), destination=str(tmp_path))
-
-    @flow
-    def one_image() -> ImagineResult:
-        return imagine({"prompt": f"a lighthouse #{uuid.uuid4().hex[:8]}"})
-
-    with pytest.raises(ConfigurationError, match="PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
-        one_image()
-    assert imagine_calls(journey_env) == 0
-
-
-@pytest.mark.usefixtures("shared_results")
-def test_a_run_whose_redis_does_not_answer_stops_before_any_call(
-    journey_env: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The campaign stops at its start; the task's lock cannot be taken, so its body never
-    runs. Each refusal first tries Redis again (policy.REDIS_RETRIES), about a second."""
-    monkeypatch.setenv("JOURNEY_REDIS_URL", dead_redis_url())
-    with pytest.raises(RedisUnavailableError, match="at the run's start"):
-        batch_campaign(items=items(2), destination=str(tmp_path))
-
-    @flow
-    def one_image() -> ImagineResult:
-        return imagine({"prompt": f"a lighthouse #{uuid.uuid4().hex[:8]}"})
-
-    with pytest.raises(RedisUnavailableError, match="JOURNEY_REDIS_URL"):
-        one_image()
+    with pytest.raises(refusal, match=naming):
+        one_image(f"a lighthouse #{uuid.uuid4().hex[:8]}")
     assert imagine_calls(journey_env) == 0
 
 
