@@ -8,6 +8,8 @@ import asyncio
 import contextvars
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -40,7 +42,7 @@ from prefect_journey.webhooks import (
     delivery_memory,
 )
 
-from .conftest import RedisProcess, free_port
+from .conftest import Bucket, RedisProcess, free_port, process_env
 from .test_campaign_flow import (
     campaign_in_background,
     generated_by_another_run,
@@ -50,6 +52,8 @@ from .test_campaign_flow import (
     wait_for_calls,
 )
 from .test_webhooks import KEYS, PROVIDER_SECRET, SECRET, Recorder
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def dead_redis_url() -> str:
@@ -473,3 +477,56 @@ def test_a_receiver_whose_redis_is_gone_asks_the_provider_to_retry(
     finally:
         server.stop()
     assert answer.status_code == 503 and recorder.events == []
+
+
+# --- Two machines ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images_per_task_run", [1, 4])
+def test_two_machines_running_one_campaign_at_once_pay_once_per_image(
+    journey_env: EmulatorServer,
+    redis_env: str,
+    shared_results: str,
+    bucket: Bucket,
+    tmp_path: Path,
+    images_per_task_run: int,
+) -> None:
+    """Two processes, each with its own Prefect home (two worker machines), sharing the
+    Prefect server, Redis, the result storage and the destination bucket, run the same
+    8-image campaign at once on 3 s generations, two at a time, one from each end of the
+    list: they meet in the middle, so each pays for some images and waits for or reads the
+    others'. Each image is generated once and stored once, and both runs report every image
+    stored. Slow: two Python processes import Prefect and run a flow each."""
+    journey_env.state.config.latency.fixed = 3.0
+    prompts = [f"two machines {i} {uuid.uuid4().hex[:8]}" for i in range(8)]
+    machines = []
+    for n, order in enumerate([prompts, prompts[::-1]]):
+        rows = [{"prompt": prompt} for prompt in order]
+        command = [
+            sys.executable,
+            "-c",
+            "from prefect_journey.flows.campaign import batch_campaign; "
+            f"report = batch_campaign(items={rows!r}, campaign='two machines', "
+            f"destination={bucket.url!r}, key_template='{{campaign}}/{{slug}}.{{ext}}', "
+            f"max_concurrency=2, images_per_task_run={images_per_task_run}); "
+            "print(report.stored, report.calls)",
+        ]
+        home = tmp_path / f"machine-{n}"
+        env = process_env(
+            home / "storage",
+            PREFECT_HOME=str(home),
+            PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=shared_results,
+            **bucket.env(),
+        )
+        machines.append(
+            subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        )
+    outputs = [machine.communicate(timeout=300)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs
+    stored, calls = zip(*(map(int, out.split()[-2:]) for out in outputs), strict=True)
+    assert stored == (8, 8) and sum(calls) == 8 and all(calls)
+    ledger = journey_env.ledger()
+    assert ledger["calls"]["imagine"] == 8 and ledger["credits_charged"] == 32
+    images = [key for key in bucket.objects() if not key.startswith("results/")]
+    assert len(images) == 8 and all(key.startswith("two-machines/") for key in images)
