@@ -119,7 +119,9 @@ class _RedisLedger:
         state = {**_empty(), **counts, "reservations": dict(held)}
         result = change(state, seconds + microseconds / 1e6)
         pipe.multi()
-        pipe.hset(self.name, mapping={name: state[name] for name in _COUNTS})
+        after = {name: state[name] for name in _COUNTS}
+        if after != {name: counts.get(name, 0) for name in _COUNTS}:
+            pipe.hset(self.name, mapping=after)
         gone = held.keys() - state["reservations"].keys()
         if gone:
             pipe.zrem(self.reservations, *gone)
@@ -364,6 +366,9 @@ class CreditBudget:
             ``calls``, ``spent``, ``in_flight``, ``possibly_billed`` (attempts that ended
             in a failure that may have been billed and whose fate no webhook delivery told),
             ``refused``, ``limit`` and ``left`` (None without a limit).
+
+        Raises:
+            RedisUnavailableError: The budget lives in Redis, which did not answer.
         """
 
         def read(state: State, now: float) -> tuple[dict[str, int], int]:

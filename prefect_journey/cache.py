@@ -53,11 +53,7 @@ from prefect_journey import settings
 from prefect_journey._compat import result_store_for, run_result_store
 from prefect_journey.client import resolve_base_url
 from prefect_journey.errors import RedisUnavailableError
-from prefect_journey.locking import (
-    LeasedFileSystemLockManager,
-    LeasedRedisLockManager,
-    SelectedLockManager,
-)
+from prefect_journey.locking import LeasedFileSystemLockManager, SelectedLockManager
 from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import Destination
 
@@ -303,6 +299,8 @@ def _file_locks(directory: Path, lease: float) -> LockManager:
 
 @functools.cache
 def _redis_locks(url: str, prefix: str, lease: float) -> LockManager:
+    from prefect_journey.redis_locking import LeasedRedisLockManager
+
     return LeasedRedisLockManager(url, prefix=prefix, lease_seconds=lease)
 
 

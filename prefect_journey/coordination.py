@@ -3,7 +3,7 @@
 
 With ``JOURNEY_REDIS_URL`` set, three things that keep money safe move from one machine into
 Redis, so that workers on several machines share them: the image locks
-(:class:`~prefect_journey.locking.LeasedRedisLockManager`), the campaigns' credit budgets
+(:class:`~prefect_journey.redis_locking.LeasedRedisLockManager`), the campaigns' credit budgets
 (:class:`~prefect_journey.budget.CreditBudget`) and the webhook receiver's memory of
 deliveries (:mod:`prefect_journey.webhooks`). Every key starts with
 ``JOURNEY_REDIS_PREFIX``.

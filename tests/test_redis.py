@@ -31,8 +31,9 @@ from prefect_journey.errors import (
     RedisUnavailableError,
 )
 from prefect_journey.flows.campaign import batch_campaign
-from prefect_journey.locking import LeasedFileSystemLockManager, LeasedRedisLockManager
+from prefect_journey.locking import LeasedFileSystemLockManager
 from prefect_journey.models import ImagineResult
+from prefect_journey.redis_locking import LeasedRedisLockManager
 from prefect_journey.tasks import imagine
 from prefect_journey.tokens import mint_token
 from prefect_journey.webhooks import (
