@@ -135,5 +135,5 @@ def check_reachable(url: str) -> None:
         RedisUnavailableError: It does not answer; the message says to start it or fix
             ``JOURNEY_REDIS_URL``.
     """
-    with reaching(url, "at the run's start, so nothing was started: start it, or fix the URL"):
+    with reaching(url, "at the start, so nothing was started: start it, or fix the URL"):
         sync_client(url).ping()

@@ -461,7 +461,7 @@ def test_a_receiver_whose_redis_is_gone_asks_the_provider_to_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JOURNEY_REDIS_URL", dead_redis_url())
-    with pytest.raises(RedisUnavailableError, match="at the run's start"):
+    with pytest.raises(RedisUnavailableError, match="at the start, so nothing was started"):
         create_webhook_app(SECRET, emit=Recorder())
     server = RedisProcess(tmp_path).start()
     monkeypatch.setenv("JOURNEY_REDIS_URL", server.url)
