@@ -36,8 +36,10 @@ PARALLEL := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 # The whole check: lint, the documentation site, then every test in one run: the default suite,
 # the wheel installed into a fresh environment (marker install) and the long suites (marker
-# slow: the 60-item soak, campaigns killed mid-run and resumed, make ui).
+# slow: the 60-item soak, campaigns killed mid-run and resumed, make ui). The Redis tests
+# start Debian's redis-server (tests/conftest.py), installed here on a fresh machine.
 test: lint docs
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/pytest $(PARALLEL) -m 'slow or install or not slow'
 
 # The documentation site (mkdocs.yml) into site/; --strict: a broken link, a missing page or

@@ -328,3 +328,82 @@ def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
         region_name="us-east-1",
     ).create_bucket(Bucket=name)
     return Bucket(name, moto_server)
+
+
+class RedisProcess:
+    """A real ``redis-server`` (Debian's package, which ``make test`` installs) on a free
+    loopback port, keeping nothing on disk: stopped, it forgets everything, as a Redis
+    restarted without persistence does. A test may stop it and start it again."""
+
+    def __init__(self, folder: Path) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail("redis-server is not installed: make test installs it")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._command = [
+            executable,
+            *("--port", str(self.port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no", "--dir", str(folder)),
+        ]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisProcess:
+        self._process = subprocess.Popen(
+            self._command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while not self._answers():
+            assert self._process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not answer"
+            time.sleep(0.05)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=30)
+            self._process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's Redis (:class:`RedisProcess`); yields its URL."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``JOURNEY_REDIS_URL`` naming the session's Redis, with a key prefix of this test's own
+    (tests reuse campaign names and images). Returns the URL."""
+    monkeypatch.setenv("JOURNEY_REDIS_URL", redis_server)
+    monkeypatch.setenv("JOURNEY_REDIS_PREFIX", f"test-{uuid.uuid4().hex[:12]}:")
+    return redis_server
+
+
+@pytest.fixture
+def shared_results(bucket: Bucket, prefect_harness: Path) -> Iterator[str]:
+    """The runs' result storage in the bucket (a saved ``RemoteFileSystem`` block named by
+    ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``), as workers on several machines share it.
+    Yields the block's slug."""
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, temporary_settings
+
+    name = f"results-{uuid.uuid4().hex[:12]}"
+    RemoteFileSystem(basepath=f"{bucket.url}/results", settings=bucket.storage_options).save(name)
+    slug = f"remote-file-system/{name}"
+    with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: slug}):
+        yield slug
