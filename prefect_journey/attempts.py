@@ -34,6 +34,7 @@ from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileS
 from prefect.results import get_default_result_storage
 from pydantic import BaseModel, SecretStr
 
+from prefect_journey import settings
 from prefect_journey._compat import call_sync
 from prefect_journey.cache import imagine_record_store, new_holder, release_if_held
 from prefect_journey.errors import ConfigurationError
@@ -115,6 +116,37 @@ def check_records_storage() -> None:
         ConfigurationError: The result storage is a block that cannot delete files.
     """
     _filesystem()
+
+
+def check_shared_setup() -> None:
+    """Fail now, before any paid call, if ``JOURNEY_REDIS_URL`` is set but the run cannot
+    keep its promise: two machines pay once for an image only if they share its lock (Redis)
+    and its records (the result storage). Does nothing without ``JOURNEY_REDIS_URL``.
+
+    Raises:
+        ConfigurationError: The result storage is local to this worker (Prefect's
+            ``LocalFileSystem``, its default): another machine would not see the images
+            this one paid for, and pay again. The message names the setting to change,
+            ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``.
+        RedisUnavailableError: The Redis does not answer.
+    """
+    url = settings.redis_url()
+    if url is None:
+        return
+    storage = _storage()
+    if isinstance(storage, LocalFileSystem):
+        raise ConfigurationError(
+            f"{settings.REDIS_URL.name} is set, so runs on several machines share their "
+            f"image locks, but the result storage is local to this worker "
+            f"({storage.basepath or '.'}): the cache and attempt records of the images it "
+            "pays for would be invisible to the others, which would pay again. Save a "
+            "RemoteFileSystem block on a shared bucket (such as s3://bucket/prefect-results) "
+            "and name it in PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK (remote-file-system/<name>) "
+            f"on every worker, or unset {settings.REDIS_URL.name} to run on one machine"
+        )
+    from prefect_journey import coordination
+
+    coordination.check_reachable(url)
 
 
 def _filesystem() -> Filesystem:

@@ -12,35 +12,124 @@ flight never settles it; once the lease has passed, the next reader counts it as
 possibly billed (its call may have bought an image), until a webhook delivery proves
 otherwise (:meth:`~CreditBudget.recovered`).
 
-The state is a small JSON file guarded by ``flock``, under ``JOURNEY_BUDGET_DIR`` (by default
-the Prefect home): the threads and processes of one machine share it by sharing the path.
+On one machine the state is a small JSON file guarded by ``flock``, under
+``JOURNEY_BUDGET_DIR`` (by default the Prefect home): the threads and processes of the machine
+share it by sharing the path. With ``JOURNEY_REDIS_URL`` set it lives in that Redis instead,
+shared by the workers of every machine: the counts in a hash, the reservations in a sorted
+set scored by their lease's end, every change one optimistic transaction (``WATCH``/``MULTI``)
+on the Redis server's clock. Both run the same decisions; only where the state is kept
+differs. A reservation that cannot reach Redis fails before its call
+(:class:`~prefect_journey.errors.RedisUnavailableError`, not billed); a settlement that
+cannot reach it is left to its lease, which counts it as spent.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect.settings import PREFECT_HOME
 
 from prefect_journey import policy, settings
-from prefect_journey.errors import JourneyError
+from prefect_journey.errors import ConfigurationError, JourneyError, RedisUnavailableError
 from prefect_journey.models import CREDITS_PER_IMAGE
 from prefect_journey.storage import slugify
 
 # Counts a budget keeps: over its whole life in its file, and for one run in its object.
 _COUNTS = ("spent", "calls", "possibly_billed", "refused")
+# A budget's path that starts so names its keys in the Redis of JOURNEY_REDIS_URL.
+REDIS_LOCATION = "redis:"
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# A budget's whole state (its counts and its reservations with their lease's end) and the
+# time now, in epoch seconds: every change to a budget is such a function, run by its ledger.
+State = dict[str, Any]
+Change = Callable[[State, float], T]
 
 
-def _empty() -> dict[str, Any]:
+def _empty() -> State:
     return {**dict.fromkeys(_COUNTS, 0), "reservations": {}}
+
+
+class _FileLedger:
+    """A budget's state in a JSON file, changed under ``flock``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def update(self, change: Change[T], purpose: str) -> T:
+        with _THREAD_LOCK, open(self.path, "r+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            state = {**_empty(), **json.loads(handle.read() or "{}")}
+            result = change(state, time.time())
+            # Overwritten in place, then cut to length: emptying it first frees its block,
+            # which the filesystem must journal, several times the cost of the update. No
+            # fsync: flock already orders the writers, and the file only has to outlive a
+            # process, not the machine.
+            handle.seek(0)
+            handle.write(json.dumps(state))
+            handle.truncate()
+        return result
+
+
+class _RedisLedger:
+    """A budget's state in Redis: its counts in the hash ``name``, its reservations in the
+    sorted set ``name:reservations`` (scored by their lease's end). Each change is read,
+    decided and written in one ``WATCH``/``MULTI`` transaction, tried again when another
+    worker changed the budget meanwhile; the time is the Redis server's, the one clock every
+    worker shares."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reservations = f"{name}:reservations"
+
+    def update(self, change: Change[T], purpose: str) -> T:
+        from redis import WatchError
+
+        from prefect_journey import coordination
+
+        url = settings.redis_url()
+        if url is None:
+            raise ConfigurationError(
+                f"the budget {self.name!r} lives in Redis: set {settings.REDIS_URL.name}"
+            )
+        with coordination.reaching(url, purpose), coordination.sync_client(url).pipeline() as pipe:
+            while True:
+                try:
+                    return self._once(pipe, change)
+                except WatchError:
+                    continue  # another worker changed the budget first: decide again
+
+    def _once(self, pipe: Any, change: Change[T]) -> T:
+        pipe.watch(self.name, self.reservations)
+        seconds, microseconds = pipe.time()
+        counts = {k.decode(): int(v) for k, v in pipe.hgetall(self.name).items()}
+        held = {
+            m.decode(): until for m, until in pipe.zrange(self.reservations, 0, -1, withscores=True)
+        }
+        state = {**_empty(), **counts, "reservations": dict(held)}
+        result = change(state, seconds + microseconds / 1e6)
+        pipe.multi()
+        after = {name: state[name] for name in _COUNTS}
+        if after != {name: counts.get(name, 0) for name in _COUNTS}:
+            pipe.hset(self.name, mapping=after)
+        gone = held.keys() - state["reservations"].keys()
+        if gone:
+            pipe.zrem(self.reservations, *gone)
+        new = {k: v for k, v in state["reservations"].items() if k not in held}
+        if new:
+            pipe.zadd(self.reservations, new)
+        pipe.execute()
+        return result
 
 
 class BudgetExceededError(JourneyError):
@@ -55,13 +144,15 @@ class CreditBudget:
     also counts what this run did (:attr:`this_run`), for its report.
 
     Args:
-        path: The JSON state file, which must exist.
+        path: The JSON state file, which must exist; or ``redis:<key>``, a budget kept in
+            the Redis of ``JOURNEY_REDIS_URL`` (what :meth:`for_campaign` gives when it is
+            set).
         limit: The most credits the budget may commit, spent and in flight together; None
             counts without refusing.
         price: The credits one attempt reserves; :data:`CREDITS_PER_IMAGE` by default.
 
     Attributes:
-        path: The state file.
+        path: The state file, or ``redis:<key>``.
         limit: The budget's limit.
         price: The credits of one attempt.
         this_run: ``spent``, ``calls``, ``possibly_billed`` and ``refused`` of the attempts
@@ -90,6 +181,11 @@ class CreditBudget:
         self.price = price
         self.this_run = dict.fromkeys(_COUNTS, 0)
         self._run_lock = threading.Lock()
+        self._ledger = (
+            _RedisLedger(self.path.removeprefix(REDIS_LOCATION))
+            if self.path.startswith(REDIS_LOCATION)
+            else _FileLedger(self.path)
+        )
 
     def __repr__(self) -> str:
         return f"CreditBudget({self.path!r}, limit={self.limit})"
@@ -119,7 +215,9 @@ class CreditBudget:
 
         Args:
             name: The budget's name (a campaign's, by default); its file is
-                ``<JOURNEY_BUDGET_DIR>/<slug of name>.json``.
+                ``<JOURNEY_BUDGET_DIR>/<slug of name>.json``, or with ``JOURNEY_REDIS_URL``
+                set its keys are ``<JOURNEY_REDIS_PREFIX>budget:{<slug of name>}`` in that
+                Redis, shared by every machine.
             limit: The most credits the budget may commit over its whole life; None counts
                 without refusing.
 
@@ -128,7 +226,14 @@ class CreditBudget:
 
         Raises:
             ValueError: ``limit`` is negative.
+            ConfigurationError: ``JOURNEY_REDIS_URL`` is malformed.
         """
+        if settings.redis_url() is not None:
+            # Braces: a Redis cluster keeps the budget's two keys on one node, which a
+            # transaction over both needs.
+            return cls(
+                f"{REDIS_LOCATION}{settings.redis_prefix()}budget:{{{slugify(name)}}}", limit
+            )
         path = settings.budget_dir(Path(PREFECT_HOME.value())) / f"{slugify(name)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -138,30 +243,19 @@ class CreditBudget:
             pass
         return cls(path, limit)
 
-    @contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        with _THREAD_LOCK, open(self.path, "r+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            state = {**_empty(), **json.loads(handle.read() or "{}")}
-            self._expire(state)
-            yield state
-            # Overwritten in place, then cut to length: emptying it first frees its block,
-            # which the filesystem must journal, several times the cost of the update. No
-            # fsync: flock already orders the writers, and the file only has to outlive a
-            # process, not the machine.
-            handle.seek(0)
-            handle.write(json.dumps(state))
-            handle.truncate()
+    def _update(self, change: Change[T], purpose: str) -> T:
+        """Run ``change`` on the state, after counting the reservations whose lease has
+        passed (a killed process's calls) as spent and possibly billed."""
 
-    def _expire(self, state: dict[str, Any]) -> None:
-        """Reservations whose lease has passed: a killed process's calls, counted as spent
-        and possibly billed."""
-        now = time.time()
-        expired = [key for key, until in state["reservations"].items() if until <= now]
-        for key in expired:
-            del state["reservations"][key]
-            state["spent"] += self.price
-            state["possibly_billed"] += 1
+        def expiring_first(state: State, now: float) -> T:
+            expired = [key for key, until in state["reservations"].items() if until <= now]
+            for key in expired:
+                del state["reservations"][key]
+                state["spent"] += self.price
+                state["possibly_billed"] += 1
+            return change(state, now)
+
+        return self._ledger.update(expiring_first, purpose)
 
     def _count(self, **changes: int) -> None:
         with self._run_lock:
@@ -181,20 +275,27 @@ class CreditBudget:
         Raises:
             BudgetExceededError: Spent plus in-flight credits plus this price would pass
                 the limit; the refusal is counted and nothing is reserved.
+            RedisUnavailableError: The budget lives in Redis, which did not answer: nothing
+                is reserved, so the call must not start.
         """
         lease = policy.worst_case_attempt_timeout() if lease is None else lease
         reservation = uuid.uuid4().hex
-        with self._locked() as state:
+
+        def reserve(state: State, now: float) -> tuple[bool, int, int]:
             in_flight = self.price * len(state["reservations"])
             refused = self.limit is not None and state["spent"] + in_flight + self.price > (
                 self.limit
             )
             if refused:
                 state["refused"] += 1
-                spent = state["spent"]
             else:
-                state["reservations"][reservation] = time.time() + lease
+                state["reservations"][reservation] = now + lease
                 state["calls"] += 1
+            return refused, state["spent"], in_flight
+
+        refused, spent, in_flight = self._update(
+            reserve, "to reserve the credits of a call, so the call was not made"
+        )
         if refused:
             self._count(refused=1)
             raise BudgetExceededError(
@@ -220,11 +321,14 @@ class CreditBudget:
         not_billed = isinstance(error, JourneyError) and not error.possibly_billed
         spent = 0 if not_billed else self.price
         doubt = int(error is not None and not not_billed)
-        with self._locked() as state:
+
+        def settle(state: State, now: float) -> None:
             if state["reservations"].pop(reservation, None) is not None:
                 state["spent"] += spent
                 state["possibly_billed"] += doubt
+
         self._count(spent=spent, possibly_billed=doubt)
+        self._update_or_leave_to_lease(settle, "to settle a call's reservation")
 
     def recovered(self, *, billed: bool) -> None:
         """A possibly-billed attempt's fate became known from its webhook delivery.
@@ -237,10 +341,22 @@ class CreditBudget:
                 which is not billed).
         """
         given_back = 0 if billed else self.price
-        with self._locked() as state:
+
+        def recovered(state: State, now: float) -> None:
             state["possibly_billed"] -= 1
             state["spent"] -= given_back
+
         self._count(possibly_billed=-1, spent=-given_back)
+        self._update_or_leave_to_lease(recovered, "to count a recovered call")
+
+    def _update_or_leave_to_lease(self, change: Change[None], purpose: str) -> None:
+        """Run ``change``, unless Redis cannot be reached: the budget then keeps counting
+        the call as spent (its reservation's lease counts it so), which never lets a call
+        start that the budget would refuse."""
+        try:
+            self._update(change, purpose)
+        except RedisUnavailableError as exc:
+            logger.warning("%s; the budget counts the call as spent", exc)
 
     def snapshot(self) -> dict[str, Any]:
         """The budget over its whole life: calls, credits spent (possibly-billed counted),
@@ -250,10 +366,16 @@ class CreditBudget:
             ``calls``, ``spent``, ``in_flight``, ``possibly_billed`` (attempts that ended
             in a failure that may have been billed and whose fate no webhook delivery told),
             ``refused``, ``limit`` and ``left`` (None without a limit).
+
+        Raises:
+            RedisUnavailableError: The budget lives in Redis, which did not answer.
         """
-        with self._locked() as state:
+
+        def read(state: State, now: float) -> tuple[dict[str, int], int]:
             counts = {name: state[name] for name in _COUNTS}
-            in_flight = self.price * len(state["reservations"])
+            return counts, self.price * len(state["reservations"])
+
+        counts, in_flight = self._update(read, "to read the budget")
         left = None if self.limit is None else max(0, self.limit - counts["spent"] - in_flight)
         return {**counts, "in_flight": in_flight, "limit": self.limit, "left": left}
 

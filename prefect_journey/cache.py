@@ -14,13 +14,11 @@ define the result, and nothing secret:
 A scheduled flow that wants a fresh image each day passes its scheduled date as
 ``variant``; re-running the same day then costs nothing.
 
-The imagine policy runs under SERIALIZABLE isolation with a lease-based file lock manager
-(:mod:`prefect_journey.locking`): concurrent identical requests on one machine are billed
-once. For several machines, swap in a shared lock manager::
-
-    from prefect_redis.locking import RedisLockManager
-    policy = IMAGINE_CACHE_POLICY.configure(lock_manager=RedisLockManager(host="redis"))
-    imagine = imagine.with_options(cache_policy=policy)
+The imagine policy runs under SERIALIZABLE isolation with leased locks
+(:mod:`prefect_journey.locking`): concurrent identical requests are billed once. The locks
+are files under the Prefect home (one machine), or keys in the Redis of
+``JOURNEY_REDIS_URL`` (several machines): :func:`image_lock_manager` decides, at each lock,
+for the task engine and the campaigns alike.
 
 The record functions at the end (:func:`cached_result`, :func:`cache_result`,
 :func:`lock_if_free_and_read`, ...) read and write the very records, under the very locks,
@@ -30,6 +28,7 @@ work outside that task's runs, so both ways of running a campaign share one cach
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -50,9 +49,11 @@ from prefect.results import ResultStore
 from prefect.settings import PREFECT_HOME
 from prefect.tasks import Task
 
+from prefect_journey import settings
 from prefect_journey._compat import result_store_for, run_result_store
 from prefect_journey.client import resolve_base_url
-from prefect_journey.locking import LeasedFileSystemLockManager
+from prefect_journey.errors import RedisUnavailableError
+from prefect_journey.locking import LeasedFileSystemLockManager, SelectedLockManager
 from prefect_journey.models import ImagineRequest
 from prefect_journey.storage import Destination
 
@@ -272,20 +273,41 @@ class StoreCachePolicy(CachePolicy):
         )
 
 
-def default_lock_manager() -> LeasedFileSystemLockManager:
-    """Lock files under ``$PREFECT_HOME/locks/journey`` (one machine).
+def image_lock_manager() -> LockManager:
+    """The manager of the image locks under the current settings: leased keys in Redis when
+    ``JOURNEY_REDIS_URL`` is set (workers on several machines), else leased lock files under
+    ``$PREFECT_HOME/locks/journey`` (one machine). The one place that chooses.
 
     Returns:
-        A lease-based file lock manager; for several machines, use a shared one instead
-        (see the module docstring).
+        The manager, the same object for the same settings.
+
+    Raises:
+        ConfigurationError: A malformed ``JOURNEY_REDIS_URL`` or lease, or the URL is set
+            without the ``redis`` extra installed.
     """
-    return LeasedFileSystemLockManager(Path(PREFECT_HOME.value()) / "locks" / "journey")
+    lease = settings.lock_lease_seconds()
+    url = settings.redis_url()
+    if url is not None:
+        return _redis_locks(url, settings.redis_prefix(), lease)
+    return _file_locks(Path(PREFECT_HOME.value()) / "locks" / "journey", lease)
+
+
+@functools.cache
+def _file_locks(directory: Path, lease: float) -> LockManager:
+    return LeasedFileSystemLockManager(directory, lease_seconds=lease)
+
+
+@functools.cache
+def _redis_locks(url: str, prefix: str, lease: float) -> LockManager:
+    from prefect_journey.redis_locking import LeasedRedisLockManager
+
+    return LeasedRedisLockManager(url, prefix=prefix, lease_seconds=lease)
 
 
 # SERIALIZABLE: a second run asking for the same image waits for the first and reads its
 # result instead of paying again.
 IMAGINE_CACHE_POLICY = ImagineCachePolicy().configure(
-    isolation_level="SERIALIZABLE", lock_manager=default_lock_manager()
+    isolation_level="SERIALIZABLE", lock_manager=SelectedLockManager(image_lock_manager)
 )
 STORE_CACHE_POLICY = StoreCachePolicy()
 
@@ -412,8 +434,14 @@ def release_if_held(locks: LockManager | None, key: str, holder: str) -> None:
         key: The record's cache key.
         holder: The holder name the lock was taken under.
     """
-    if locks is not None and locks.is_lock_holder(key, holder):
-        locks.release_lock(key, holder)
+    if locks is None:
+        return
+    try:
+        if locks.is_lock_holder(key, holder):
+            locks.release_lock(key, holder)
+    except RedisUnavailableError as exc:
+        # Unrenewed, the lock lapses after its lease; the work under it is over either way.
+        logging.getLogger(__name__).warning("%s; the lock lapses after its lease", exc)
 
 
 def locked_elsewhere(locks: LockManager | None, key: str) -> bool:

@@ -1,6 +1,6 @@
-"""``prefect-journey``: thin command-line entry points.
+"""``prefect-journey``: the everyday commands, beside the Prefect flows.
 
-prefect-journey emulator --port 8765 [--time-scale 0.1] [--fault 429=0.1] ...
+Each command is a thin entry point over the package; ``prefect-journey --help`` lists them.
 """
 
 from __future__ import annotations
@@ -35,9 +35,21 @@ def _fault(value: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"rate must be a number, got {rate!r}") from None
 
 
+# What the top-level help says, as plain text (the module docstring is for the API docs).
+DESCRIPTION = (
+    "JourneyAPI (nano-banana-2) images from the command line: generate and store one, check "
+    "the balance, fetch a task, price and run a campaign sheet, run the offline emulator or "
+    "the webhook receiver. The key comes from $JOURNEY_API_KEY; 4 credits an image."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefect-journey", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from prefect_journey import __version__
+    from prefect_journey.models import ASPECT_RATIOS, RESOLUTIONS
+
+    parser = argparse.ArgumentParser(prog="prefect-journey", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     emulator = commands.add_parser(
         "emulator", help="run the local JourneyAPI emulator (offline, follows the contract)"
@@ -85,11 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     imagine = commands.add_parser(
         "imagine", help="generate one image (key from $JOURNEY_API_KEY) and optionally store it"
     )
-    imagine.add_argument("--prompt", required=True)
-    imagine.add_argument("--reference", action="append", default=[], help="repeatable, max 14")
-    imagine.add_argument("--aspect-ratio", default="1:1")
-    imagine.add_argument("--resolution")
-    imagine.add_argument("--destination", help="fsspec URL or folder to store the image in")
+    imagine.add_argument("--prompt", required=True, help="what the image should show")
+    imagine.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a reference image (https URL), repeatable, at most 14",
+    )
+    imagine.add_argument("--aspect-ratio", default="1:1", choices=ASPECT_RATIOS)
+    imagine.add_argument("--resolution", choices=RESOLUTIONS, help="default: 1K")
+    imagine.add_argument(
+        "--destination",
+        help="fsspec URL or folder to store the image in; checked before anything is paid",
+    )
     imagine.add_argument(
         "--key-template", help="object key of the stored image (default: {task_id}.{ext})"
     )
@@ -105,6 +126,23 @@ def _parser() -> argparse.ArgumentParser:
         "image may be made and billed already) is paid again, 0-5 (default: 1)",
     )
 
+    commands.add_parser("balance", help="print the account's credit balance (free)")
+    fetch = commands.add_parser(
+        "fetch", help="print a task's status and image URL by its task id (free)"
+    )
+    fetch.add_argument("task_id", help="the task id an imagine call or a webhook returned")
+    for name, what in (
+        ("price", "what a campaign sheet can cost, checked row by row, without a call"),
+        ("run", "run a campaign sheet with the batch-campaign flow"),
+    ):
+        sheet = commands.add_parser(name, help=what)
+        sheet.add_argument("source", help="a .csv or .jsonl file, local or any fsspec URL")
+        sheet.add_argument("--campaign", default="campaign", help="the campaign's name")
+        if name == "run":
+            sheet.add_argument("--destination", help="fsspec URL or folder (default ./outputs)")
+            sheet.add_argument("--max-credits", type=int, help="the campaign's credit budget")
+            sheet.add_argument("--max-concurrency", type=int, default=8, help="calls in flight")
+
     commands.add_parser(
         "new-secret",
         help="print a new webhook secret (64 random hex digits) for JOURNEY_WEBHOOK_SECRET",
@@ -119,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_imagine(args: argparse.Namespace) -> int:
     from prefect_journey import policy
+    from prefect_journey.errors import JourneyError
     from prefect_journey.models import ImagineRequest
     from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination, render_key
 
@@ -131,7 +170,7 @@ def _run_imagine(args: argparse.Namespace) -> int:
     destination = None
     if args.destination:  # a bad destination or key must fail before a credit is spent
         destination = Destination(args.destination)
-        destination.filesystem()
+        destination.check()  # the folder is writable, the bucket exists
         render_key(key_template, {"task_id": "task", "ext": "png"})
     request = ImagineRequest(
         prompt=args.prompt,
@@ -147,7 +186,17 @@ def _run_imagine(args: argparse.Namespace) -> int:
     stored = None
     if destination is not None:
         with _working(console, "storing", shown):
-            stored = asyncio.run(_store(result, destination, key_template))
+            try:
+                stored = asyncio.run(_store(result, destination, key_template))
+            except JourneyError:
+                # The image is paid for: say where it is, so it is not bought again.
+                print(
+                    f"the image was generated (task {result.task_id}, "
+                    f"{result.credits_charged} credits) but not stored; it stays at "
+                    f"{result.image_url} for 14 days (prefect-journey fetch {result.task_id})",
+                    file=sys.stderr,
+                )
+                raise
     if args.json:
         output: dict[str, object] = {"result": result.model_dump()}
         if stored is not None:
@@ -210,6 +259,52 @@ def _summary(result: ImagineResult, stored: StoredImage | None) -> str:
     return "\n".join(lines)
 
 
+def _run_balance(args: argparse.Namespace) -> int:
+    from prefect_journey.client import JourneyClient
+    from prefect_journey.models import CREDITS_PER_IMAGE
+
+    with JourneyClient() as client:
+        credits = client.account().credits
+    print(f"{credits} credits ({credits // CREDITS_PER_IMAGE} images)")
+    return 0
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    from prefect_journey.client import JourneyClient
+
+    with JourneyClient() as client:
+        task = client.fetch(args.task_id)
+    print(json.dumps(task.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _run_price(args: argparse.Namespace) -> int:
+    from prefect_journey.campaigns.plan import plan_items, read_items
+    from prefect_journey.models import CREDITS_PER_IMAGE
+
+    plan = plan_items(read_items(args.source), campaign=args.campaign)
+    cost = CREDITS_PER_IMAGE * len(plan)
+    print(
+        f"{len(plan)} items, every row valid: up to {cost} credits "
+        f"({CREDITS_PER_IMAGE} an image; images an earlier run made cost nothing)"
+    )
+    return 0
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from prefect_journey.flows.campaign import batch_campaign
+
+    report = batch_campaign(
+        source=args.source,
+        campaign=args.campaign,
+        destination=args.destination,
+        max_credits=args.max_credits,
+        max_concurrency=args.max_concurrency,
+    )
+    print(report.ledger_line())
+    return 0
+
+
 def _run_webhooks(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -235,13 +330,21 @@ def _run_new_secret(args: argparse.Namespace) -> int:
 
 def _run_emulator(args: argparse.Namespace) -> int:
     from prefect_journey import settings
-    from prefect_journey.emulator import (
-        DEFAULT_API_KEY,
-        EmulatorConfig,
-        FaultPlan,
-        LatencyModel,
-        serve_forever,
-    )
+    from prefect_journey.errors import ConfigurationError
+
+    try:
+        from prefect_journey.emulator import (
+            DEFAULT_API_KEY,
+            EmulatorConfig,
+            FaultPlan,
+            LatencyModel,
+            serve_forever,
+        )
+    except ImportError as exc:  # the emulator's own dependencies come with its extra
+        raise ConfigurationError(
+            f"the emulator needs {exc.name or 'its dependencies'}: "
+            "pip install 'prefect-journey[emulator]'"
+        ) from None
 
     keys = tuple(args.api_key or [settings.api_key() or DEFAULT_API_KEY])
     config = EmulatorConfig(
@@ -268,9 +371,13 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
+    "balance": _run_balance,
     "emulator": _run_emulator,
+    "fetch": _run_fetch,
     "imagine": _run_imagine,
     "new-secret": _run_new_secret,
+    "price": _run_price,
+    "run": _run_run,
     "webhooks": _run_webhooks,
 }
 

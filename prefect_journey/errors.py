@@ -249,6 +249,16 @@ class NotStartedError(JourneyError):
     attempt in doubt. Nothing was billed for it; a re-run picks it up."""
 
 
+class RedisUnavailableError(JourneyError):
+    """The Redis the workers share (``JOURNEY_REDIS_URL``) could not be reached.
+
+    At a run's start it stops the run before any paid call. Mid-run it fails an item before
+    its call: no call starts without its reservation on the shared budget or its image's
+    lock, and a call started blind could be paid twice. Nothing was billed for it, and it is
+    not retried within the run: a re-run picks the item up once Redis answers again.
+    """
+
+
 class UnverifiedDeliveryError(JourneyError):
     """A webhook event is not proven: the receiver did not sign it, or the provider's
     ``/fetch`` does not confirm the task it names. Nothing is downloaded or stored for it.

@@ -359,6 +359,28 @@ DEFAULT_REPAY_POSSIBLY_BILLED = 1
 MAX_REPAY_POSSIBLY_BILLED = GENERATION_RETRIES
 
 
+# --- The shared Redis (JOURNEY_REDIS_URL) -----------------------------------------------------
+# A Redis answers within milliseconds; 5 s tells a stalled one from a busy one without holding
+# an attempt at its gate for long.
+REDIS_SOCKET_TIMEOUT = 5.0
+# A refused or dropped connection is tried again 3 times, 0.1 to 1 s apart: a blip (a
+# failover, a restart) passes unnoticed, while a Redis that is gone fails the attempt within
+# about a second, before its call.
+REDIS_RETRIES = 3
+REDIS_RETRY_BACKOFF = (0.1, 1.0)
+# How often a lock held elsewhere, or freed, is looked at again: as often as Prefect's own
+# file locks.
+LOCK_POLL_INTERVAL = 0.1
+# The receiver remembers each delivery, and which task each token delivered, this long: far
+# past the provider's last retry of a delivery (130 s after its first try) and any attempt
+# record's expiry, at about 150 bytes a delivery (100,000 deliveries a day: 15 MB).
+DELIVERY_MEMORY_SECONDS = 24 * 3600.0
+# A delivery is first remembered only this long, until its event is emitted: a receiver
+# killed while emitting leaves nothing that would make the provider's next try (10 s later) a
+# duplicate. It covers the emission's own deadline (EMIT_DEADLINE, 8 s).
+DELIVERY_CLAIM_SECONDS = 10.0
+
+
 def check_repay_possibly_billed(value: object) -> int:
     """``value`` if it is a whole number of repays the ladder allows.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import get_run_logger
@@ -18,6 +18,7 @@ from prefect.artifacts import ImageArtifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
+from prefect.runtime import flow_run as prefect_flow_run
 
 from prefect_journey.errors import StorageError
 from prefect_journey.models import ImagineResult, display_text
@@ -33,6 +34,25 @@ STORED_EVENT = "journey.image.stored"
 PROGRESS_INTERVAL = 1.0
 
 Logger = logging.LoggerAdapter[Any] | logging.Logger
+
+
+def flow_run_name(label: str, parameter: str) -> Callable[[], str]:
+    """A ``flow_run_name`` for Prefect: ``label`` and the run's ``parameter``, printable and
+    short, so a run reads as what it does in the UI (not a random "cyber-shark").
+
+    Args:
+        label: What the run is ("campaign", "image", ...).
+        parameter: The flow parameter that names it.
+
+    Returns:
+        A function Prefect calls when the run starts.
+    """
+
+    def name() -> str:
+        value = prefect_flow_run.parameters.get(parameter)
+        return f"{label}: {display_text(str(value or '?'), RUN_NAME_PROMPT_CHARS)}"
+
+    return name
 
 
 def progress_key(campaign_slug: str) -> str:

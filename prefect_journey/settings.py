@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from prefect_journey import policy
 from prefect_journey.errors import ConfigurationError
@@ -94,6 +95,19 @@ PRIVATE_ENDPOINTS = Variable(
     "non-public address (a local MinIO, a test server); the configured API "
     "(JOURNEY_BASE_URL) always may.",
 )
+REDIS_URL = Variable(
+    "JOURNEY_REDIS_URL",
+    "(none)",
+    "A Redis the workers share (redis://, rediss://, unix:// or redis+sentinel://): with it "
+    "the image locks, the campaigns' credit budgets and the receiver's memory of deliveries "
+    "live there, so that runs on several machines pay once; never shown with its password.",
+)
+REDIS_PREFIX = Variable(
+    "JOURNEY_REDIS_PREFIX",
+    "journey:",
+    "The start of every key the package writes in JOURNEY_REDIS_URL's Redis, so that several "
+    "deployments can share one Redis.",
+)
 PARTIAL_LEASE_SECONDS = Variable(
     "JOURNEY_PARTIAL_LEASE_SECONDS",
     "300",
@@ -114,6 +128,8 @@ VARIABLES: tuple[Variable, ...] = (
     IMAGE_HOSTS,
     PRIVATE_ENDPOINTS,
     PARTIAL_LEASE_SECONDS,
+    REDIS_URL,
+    REDIS_PREFIX,
 )
 
 DEFAULT_BASE_URL = BASE_URL.default
@@ -129,6 +145,8 @@ MIN_LEASE_SECONDS = 1.0
 # find its leftovers stale. S3 shows no owner of an upload, only its age, so this lease is
 # all that keeps a store from aborting the upload of another run storing the same image.
 DEFAULT_PARTIAL_LEASE_SECONDS = 300.0
+# The URL schemes redis-py (and prefect-redis, for Sentinel) connect with.
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
 def _raw(variable: Variable) -> str | None:
@@ -236,6 +254,63 @@ def partial_lease_seconds() -> float:
     """
     seconds = _positive_seconds(PARTIAL_LEASE_SECONDS, minimum=0.0, inclusive=False)
     return DEFAULT_PARTIAL_LEASE_SECONDS if seconds is None else seconds
+
+
+def redis_url() -> str | None:
+    """``JOURNEY_REDIS_URL``, or None when unset: one machine, no Redis.
+
+    Raises:
+        ConfigurationError: The value is not a Redis URL (the message shows it without its
+            password).
+    """
+    raw = _raw(REDIS_URL)
+    if raw is None:
+        return None
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
+        raise ConfigurationError(
+            f"{REDIS_URL.name} must be a Redis URL ({', '.join(s + '://' for s in REDIS_SCHEMES)}"
+            f"), got {redacted_url(url)!r}"
+        )
+    return url
+
+
+def redis_prefix() -> str:
+    """``JOURNEY_REDIS_PREFIX``, else ``journey:``."""
+    return _raw(REDIS_PREFIX) or REDIS_PREFIX.default
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, to show it in a message or a log.
+
+    Args:
+        url: A URL, possibly ``scheme://user:password@host/...``.
+
+    Returns:
+        The URL with the password replaced by ``***``, and any ``password=`` query option
+        too (redis-py reads one there).
+
+    Example:
+        ```python
+        from prefect_journey.settings import redacted_url
+
+        assert redacted_url("redis://:hunter2@cache:6379/0") == "redis://:***@cache:6379/0"
+        ```
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, _, host = netloc.rpartition("@")
+        user, has_password, _ = credentials.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else f"{user}@{host}"
+    query = "&".join(
+        f"{name}=***" if name.lower() in ("password", "sentinel_password") else option
+        for option in parts.query.split("&")
+        if option
+        for name in [option.partition("=")[0]]
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _entries(variable: Variable) -> list[str]:

@@ -30,6 +30,7 @@ from prefect.runtime import task_run as current_task_run
 
 from prefect_journey import policy
 from prefect_journey._compat import quiet_worker_thread_timeout_notice
+from prefect_journey.attempts import check_shared_setup
 from prefect_journey.budget import CreditBudget
 from prefect_journey.cache import (
     DEFAULT_CACHE_EXPIRATION,
@@ -154,6 +155,10 @@ async def aimagine(
         TaskFailedError: The provider refused the image (not retried).
         PossiblyBilledError: The last attempt's outcome is unknown, and no repay is left.
         NotStartedError: The provider asked to wait longer than ``max_pause``.
+        ConfigurationError: ``JOURNEY_REDIS_URL`` is set while the result storage is
+            local to the worker (before any call).
+        RedisUnavailableError: ``JOURNEY_REDIS_URL``'s Redis does not answer (before any
+            call).
 
     Example:
         ```python
@@ -173,6 +178,7 @@ async def aimagine(
     request, variant = as_request(request), check_variant(variant)
     repays = policy.check_repay_possibly_billed(repay_possibly_billed)
     receiver = webhook or load_receiver()
+    check_shared_setup()
     key = imagine_cache_key(request, variant, api_base_url(credentials))
     async with async_journey_client(credentials, max_retries=0) as api:
         calls = PaidCalls(

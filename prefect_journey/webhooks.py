@@ -14,8 +14,11 @@ webhook secret and uses only keys derived from it (:mod:`prefect_journey.signing
 - accepts only a JSON object of at most :data:`MAX_BODY_BYTES` with a ``task_id`` and a
   ``status`` (the body is read no further than that);
 - de-duplicates (the provider may deliver twice): a replay is acknowledged with 200 and
-  emits nothing. In memory, the last :data:`DEDUP_CAPACITY` deliveries; across restarts the
-  event id is derived from the delivery, so Prefect itself stores a replayed event once;
+  emits nothing. In memory, the last :data:`DEDUP_CAPACITY` deliveries; with
+  ``JOURNEY_REDIS_URL`` set, in that Redis for
+  :data:`~prefect_journey.policy.DELIVERY_MEMORY_SECONDS`, shared by every receiver behind
+  the URL and kept across their restarts. Either way the event id is derived from the
+  delivery, so Prefect itself stores a replayed event once;
 - emits ``journey.task.finished`` or ``journey.task.failed`` (resource
   ``journey.task.<task_id>``), which a deployment trigger can turn into a flow run; on the
   token path ``journey.attempt.finished`` or ``journey.attempt.failed`` instead (resource
@@ -42,7 +45,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 from pydantic import SecretStr, ValidationError
@@ -51,7 +54,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from prefect_journey.errors import ConfigurationError
+from prefect_journey import policy, settings
+from prefect_journey.errors import ConfigurationError, RedisUnavailableError
 from prefect_journey.models import TaskStatus, check_http_url
 from prefect_journey.signing import SIGNATURE_FIELD, WebhookKeys
 from prefect_journey.tokens import (
@@ -176,16 +180,31 @@ class PrefectEventSink:
         return True
 
 
+class DeliveryMemory(Protocol):
+    """What a receiver remembers: the deliveries it emitted and which task each token
+    delivered. A key is first claimed (:meth:`add`), then kept once its event is emitted
+    (:meth:`keep`) or forgotten if it was not (:meth:`discard`)."""
+
+    async def add(self, key: str, value: str = "") -> str | None:
+        """Claim ``key`` with ``value``; the value already there, if there was one."""
+
+    async def keep(self, keys: list[str]) -> None:
+        """Keep the claimed ``keys``: their delivery's event was emitted."""
+
+    async def discard(self, key: str) -> None:
+        """Forget ``key``: its delivery's event was not emitted."""
+
+
 class _Seen:
-    """A bounded, thread-safe map of deliveries seen, oldest forgotten first."""
+    """A bounded, thread-safe map of deliveries seen by this process, oldest forgotten
+    first."""
 
     def __init__(self, capacity: int) -> None:
         self._seen: OrderedDict[str, str] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def add(self, key: str, value: str = "") -> str | None:
-        """Record ``key`` with ``value``; the value already recorded, if there was one."""
+    async def add(self, key: str, value: str = "") -> str | None:
         with self._lock:
             if key in self._seen:
                 return self._seen[key]
@@ -194,9 +213,79 @@ class _Seen:
                 self._seen.popitem(last=False)
             return None
 
-    def discard(self, key: str) -> None:
+    async def keep(self, keys: list[str]) -> None:
+        return None  # a claim here lasts as long as the process
+
+    async def discard(self, key: str) -> None:
         with self._lock:
             self._seen.pop(key, None)
+
+
+class _SharedSeen:
+    """The same memory in the Redis of ``JOURNEY_REDIS_URL``, shared by every receiver
+    behind one URL and kept across their restarts. A claim lasts
+    :data:`~prefect_journey.policy.DELIVERY_CLAIM_SECONDS`, so a receiver killed while
+    emitting leaves nothing that would make the provider's next try a duplicate; a kept key
+    lasts :data:`~prefect_journey.policy.DELIVERY_MEMORY_SECONDS`."""
+
+    def __init__(self, url: str) -> None:
+        from prefect_journey import coordination
+
+        coordination.check_reachable(url)
+        self.url = url
+
+    def _client(self) -> Any:
+        from prefect_journey import coordination
+
+        return coordination.async_client(self.url)
+
+    def _name(self, key: str) -> str:
+        from prefect_journey import coordination
+
+        return coordination.key(f"delivery:{key}")
+
+    def _reaching(self) -> Any:
+        from prefect_journey import coordination
+
+        return coordination.reaching(self.url, "to the webhook receiver")
+
+    async def add(self, key: str, value: str = "") -> str | None:
+        with self._reaching():
+            earlier = await self._client().set(
+                self._name(key),
+                value,
+                nx=True,
+                get=True,
+                px=int(policy.DELIVERY_CLAIM_SECONDS * 1000),
+            )
+        return None if earlier is None else str(earlier.decode())
+
+    async def keep(self, keys: list[str]) -> None:
+        with self._reaching():
+            async with self._client().pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.expire(self._name(key), int(policy.DELIVERY_MEMORY_SECONDS))
+                await pipe.execute()
+
+    async def discard(self, key: str) -> None:
+        with self._reaching():
+            await self._client().delete(self._name(key))
+
+
+def delivery_memory() -> DeliveryMemory:
+    """The receiver's memory: in the Redis of ``JOURNEY_REDIS_URL`` when it is set, else in
+    this process.
+
+    Returns:
+        The memory.
+
+    Raises:
+        ConfigurationError: ``JOURNEY_REDIS_URL`` is malformed, or set without the
+            ``redis`` extra.
+        RedisUnavailableError: Its Redis does not answer.
+    """
+    url = settings.redis_url()
+    return _Seen(DEDUP_CAPACITY) if url is None else _SharedSeen(url)
 
 
 def _is_image_url(url: str | None) -> bool:
@@ -226,6 +315,7 @@ def create_webhook_app(
     emit: Emitter | None = None,
     path: str = WEBHOOK_PATH,
     api_url: str | None = None,
+    memory: DeliveryMemory | None = None,
 ) -> Starlette:
     """The receiver as an ASGI app.
 
@@ -246,13 +336,17 @@ def create_webhook_app(
             None (the default) posts to the Prefect API (:class:`PrefectEventSink`).
         path: The path deliveries are POSTed to; :data:`WEBHOOK_PATH` by default.
         api_url: The Prefect API for the default ``emit``; None reads ``PREFECT_API_URL``.
+        memory: What the receiver remembers of deliveries; None for
+            :func:`delivery_memory` (Redis when ``JOURNEY_REDIS_URL`` is set).
 
     Returns:
         The Starlette app, to run with any ASGI server.
 
     Raises:
         WeakSecretError: The secret could be guessed (a ValueError).
-        ConfigurationError: ``emit`` is None and no Prefect API is set or reachable.
+        ConfigurationError: ``emit`` is None and no Prefect API is set or reachable, or
+            ``JOURNEY_REDIS_URL`` is malformed.
+        RedisUnavailableError: ``JOURNEY_REDIS_URL``'s Redis does not answer.
 
     Example:
         ```python
@@ -269,9 +363,16 @@ def create_webhook_app(
     keys = WebhookKeys.from_secret(secret)
     expected = keys.provider_secret.get_secret_value().encode()
     sink = emit if emit is not None else PrefectEventSink(prefect_api_url(api_url))
-    seen = _Seen(DEDUP_CAPACITY)
+    seen = memory if memory is not None else delivery_memory()
 
     async def deliver(request: Request, attempt: str | None) -> Response:
+        try:
+            return await _deliver(request, attempt)
+        except RedisUnavailableError as exc:  # the provider tries again later
+            logger.warning("delivery not taken: %s", exc)
+            return JSONResponse({"error": "receiver unavailable"}, status_code=503)
+
+    async def _deliver(request: Request, attempt: str | None) -> Response:
         provided = request.headers.get("x-webhook-secret", "").encode()
         if not hmac.compare_digest(provided, expected):
             return JSONResponse({}, status_code=401)
@@ -291,25 +392,31 @@ def create_webhook_app(
         delivery = f"{task.task_id}:{task.status}"
         earlier: str | None = None
         owner: str | None = None
+        claimed: list[str] = []
         if attempt is not None:
-            earlier = seen.add(f"attempt:{attempt}", task.task_id)
+            earlier = await seen.add(f"attempt:{attempt}", task.task_id)
             if earlier is not None and earlier != task.task_id:
                 return JSONResponse({"error": "token already used"}, status_code=409)
+            if earlier is None:
+                claimed.append(f"attempt:{attempt}")
             # One task per attempt, and one attempt per task: a task is made by one request,
             # so a task delivered again under another token is not that token's.
-            owner = seen.add(f"task:{task.task_id}", attempt)
+            owner = await seen.add(f"task:{task.task_id}", attempt)
             if owner is not None and owner != attempt:
-                if earlier is None:
-                    seen.discard(f"attempt:{attempt}")
+                for key in claimed:
+                    await seen.discard(key)
                 return JSONResponse({"error": "task already delivered"}, status_code=409)
+            if owner is None:
+                claimed.append(f"task:{task.task_id}")
             event = f"{ATTEMPT_EVENT_PREFIX}{task.status}"
             resource = {
                 "prefect.resource.id": attempt_resource(attempt),
                 TASK_ID_LABEL: task.task_id,
             }
             delivery = f"{attempt}:{delivery}"
-        if seen.add(delivery) is not None:
+        if await seen.add(delivery) is not None:
             return JSONResponse({"duplicate": True})
+        claimed.append(delivery)
         event_id = uuid.uuid5(_EVENT_NAMESPACE, delivery)
         payload = task.model_dump(exclude_none=True)
         payload[SIGNATURE_FIELD] = keys.sign(
@@ -323,12 +430,10 @@ def create_webhook_app(
             logger.warning("could not emit %s for task %s: %s", event, task.task_id, exc)
             emitted = False
         if not emitted:  # let the provider's retry try again
-            seen.discard(delivery)
-            if attempt is not None and earlier is None:
-                seen.discard(f"attempt:{attempt}")
-            if attempt is not None and owner is None:
-                seen.discard(f"task:{task.task_id}")
+            for key in claimed:
+                await seen.discard(key)
             return JSONResponse({"error": "event not emitted"}, status_code=503)
+        await seen.keep(claimed)
         logger.info("task %s %s: emitted %s", task.task_id, task.status, event)
         return JSONResponse({"event": event})
 

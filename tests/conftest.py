@@ -21,6 +21,7 @@ import boto3
 import pytest
 
 from prefect_journey.emulator import EmulatorConfig, EmulatorServer, FaultPlan, LatencyModel
+from tools import services
 
 # No cloud metadata lookups, no telemetry: the tests never leave loopback.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -328,3 +329,39 @@ def bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
         region_name="us-east-1",
     ).create_bucket(Bucket=name)
     return Bucket(name, moto_server)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's Redis: a real ``redis-server`` (Debian's package, which ``make test``
+    installs) on a free loopback port, keeping nothing on disk (:func:`tools.services.redis_server`,
+    which a test may stop and start again). Yields its URL."""
+    server = services.redis_server(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_env(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``JOURNEY_REDIS_URL`` naming the session's Redis, with a key prefix of this test's own
+    (tests reuse campaign names and images). Returns the URL."""
+    monkeypatch.setenv("JOURNEY_REDIS_URL", redis_server)
+    monkeypatch.setenv("JOURNEY_REDIS_PREFIX", f"test-{uuid.uuid4().hex[:12]}:")
+    return redis_server
+
+
+@pytest.fixture
+def shared_results(bucket: Bucket, prefect_harness: Path) -> Iterator[str]:
+    """The runs' result storage in the bucket (a saved ``RemoteFileSystem`` block named by
+    ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``), as workers on several machines share it.
+    Yields the block's slug."""
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, temporary_settings
+
+    name = f"results-{uuid.uuid4().hex[:12]}"
+    RemoteFileSystem(basepath=f"{bucket.url}/results", settings=bucket.storage_options).save(name)
+    slug = f"remote-file-system/{name}"
+    with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: slug}):
+        yield slug

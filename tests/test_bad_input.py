@@ -533,7 +533,7 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         "cli ratio 5:4",
         lambda e, t: cli("imagine", "--prompt", "p", "--aspect-ratio", "5:4"),
         "exit 2",
-        "aspect_ratio",
+        "--aspect-ratio: invalid choice",
     ),
     (
         "cli ftp reference",

@@ -309,8 +309,8 @@ def test_images_another_run_is_generating_leave_the_slots_to_the_others(
     journey_env: EmulatorServer, tmp_path: Path, images_per_task_run: int
 ) -> None:
     """With one call at a time, two images whose locks another run holds still let the
-    other three be generated: the per-image mode passes them over until their locks are
-    free; the chunked mode waits for them outside the run's window (of two)."""
+    other three be generated: whatever the grouping, the run starts them last and waits for
+    their locks outside its window (of two)."""
     batch = items(5)
     keys = [imagine_key(item, journey_env) for item in batch[:2]]
     locks = record_store(imagine).lock_manager

@@ -8,20 +8,101 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from prefect_journey.emulator import EmulatorServer
 
-from .conftest import SENTINEL_KEY, run_in_terminal
+from .conftest import SENTINEL_KEY, process_env, run_in_terminal
 
 
-def run(emulator: EmulatorServer, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "JOURNEY_API_KEY": SENTINEL_KEY, "JOURNEY_BASE_URL": emulator.url}
+def run(
+    emulator: EmulatorServer, *args: str, env: dict[str, str] | None = None, code: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``prefect-journey *args`` in a subprocess, against ``emulator``; ``code`` runs first
+    (in the same interpreter) when given."""
+    env = {**(env or os.environ), "JOURNEY_API_KEY": SENTINEL_KEY, "JOURNEY_BASE_URL": emulator.url}
+    command = ["-m", "prefect_journey.cli", *args]
+    if code:
+        entry = "import sys; from prefect_journey.cli import main; sys.exit(main(sys.argv[1:]))"
+        command = ["-c", f"{code}; {entry}", *args]
     return subprocess.run(
-        [sys.executable, "-m", "prefect_journey.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, *command], env=env, capture_output=True, text=True, timeout=120
     )
+
+
+def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """Five runs of the CLI, each a subprocess that imports the package."""
+    done = run(emulator, "balance")
+    assert done.returncode == 0 and done.stdout.startswith("10000 credits (2500 images)")
+    made = json.loads(run(emulator, "imagine", "--prompt", "a kite", "--json").stdout)
+    task_id = made["result"]["task_id"]
+    fetched = json.loads(run(emulator, "fetch", task_id).stdout)
+    assert fetched["status"] == "finished" and fetched["image_url"] == made["result"]["image_url"]
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("prompt,aspect_ratio\na red chair,1:1\na blue chair,16:9\na sofa,3:4\n")
+    done = run(emulator, "price", str(sheet))
+    assert done.returncode == 0 and "3 items" in done.stdout and "up to 12 credits" in done.stdout
+    sheet.write_text("prompt,aspect_ratio\na red chair,1:1\na blue chair,5:4\n")
+    done = run(emulator, "price", str(sheet))
+    assert done.returncode == 2 and "row 2: aspect_ratio" in done.stderr
+    assert emulator.ledger()["calls"]["imagine"] == 1  # pricing calls nothing
+
+
+def test_help_version_and_choices_say_what_to_type(emulator: EmulatorServer) -> None:
+    top = run(emulator, "--help")
+    assert top.returncode == 0 and "``" not in top.stdout
+    for command in ("imagine", "balance", "fetch", "price", "run", "emulator", "webhooks"):
+        assert command in top.stdout
+    assert run(emulator, "--version").stdout.startswith("prefect-journey 0.1.0")
+    wrong = run(emulator, "imagine", "--prompt", "x", "--aspect-ratio", "5:4")
+    assert wrong.returncode == 2 and "16:9" in wrong.stderr  # the choices are listed
+
+
+def test_imagine_checks_the_destination_before_paying_and_names_a_paid_image(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """Two runs of the CLI, each a subprocess that imports the package."""
+    (tmp_path / "a-file").write_text("not a folder")
+    done = run(emulator, "imagine", "--prompt", "x", "--destination", str(tmp_path / "a-file/x"))
+    assert done.returncode == 1 and "is not reachable" in done.stderr
+    assert emulator.ledger()["calls_total"] == 0  # refused before any call
+    # A store that fails after the image was paid names the image, to get it back: here
+    # another object holds the key (a failure no retry fixes).
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fixed.png").write_bytes(b"someone else's")
+    done = run(
+        emulator,
+        "imagine",
+        "--prompt",
+        "paid",
+        "--destination",
+        str(tmp_path / "out"),
+        "--key-template",
+        "fixed.{ext}",
+    )
+    [task_id] = emulator.ledger()["billed_tasks"]
+    assert done.returncode == 1 and f"prefect-journey fetch {task_id}" in done.stderr
+
+
+def test_the_emulator_without_its_extra_says_what_to_install(emulator: EmulatorServer) -> None:
+    done = run(
+        emulator,
+        "emulator",
+        code="sys_modules = __import__('sys').modules; sys_modules['PIL'] = None",
+    )
+    assert done.returncode == 2 and "prefect-journey[emulator]" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_a_sheet(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """The campaign flow from the command line, on the session's Prefect server."""
+    sheet = tmp_path / "sheet.jsonl"
+    sheet.write_text('{"prompt": "a red chair"}\n{"prompt": "a blue chair"}\n')
+    env = process_env(tmp_path / "results")
+    done = run(emulator, "run", str(sheet), "--destination", str(tmp_path / "out"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "stored=2" in done.stdout and len(list((tmp_path / "out").rglob("*.png"))) == 2
 
 
 def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_path: Path) -> None:
@@ -116,3 +197,9 @@ def test_a_terminal_sees_that_it_is_working(emulator: EmulatorServer) -> None:
     text = run_in_terminal(command, env, timeout=60)
     assert "generating…" in text and "0:00:01" in text  # the spinner and the time elapsed
     assert "image ready in" in text and SENTINEL_KEY not in text
+
+
+def test_the_cli_reference_page_is_what_the_parser_says() -> None:
+    from tools.cli_reference import PAGE, render
+
+    assert PAGE.read_text() == render(), "run: python -m tools.cli_reference"

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from prefect_journey import _compat
 from prefect_journey.cache import IMAGINE_CACHE_POLICY
-from prefect_journey.locking import LeasedFileSystemLockManager
+from prefect_journey.locking import LeasedFileSystemLockManager, SelectedLockManager
 from prefect_journey.tasks import imagine
 
 PACKAGE = Path(__file__).resolve().parent.parent / "prefect_journey"
@@ -80,7 +80,8 @@ def test_call_sync_gets_the_sync_variant_on_a_worker_thread_of_an_async_run() ->
 def test_result_store_for_a_task_reads_and_writes_its_records_under_its_lock_manager() -> None:
     store = _compat.result_store_for(imagine)
     assert isinstance(store, ResultStore)
-    assert isinstance(store.lock_manager, LeasedFileSystemLockManager)
+    assert isinstance(store.lock_manager, SelectedLockManager)
+    assert isinstance(store.lock_manager.select(), LeasedFileSystemLockManager)
     key = f"compat-{time.time_ns()}"
     store.write({"ok": 1}, key=key)
     assert store.read(key).result == {"ok": 1}

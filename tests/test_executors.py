@@ -237,6 +237,8 @@ def both_groupings(
 def test_both_groupings_report_the_same(
     journey_env: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str
 ) -> None:
+    """Two campaigns or more per scenario, one per grouping; a "slow" answer waits out the
+    client's read timeout (4 s) on every item."""
     per_image, grouped = both_groupings(SCENARIOS[scenario], journey_env, tmp_path, monkeypatch)
     assert per_image == grouped
     assert per_image["items"], "the scenario ran"

@@ -67,6 +67,9 @@ def test_generate_and_store_to_a_local_folder(journey_env: EmulatorServer, tmp_p
     assert sorted(a.type for a in artifacts) == ["image", "progress", "table"]
     picture = next(a for a in artifacts if a.type == "image")
     assert picture.data.startswith("http")  # a URL a browser can open
+    # The run says what it made, not a random name.
+    [run] = prefect_api.flow_runs([run_id])
+    assert run.name.startswith("image: a lighthouse at dusk")
     names = {run.name for run in prefect_api.task_runs([run_id])}
     assert any(name.startswith("image 1: a lighthouse at dusk") for name in names)
     assert f"assets: {name}" in names

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run as current_task_run
 
 from prefect_journey._compat import shared_async_client
+from prefect_journey.cache import locked_elsewhere, record_store
 from prefect_journey.campaigns.item import SharedRun, run_item
 from prefect_journey.campaigns.pipeline import Campaign, ItemOutcome, outcome
 from prefect_journey.campaigns.plan import CampaignItem
@@ -35,7 +36,7 @@ from prefect_journey.publishing import (
     progress_key,
 )
 from prefect_journey.storage import StoredImage, async_download_client
-from prefect_journey.tasks import TAGS
+from prefect_journey.tasks import TAGS, imagine
 
 # A task run per image while the run keeps at most this many calls in flight; beyond, images
 # share task runs so that about this many task runs are under way at once, whatever the
@@ -92,6 +93,11 @@ async def _run_groups(
     size: int,
     progress: CampaignProgress,
 ) -> tuple[list[ItemOutcome], list[tuple[StoredImage, str]]]:
+    # Images another run is generating right now go last: their task runs would wait for
+    # that run's locks while holding places under way, and by the time they start they are
+    # most likely cache hits.
+    locks = record_store(imagine).lock_manager
+    todo = sorted(todo, key=lambda item: locked_elsewhere(locks, campaign.generation_key(item)))
     groups = [todo[start : start + size] for start in range(0, len(todo), size)]
     # One connection per call in flight: a slow call never waits for a pooled connection.
     api = async_journey_client(campaign.credentials, max_retries=0, max_connections=max_concurrency)

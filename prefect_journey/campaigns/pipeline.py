@@ -33,6 +33,7 @@ from prefect_journey.errors import (
     JourneyError,
     NotStartedError,
     ObjectConflictError,
+    RedisUnavailableError,
     failure_text,
 )
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineResult, display_text
@@ -456,6 +457,19 @@ def outcome(
     return ItemOutcome(**fields, status=status, reason=reason)
 
 
+def _budget_left(budget: CreditBudget | None) -> int | None:
+    """What is left of ``budget`` for the report; None when it has no limit, or when it
+    lives in a Redis that stopped answering (the items' outcomes say what that cost)."""
+    if budget is None:
+        return None
+    try:
+        left: int | None = budget.snapshot()["left"]
+    except RedisUnavailableError as exc:
+        get_run_logger().warning("what is left of the budget is unknown: %s", exc)
+        return None
+    return left
+
+
 def report(
     campaign: Campaign, items: int, outcomes: list[ItemOutcome], *, allow_failures: bool
 ) -> CampaignReport:
@@ -475,7 +489,7 @@ def report(
     """
     outcomes = sorted(outcomes, key=lambda o: o.row)
     ledger = campaign.budget.this_run if campaign.budget else {}
-    left = campaign.budget.snapshot()["left"] if campaign.budget else None
+    left = _budget_left(campaign.budget)
     not_repaid = sum(o.status == "possibly_billed" for o in outcomes)
     summary = CampaignReport(
         campaign=campaign.name,

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from prefect_journey import policy
+from prefect_journey.attempts import check_shared_setup
 from prefect_journey.budget import CreditBudget
 from prefect_journey.campaigns.executor import log_grouping, run_items
 from prefect_journey.campaigns.pipeline import (
@@ -112,11 +113,16 @@ def run_campaign(
 
     Raises:
         CampaignError: Bad rows (every one listed), before any call.
+        ConfigurationError: ``JOURNEY_REDIS_URL`` is set while the result storage is local
+            to the worker, before any call.
+        RedisUnavailableError: ``JOURNEY_REDIS_URL``'s Redis does not answer, before any
+            call.
         BudgetExceededError: The campaign could cost more than ``max_credits``.
         InsufficientCreditsError: More than the account's balance.
         CampaignFailedError: Some items were not stored (unless ``allow_failures``).
     """
     plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
+    check_shared_setup()  # fails before spending
     campaign_run = Campaign(
         campaign,
         destination,

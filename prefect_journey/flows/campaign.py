@@ -32,12 +32,13 @@ from prefect_journey.campaigns.run import (
 )
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
+from prefect_journey.publishing import flow_run_name
 from prefect_journey.variants import check_variant, resolve_variant
 
 R = TypeVar("R")
 
 
-@flow(name="batch-campaign")
+@flow(name="batch-campaign", flow_run_name=flow_run_name("campaign", "campaign"))
 def batch_campaign(
     items: list[dict[str, Any]] | None = None,
     source: str | None = None,
@@ -161,7 +162,7 @@ def batch_campaign(
 # and runs on a worker thread, so the flow's event loop stays free. A thread cannot be
 # interrupted: cancelling the awaiting coroutine (not the flow run) leaves the campaign
 # running to its end, within its budget.
-@flow(name="batch-campaign-async")
+@flow(name="batch-campaign-async", flow_run_name=flow_run_name("campaign", "campaign"))
 @wraps(batch_campaign.fn, assigned=("__module__", "__annotations__", "__doc__"))
 async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
     return await asyncio.to_thread(_with_sync_client, batch_campaign.fn, *args, **kwargs)

@@ -20,11 +20,12 @@ from prefect_journey.campaigns.run import (
 )
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
+from prefect_journey.publishing import flow_run_name
 from prefect_journey.tasks import presign_references
 from prefect_journey.variants import check_variant, resolve_variant
 
 
-@flow(name="character-series")
+@flow(name="character-series", flow_run_name=flow_run_name("series", "series"))
 def character_series(
     character_refs: list[str],
     scenes: list[str],

@@ -17,11 +17,12 @@ from prefect_journey.campaigns.run import (
     run_campaign,
 )
 from prefect_journey.destinations import load_destination
+from prefect_journey.publishing import flow_run_name
 from prefect_journey.tasks import presign_references
 from prefect_journey.variants import check_variant, resolve_variant
 
 
-@flow(name="generate-and-store", log_prints=True)
+@flow(name="generate-and-store", log_prints=True, flow_run_name=flow_run_name("image", "prompt"))
 def generate_and_store(
     prompt: str,
     destination: str | None = None,

@@ -18,13 +18,18 @@ from prefect_journey.credentials import journey_client, load_credentials
 from prefect_journey.deliveries import proven_task_event
 from prefect_journey.destinations import load_destination
 from prefect_journey.models import ImagineResult
-from prefect_journey.publishing import declare_assets, emit_stored_event, report_image
+from prefect_journey.publishing import (
+    declare_assets,
+    emit_stored_event,
+    flow_run_name,
+    report_image,
+)
 from prefect_journey.receiver import webhook_keys
 from prefect_journey.storage import StoredImage
 from prefect_journey.tasks import store_image
 
 
-@flow(name="store-finished-task")
+@flow(name="store-finished-task", flow_run_name=flow_run_name("store task", "task_id"))
 def store_finished_task(
     task_id: str,
     image_url: str,
