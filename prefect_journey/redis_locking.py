@@ -202,6 +202,10 @@ class LeasedRedisLockManager(LeaseRenewal, RedisLockManager):  # type: ignore[mi
             if self._within_lease(key, holder):
                 return True
             raise
+        if current is None and self._within_lease(key, holder):
+            # Redis came back empty (a restart without persistence) within the lease: take
+            # the lock back now, as the next renewal would, so the paid image is recorded.
+            return self._renew(key, holder) is True
         return current == holder.encode()
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:

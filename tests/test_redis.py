@@ -527,7 +527,9 @@ def test_two_machines_running_one_campaign_at_once_pay_once_per_image(
     outputs = [machine.communicate(timeout=300)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], outputs
     stored, calls = zip(*(map(int, out.split()[-2:]) for out in outputs), strict=True)
-    assert stored == (8, 8) and sum(calls) == 8 and all(calls)
+    # Between them, each image once. Which machine pays for how many is the clock's: on a
+    # loaded machine one of them can start so late that the other has paid for all.
+    assert stored == (8, 8) and sum(calls) == 8
     ledger = journey_env.ledger()
     assert ledger["calls"]["imagine"] == 8 and ledger["credits_charged"] == 32
     images = [key for key in bucket.objects() if not key.startswith("results/")]
