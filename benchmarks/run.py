@@ -250,7 +250,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
     figures of ``results``; the hand-written analysis below the report's marker and the rest
     of the figures page stay."""
     from benchmarks import orchestration, startup, timeline, transfer
-    from prefect_journey.campaigns.chunked import RECOMMENDED_IMAGES_PER_TASK_RUN
+    from benchmarks.orchestration import RECOMMENDED_IMAGES_PER_TASK_RUN
 
     start, moved, orchestrated = (
         results["startup"],
