@@ -58,9 +58,8 @@ class Run:
             budget_name=f"compare-{self.images_per_task_run}",
             destination=str(self.folder),
             images_per_task_run=self.images_per_task_run,
-            max_concurrency=ITEMS,
             allow_failures=True,
-            **options,
+            **{"max_concurrency": ITEMS, **options},
         )
         return report
 
@@ -117,9 +116,11 @@ def budget_exhausted(run: Run) -> CampaignReport:
 
 
 def long_pause(run: Run) -> CampaignReport:
-    """Every call answered 429 with a Retry-After past max_pause: nothing started, unpaid."""
+    """Every call answered 429 with a Retry-After past max_pause: nothing started, unpaid.
+    One call at a time, so that the first answer reaches the shared pause before a second
+    call starts: with several in flight, how many are made is the clock's."""
     run.emulator.admin("faults", {"rates": {"429": 1.0}, "retry_after": 120})
-    return run.campaign(rows(), max_pause=5)
+    return run.campaign(rows(), max_pause=5, max_concurrency=1)
 
 
 @pytest.fixture
