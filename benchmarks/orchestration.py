@@ -17,9 +17,8 @@ concurrency C = 25 are measured in the same run:
   an event and two log lines. ``batch_campaign`` minus this is what our own code costs;
 - an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
   (it joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps);
-- at N=200, the campaign in both groupings and their floors again on a Prefect server
-  backed by PostgreSQL (benchmarks/postgres.py) instead of the test harness's SQLite;
-- the re-run of a finished campaign, with both flows, on SQLite and on PostgreSQL.
+- the re-run of a finished campaign, with both flows, on the test harness's SQLite and on a
+  Prefect server backed by PostgreSQL (benchmarks/postgres.py).
 
 The ideal makespan is ceil(N/C) * L. benchmarks/capacity.py measures the default against
 the hand-written script at the two shapes the project sets targets for; benchmarks/quota.py
@@ -47,7 +46,7 @@ from prefect_journey.tasks import TAGS
 LATENCY = 2.0
 CONCURRENCY = 25
 KEY = "bench-key"
-# The batch size the issue sets its targets at; measured on PostgreSQL as well.
+# The batch size the project set its first targets at, and of the re-runs.
 TARGET_N = 200
 # Images per task run of the grouped figures: one fixed size to compare with, whatever the
 # default chooses (a 1,000-image campaign in 20 task runs).
@@ -244,8 +243,6 @@ KINDS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "per_image_floor": ("prefect_floor_of_our_shape", (1,)),
     "grouped_floor": ("prefect_floor_of_our_shape", (GROUPED,)),
 }
-# What is measured again on PostgreSQL at TARGET_N.
-POSTGRES_KINDS = ("per_image", "grouped")
 
 
 def measure(sizes: tuple[int, ...] = (TARGET_N,)) -> dict[str, Any]:
@@ -270,13 +267,6 @@ def measure(sizes: tuple[int, ...] = (TARGET_N,)) -> dict[str, Any]:
                     1000 * (row[grouping] - row[f"{grouping}_floor"]) / n
                 )
             results["by_n"][n] = row
-        if TARGET_N in sizes:
-            results["postgres"] = _each_on_postgres(
-                {
-                    kind: ("median_of_runs", (KINDS[kind][0], RUNS, TARGET_N, *KINDS[kind][1]))
-                    for kind in POSTGRES_KINDS
-                }
-            )
         results["empty_flow"] = median_on_a_fresh_server(RUNS, empty_flow_run)
         results["rerun"] = {}
         for kind, asynchronous in RERUN_KINDS.items():
@@ -292,12 +282,6 @@ def median_on_a_fresh_server(runs: int, run: Callable[..., float], *args: Any) -
     by up to a third and made the comparison depend on the order of measurement."""
     with prefect_test_harness():
         return median([run(*args) for _ in range(runs)])
-
-
-def median_of_runs(name: str, runs: int, *args: Any) -> float:
-    """The median of ``runs`` calls of this module's function ``name``."""
-    run: Callable[..., float] = globals()[name]
-    return median([run(*args) for _ in range(runs)])
 
 
 def _each_on_postgres(calls: dict[str, tuple[str, tuple[Any, ...]]]) -> dict[str, Any]:
@@ -402,12 +386,6 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 "ceil(N/C)*L",
             )
         )
-        for grouping in POSTGRES_KINDS:
-            size = grouping_label(FIXED_GROUPINGS[grouping])
-            label = f"PostgreSQL: batch_campaign N={TARGET_N}, {size}"
-            rows += _against_ideal_and_handwritten(
-                label, results["postgres"][grouping], TARGET_N, sqlite, None
-            )
     for database, reruns in (("", results["rerun"]), ("PostgreSQL: ", results["postgres_rerun"])):
         for kind, rerun_result in reruns.items():
             # A sync re-run's floor: an empty sync flow run (measured on SQLite only).

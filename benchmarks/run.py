@@ -41,32 +41,6 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}, {platform.system()}"
 
 
-def database_table(orchestrated: dict[str, Any]) -> list[str]:
-    """The N=200 makespans on the harness's SQLite and on PostgreSQL, side by side."""
-    from benchmarks.orchestration import FIXED_GROUPINGS, POSTGRES_KINDS, TARGET_N, grouping_label
-
-    if "postgres" not in orchestrated:
-        return []
-    sqlite, postgres = orchestrated["by_n"][TARGET_N], orchestrated["postgres"]
-    ideal = sqlite["ideal"]
-    return [
-        f"## The Prefect server's database (N={TARGET_N})",
-        "",
-        "`prefect_test_harness` keeps Prefect's database in SQLite; production servers run on",
-        "PostgreSQL (benchmarks/postgres.py starts one). Same emulator, ideal and hand-written",
-        f"script ({sqlite['handwritten']:.2f} s); makespans, and their ratio to the ideal of {ideal:.0f} s:",
-        "",
-        f"| N={TARGET_N} | SQLite | PostgreSQL |",
-        "|---|---|---|",
-        *(
-            f"| batch_campaign, {grouping_label(FIXED_GROUPINGS[key])} | {sqlite[key]:.2f} s "
-            f"({sqlite[key] / ideal:.3f} x) | {postgres[key]:.2f} s ({postgres[key] / ideal:.3f} x) |"
-            for key in POSTGRES_KINDS
-        ),
-        "",
-    ]
-
-
 def reruns_by_database(orchestrated: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"SQLite": orchestrated["rerun"], "PostgreSQL": orchestrated["postgres_rerun"]}
 
@@ -103,8 +77,8 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
         "",
         f"From `make bench` at {results['commit']}, {results['measured_at']}, on "
         f"{results['machine']}. Each figure is a ratio to a baseline measured in the same run; "
-        "[BENCHMARKS.md](benchmarks-report.md) has the values behind them, Prefect's own floors and "
-        "the other batch sizes. Prefect's database is the test harness's SQLite unless the "
+        "[BENCHMARKS.md](benchmarks-report.md) has the values behind them, each round and "
+        "Prefect's own floors. Prefect's database is the test harness's SQLite unless the "
         "figure says PostgreSQL.",
         "",
         "| figure | ratio | Prefect alone, same shape, no work | target |",
@@ -292,7 +266,6 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         "",
         *capacity.report_table(results["capacity"]),
         *quota.report_table(results["quota"]),
-        *database_table(orchestrated),
         *timeline.report_table(results["timeline"]),
         *rerun_table(orchestrated),
         "## Transfer memory",
