@@ -14,22 +14,44 @@ from benchmarks.common import ROOT
 IMAGES = ROOT / "docs" / "images"
 ORCHESTRATION_CHART = IMAGES / "bench-orchestration.png"
 TIMELINE_CHART = IMAGES / "bench-timeline.png"
-# Every series of the chart: its label, the key of its time in results.json, its style.
-SERIES = (
-    ("batch_campaign, a task run per image", "ours", "o-"),
-    ("batch_campaign, 50 images per task run", "chunked", "s-"),
-    ("hand-written Prefect flow", "handwritten", "^--"),
-    ("Prefect's floor: a sleep task per image", "prefect_floor", "x:"),
-)
 
 
-def orchestration_chart(orchestrated: dict[str, Any], path: Path = ORCHESTRATION_CHART) -> Path:
-    """A campaign's wall time as a ratio to the ideal (images x latency / concurrency), by
-    campaign size: ours in both execution modes beside a hand-written flow and Prefect's own
-    floor, all measured in the same run.
+def orchestration_panels(
+    results: dict[str, Any],
+) -> list[tuple[str, list[tuple[str, float]], float]]:
+    """The chart's panels: a title, (bar label, makespan / the hand-written script's) per
+    bar, and the target line (1.0 where none is set)."""
+    from benchmarks.capacity import KIND_LABELS, SHAPES, default_label, medians
+    from benchmarks.orchestration import CONCURRENCY, FIXED_GROUPINGS, LATENCY, grouping_label
+
+    panels = []
+    for n, r in results["orchestration"]["by_n"].items():
+        bars = []
+        for key, size in FIXED_GROUPINGS.items():
+            bars.append((f"batch_campaign, {grouping_label(size)}", r[key] / r["handwritten"]))
+            bars.append(("Prefect's floor of that shape", r[f"{key}_floor"] / r["handwritten"]))
+        title = f"N={n}, C={CONCURRENCY}, L={LATENCY:g} s (hand-written: {r['handwritten']:.1f} s)"
+        panels.append((title, bars, 1.0))
+    for shape in SHAPES:
+        measured = results["capacity"][shape.name]
+        m = medians(measured)
+        labels = {**KIND_LABELS, "default": f"the default ({default_label(measured)})"}
+        bars = [(labels[kind], m[kind] / m["handwritten"]) for kind in m if kind != "handwritten"]
+        # A throughput target of x is a makespan of 1/x the script's.
+        bound = float(shape.target.split()[1])
+        target = 1 / bound if shape.throughput else bound
+        title = f"capacity {shape.name}: {shape.label()} (hand-written: {m['handwritten']:.1f} s)"
+        panels.append((title, bars, target))
+    return panels
+
+
+def orchestration_chart(results: dict[str, Any], path: Path = ORCHESTRATION_CHART) -> Path:
+    """A campaign's makespan as a ratio to the hand-written script's, at N=200 and at the
+    shapes of the capacity figures: each grouping measured there, and Prefect's floor of its
+    shape, all from the same run; the target of the default's figure dashed.
 
     Args:
-        orchestrated: The ``orchestration`` part of the saved results.
+        results: The saved results (``orchestration`` and ``capacity`` are drawn).
         path: Where to write the PNG.
 
     Returns:
@@ -37,19 +59,29 @@ def orchestration_chart(orchestrated: dict[str, Any], path: Path = ORCHESTRATION
     """
     plt = _pyplot()
 
-    by_n = {int(n): r for n, r in orchestrated["by_n"].items()}
-    sizes = sorted(by_n)
-    figure, axes = plt.subplots(figsize=(7.5, 4.2), dpi=110)
-    for label, key, style in SERIES:
-        axes.plot(sizes, [by_n[n][key] / by_n[n]["ideal"] for n in sizes], style, label=label)
-    axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.set_xscale("log")
-    axes.set_xticks(sizes, [str(n) for n in sizes])
-    axes.set_xlabel("images in the campaign")
-    axes.set_ylabel("wall time / ideal")
-    axes.set_title("Campaign wall time, as a ratio to the ideal (lower is better)")
-    axes.legend(fontsize="small")
-    axes.grid(alpha=0.3)
+    panels = orchestration_panels(results)
+    heights = [len(bars) + 1 for _, bars, _ in panels]
+    figure, axes_list = plt.subplots(
+        len(panels), 1, figsize=(8, 0.45 * sum(heights) + 1.2), dpi=110,
+        gridspec_kw={"height_ratios": heights}, sharex=True,
+    )  # fmt: skip
+    for axes, (title, bars, target) in zip(axes_list, panels, strict=True):
+        labels = [label for label, _ in bars]
+        ratios = [ratio for _, ratio in bars]
+        colours = ["C7" if "floor" in label else "C0" for label in labels]
+        axes.barh(range(len(bars)), ratios, color=colours, height=0.6)
+        for row, ratio in enumerate(ratios):
+            axes.text(ratio, row, f" {ratio:.2f}", va="center", fontsize="small")
+        axes.set_yticks(range(len(bars)), labels, fontsize="small")
+        axes.invert_yaxis()
+        axes.axvline(1.0, color="black", linewidth=0.8)
+        if target != 1.0:
+            axes.axvline(target, color="C3", linestyle="--", linewidth=1.2)
+        axes.set_title(title, fontsize="medium")
+        axes.grid(axis="x", alpha=0.3)
+    right = max(ratio for _, bars, _ in panels for _, ratio in bars)
+    axes_list[-1].set_xlim(0, 1.15 * right)
+    axes_list[-1].set_xlabel("makespan / the hand-written script's (lower is better; red: target)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     # No timestamp in the file: the same results draw the same bytes.
@@ -58,9 +90,8 @@ def orchestration_chart(orchestrated: dict[str, Any], path: Path = ORCHESTRATION
     return path
 
 
-# The panels of the timeline chart: the mode's key in results.json and its colour (that of
-# the same mode in the orchestration chart).
-TIMELINE_PANELS = (("per_image", "C0"), ("chunked", "C1"))
+# The panels of the timeline chart: the grouping's key in results.json and its colour.
+TIMELINE_PANELS = (("per_image", "C0"), ("grouped", "C1"))
 # The strip above the slots where Prefect's client's retry waits are drawn.
 RETRY_ROW = -1.0
 

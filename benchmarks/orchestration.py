@@ -1,29 +1,28 @@
 """Orchestration efficiency and re-run cost of ``batch_campaign``.
 
 Against an emulator process whose every generation takes exactly L = 2 s, N images at
-concurrency C = 25 are measured three ways in the same run:
+concurrency C = 25 are measured in the same run:
 
-- ``batch_campaign`` (Prefect thread pool, local folder destination);
+- ``batch_campaign`` with a task run per image (``images_per_task_run=1``, what the
+  default chooses at this concurrency) and with :data:`GROUPED` images per task run, a
+  local folder destination;
 - the hand-written baseline a user would write: asyncio + httpx, a semaphore of C, the same
   calls and the same local writes;
 - Prefect's own floor: a flow of N tasks that only sleep L, at C workers; once plain and
-  once with the tags our tasks carry (Prefect 3.9 asks the API for tag concurrency slots
-  on every run of a tagged task, through one queue per tag set);
-- the floor of our shape: per image, what ``batch_campaign`` asks of Prefect with none of
-  our work: a tagged task that sleeps L and a tagged task that publishes an image artifact
-  and an event, both with persisted results, submitted through the same window of C on a
-  pool of 2C. ``batch_campaign`` minus this is what our own code costs.
-- ``batch_campaign`` with ``images_per_task_run`` (prefect_journey.campaigns.chunked) and its floor: the
-  same per-image artifact, event and log lines, in chunks of images per task run;
+  once with the tags our tasks carry (Prefect asks the API for tag concurrency slots on
+  every run of a tagged task);
+- the floor of our shape, for each grouping: what ``batch_campaign`` asks of Prefect with
+  none of our work: tagged task runs of the same size on the flow's event loop, each with a
+  persisted result, and per image a sleep of L under the run's C slots, an image artifact,
+  an event and two log lines. ``batch_campaign`` minus this is what our own code costs;
 - an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
-  (3.9 joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps);
-- at N=200, the campaign (also as ``abatch_campaign``, the async flow) and the floors again
-  (the chunked one also in an async flow) on a Prefect server backed by PostgreSQL
-  (benchmarks/postgres.py) instead of the test harness's SQLite; there, the async chunked
-  campaign also without its per-image artifacts, events and log lines (attribution only);
-- the re-run of a finished campaign, with both flows, on SQLite and on PostgreSQL.
+  (it joins the run's heartbeat thread at its end, and that thread sleeps in 1 s steps);
+- the re-run of a finished campaign, with both flows, on the test harness's SQLite and on a
+  Prefect server backed by PostgreSQL (benchmarks/postgres.py).
 
-The ideal makespan is ceil(N/C) * L.
+The ideal makespan is ceil(N/C) * L. benchmarks/capacity.py measures the default against
+the hand-written script at the two shapes the project sets targets for; benchmarks/quota.py
+a campaign under the provider's quota window.
 """
 
 from __future__ import annotations
@@ -44,13 +43,25 @@ from benchmarks.common import RUNS, Figure, call_in_subprocess, emulator_process
 from benchmarks.postgres import postgres_server, prefect_on_postgres
 from prefect_journey.tasks import TAGS
 
-# The grouped figure's size: 50 images per task run (a 1,000-image campaign is 20 task runs).
-RECOMMENDED_IMAGES_PER_TASK_RUN = 50
 LATENCY = 2.0
 CONCURRENCY = 25
 KEY = "bench-key"
-# The batch size the issue sets its targets at; measured on PostgreSQL as well.
+# The batch size the project set its first targets at, and of the re-runs.
 TARGET_N = 200
+# Images per task run of the grouped figures: one fixed size to compare with, whatever the
+# default chooses (a 1,000-image campaign in 20 task runs).
+GROUPED = 50
+# Each grouping measured, by its key in results.json: its images_per_task_run (None: the
+# campaign chooses, as a user who does not choose gets).
+FIXED_GROUPINGS: dict[str, int] = {"per_image": 1, "grouped": GROUPED}
+GROUPINGS: dict[str, int | None] = {**FIXED_GROUPINGS, "default": None}
+
+
+def grouping_label(images_per_task_run: int) -> str:
+    """How the report and the charts name a grouping."""
+    if images_per_task_run == 1:
+        return "a task run per image"
+    return f"{images_per_task_run} images per task run"
 
 
 def _prompts(n: int) -> list[str]:
@@ -58,9 +69,9 @@ def _prompts(n: int) -> list[str]:
     return [f"bench image {i} #{tag}" for i in range(n)]
 
 
-async def _handwritten(url: str, prompts: list[str], folder: Path) -> None:
-    limit = asyncio.Semaphore(CONCURRENCY)
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+async def _handwritten(url: str, prompts: list[str], folder: Path, concurrency: int) -> None:
+    limit = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency * 2)
     async with (
         httpx.AsyncClient(
             base_url=url, headers={"Authorization": KEY}, timeout=120, limits=limits
@@ -82,22 +93,27 @@ async def _handwritten(url: str, prompts: list[str], folder: Path) -> None:
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
-def handwritten(url: str, n: int) -> float:
+def handwritten(url: str, n: int, concurrency: int = CONCURRENCY) -> float:
+    """The hand-written script's makespan for ``n`` new images at ``concurrency``."""
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        asyncio.run(_handwritten(url, _prompts(n), Path(folder)))
+        asyncio.run(_handwritten(url, _prompts(n), Path(folder), concurrency))
         return time.perf_counter() - started
 
 
 def campaign_parameters(
-    n: int, destination: str, prompts: list[str] | None = None, images_per_task_run: int = 1
+    n: int,
+    destination: str,
+    prompts: list[str] | None = None,
+    images_per_task_run: int | None = 1,
+    concurrency: int = CONCURRENCY,
 ) -> dict[str, Any]:
     """The parameters of every benchmarked campaign: ``n`` new prompts (or ``prompts``) at
-    concurrency C, with no Prefect concurrency limit, stored under ``destination``."""
+    ``concurrency``, with no Prefect concurrency limit, stored under ``destination``."""
     return {
         "items": [{"prompt": p} for p in prompts or _prompts(n)],
         "destination": destination,
-        "max_concurrency": CONCURRENCY,
+        "max_concurrency": concurrency,
         "concurrency_limit": None,
         "images_per_task_run": images_per_task_run,
     }
@@ -105,56 +121,26 @@ def campaign_parameters(
 
 def ours(
     n: int,
+    images_per_task_run: int | None = 1,
+    concurrency: int = CONCURRENCY,
+    *,
     folder: str | None = None,
     prompts: list[str] | None = None,
-    images_per_task_run: int = 1,
     asynchronous: bool = False,
 ) -> float:
     """One campaign's makespan; ``asynchronous``: run it as ``abatch_campaign``."""
     from prefect_journey.flows.campaign import abatch_campaign, batch_campaign
 
     with tempfile.TemporaryDirectory() as scratch:
-        parameters = campaign_parameters(n, folder or scratch, prompts, images_per_task_run)
+        parameters = campaign_parameters(
+            n, folder or scratch, prompts, images_per_task_run, concurrency
+        )
         started = time.perf_counter()
         if asynchronous:
             asyncio.run(abatch_campaign(**parameters))
         else:
             batch_campaign(**parameters)
         return time.perf_counter() - started
-
-
-def ours_chunked(n: int, asynchronous: bool = False) -> float:
-    return ours(n, images_per_task_run=RECOMMENDED_IMAGES_PER_TASK_RUN, asynchronous=asynchronous)
-
-
-def ours_async(n: int) -> float:
-    return ours(n, asynchronous=True)
-
-
-def ours_chunked_async(n: int) -> float:
-    return ours_chunked(n, asynchronous=True)
-
-
-def ours_chunked_async_unpublished(n: int) -> float:
-    """``ours_chunked_async`` with every image's artifact, event and log lines switched off:
-    how much of the gap to the hand-written script they make. Attribution only (the
-    product always publishes them), and only for this call."""
-    from unittest import mock
-
-    from prefect_journey.campaigns import chunked
-
-    class Unpublished:
-        async def acreate(self, client: object = None) -> None:
-            return None
-
-    with mock.patch.multiple(
-        chunked,
-        image_artifact=lambda *args, **kwargs: Unpublished(),
-        emit_stored_event=lambda *args, **kwargs: None,
-        log_stored=lambda stored: None,
-        log_generation=lambda logger, result: result,
-    ):
-        return ours_chunked_async(n)
 
 
 def prefect_floor(n: int, tags: list[str] | None = None) -> float:
@@ -177,107 +163,62 @@ def prefect_floor(n: int, tags: list[str] | None = None) -> float:
     return time.perf_counter() - started
 
 
-def prefect_floor_of_our_shape(n: int) -> float:
-    import queue
-
-    from prefect import flow, task
-    from prefect.artifacts import create_image_artifact
-    from prefect.events import emit_event
-    from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-
-    @task(tags=TAGS, persist_result=True)
-    def generate(index: int) -> int:
-        time.sleep(LATENCY)
-        return index
-
-    @task(tags=TAGS, persist_result=True)
-    def publish(index: int) -> int:
-        create_image_artifact(image_url=f"https://cdn.example.com/{index}.png")
-        emit_event("bench.image.stored", resource={"prefect.resource.id": f"bench.{index}"})
-        return index
-
-    runner: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=2 * CONCURRENCY)
-
-    @flow(task_runner=runner)
-    def shape() -> None:
-        finished: queue.Queue[tuple[str, int]] = queue.Queue()
-        waiting = iter(range(n))
-
-        def report(stage: str, index: int) -> Callable[[Any], None]:
-            return lambda _: finished.put((stage, index))
-
-        def submit_next_generation() -> None:
-            index = next(waiting, None)
-            if index is not None:
-                future = generate.submit(index)
-                future.add_done_callback(report("generated", index))
-
-        for _ in range(CONCURRENCY):
-            submit_next_generation()
-        remaining = n
-        while remaining:
-            stage, index = finished.get()
-            if stage == "generated":
-                submit_next_generation()
-                future = publish.submit(index)
-                future.add_done_callback(report("published", index))
-            else:
-                remaining -= 1
-
-    started = time.perf_counter()
-    shape()
-    return time.perf_counter() - started
-
-
-def prefect_floor_of_chunked_shape(n: int, asynchronous: bool = False) -> float:
-    """Per image, what ``images_per_task_run`` still asks of Prefect, with none of our work:
-    a sleep of L under the run's slots, then an image artifact, an event and two log lines;
-    images in tagged task runs of RECOMMENDED_IMAGES_PER_TASK_RUN, on the flow's event loop.
-    ``asynchronous``: in an async flow, as ``abatch_campaign`` runs them."""
+def prefect_floor_of_our_shape(
+    n: int,
+    images_per_task_run: int = 1,
+    concurrency: int = CONCURRENCY,
+    latency: float = LATENCY,
+) -> float:
+    """What a campaign asks of Prefect, grouped as ``images_per_task_run`` groups it, with
+    none of our work: tagged task runs of that many images on the flow's event loop, each
+    with a persisted result, as many under way at once as the campaign keeps; in each, per
+    image, a sleep of ``latency`` under the run's ``concurrency`` slots, then an image
+    artifact, an event and two log lines (the generation's and the store's)."""
     from prefect import flow, get_run_logger, task
     from prefect.artifacts import ImageArtifact
     from prefect.cache_policies import NO_CACHE
     from prefect.client.orchestration import PrefectClient, get_client
     from prefect.events import emit_event
 
-    @task(tags=TAGS, cache_policy=NO_CACHE)  # as the real chunks: nothing to hash
-    async def chunk(indices: list[int], slots: asyncio.Semaphore, prefect: PrefectClient) -> None:
+    # Nothing to hash (as the campaign's own task runs), but a result written per run.
+    @task(tags=TAGS, cache_policy=NO_CACHE, persist_result=True)
+    async def images(
+        indices: list[int], slots: asyncio.Semaphore, prefect: PrefectClient
+    ) -> list[int]:
         logger = get_run_logger()
 
         async def one(index: int) -> None:
             async with slots:
-                await asyncio.sleep(LATENCY)
+                await asyncio.sleep(latency)
             logger.info("generated %d", index)
             await ImageArtifact(image_url=f"https://cdn.example.com/{index}.png").acreate(prefect)
             emit_event("bench.image.stored", resource={"prefect.resource.id": f"bench.{index}"})
             logger.info("stored %d", index)
 
         await asyncio.gather(*(one(i) for i in indices))
+        return indices
 
-    async def chunks() -> None:
-        slots = asyncio.Semaphore(CONCURRENCY)
-        size = RECOMMENDED_IMAGES_PER_TASK_RUN
+    async def groups() -> None:
+        size = images_per_task_run
+        slots = asyncio.Semaphore(concurrency)
+        # As many task runs under way as the campaign keeps (campaigns/executor.py).
+        under_way = asyncio.Semaphore(math.ceil(2 * concurrency / size) + 1)
+
+        async def group(indices: list[int], prefect: PrefectClient) -> None:
+            async with under_way:
+                await images(indices, slots, prefect)
+
         async with get_client() as prefect:
             await asyncio.gather(
-                *(
-                    chunk(list(range(k, min(n, k + size))), slots, prefect)
-                    for k in range(0, n, size)
-                )
+                *(group(list(range(k, min(n, k + size))), prefect) for k in range(0, n, size))
             )
 
     @flow
     def shape() -> None:
-        asyncio.run(chunks())
-
-    @flow
-    async def async_shape() -> None:
-        await chunks()
+        asyncio.run(groups())
 
     started = time.perf_counter()
-    if asynchronous:
-        asyncio.run(async_shape())
-    else:
-        shape()
+    shape()
     return time.perf_counter() - started
 
 
@@ -293,7 +234,18 @@ def empty_flow_run() -> float:
     return time.perf_counter() - started
 
 
-def measure(sizes: tuple[int, ...] = (50, 200, 1000)) -> dict[str, Any]:
+# What each batch size measures on the test harness's SQLite server, by its key in
+# results.json: this module's function and its arguments after N.
+KINDS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "per_image": ("ours", (FIXED_GROUPINGS["per_image"],)),
+    "grouped": ("ours", (FIXED_GROUPINGS["grouped"],)),
+    "prefect_floor": ("prefect_floor", ()),
+    "per_image_floor": ("prefect_floor_of_our_shape", (1,)),
+    "grouped_floor": ("prefect_floor_of_our_shape", (GROUPED,)),
+}
+
+
+def measure(sizes: tuple[int, ...] = (TARGET_N,)) -> dict[str, Any]:
     """Makespans by N (medians of RUNS at every N), with ratios to the ideal and the
     hand-written script."""
     import os
@@ -302,30 +254,19 @@ def measure(sizes: tuple[int, ...] = (50, 200, 1000)) -> dict[str, Any]:
     with emulator_process("--fixed-latency", str(LATENCY)) as url:
         os.environ.update({"JOURNEY_API_KEY": KEY, "JOURNEY_BASE_URL": url})
         for n in sizes:
-            ideal = math.ceil(n / CONCURRENCY) * LATENCY
-            mine = median_on_a_fresh_server(RUNS, ours, n)
-            base = median([handwritten(url, n) for _ in range(RUNS)])
-            floor = median_on_a_fresh_server(RUNS, prefect_floor, n)
-            tagged_floor = median_on_a_fresh_server(RUNS, prefect_floor, n, TAGS)
-            shape_floor = median_on_a_fresh_server(RUNS, prefect_floor_of_our_shape, n)
-            chunked = median_on_a_fresh_server(RUNS, ours_chunked, n)
-            chunked_floor = median_on_a_fresh_server(RUNS, prefect_floor_of_chunked_shape, n)
-            results["by_n"][n] = {
+            row: dict[str, Any] = {
                 "runs": RUNS,
-                "ideal": ideal,
-                "ours": mine,
-                "handwritten": base,
-                "prefect_floor": floor,
-                "tagged_floor": tagged_floor,
-                "shape_floor": shape_floor,
-                "overhead_ms_per_image": 1000 * (mine - base) / n,
-                "ours_ms_per_image": 1000 * (mine - shape_floor) / n,
-                "chunked": chunked,
-                "chunked_floor": chunked_floor,
-                "chunked_overhead_ms_per_image": 1000 * (chunked - base) / n,
+                "ideal": math.ceil(n / CONCURRENCY) * LATENCY,
+                "handwritten": median([handwritten(url, n) for _ in range(RUNS)]),
             }
-        if TARGET_N in sizes:
-            results["postgres"] = _on_postgres(TARGET_N)
+            for kind, (name, args) in KINDS.items():
+                row[kind] = median_on_a_fresh_server(RUNS, globals()[name], n, *args)
+            for grouping in ("per_image", "grouped"):
+                row[f"{grouping}_ms_per_image"] = 1000 * (row[grouping] - row["handwritten"]) / n
+                row[f"{grouping}_over_floor_ms_per_image"] = (
+                    1000 * (row[grouping] - row[f"{grouping}_floor"]) / n
+                )
+            results["by_n"][n] = row
         results["empty_flow"] = median_on_a_fresh_server(RUNS, empty_flow_run)
         results["rerun"] = {}
         for kind, asynchronous in RERUN_KINDS.items():
@@ -341,32 +282,6 @@ def median_on_a_fresh_server(runs: int, run: Callable[..., float], *args: Any) -
     by up to a third and made the comparison depend on the order of measurement."""
     with prefect_test_harness():
         return median([run(*args) for _ in range(runs)])
-
-
-def median_of_runs(name: str, runs: int, *args: Any) -> float:
-    """The median of ``runs`` calls of this module's function ``name``."""
-    run: Callable[..., float] = globals()[name]
-    return median([run(*args) for _ in range(runs)])
-
-
-def _on_postgres(n: int) -> dict[str, float]:
-    """The campaign, chunked and per image, and Prefect's floors, on PostgreSQL: each on
-    its own Prefect server and database, measured from a process of its own."""
-    kinds: dict[str, tuple[str, tuple[Any, ...]]] = {
-        "ours": ("ours", (n,)),
-        "chunked": ("ours_chunked", (n,)),
-        "ours_async": ("ours_async", (n,)),
-        "chunked_async": ("ours_chunked_async", (n,)),
-        "chunked_async_unpublished": ("ours_chunked_async_unpublished", (n,)),
-        "prefect_floor": ("prefect_floor", (n,)),
-        "tagged_floor": ("prefect_floor", (n, TAGS)),
-        "shape_floor": ("prefect_floor_of_our_shape", (n,)),
-        "chunked_floor": ("prefect_floor_of_chunked_shape", (n,)),
-        "chunked_floor_async": ("prefect_floor_of_chunked_shape", (n, True)),
-    }
-    return _each_on_postgres(
-        {kind: ("median_of_runs", (name, RUNS, *args)) for kind, (name, args) in kinds.items()}
-    )
 
 
 def _each_on_postgres(calls: dict[str, tuple[str, tuple[Any, ...]]]) -> dict[str, Any]:
@@ -393,9 +308,9 @@ def rerun(url: str, n: int = TARGET_N, asynchronous: bool = False) -> dict[str, 
     for _ in range(RUNS):
         prompts = _prompts(n)
         with tempfile.TemporaryDirectory() as folder:
-            firsts.append(ours(n, folder, prompts, asynchronous=asynchronous))
+            firsts.append(ours(n, folder=folder, prompts=prompts, asynchronous=asynchronous))
             before = httpx.get(f"{url}/_emulator/ledger").json()["credits_charged"]
-            seconds.append(ours(n, folder, prompts, asynchronous=asynchronous))
+            seconds.append(ours(n, folder=folder, prompts=prompts, asynchronous=asynchronous))
             credits.append(httpx.get(f"{url}/_emulator/ledger").json()["credits_charged"] - before)
     return {"first": median(firsts), "second": median(seconds), "second_run_credits": max(credits)}
 
@@ -408,10 +323,10 @@ def _reruns_on_postgres(url: str, n: int) -> dict[str, dict[str, float]]:
 
 
 def _against_ideal_and_handwritten(
-    label: str, makespan: float, n: int, r: dict[str, Any], floor: float
+    label: str, makespan: float, n: int, r: dict[str, Any], floor: float | None
 ) -> list[Figure]:
-    """The two figures the issue sets targets for (at N=200), each with Prefect's floor of
-    the same shape against the same baseline."""
+    """The two figures the project set targets for at N=200, with Prefect's floor of the
+    same shape against the same baseline where it was measured."""
     note = f"median of {r['runs']}"
     return [
         Figure(
@@ -435,71 +350,42 @@ def _against_ideal_and_handwritten(
     ]
 
 
+def _vs_ideal(label: str, makespan: float, r: dict[str, Any]) -> Figure:
+    """A makespan of the batch size ``r`` against its ideal."""
+    note = f"median of {r['runs']}"
+    return Figure(f"{label} vs ideal ({note})", makespan, r["ideal"], "s", "ceil(N/C)*L")
+
+
 def figures(results: dict[str, Any]) -> list[Figure]:
     rows = []
     for n, r in results["by_n"].items():
         note = f"median of {r['runs']}"
-        rows += _against_ideal_and_handwritten(
-            f"batch_campaign N={n}", r["ours"], n, r, r["shape_floor"]
-        )
-        rows.append(
-            Figure(
-                f"Prefect floor N={n}: sleep tasks vs ideal ({note})",
-                r["prefect_floor"],
-                r["ideal"],
-                "s",
-                "ceil(N/C)*L",
+        rows.append(_vs_ideal(f"Prefect floor N={n}: sleep tasks", r["prefect_floor"], r))
+        for grouping in ("per_image", "grouped"):
+            label = f"batch_campaign N={n}, {grouping_label(FIXED_GROUPINGS[grouping])}"
+            floor = r[f"{grouping}_floor"]
+            rows += _against_ideal_and_handwritten(label, r[grouping], n, r, floor)
+            rows.append(_vs_ideal(f"Prefect floor of that shape, N={n}", floor, r))
+            rows.append(
+                Figure(
+                    f"{label} vs the Prefect floor of its shape ({note})",
+                    r[grouping],
+                    floor,
+                    "s",
+                    "floor of the shape",
+                )
             )
-        )
-        rows.append(
-            Figure(
-                f"Prefect floor N={n}: sleep tasks with our tags vs ideal ({note})",
-                r["tagged_floor"],
-                r["ideal"],
-                "s",
-                "ceil(N/C)*L",
-            )
-        )
-        rows.append(
-            Figure(
-                f"Prefect floor of our shape N={n} vs ideal ({note})",
-                r["shape_floor"],
-                r["ideal"],
-                "s",
-                "ceil(N/C)*L",
-            )
-        )
-        rows.append(
-            Figure(
-                f"batch_campaign N={n} vs the Prefect floor of our shape ({note})",
-                r["ours"],
-                r["shape_floor"],
-                "s",
-                "floor of our shape",
-            )
-        )
-        chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
-        rows += _against_ideal_and_handwritten(chunked, r["chunked"], n, r, r["chunked_floor"])
-        rows.append(
-            Figure(
-                f"Prefect floor of the chunked shape N={n} vs ideal ({note})",
-                r["chunked_floor"],
-                r["ideal"],
-                "s",
-                "ceil(N/C)*L",
-            )
-        )
     if TARGET_N in results["by_n"]:
+        sqlite = results["by_n"][TARGET_N]
         rows.append(
             Figure(
                 f"Prefect floor: an empty flow run, against the N={TARGET_N} ideal (median of 3)",
                 results["empty_flow"],
-                results["by_n"][TARGET_N]["ideal"],
+                sqlite["ideal"],
                 "s",
                 "ceil(N/C)*L",
             )
         )
-        rows += _postgres_figures(results["postgres"], results["by_n"][TARGET_N])
     for database, reruns in (("", results["rerun"]), ("PostgreSQL: ", results["postgres_rerun"])):
         for kind, rerun_result in reruns.items():
             # A sync re-run's floor: an empty sync flow run (measured on SQLite only).
@@ -516,63 +402,4 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                     results["empty_flow"] if sync_on_sqlite else None,
                 )
             )
-    return rows
-
-
-def _postgres_figures(postgres: dict[str, float], sqlite: dict[str, Any]) -> list[Figure]:
-    """The N=200 figures on PostgreSQL, against the same ideal and hand-written script."""
-    n, note = TARGET_N, f"median of {RUNS}"
-    chunked = f"batch_campaign, {RECOMMENDED_IMAGES_PER_TASK_RUN} images per task run, N={n}"
-    rows = _against_ideal_and_handwritten(
-        f"PostgreSQL: batch_campaign N={n}", postgres["ours"], n, sqlite, postgres["shape_floor"]
-    )
-    rows += _against_ideal_and_handwritten(
-        f"PostgreSQL: {chunked}", postgres["chunked"], n, sqlite, postgres["chunked_floor"]
-    )
-    for key, label in (("ours_async", "one task run per image"), ("chunked_async", "chunked")):
-        sync_key = key.removesuffix("_async")
-        rows.append(
-            Figure(
-                f"PostgreSQL: abatch_campaign (async flow) N={n}, {label}, vs batch_campaign "
-                f"({note})",
-                postgres[key],
-                postgres[sync_key],
-                "s",
-                "batch_campaign",
-            )
-        )
-    rows += _against_ideal_and_handwritten(
-        f"PostgreSQL: abatch_campaign (async flow), {RECOMMENDED_IMAGES_PER_TASK_RUN} images per "
-        f"task run, N={n}",
-        postgres["chunked_async"],
-        n,
-        sqlite,
-        postgres["chunked_floor_async"],
-    )
-    rows.append(
-        Figure(
-            f"PostgreSQL: abatch_campaign (async flow), chunked, N={n} vs the Prefect floor of "
-            f"the chunked shape in an async flow ({note})",
-            postgres["chunked_async"],
-            postgres["chunked_floor_async"],
-            "s",
-            "async floor of the chunked shape",
-        )
-    )
-    for key, label in (
-        ("prefect_floor", "sleep tasks"),
-        ("tagged_floor", "sleep tasks with our tags"),
-        ("shape_floor", "our shape"),
-        ("chunked_floor", "the chunked shape"),
-        ("chunked_floor_async", "the chunked shape in an async flow"),
-    ):
-        rows.append(
-            Figure(
-                f"PostgreSQL: Prefect floor N={n}, {label}, vs ideal ({note})",
-                postgres[key],
-                sqlite["ideal"],
-                "s",
-                "ceil(N/C)*L",
-            )
-        )
     return rows

@@ -3,8 +3,8 @@
     python -m benchmarks.recheck            # N=200 orchestration rows (SQLite) and transfers
 
 Measures, in this run, the N=200 rows of the orchestration table on the test harness's
-SQLite server (the campaign in both executors, the hand-written script, Prefect's floors of
-both shapes) and every transfer row, then prints each ratio beside the one saved in
+SQLite server (the campaign in both groupings, the hand-written script, Prefect's floors)
+and every transfer row, then prints each ratio beside the one saved in
 ``benchmarks/results.json``. Prefect's floors are measured again too: when they moved by as
 much as ours, the machine moved, not the code. Nothing is written; the full run stays
 ``make bench``.
@@ -33,27 +33,25 @@ def measure() -> dict[str, Any]:
         os.environ.update({"JOURNEY_API_KEY": orchestration.KEY, "JOURNEY_BASE_URL": url})
         row = {
             "ideal": math.ceil(n / orchestration.CONCURRENCY) * orchestration.LATENCY,
-            "ours": fresh(RUNS, orchestration.ours, n),
             "handwritten": median([orchestration.handwritten(url, n) for _ in range(RUNS)]),
-            "shape_floor": fresh(RUNS, orchestration.prefect_floor_of_our_shape, n),
-            "chunked": fresh(RUNS, orchestration.ours_chunked, n),
-            "chunked_floor": fresh(RUNS, orchestration.prefect_floor_of_chunked_shape, n),
         }
+        for kind, (name, args) in orchestration.KINDS.items():
+            row[kind] = fresh(RUNS, getattr(orchestration, name), n, *args)
     return {"orchestration": row, "transfer": transfer.measure()}
 
 
 def ratios(orchestration_row: dict[str, float]) -> dict[str, float]:
     """The figures of one N=200 row as ratios to their baselines."""
     r = orchestration_row
-    return {
-        "per image vs ideal": r["ours"] / r["ideal"],
-        "per image vs hand-written": r["ours"] / r["handwritten"],
-        "floor of our shape vs ideal": r["shape_floor"] / r["ideal"],
-        "per image vs floor of our shape": r["ours"] / r["shape_floor"],
-        "chunked vs ideal": r["chunked"] / r["ideal"],
-        "chunked vs hand-written": r["chunked"] / r["handwritten"],
-        "floor of the chunked shape vs ideal": r["chunked_floor"] / r["ideal"],
-    }
+    ratios = {"sleep tasks (Prefect floor) vs ideal": r["prefect_floor"] / r["ideal"]}
+    for grouping in ("per_image", "grouped"):
+        ratios |= {
+            f"{grouping} vs ideal": r[grouping] / r["ideal"],
+            f"{grouping} vs hand-written": r[grouping] / r["handwritten"],
+            f"floor of {grouping} vs ideal": r[f"{grouping}_floor"] / r["ideal"],
+            f"{grouping} vs its floor": r[grouping] / r[f"{grouping}_floor"],
+        }
+    return ratios
 
 
 def main() -> None:

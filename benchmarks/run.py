@@ -41,59 +41,6 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}, {platform.system()}"
 
 
-def database_table(orchestrated: dict[str, Any]) -> list[str]:
-    """The N=200 makespans on the harness's SQLite and on PostgreSQL, side by side."""
-    from benchmarks.orchestration import TARGET_N
-
-    if "postgres" not in orchestrated:
-        return []
-    sqlite, postgres = orchestrated["by_n"][TARGET_N], orchestrated["postgres"]
-    ideal = sqlite["ideal"]
-    kinds = {
-        "batch_campaign, one task run per image": "ours",
-        "batch_campaign, chunked": "chunked",
-        "Prefect floor: sleep tasks": "prefect_floor",
-        "Prefect floor: sleep tasks with our tags": "tagged_floor",
-        "Prefect floor of our shape (per image)": "shape_floor",
-        "Prefect floor of the chunked shape": "chunked_floor",
-    }
-    return [
-        f"## The Prefect server's database (N={TARGET_N})",
-        "",
-        "`prefect_test_harness` keeps Prefect's database in SQLite; production servers run on",
-        "PostgreSQL (benchmarks/postgres.py starts one). Same emulator, ideal and hand-written",
-        f"script ({sqlite['handwritten']:.2f} s); makespans, and their ratio to the ideal of {ideal:.0f} s:",
-        "",
-        f"| N={TARGET_N} | SQLite | PostgreSQL |",
-        "|---|---|---|",
-        *(
-            f"| {label} | {sqlite[key]:.2f} s ({sqlite[key] / ideal:.3f} x) | "
-            f"{postgres[key]:.2f} s ({postgres[key] / ideal:.3f} x) |"
-            for label, key in kinds.items()
-        ),
-        "",
-        "Ours over the floor of the same shape, per image: "
-        f"{1000 * (sqlite['ours'] - sqlite['shape_floor']) / TARGET_N:.0f} ms on SQLite, "
-        f"{1000 * (postgres['ours'] - postgres['shape_floor']) / TARGET_N:.0f} ms on PostgreSQL "
-        "(one task run per image); "
-        f"{1000 * (sqlite['chunked'] - sqlite['chunked_floor']) / TARGET_N:.0f} ms and "
-        f"{1000 * (postgres['chunked'] - postgres['chunked_floor']) / TARGET_N:.0f} ms (chunked).",
-        "",
-        "As an async flow (`abatch_campaign`), on PostgreSQL only: one task run per image "
-        f"{postgres['ours_async']:.2f} s ({postgres['ours_async'] / ideal:.3f} x), chunked "
-        f"{postgres['chunked_async']:.2f} s ({postgres['chunked_async'] / ideal:.3f} x); "
-        "Prefect's floor of the chunked shape in an async flow "
-        f"{postgres['chunked_floor_async']:.2f} s ({postgres['chunked_floor_async'] / ideal:.3f} x), "
-        "ours over it "
-        f"{1000 * (postgres['chunked_async'] - postgres['chunked_floor_async']) / TARGET_N:.0f} ms "
-        "per image. The same without any image's artifact, event and log lines (switched off "
-        "for this measurement only): "
-        f"{postgres['chunked_async_unpublished']:.2f} s "
-        f"({postgres['chunked_async_unpublished'] / ideal:.3f} x).",
-        "",
-    ]
-
-
 def reruns_by_database(orchestrated: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"SQLite": orchestrated["rerun"], "PostgreSQL": orchestrated["postgres_rerun"]}
 
@@ -121,16 +68,17 @@ def rerun_table(orchestrated: dict[str, Any]) -> list[str]:
 
 
 def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
-    """The figure table of :data:`FIGURES_PAGE`: every figure with a target, met or missed."""
-    from benchmarks import transfer
+    """The figure table of :data:`FIGURES_PAGE`: every figure with a target, met or missed,
+    and the campaign under a quota window beside its ideal."""
+    from benchmarks import quota, transfer
 
     return [
         README_FIGURES_START,
         "",
         f"From `make bench` at {results['commit']}, {results['measured_at']}, on "
         f"{results['machine']}. Each figure is a ratio to a baseline measured in the same run; "
-        "[BENCHMARKS.md](benchmarks-report.md) has the values behind them, Prefect's own floors and "
-        "the other batch sizes. Prefect's database is the test harness's SQLite unless the "
+        "[BENCHMARKS.md](benchmarks-report.md) has the values behind them, each round and "
+        "Prefect's own floors. Prefect's database is the test harness's SQLite unless the "
         "figure says PostgreSQL.",
         "",
         "| figure | ratio | Prefect alone, same shape, no work | target |",
@@ -150,6 +98,11 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
             for kind, r in by_kind.items()
         ),
         *(
+            f"| {row.name} | {row.ratio:.3f} x {row.baseline_name} | — | none set: "
+            f"{row.value:g} {row.unit} against {row.baseline:g} |"
+            for row in quota.figures(results["quota"])
+        ),
+        *(
             f"| peak memory growth, `store_image` to {m['destination']}, "
             f"{m['sizes_mib'][0]:.0f} / {m['sizes_mib'][1]:.0f} MiB object | "
             f"{m['growth_mib'][0]:.1f} / {m['growth_mib'][1]:.1f} MiB | — | constant in size "
@@ -158,8 +111,9 @@ def readme_figures(results: dict[str, Any], rows: list[Figure]) -> list[str]:
             for m in transfer.memory_growth(results["transfer"])
         ),
         "",
-        "![Campaign wall time as a ratio to the ideal, by campaign size: batch_campaign in both "
-        "execution modes, a hand-written flow and Prefect's floor](images/bench-orchestration.png)",
+        "![Campaign makespan as a ratio to the hand-written script's, at N=200 (C=25, L=2 s) "
+        "and at the two shapes of the capacity figures: batch_campaign by grouping and "
+        "Prefect's floor of each shape](images/bench-orchestration.png)",
         "",
         *timeline_figure(results["timeline"]),
         README_FIGURES_END,
@@ -171,10 +125,13 @@ def timeline_figure(timeline: dict[str, Any]) -> list[str]:
     from benchmarks.timeline import MODES, moments
 
     n, ideal = timeline["n"], timeline["ideal"]
-    per_image, chunked = (moments(timeline, mode) for mode in MODES)
+    per_image, grouped = (moments(timeline, mode) for mode in MODES)
+    size = timeline["modes"]["grouped"]["images_per_task_run"]
 
     def both(say: Callable[[dict[str, float]], str]) -> str:
-        return f"{say(per_image)} with a task run per image, {say(chunked)} chunked"
+        return (
+            f"{say(per_image)} with a task run per image, {say(grouped)} with {size} per task run"
+        )
 
     return [
         f"![A {n}-image campaign's paid calls on a timeline, in both execution modes, with the "
@@ -220,9 +177,9 @@ def measure() -> dict[str, Any]:
     """Every benchmark, with when, where and at which commit it ran."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from benchmarks import orchestration, startup, timeline, transfer
+    from benchmarks import capacity, orchestration, quota, startup, timeline, transfer
 
-    sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "50,200,1000").split(","))
+    sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "200").split(","))
     started = datetime.now(UTC)
     results = {
         "machine": machine(),
@@ -233,8 +190,20 @@ def measure() -> dict[str, Any]:
         "orchestration": orchestration.measure(sizes),
         # with its own time and commit: `python -m benchmarks.timeline` measures it alone
         "timeline": timeline.measure(),
+        # the same: `python -m benchmarks.capacity`
+        "capacity": capacity.measure(),
+        "quota": quota.measure(),
     }
     return {"measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC", **results}
+
+
+def merged(saved: str, key: str, measured: dict[str, Any]) -> str:
+    """The saved results (the text of benchmarks/results.json) with ``measured`` in place of
+    their ``key``; every other key is written back as it was."""
+    # Parsed as saved (batch sizes stay JSON keys), not through load.
+    results = json.loads(saved)
+    results[key] = measured
+    return json.dumps(results, indent=1) + "\n"
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -249,22 +218,28 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
     """BENCHMARKS.md and the figures page, docs/benchmarks.md (given as they are), with the
     figures of ``results``; the hand-written analysis below the report's marker and the rest
     of the figures page stay."""
-    from benchmarks import orchestration, startup, timeline, transfer
-    from benchmarks.orchestration import RECOMMENDED_IMAGES_PER_TASK_RUN
+    from benchmarks import capacity, orchestration, quota, startup, timeline, transfer
 
     start, moved, orchestrated = (
         results["startup"],
         results["transfer"],
         results["orchestration"],
     )
-    rows = orchestration.figures(orchestrated) + transfer.figures(moved) + startup.figures(start)
+    rows = (
+        capacity.figures(results["capacity"])
+        + quota.figures(results["quota"])
+        + orchestration.figures(orchestrated)
+        + transfer.figures(moved)
+        + startup.figures(start)
+    )
     lines = [
         "# Benchmarks",
         "",
         f"Measured {results['measured_at']} on {results['machine']}, commit {results['commit']}, by `make bench`.",
         f"Every figure is a median of {RUNS} runs (transfers: {transfer.TRANSFER_RUNS}, interleaved with their",
         "baseline) and is given as a ratio to a baseline measured in the same run.",
-        "Emulator latency fixed at L = 2 s, concurrency C = 25.",
+        f"Emulator latency fixed at L = {orchestration.LATENCY:g} s, concurrency C = "
+        f"{orchestration.CONCURRENCY}, unless a figure names its shape.",
         "",
         "| figure | ours | baseline | ratio | target |",
         "|---|---|---|---|---|",
@@ -272,28 +247,25 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         "",
         "## Orchestration overhead by batch size",
         "",
-        "One task run per image (the default):",
+        f"C = {orchestration.CONCURRENCY}, L = {orchestration.LATENCY:g} s; a task run per image is "
+        "what the default chooses at this concurrency. Prefect's floor of a shape: the same "
+        "tagged task runs, with a persisted result each, image artifacts, events and log lines "
+        "around sleeps of L, no work.",
         "",
-        "| N | ideal | batch_campaign | hand-written | Prefect floor (sleep tasks) | floor with our tags | floor of our shape | overhead per image vs hand-written | of it ours (vs floor of our shape) |",
+        "| N | ideal | hand-written | Prefect floor (sleep tasks) | grouping | batch_campaign | "
+        "Prefect floor of its shape | overhead per image vs hand-written | of it ours (vs the "
+        "floor of its shape) |",
         "|---|---|---|---|---|---|---|---|---|",
         *(
-            f"| {n} | {r['ideal']:.1f} s | {r['ours']:.2f} s | {r['handwritten']:.2f} s | "
-            f"{r['prefect_floor']:.2f} s | {r['tagged_floor']:.2f} s | {r['shape_floor']:.2f} s | "
-            f"{r['overhead_ms_per_image']:.0f} ms | {r['ours_ms_per_image']:.0f} ms |"
+            f"| {n} | {r['ideal']:.1f} s | {r['handwritten']:.2f} s | {r['prefect_floor']:.2f} s | "
+            f"{orchestration.grouping_label(size)} | {r[key]:.2f} s | {r[f'{key}_floor']:.2f} s | "
+            f"{r[f'{key}_ms_per_image']:.0f} ms | {r[f'{key}_over_floor_ms_per_image']:.0f} ms |"
             for n, r in orchestrated["by_n"].items()
+            for key, size in orchestration.FIXED_GROUPINGS.items()
         ),
         "",
-        f"`images_per_task_run={RECOMMENDED_IMAGES_PER_TASK_RUN}` (prefect_journey.campaigns.chunked):",
-        "",
-        "| N | ideal | batch_campaign | hand-written | floor of the chunked shape | overhead per image vs hand-written |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {n} | {r['ideal']:.1f} s | {r['chunked']:.2f} s | {r['handwritten']:.2f} s | "
-            f"{r['chunked_floor']:.2f} s | {r['chunked_overhead_ms_per_image']:.0f} ms |"
-            for n, r in orchestrated["by_n"].items()
-        ),
-        "",
-        *database_table(orchestrated),
+        *capacity.report_table(results["capacity"]),
+        *quota.report_table(results["quota"]),
         *timeline.report_table(results["timeline"]),
         *rerun_table(orchestrated),
         "## Transfer memory",
@@ -325,7 +297,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
 def render(results: dict[str, Any]) -> None:
     from benchmarks.charts import orchestration_chart, timeline_chart
 
-    orchestration_chart(results["orchestration"])
+    orchestration_chart(results)
     timeline_chart(results["timeline"])
     report = ROOT / "BENCHMARKS.md"
     new_report, new_figures_page = rendered(

@@ -1,8 +1,7 @@
 """A campaign's timeline of calls: when each paid call ran, seen from the flow.
 
-One campaign of N = TARGET_N images, in both execution modes (one task run per image, and
-RECOMMENDED_IMAGES_PER_TASK_RUN images per task run), run as benchmarks/orchestration.py
-runs them: against an emulator process whose every generation takes L, at concurrency C,
+One campaign of N = TARGET_N images, in both groupings (a task run per image, and GROUPED
+images per task run), run as benchmarks/orchestration.py runs them: against an emulator process whose every generation takes L, at concurrency C,
 on a fresh Prefect server per mode. Each mode runs RUNS times; the run whose wall time is
 the median is kept, so the timeline is that of a typical run, not of the first one.
 
@@ -36,31 +35,29 @@ import httpx
 
 from benchmarks.common import RUNS, commit, emulator_process, median
 
-# Each execution mode measured, by its key in results.json.
-MODES = ("per_image", "chunked")
+# Each grouping measured, by its key in results.json (and in orchestration.GROUPINGS).
+MODES = ("per_image", "grouped")
 # The debug line of Prefect's client before it retries a refused request: the only place
 # that says when it waits and for how long.
 RETRY_LINE = re.compile(r"Another attempt will be made in ([0-9.]+)s")
 
 
-def images_per_task_run(mode: str) -> int:
-    """The ``images_per_task_run`` a mode of :data:`MODES` runs the campaign with."""
-    from prefect_journey.campaigns.chunked import RECOMMENDED_IMAGES_PER_TASK_RUN
-
-    return RECOMMENDED_IMAGES_PER_TASK_RUN if mode == "chunked" else 1
-
-
-def campaign(url: str, n: int, per_task_run: int) -> dict[str, Any]:
+def campaign(
+    url: str, n: int, per_task_run: int | None, concurrency: int | None = None
+) -> dict[str, Any]:
     """One ``batch_campaign`` of ``n`` new images against the emulator at ``url``, whose
-    ledger it resets first; its times in seconds since the flow was called."""
+    ledger it resets first, at ``concurrency`` (the benchmark's C by default); its times in
+    seconds since the flow was called."""
     from prefect.client.orchestration import get_client
 
-    from benchmarks.orchestration import campaign_parameters
+    from benchmarks.orchestration import CONCURRENCY, campaign_parameters
     from prefect_journey.flows.campaign import batch_campaign
 
     httpx.post(f"{url}/_emulator/reset").raise_for_status()
     with tempfile.TemporaryDirectory() as scratch, prefect_client_retries() as retries:
-        parameters = campaign_parameters(n, scratch, images_per_task_run=per_task_run)
+        parameters = campaign_parameters(
+            n, scratch, images_per_task_run=per_task_run, concurrency=concurrency or CONCURRENCY
+        )
         called = time.time()
         state = batch_campaign(**parameters, return_state=True)
         returned = time.time()
@@ -124,7 +121,7 @@ def measure(n: int | None = None) -> dict[str, Any]:
     where and at which commit they were measured."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from benchmarks.orchestration import CONCURRENCY, KEY, LATENCY, TARGET_N
+    from benchmarks.orchestration import CONCURRENCY, GROUPINGS, KEY, LATENCY, TARGET_N
     from benchmarks.run import machine
 
     n = n or TARGET_N
@@ -133,7 +130,7 @@ def measure(n: int | None = None) -> dict[str, Any]:
     with emulator_process("--fixed-latency", str(LATENCY)) as url:
         os.environ.update({"JOURNEY_API_KEY": KEY, "JOURNEY_BASE_URL": url})
         for mode in MODES:
-            per_task_run = images_per_task_run(mode)
+            per_task_run = GROUPINGS[mode]
             with prefect_test_harness():
                 runs = sorted(
                     (campaign(url, n, per_task_run) for _ in range(RUNS)),
@@ -241,8 +238,9 @@ def report_table(timeline: dict[str, Any]) -> list[str]:
 
 def mode_label(timeline: dict[str, Any], mode: str) -> str:
     """How the report and the chart name ``mode``."""
-    per_task_run = int(timeline["modes"][mode]["images_per_task_run"])
-    return "one task run per image" if per_task_run == 1 else f"{per_task_run} images per task run"
+    from benchmarks.orchestration import grouping_label
+
+    return grouping_label(int(timeline["modes"][mode]["images_per_task_run"]))
 
 
 def main(argv: list[str]) -> None:
@@ -252,19 +250,8 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     timeline = measure(int(argv[0]) if argv else None)
-    run.RESULTS.write_text(merged(run.RESULTS.read_text(), timeline))
+    run.RESULTS.write_text(run.merged(run.RESULTS.read_text(), "timeline", timeline))
     run.render(run.load(run.RESULTS))
-
-
-def merged(saved: str, timeline: dict[str, Any]) -> str:
-    """The saved results (the text of benchmarks/results.json) with ``timeline`` in place
-    of theirs; every other key is written back as it was."""
-    import json
-
-    # Parsed as saved (batch sizes stay JSON keys), not through run.load.
-    results = json.loads(saved)
-    results["timeline"] = timeline
-    return json.dumps(results, indent=1) + "\n"
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import run, timeline
+from benchmarks import capacity, run, timeline
 from benchmarks.charts import (
     ORCHESTRATION_CHART,
     TIMELINE_CHART,
@@ -49,7 +49,7 @@ def test_a_figure_is_met_or_missed_against_its_target() -> None:
 
 
 def test_the_chart_is_drawn_from_the_saved_results_and_shown_on_the_page(tmp_path: Path) -> None:
-    chart = orchestration_chart(run.load(run.RESULTS)["orchestration"], tmp_path / "c.png")
+    chart = orchestration_chart(run.load(run.RESULTS), tmp_path / "c.png")
     assert chart.read_bytes().startswith(b"\x89PNG") and chart.stat().st_size > 10_000
     assert ORCHESTRATION_CHART.exists()
     assert f"(images/{ORCHESTRATION_CHART.name})" in run.FIGURES_PAGE.read_text()
@@ -70,12 +70,33 @@ def test_the_timeline_chart_is_drawn_from_the_saved_results_and_shown_on_the_pag
         assert len(mode["calls"]) == saved["n"]
 
 
-def test_measuring_the_timeline_alone_rewrites_only_its_key() -> None:
+@pytest.mark.parametrize("key", ["timeline", "capacity"])
+def test_measuring_one_part_alone_rewrites_only_its_key(key: str) -> None:
     saved = run.RESULTS.read_text()
-    assert timeline.merged(saved, run.load(run.RESULTS)["timeline"]) == saved
-    changed = timeline.merged(saved, {"n": 1})
-    assert '"timeline": {\n  "n": 1\n }' in changed
-    assert changed.split('"timeline"')[0] == saved.split('"timeline"')[0]
+    assert run.merged(saved, key, run.load(run.RESULTS)[key]) == saved
+    changed = run.merged(saved, key, {"n": 1})
+    assert f'"{key}": {{\n  "n": 1\n }}' in changed
+    assert changed.split(f'"{key}"')[0] == saved.split(f'"{key}"')[0]
+
+
+def test_the_capacity_figures_are_the_default_against_the_script_with_its_floor() -> None:
+    def shape(n: int, script: float, default: float, floor: float) -> dict[str, object]:
+        rounds = {"handwritten": [script], "default": [default], "floor": [floor]}
+        return {"runs": 1, "default_images_per_task_run": 4, "rounds": rounds}
+
+    a, b = capacity.SHAPES
+    measured = {"A": shape(a.n, 80.0, 82.0, 84.0), "B": shape(b.n, 20.0, 24.0, 22.0)}
+    b_rounds = measured["B"]["rounds"]
+    assert isinstance(b_rounds, dict)
+    b_rounds |= {grouping: [40.0] for grouping in b.groupings}
+    on_a, on_b, *fixed = capacity.figures(measured)
+    # A: makespans, lower is better; its floor against the same script
+    assert (on_a.ratio, on_a.target, on_a.floor) == (82.0 / 80.0, "<= 1.03", 84.0)
+    assert on_a.status == "met"
+    # B: images/s, higher is better: the script's makespan over ours
+    assert on_b.ratio == pytest.approx(20.0 / 24.0) and on_b.status == "met"
+    assert on_b.floor == pytest.approx(b.n / 22.0) and "4 images per task run" in on_b.name
+    assert [f.ratio for f in fixed] == [pytest.approx(0.5)] * len(b.groupings)
 
 
 def test_a_timeline_s_idle_stretches_slots_and_waits() -> None:

@@ -218,3 +218,39 @@ def test_the_ledger_says_when_each_generation_started_and_ended(emulator: Emulat
     assert before <= call["at"] < call["ended_at"] <= after
     assert call["ended_at"] - call["at"] >= 0.19  # the generation's fixed latency, not less
     assert all("ended_at" not in c for c in emulator.ledger()["log"] if c["endpoint"] != "imagine")
+
+
+def test_a_quota_refuses_calls_past_its_window_until_the_window_ends(
+    emulator: EmulatorServer,
+) -> None:
+    """Up to 3 s: it waits for the quota's 2 s window to end (polling, with a deadline)."""
+    from prefect_journey.errors import RateLimitedError
+
+    with pytest.raises(httpx.HTTPStatusError):  # refused whole: nothing else changes
+        emulator.admin("config", {"quota": {"calls": 0}, "credits": 8})
+    emulator.admin("config", {"quota": {"calls": 2, "window": 2}})
+    try:
+        with JourneyClient(emulator.api_key, base_url=emulator.url, max_retries=0) as client:
+            client.imagine(prompt="first")
+            client.imagine(prompt="second")
+            with pytest.raises(RateLimitedError) as refused:
+                client.imagine(prompt="third")
+            # The seconds until the window ends, rounded up.
+            assert refused.value.status_code == 429
+            assert refused.value.retry_after in (1, 2)
+            deadline = time.monotonic() + 10
+            while True:  # the next window opens
+                try:
+                    client.imagine(prompt="third")
+                    break
+                except RateLimitedError:
+                    assert time.monotonic() < deadline, "the quota's window never ended"
+                    time.sleep(0.05)
+        calls = [c for c in emulator.ledger()["log"] if c["endpoint"] == "imagine"]
+        over = [c for c in calls if c.get("quota")]
+        assert [c["status"] for c in calls] == [200, 200] + [429] * len(over) + [200]
+        assert over and all("credits" not in c and "fault" not in c for c in over)
+        assert emulator.ledger()["credits_charged"] == 12  # three images, no refusal billed
+    finally:
+        emulator.admin("config", {"quota": None})
+    assert emulator.state.config.quota is None and emulator.state.config.credits != 8

@@ -5,8 +5,8 @@ Every item lives the same life (:func:`~prefect_journey.campaigns.item.run_item`
 flow's event loop; a group of items is one ``journey-images`` task run. A task run per image
 shows each image as its own run in the UI; each costs the Prefect server a task run's
 records and events, which at high demand sets the pace instead of the API
-(BENCHMARKS.md). So unless told, the campaign groups images by itself when it keeps many
-calls in flight (:func:`auto_images_per_task_run`) and logs what it chose.
+(BENCHMARKS.md). So unless told, a campaign of many images that keeps many calls in flight
+groups them by itself (:func:`auto_images_per_task_run`) and logs what it chose.
 """
 
 from __future__ import annotations
@@ -38,10 +38,16 @@ from prefect_journey.publishing import (
 from prefect_journey.storage import StoredImage, async_download_client
 from prefect_journey.tasks import TAGS, imagine
 
-# A task run per image while the run keeps at most this many calls in flight; beyond, images
-# share task runs so that about this many task runs are under way at once, whatever the
-# concurrency (the measurements behind it are in docs/campaigns.md).
-TASK_RUNS_IN_FLIGHT = 32
+# A task run per image while the run keeps at most this many calls in flight, or has at most
+# this many images: then the Prefect server has at most this many task runs under way, which
+# it keeps up with beside the calls (docs/campaigns.md has the measurements).
+PER_IMAGE_UP_TO = 32
+# Beyond, images share task runs so that about this many task runs carry the calls in
+# flight: each task run costs the server its records, state events and a tag-slot request,
+# which at high demand compete with the images' own artifacts and events for the machine,
+# while a few task runs cost next to nothing (at N=400, C=100, 4 s a generation: 25 images
+# per task run delivered more images per second than 4, and 50 no more than 25).
+TASK_RUNS_IN_FLIGHT = 4
 
 
 def auto_images_per_task_run(items: int, max_concurrency: int) -> int:
@@ -52,10 +58,21 @@ def auto_images_per_task_run(items: int, max_concurrency: int) -> int:
         max_concurrency: Calls in flight at most.
 
     Returns:
-        1 up to :data:`TASK_RUNS_IN_FLIGHT` calls in flight, else enough images per task
-        run to keep about that many task runs under way; never more than ``items``.
+        1 while ``max_concurrency`` or ``items`` is at most :data:`PER_IMAGE_UP_TO`; else
+        enough images per task run that about :data:`TASK_RUNS_IN_FLIGHT` task runs carry
+        the calls in flight, never more than ``items``.
+
+    Example:
+        ```python
+        from prefect_journey.campaigns.executor import auto_images_per_task_run
+
+        assert auto_images_per_task_run(items=100, max_concurrency=25) == 1
+        assert auto_images_per_task_run(items=400, max_concurrency=100) == 25
+        ```
     """
-    return max(1, min(items, math.ceil(max_concurrency / TASK_RUNS_IN_FLIGHT)))
+    if max_concurrency <= PER_IMAGE_UP_TO or items <= PER_IMAGE_UP_TO:
+        return 1
+    return min(items, math.ceil(max_concurrency / TASK_RUNS_IN_FLIGHT))
 
 
 def run_items(

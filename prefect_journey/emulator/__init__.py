@@ -10,6 +10,7 @@ from prefect_journey.emulator.config import (
     EmulatorConfig,
     FaultPlan,
     LatencyModel,
+    Quota,
 )
 from prefect_journey.emulator.server import BackgroundServer, EmulatorServer, serve_forever
 
@@ -21,6 +22,7 @@ __all__ = [
     "EmulatorState",
     "FaultPlan",
     "LatencyModel",
+    "Quota",
     "create_app",
     "serve_forever",
 ]

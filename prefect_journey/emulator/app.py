@@ -20,7 +20,8 @@ Admin endpoints for tests and operators (no auth; the emulator binds to loopback
   generation, when it ended), credits charged, webhooks sent, images served
 - ``POST /_emulator/reset``: forget tasks and the ledger, restore credits
 - ``POST /_emulator/faults``: replace the fault plan (``rates``, ``queue``, ``seed``, ...)
-- ``POST /_emulator/config``: change latency, credits or the JPEG-under-PNG rate at run time
+- ``POST /_emulator/config``: change latency, credits, the JPEG-under-PNG rate or the quota at
+  run time
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
 import uuid
@@ -42,7 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from prefect_journey.emulator.config import EmulatorConfig, FaultPlan
+from prefect_journey.emulator.config import EmulatorConfig, FaultPlan, Quota
 from prefect_journey.emulator.images import EncodedAs, render_image
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.models import CREDITS_PER_IMAGE, ImagineRequest, request_from_payload
@@ -104,6 +106,10 @@ class EmulatorState:
             dropped past :data:`RENDERED_BYTES_KEPT`.
         rendered_bytes: The bytes of the images held in ``renders``.
         background: Generations and webhook deliveries running on their own.
+        quota_opened: When (``time.monotonic``) the quota's first window opened; None
+            until the first call under a quota.
+        quota_window: The number of the quota's current window, 0 for the first.
+        quota_used: The calls the quota admitted in its current window.
     """
 
     config: EmulatorConfig
@@ -118,6 +124,9 @@ class EmulatorState:
     renders: OrderedDict[str, asyncio.Task[bytes]] = field(default_factory=OrderedDict)
     rendered_bytes: int = 0
     background: set[asyncio.Future[None]] = field(default_factory=set)
+    quota_opened: float | None = None
+    quota_window: int = 0
+    quota_used: int = 0
 
     def __post_init__(self) -> None:
         self.reset()
@@ -139,6 +148,32 @@ class EmulatorState:
         self.rendered_bytes = 0
         self.in_flight = self.peak_in_flight = 0
         self.rng = random.Random(self.config.faults.seed)
+        self.restart_quota()
+
+    def restart_quota(self) -> None:
+        """Forget the quota's windows: the next call opens the first one."""
+        self.quota_opened, self.quota_window, self.quota_used = None, 0, 0
+
+    def over_quota(self) -> float | None:
+        """Count a generation against ``config.quota``, or say how long its window lasts.
+
+        Returns:
+            None when the call is admitted (and counted), or no quota is set; else the
+            seconds until the current window ends.
+        """
+        quota = self.config.quota
+        if quota is None:
+            return None
+        now = time.monotonic()
+        if self.quota_opened is None:
+            self.quota_opened = now
+        window = int((now - self.quota_opened) // quota.window)
+        if window != self.quota_window:
+            self.quota_window, self.quota_used = window, 0
+        if self.quota_used >= quota.calls:
+            return self.quota_opened + (window + 1) * quota.window - now
+        self.quota_used += 1
+        return None
 
     def record(self, endpoint: str, status: int | None, **extra: Any) -> dict[str, Any]:
         """Log a call as it arrives; the returned entry is updated as the call proceeds.
@@ -313,6 +348,11 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             entry["status"] = 400
             return _errors(400, exc.message)
         entry["references"] = list(task_request.image_urls)
+        wait = state.over_quota()
+        if wait is not None:  # a refusal before any work: not billed, no fault drawn
+            entry.update(status=429, quota=True)
+            until_next = {"Retry-After": str(max(1, math.ceil(wait)))}
+            return _errors(429, "Quota exceeded: too many generations in this window", until_next)
         fault = entry["fault"] = state.config.faults.draw("api")
         if fault == "400":
             entry["status"] = 400
@@ -435,6 +475,13 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
     async def configure(request: Request) -> Response:
         body = await request.json()
+        if "quota" in body:  # checked first: a bad quota changes nothing
+            try:
+                quota = Quota(**body["quota"]) if body["quota"] else None
+            except (TypeError, ValueError) as exc:
+                return _errors(400, str(exc))
+            state.config.quota = quota
+            state.restart_quota()
         latency = state.config.latency
         for key in ("time_scale", "fixed", "per_reference", "jitter"):
             if key in body:

@@ -1,4 +1,5 @@
-"""Emulator settings: accepted keys, credits, the latency model and the fault plan."""
+"""Emulator settings: accepted keys, credits, the latency model, the fault plan and the
+quota."""
 
 from __future__ import annotations
 
@@ -169,6 +170,43 @@ class FaultPlan:
 
 
 @dataclass
+class Quota:
+    """A provider's rate plan: at most ``calls`` generations per window of ``window`` seconds.
+
+    The first ``imagine`` call (since the emulator started, was reset or was given this
+    quota) opens the first window; the next opens ``window`` seconds later, and so on. A
+    call past the quota of its window is answered 429 with ``Retry-After``: the seconds until
+    that window ends, rounded up; it is not billed and does not count. Every authorised,
+    valid call the quota admits counts, whatever fault the plan then injects into it. The
+    window is wall-clock seconds, like ``Retry-After`` and the other waits of the fault plan:
+    ``time_scale`` scales generations only.
+
+    Attributes:
+        calls: Calls admitted per window; at least 1.
+        window: The window's length in seconds; 60 by default.
+
+    Raises:
+        ValueError: ``calls`` below 1, or ``window`` not above 0.
+
+    Example:
+        ```python
+        from prefect_journey.emulator import EmulatorConfig, Quota
+
+        config = EmulatorConfig(quota=Quota(calls=10, window=60))
+        ```
+    """
+
+    calls: int
+    window: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.calls < 1:
+            raise ValueError("a quota admits at least 1 call per window")
+        if not self.window > 0:
+            raise ValueError("a quota's window must be longer than 0 s")
+
+
+@dataclass
 class EmulatorConfig:
     """The emulator's settings: accepted keys, the account, latency, faults and images.
 
@@ -188,6 +226,8 @@ class EmulatorConfig:
             default.
         webhook_retry_delays: The waits before each retry of a refused or failed delivery;
             the provider's 10, 30 and 90 s by default.
+        quota: At most so many generations per window (:class:`Quota`); None (the
+            default) for no quota.
         email: The account's e-mail address.
         plan: The account's plan.
 
@@ -214,5 +254,6 @@ class EmulatorConfig:
     cdn_chunk_delay: float = 0.0
     webhook_delay: float = 0.0
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 90.0)
+    quota: Quota | None = None
     email: str = "emulator@example.com"
     plan: str = "emulator"

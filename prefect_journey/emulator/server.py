@@ -168,14 +168,16 @@ class EmulatorServer(BackgroundServer):
         Args:
             action: ``"reset"``, ``"faults"`` (a new :class:`FaultPlan`'s fields) or
                 ``"config"`` (``time_scale``, ``fixed``, ``per_reference``, ``jitter``,
-                ``credits``, ``jpeg_as_png_rate``, ``realistic_sizes``, ``cdn_chunk_delay``).
+                ``credits``, ``jpeg_as_png_rate``, ``realistic_sizes``, ``cdn_chunk_delay``,
+                ``quota``: a :class:`Quota`'s fields, or None to remove it).
             body: The JSON body; None sends ``{}``.
 
         Returns:
             The endpoint's JSON answer.
 
         Raises:
-            httpx.HTTPStatusError: The endpoint refused the request (a bad fault plan).
+            httpx.HTTPStatusError: The endpoint refused the request (a bad fault plan or
+                quota).
         """
         response = httpx.post(f"{self.url}/_emulator/{action}", json=body or {}, timeout=10)
         response.raise_for_status()
