@@ -6,7 +6,7 @@ own takes exactly L per generation, and a round measures one after the other: th
 hand-written script (benchmarks/orchestration.py), ``batch_campaign`` as the default runs
 it (``images_per_task_run=None``: it chooses with
 :func:`~prefect_journey.campaigns.executor.auto_images_per_task_run`), Prefect's floor of
-the shape the default chooses (the same tagged task runs, artifacts and events, no work)
+the shape the default chooses (the same untagged task runs, artifacts and events, no work)
 and, where the shape says so, the campaign with a task run per image and with
 orchestration.GROUPED images per task run. RUNS rounds; each figure is the median of its
 kind's rounds, the rounds interleaved so that a busy stretch of the machine falls on
@@ -193,7 +193,7 @@ def report_table(capacity: dict[str, Any]) -> list[str]:
         f"Measured {capacity['measured_at']} at {capacity['commit']} (`python -m "
         "benchmarks.capacity` measures it alone). At each shape, rounds of: the hand-written "
         "script, `batch_campaign` with `images_per_task_run=None` (it chooses), Prefect's "
-        "floor of the shape it chose (the same tagged task runs, image artifacts, events and "
+        "floor of the shape it chose (the same untagged task runs, image artifacts, events and "
         "log lines around sleeps, no work) and the fixed groupings; every Prefect run on a "
         "fresh server (the test harness's SQLite). Makespans (images/s):",
         "",

@@ -12,7 +12,7 @@ concurrency C = 25 are measured in the same run:
   once with the tags our tasks carry (Prefect asks the API for tag concurrency slots on
   every run of a tagged task);
 - the floor of our shape, for each grouping: what ``batch_campaign`` asks of Prefect with
-  none of our work: tagged task runs of the same size on the flow's event loop, each with a
+  none of our work: untagged task runs of the same size on the flow's event loop, each with a
   persisted result, and per image a sleep of L under the run's C slots, an image artifact,
   an event and two log lines. ``batch_campaign`` minus this is what our own code costs;
 - an empty flow run: what Prefect costs once per run of a sync flow, whatever it does
@@ -41,7 +41,6 @@ from prefect.testing.utilities import prefect_test_harness
 
 from benchmarks.common import RUNS, Figure, call_in_subprocess, emulator_process, median
 from benchmarks.postgres import postgres_server, prefect_on_postgres
-from prefect_journey.tasks import TAGS
 
 LATENCY = 2.0
 CONCURRENCY = 25
@@ -170,7 +169,7 @@ def prefect_floor_of_our_shape(
     latency: float = LATENCY,
 ) -> float:
     """What a campaign asks of Prefect, grouped as ``images_per_task_run`` groups it, with
-    none of our work: tagged task runs of that many images on the flow's event loop, each
+    none of our work: untagged task runs of that many images on the flow's event loop, each
     with a persisted result, as many under way at once as the campaign keeps; in each, per
     image, a sleep of ``latency`` under the run's ``concurrency`` slots, then an image
     artifact, an event and two log lines (the generation's and the store's)."""
@@ -181,7 +180,7 @@ def prefect_floor_of_our_shape(
     from prefect.events import emit_event
 
     # Nothing to hash (as the campaign's own task runs), but a result written per run.
-    @task(tags=TAGS, cache_policy=NO_CACHE, persist_result=True)
+    @task(cache_policy=NO_CACHE, persist_result=True)
     async def images(
         indices: list[int], slots: asyncio.Semaphore, prefect: PrefectClient
     ) -> list[int]:

@@ -249,7 +249,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         "",
         f"C = {orchestration.CONCURRENCY}, L = {orchestration.LATENCY:g} s; a task run per image is "
         "what the default chooses at this concurrency. Prefect's floor of a shape: the same "
-        "tagged task runs, with a persisted result each, image artifacts, events and log lines "
+        "untagged task runs, with a persisted result each, image artifacts, events and log lines "
         "around sleeps of L, no work.",
         "",
         "| N | ideal | hand-written | Prefect floor (sleep tasks) | grouping | batch_campaign | "

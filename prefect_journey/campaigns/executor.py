@@ -36,7 +36,7 @@ from prefect_journey.publishing import (
     progress_key,
 )
 from prefect_journey.storage import StoredImage, async_download_client
-from prefect_journey.tasks import TAGS, imagine
+from prefect_journey.tasks import imagine
 
 # A task run per image while the run keeps at most this many calls in flight, or has at most
 # this many images: then the Prefect server has at most this many task runs under way, which
@@ -183,9 +183,13 @@ def _images_run_name() -> str:
     return f"images: rows {items[0].row}-{items[-1].row}"
 
 
+# Untagged: a tag concurrency limit counts task runs, and a task run here carries several
+# images, so it could not bound calls (max_concurrency and the campaign's global concurrency
+# limit do, per attempt); and Prefect asks its API for tag slots at every tagged task run's
+# start, which a SQLite-backed server busy with the campaign's first events refuses (503)
+# and Prefect's client retries after about 2 s, delaying every first call.
 @task(
     name="journey-images",
-    tags=TAGS,
     cache_policy=NO_CACHE,  # each image has its own cache records; the task run has none
     task_run_name=_images_run_name,
 )

@@ -77,7 +77,7 @@ async def run_item(item: CampaignItem, campaign: Campaign, shared: SharedRun) ->
     cached = False
     try:
         generated, cached = await _image(item, campaign, shared)
-        stored = await _store(item, generated, campaign, shared)
+        stored = await _store(item, generated, campaign, shared, cached=cached)
         result = outcome(item, generated, stored, cached=cached)
     except Exception as error:  # reported per item, like a failed task run
         result = outcome(item, generated, None, cached=cached, error=error)
@@ -127,11 +127,18 @@ async def _cached_or_generated(
 
 
 async def _store(
-    item: CampaignItem, generated: ImagineResult, campaign: Campaign, shared: SharedRun
+    item: CampaignItem,
+    generated: ImagineResult,
+    campaign: Campaign,
+    shared: SharedRun,
+    *,
+    cached: bool,
 ) -> StoredImage:
-    """The item's object: its store's record, or a new store, recorded and published."""
+    """The item's object: its store's record, or a new store, recorded and published. Only a
+    cached image can have a store record: the record's key holds the image's task id, and an
+    image paid for (or recovered) now has never been stored."""
     key = campaign.store_key(item, generated)
-    if item.row not in campaign.restore:
+    if cached and item.row not in campaign.restore:
         found = await asyncio.to_thread(cached_result, astore_image, key)
         if isinstance(found, StoredImage):
             return found
