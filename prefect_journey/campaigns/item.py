@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 from prefect import get_run_logger
 from prefect.client.orchestration import PrefectClient
+from prefect.locking.protocol import LockManager
 
 from prefect_journey.cache import (
     LOCKED_ELSEWHERE,
@@ -85,6 +86,16 @@ async def run_item(item: CampaignItem, campaign: Campaign, shared: SharedRun) ->
     return result
 
 
+@dataclass
+class _ImageLock:
+    """An item's hold on its image's lock; ``released`` once let go."""
+
+    locks: LockManager | None
+    key: str
+    holder: str = field(default_factory=new_holder)
+    released: bool = False
+
+
 async def _image(
     item: CampaignItem, campaign: Campaign, shared: SharedRun
 ) -> tuple[ImagineResult, bool]:
@@ -92,38 +103,49 @@ async def _image(
     run computing this image elsewhere finishes first and its record is read instead of
     paying again. The lock is taken inside the run's window, so it is held from shortly
     before the call, not from the run's start."""
-    key = campaign.generation_key(item)
-    locks = record_store(imagine).lock_manager
-    holder = new_holder()
+    lock = _ImageLock(record_store(imagine).lock_manager, campaign.generation_key(item))
+    locks, key, holder = lock.locks, lock.key, lock.holder
     try:
         async with shared.window:
             found = await asyncio.to_thread(lock_if_free_and_read, imagine, locks, key, holder)
             if found is not LOCKED_ELSEWHERE:
-                return await _cached_or_generated(found, key, holder, item, shared)
+                return await _cached_or_generated(found, lock, item, shared)
         # Another run is generating this image: wait outside the window, so that the run's
         # other images go on meanwhile.
         if locks is not None:
             await locks.aacquire_lock(key, holder)  # waits on the loop, not on a thread
         async with shared.window:
             found = await asyncio.to_thread(cached_result, imagine, key, holder=holder)
-            return await _cached_or_generated(found, key, holder, item, shared)
+            return await _cached_or_generated(found, lock, item, shared)
     finally:
         # Off the loop: removing a lock file waits on the filesystem's journal, and every
         # image's answer waits for the loop.
-        await asyncio.to_thread(release_if_held, locks, key, holder)
+        if not lock.released:
+            await asyncio.to_thread(release_if_held, locks, key, holder)
 
 
 async def _cached_or_generated(
-    found: object, key: str, holder: str, item: CampaignItem, shared: SharedRun
+    found: object, lock: _ImageLock, item: CampaignItem, shared: SharedRun
 ) -> tuple[ImagineResult, bool]:
-    """The cached result ``found`` under ``key``'s lock, or a new one, paid and recorded."""
+    """The cached result ``found`` under ``lock``, or a new one, paid and recorded."""
     if isinstance(found, ImagineResult):
         return found, True
-    result = await generate(item.request, shared.calls, key=key, logger=get_run_logger())
-    await asyncio.to_thread(cache_result, imagine, key, result, holder)
-    if shared.calls.receiver is not None:
-        await asyncio.to_thread(settle_image, key)  # only now: the image is in its record
+    result = await generate(item.request, shared.calls, key=lock.key, logger=get_run_logger())
+    settle = shared.calls.receiver is not None
+    # One thread hop for the three, in this order: every hop costs the loop a wake-up that
+    # a campaign's other answers wait behind.
+    await asyncio.to_thread(_record_and_release, result, lock, settle=settle)
     return result, False
+
+
+def _record_and_release(result: ImagineResult, lock: _ImageLock, *, settle: bool) -> None:
+    """The image's cache record; then its attempt records settled (only now: the image is in
+    its record); then its lock released."""
+    cache_result(imagine, lock.key, result, lock.holder)
+    if settle:
+        settle_image(lock.key)
+    release_if_held(lock.locks, lock.key, lock.holder)
+    lock.released = True
 
 
 async def _store(
