@@ -91,6 +91,11 @@ class _RedisLedger:
     def __init__(self, name: str) -> None:
         self.name = name
         self.reservations = f"{name}:reservations"
+        # One change at a time from this process: concurrent transactions on the same keys
+        # abort each other (WATCH) and start again, so a run's threads changing the budget at
+        # once would mostly retry (benchmarks/coordination.py measured it); taking turns,
+        # only another machine's change makes one retry.
+        self._turn = threading.Lock()
 
     def update(self, change: Change[T], purpose: str) -> T:
         from redis import WatchError
@@ -102,7 +107,11 @@ class _RedisLedger:
             raise ConfigurationError(
                 f"the budget {self.name!r} lives in Redis: set {settings.REDIS_URL.name}"
             )
-        with coordination.reaching(url, purpose), coordination.sync_client(url).pipeline() as pipe:
+        with (
+            self._turn,
+            coordination.reaching(url, purpose),
+            coordination.sync_client(url).pipeline() as pipe,
+        ):
             while True:
                 try:
                     return self._once(pipe, change)
