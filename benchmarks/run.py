@@ -177,7 +177,7 @@ def measure() -> dict[str, Any]:
     """Every benchmark, with when, where and at which commit it ran."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from benchmarks import capacity, orchestration, quota, startup, timeline, transfer
+    from benchmarks import capacity, coordination, orchestration, quota, startup, timeline, transfer
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "200").split(","))
     started = datetime.now(UTC)
@@ -193,6 +193,8 @@ def measure() -> dict[str, Any]:
         # the same: `python -m benchmarks.capacity`
         "capacity": capacity.measure(),
         "quota": quota.measure(),
+        # the same: `python -m benchmarks.coordination`
+        "coordination": coordination.measure(),
     }
     return {"measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC", **results}
 
@@ -218,7 +220,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
     """BENCHMARKS.md and the figures page, docs/benchmarks.md (given as they are), with the
     figures of ``results``; the hand-written analysis below the report's marker and the rest
     of the figures page stay."""
-    from benchmarks import capacity, orchestration, quota, startup, timeline, transfer
+    from benchmarks import capacity, coordination, orchestration, quota, startup, timeline, transfer
 
     start, moved, orchestrated = (
         results["startup"],
@@ -228,6 +230,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
     rows = (
         capacity.figures(results["capacity"])
         + quota.figures(results["quota"])
+        + coordination.figures(results["coordination"])
         + orchestration.figures(orchestrated)
         + transfer.figures(moved)
         + startup.figures(start)
@@ -266,6 +269,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         "",
         *capacity.report_table(results["capacity"]),
         *quota.report_table(results["quota"]),
+        *coordination.report_table(results["coordination"]),
         *timeline.report_table(results["timeline"]),
         *rerun_table(orchestrated),
         "## Transfer memory",
