@@ -158,10 +158,10 @@ def batch_campaign(
 # same form; same run) as an async flow, for async callers and deployments. A sync flow run
 # ends by joining Prefect's heartbeat thread, which sleeps in 1 s steps: up to a second per
 # run, a whole second for a re-run whose items are all cached; an async flow run does not
-# wait for it. The campaign's own code is sync (a thread pool of task runs, blocking stores)
-# and runs on a worker thread, so the flow's event loop stays free. A thread cannot be
-# interrupted: cancelling the awaiting coroutine (not the flow run) leaves the campaign
-# running to its end, within its budget.
+# wait for it. The campaign's own code is sync at its top (its items run on an event loop
+# of their own) and runs on a worker thread, so the flow's event loop stays free. A thread
+# cannot be interrupted: cancelling the awaiting coroutine (not the flow run) leaves the
+# campaign running to its end, within its budget.
 @flow(name="batch-campaign-async", flow_run_name=flow_run_name("campaign", "campaign"))
 @wraps(batch_campaign.fn, assigned=("__module__", "__annotations__", "__doc__"))
 async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
