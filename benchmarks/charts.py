@@ -114,7 +114,7 @@ def slots(calls: list[list[float]]) -> list[int]:
 
 
 def timeline_chart(timeline: dict[str, Any], path: Path = TIMELINE_CHART) -> Path:
-    """One campaign's paid calls on a timeline, in both execution modes: a bar per call, from
+    """One campaign's paid calls on a timeline, for each grouping: a bar per call, from
     the emulator receiving it to its generation's end, on a row per concurrency slot; x is
     seconds since the flow was called. The ideal makespan, the flow run's start and end as
     Prefect recorded them, the moment the flow returned, the stretches with no call in flight

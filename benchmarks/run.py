@@ -134,7 +134,7 @@ def timeline_figure(timeline: dict[str, Any]) -> list[str]:
         )
 
     return [
-        f"![A {n}-image campaign's paid calls on a timeline, in both execution modes, with the "
+        f"![A {n}-image campaign's paid calls on a timeline, for each grouping, with the "
         "ideal makespan, the flow run's start and end, when the flow returns, and Prefect's "
         "client's retries](images/bench-timeline.png)",
         "",

@@ -51,8 +51,8 @@ def call_sync(function: Callable[..., R | Coroutine[Any, Any, R]], *args: Any, *
 # --- ResultStore.update_for_task -------------------------------------------------------------
 # Relies on: ``get_result_store().update_for_task(task)``, which the task engine uses to build
 # the result store (storage, key storage, lock manager) of a task's cache records.
-# Why: the chunked executor does a task's work outside its task runs and must read and write
-# the very records the task engine would, under the same locks.
+# Why: a campaign item does the imagine and store tasks' work outside their task runs and
+# must read and write the very records the task engine would, under the same locks.
 def result_store_for(task: Task[..., Any]) -> ResultStore:
     """The result store the task engine uses for ``task``'s cache records.
 

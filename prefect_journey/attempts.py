@@ -222,7 +222,7 @@ def recorded_attempts(key: str) -> list[AttemptRecord]:
 def save_attempts(key: str, records: Iterable[AttemptRecord]) -> None:
     """Replace the attempt records of ``key``'s image; none left deletes the document.
 
-    The caller holds the image's lock (the task engine's, or the chunked executor's), so
+    The caller holds the image's lock (the task engine's, or a campaign item's), so
     reading and rewriting the document is safe.
 
     Args:

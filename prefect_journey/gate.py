@@ -1,6 +1,6 @@
 """The gate every paid attempt passes: the campaign's pause, a slot of a Prefect global
 concurrency limit, then a reservation on the credit budget. Every path that pays (the
-``imagine`` tasks, both campaign executors, the command line) goes through it, so a limit,
+``imagine`` tasks, every campaign item, the command line) goes through it, so a limit,
 a budget or a provider's "come back later" binds them all alike."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A paid generation, written once: every path that pays for an image comes here (the
-``imagine`` tasks, both campaign executors, ``prefect-journey imagine``).
+``imagine`` tasks, every campaign item, ``prefect-journey imagine``).
 
     [the run's pause -> look for an earlier attempt's delivery -> a slot of the run
      -> the pause again -> the gate (concurrency limit, budget) -> record the attempt

@@ -223,8 +223,10 @@ def load_receiver(block_name: str | None = None) -> JourneyWebhookReceiver | Non
             secret=SecretStr(secret),
             recovery_window_seconds=settings.recovery_window(),
         )
-    except ValueError as exc:
-        raise ConfigurationError(f"{settings.WEBHOOK_URL.name}: {exc}") from None
+    except ValueError as exc:  # the URL's or the secret's rule: the message says which
+        raise ConfigurationError(
+            f"{settings.WEBHOOK_URL.name} / {settings.WEBHOOK_SECRET.name}: {exc}"
+        ) from None
     check_records_storage()
     return receiver
 

@@ -6,7 +6,7 @@ nobody knows whether an image was made and billed, and a retry may bill again. T
 also POSTs the finished task to the request's ``webhook_url`` when the generation ends,
 whatever happened to the HTTP answer. With a receiver configured
 (:class:`~prefect_journey.receiver.JourneyWebhookReceiver`, or ``JOURNEY_WEBHOOK_URL`` and
-``JOURNEY_WEBHOOK_SECRET``), every paid attempt of both campaign executors and of the
+``JOURNEY_WEBHOOK_SECRET``), every paid attempt of a campaign's items and of the
 ``imagine`` tasks:
 
 1. mints a token (:mod:`prefect_journey.tokens`) and sends ``webhook_url=<receiver>/<token>``

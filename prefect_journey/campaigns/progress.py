@@ -1,7 +1,7 @@
 """How far a campaign is: the share its progress artifact shows and, when the flow runs on a
 terminal, a live progress bar beside Prefect's log lines.
 
-Both executors report each item as it ends (:meth:`CampaignProgress.finished`). The bar
+Each item is reported as it ends, whatever the grouping (:meth:`CampaignProgress.finished`). The bar
 draws on the console Prefect prints its log lines on, so they scroll above it instead of
 tearing it; without a terminal (a worker, a pipe, CI) nothing is drawn.
 """
