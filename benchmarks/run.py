@@ -177,7 +177,16 @@ def measure() -> dict[str, Any]:
     """Every benchmark, with when, where and at which commit it ran."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from benchmarks import capacity, coordination, orchestration, quota, startup, timeline, transfer
+    from benchmarks import (
+        capacity,
+        coordination,
+        orchestration,
+        quota,
+        server_load,
+        startup,
+        timeline,
+        transfer,
+    )
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "200").split(","))
     started = datetime.now(UTC)
@@ -195,6 +204,8 @@ def measure() -> dict[str, Any]:
         "quota": quota.measure(),
         # the same: `python -m benchmarks.coordination`
         "coordination": coordination.measure(),
+        # the same: `python -m benchmarks.server_load`
+        "server_load": server_load.measure(),
     }
     return {"measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC", **results}
 
@@ -220,7 +231,16 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
     """BENCHMARKS.md and the figures page, docs/benchmarks.md (given as they are), with the
     figures of ``results``; the hand-written analysis below the report's marker and the rest
     of the figures page stay."""
-    from benchmarks import capacity, coordination, orchestration, quota, startup, timeline, transfer
+    from benchmarks import (
+        capacity,
+        coordination,
+        orchestration,
+        quota,
+        server_load,
+        startup,
+        timeline,
+        transfer,
+    )
 
     start, moved, orchestrated = (
         results["startup"],
@@ -231,6 +251,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         capacity.figures(results["capacity"])
         + quota.figures(results["quota"])
         + coordination.figures(results["coordination"])
+        + server_load.figures(results["server_load"])
         + orchestration.figures(orchestrated)
         + transfer.figures(moved)
         + startup.figures(start)
@@ -270,6 +291,7 @@ def rendered(results: dict[str, Any], report: str, figures_page: str) -> tuple[s
         *capacity.report_table(results["capacity"]),
         *quota.report_table(results["quota"]),
         *coordination.report_table(results["coordination"]),
+        *server_load.report_table(results["server_load"]),
         *timeline.report_table(results["timeline"]),
         *rerun_table(orchestrated),
         "## Transfer memory",

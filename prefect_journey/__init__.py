@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from prefect_journey.errors import JourneyError
     from prefect_journey.models import ImagineRequest, ImagineResult
     from prefect_journey.receiver import JourneyWebhookReceiver
+    from prefect_journey.redis_block import JourneyRedis
     from prefect_journey.storage import Destination, StoredImage
 
 # Each public name and the module that defines it.
@@ -46,6 +47,7 @@ _EXPORTS = {
     "JourneyCredentials": "prefect_journey.credentials",
     "JourneyError": "prefect_journey.errors",
     "JourneyWebhookReceiver": "prefect_journey.receiver",
+    "JourneyRedis": "prefect_journey.redis_block",
     "StoredImage": "prefect_journey.storage",
 }
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "JourneyClient",
     "JourneyCredentials",
     "JourneyError",
+    "JourneyRedis",
     "JourneyWebhookReceiver",
     "StoredImage",
 ]

@@ -9,5 +9,6 @@ package root loads nothing until it is used (see :mod:`prefect_journey`).
 from prefect_journey.credentials import JourneyCredentials
 from prefect_journey.destinations import ImageDestination
 from prefect_journey.receiver import JourneyWebhookReceiver
+from prefect_journey.redis_block import JourneyRedis
 
-__all__ = ["ImageDestination", "JourneyCredentials", "JourneyWebhookReceiver"]
+__all__ = ["ImageDestination", "JourneyCredentials", "JourneyRedis", "JourneyWebhookReceiver"]

@@ -55,6 +55,7 @@ from prefect_journey.client import resolve_base_url
 from prefect_journey.errors import RedisUnavailableError
 from prefect_journey.locking import LeasedFileSystemLockManager, SelectedLockManager
 from prefect_journey.models import ImagineRequest
+from prefect_journey.redis_block import apply_redis_block
 from prefect_journey.storage import Destination
 
 # Output URLs expire after 14 days; a cached result must never outlive its image.
@@ -285,6 +286,7 @@ def image_lock_manager() -> LockManager:
         ConfigurationError: A malformed ``JOURNEY_REDIS_URL`` or lease, or the URL is set
             without the ``redis`` extra installed.
     """
+    apply_redis_block()
     lease = settings.lock_lease_seconds()
     url = settings.redis_url()
     if url is not None:

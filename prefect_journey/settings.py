@@ -102,6 +102,13 @@ REDIS_URL = Variable(
     "the image locks, the campaigns' credit budgets and the receiver's memory of deliveries "
     "live there, so that runs on several machines pay once; never shown with its password.",
 )
+REDIS_BLOCK = Variable(
+    "JOURNEY_REDIS_BLOCK",
+    "(none)",
+    "The name of a saved JourneyRedis block to read the Redis URL, key prefix and lock lease "
+    "from, instead of JOURNEY_REDIS_URL (which wins when both are set): the password stays in "
+    "the block, not in the workers' environment.",
+)
 REDIS_PREFIX = Variable(
     "JOURNEY_REDIS_PREFIX",
     "journey:",
@@ -129,6 +136,7 @@ VARIABLES: tuple[Variable, ...] = (
     PRIVATE_ENDPOINTS,
     PARTIAL_LEASE_SECONDS,
     REDIS_URL,
+    REDIS_BLOCK,
     REDIS_PREFIX,
 )
 
@@ -264,16 +272,47 @@ def redis_url() -> str | None:
             password).
     """
     raw = _raw(REDIS_URL)
-    if raw is None:
-        return None
+    return None if raw is None else check_redis_url(raw, what=REDIS_URL.name)
+
+
+def check_redis_url(raw: str, *, what: str) -> str:
+    """``raw`` stripped, if it is a Redis URL.
+
+    Args:
+        raw: The URL.
+        what: Where it comes from, for the error (a variable, a block's field).
+
+    Raises:
+        ConfigurationError: Not a Redis URL (the message shows it without its password).
+    """
     url = raw.strip()
     parts = urlsplit(url)
     if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
         raise ConfigurationError(
-            f"{REDIS_URL.name} must be a Redis URL ({', '.join(s + '://' for s in REDIS_SCHEMES)}"
+            f"{what} must be a Redis URL ({', '.join(s + '://' for s in REDIS_SCHEMES)}"
             f"), got {redacted_url(url)!r}"
         )
     return url
+
+
+def use_redis(url: str, prefix: str, lease_seconds: float) -> None:
+    """Set this process's Redis variables (``JOURNEY_REDIS_BLOCK``'s block gives them): the
+    prefix and the lease unless already set, then the URL.
+
+    Args:
+        url: The Redis URL (checked by :func:`check_redis_url`).
+        prefix: The key prefix.
+        lease_seconds: The image locks' lease.
+    """
+    os.environ.setdefault(REDIS_PREFIX.name, prefix)
+    os.environ.setdefault(LOCK_LEASE_SECONDS.name, str(lease_seconds))
+    os.environ[REDIS_URL.name] = check_redis_url(url, what="the block's url")
+
+
+def redis_block() -> str | None:
+    """``JOURNEY_REDIS_BLOCK``: the name of a saved ``JourneyRedis`` block, or None."""
+    raw = _raw(REDIS_BLOCK)
+    return None if raw is None else raw.strip()
 
 
 def redis_prefix() -> str:

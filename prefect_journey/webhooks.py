@@ -273,8 +273,8 @@ class _SharedSeen:
 
 
 def delivery_memory() -> DeliveryMemory:
-    """The receiver's memory: in the Redis of ``JOURNEY_REDIS_URL`` when it is set, else in
-    this process.
+    """The receiver's memory: in the Redis of ``JOURNEY_REDIS_URL`` (or
+    ``JOURNEY_REDIS_BLOCK``'s block) when it is set, else in this process.
 
     Returns:
         The memory.
@@ -284,6 +284,9 @@ def delivery_memory() -> DeliveryMemory:
             ``redis`` extra.
         RedisUnavailableError: Its Redis does not answer.
     """
+    from prefect_journey.redis_block import apply_redis_block  # loads Prefect's blocks
+
+    apply_redis_block()
     url = settings.redis_url()
     return _Seen(DEDUP_CAPACITY) if url is None else _SharedSeen(url)
 

@@ -534,3 +534,61 @@ def test_two_machines_running_one_campaign_at_once_pay_once_per_image(
     assert ledger["calls"]["imagine"] == 8 and ledger["credits_charged"] == 32
     images = [key for key in bucket.objects() if not key.startswith("results/")]
     assert len(images) == 8 and all(key.startswith("two-machines/") for key in images)
+
+
+@pytest.fixture
+def redis_block(redis_server: str, monkeypatch: pytest.MonkeyPatch, prefect_harness: Path) -> str:
+    """A saved ``JourneyRedis`` block naming the session's Redis, with a password-free URL, a
+    prefix and a lease of this test's own, named by ``JOURNEY_REDIS_BLOCK``; no Redis variable
+    set. Returns the prefix."""
+    from prefect_journey.redis_block import JourneyRedis
+
+    prefix = f"block-{uuid.uuid4().hex[:12]}:"
+    name = f"redis-{uuid.uuid4().hex[:12]}"
+    JourneyRedis(url=redis_server, prefix=prefix, lock_lease_seconds=7).save(name)
+    for variable in (settings.REDIS_URL, settings.REDIS_PREFIX, settings.LOCK_LEASE_SECONDS):
+        monkeypatch.delenv(variable.name, raising=False)
+    monkeypatch.setenv("JOURNEY_REDIS_BLOCK", name)
+    return prefix
+
+
+def test_a_redis_block_names_the_redis_of_the_locks_the_budgets_and_the_receiver(
+    redis_block: str, redis_server: str
+) -> None:
+    """The first lock of the process loads the block; the budget and the receiver's memory
+    then read the same Redis, prefix and lease."""
+    locks = image_lock_manager()
+    assert isinstance(locks, LeasedRedisLockManager)
+    assert (locks.prefix, locks.lease_seconds) == (redis_block, 7.0)
+    assert settings.redis_url() == redis_server
+    server = redis.Redis.from_url(redis_server)
+    assert locks.acquire_lock("an image", "me")
+    assert server.exists(f"{redis_block}lock:an image")
+    locks.release_lock("an image", "me")
+    budget = CreditBudget.for_campaign("blocked", limit=8)
+    budget.settle(budget.reserve(lease=30), None)
+    assert budget.snapshot()["spent"] == 4
+    assert server.keys(f"{redis_block}budget:*")
+    assert type(delivery_memory()).__name__ == "_SharedSeen"
+
+
+def test_a_redis_variable_on_the_worker_wins_over_the_block(
+    redis_block: str, redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOURNEY_REDIS_BLOCK", "no-such-block")  # never loaded
+    monkeypatch.setenv("JOURNEY_REDIS_URL", redis_server)
+    monkeypatch.setenv("JOURNEY_REDIS_PREFIX", "mine:")
+    locks = image_lock_manager()
+    assert isinstance(locks, LeasedRedisLockManager) and locks.prefix == "mine:"
+
+
+def test_a_redis_block_refuses_a_url_that_is_not_redis_without_showing_it() -> None:
+    from pydantic import ValidationError
+
+    from prefect_journey.redis_block import JourneyRedis
+
+    with pytest.raises(ValidationError) as refused:
+        JourneyRedis(url="https://app:s3cret-pw@cache.internal:6380/2")
+    assert "s3cret-pw" not in str(refused.value)
+    block = JourneyRedis(url="redis://app:s3cret-pw@cache.internal:6380/2")
+    assert "s3cret-pw" not in repr(block) and "s3cret-pw" not in str(block.model_dump())

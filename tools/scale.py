@@ -169,6 +169,8 @@ class Shape:
     emulator: str
     redis: Service | None
     workers: list[Service]
+    database: str = ""  # the Prefect server's PostgreSQL database
+    server_log: Path | None = None  # the Prefect server's log
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def machine(self, index: int) -> str:
@@ -517,8 +519,21 @@ def worker(index: int, folder: Path, env: dict[str, str]) -> Service:
 
 
 @contextmanager
-def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
-    """Every part started, deployed and configured; stopped on the way out."""
+def production_shape(
+    sizes: Sizes,
+    folder: Path,
+    *,
+    server_env: dict[str, str] | None = None,
+    postgres_preload: tuple[str, ...] = (),
+) -> Iterator[Shape]:
+    """Every part started, deployed and configured; stopped on the way out.
+
+    Args:
+        sizes: What the scenarios run (Redis or not, the emulator's time scale).
+        folder: Where the parts keep their homes and logs.
+        server_env: Variables added to the Prefect server's environment.
+        postgres_preload: Libraries PostgreSQL loads at start (``postgres_server``).
+    """
     logs = folder / "logs"
     logs.mkdir()
     # Each machine has only the settings given here: none of this process's Prefect, JourneyAPI
@@ -529,15 +544,16 @@ def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     with ExitStack() as stack:
-        postgres = stack.enter_context(postgres_server())
+        postgres = stack.enter_context(postgres_server(preload=postgres_preload))
         redis = stack.enter_context(running(redis_server(logs))) if sizes.redis else None
         # Where the machines and the receiver share their locks, budgets and deliveries.
         shared = {"JOURNEY_REDIS_URL": redis.url} if redis else {}
         s3 = stack.enter_context(running(moto_server(logs)))
         server_home = folder / "server"
         server_home.mkdir()
+        database = new_database(postgres)
         base = stack.enter_context(
-            prefect_server(server_home, free_port(), database_url=new_database(postgres))
+            prefect_server(server_home, free_port(), database_url=database, env=server_env)
         )
         api = f"{base}/api"
         # This process: the team's laptop, which deploys, starts runs and reads reports.
@@ -612,7 +628,15 @@ def production_shape(sizes: Sizes, folder: Path) -> Iterator[Shape]:
         workers = [worker(index, folder, worker_env) for index in range(sizes.workers)]
         for machine in workers:
             stack.enter_context(running(machine))
-        yield Shape(api=api, s3=s3.url, emulator=emulator.url, redis=redis, workers=workers)
+        yield Shape(
+            api=api,
+            s3=s3.url,
+            emulator=emulator.url,
+            redis=redis,
+            workers=workers,
+            database=database,
+            server_log=server_home / "server.log",
+        )
 
 
 def _answers(url: str) -> bool:

@@ -245,9 +245,14 @@ def _postgres_bin_folder() -> Path:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
+def postgres_server(*, preload: tuple[str, ...] = ()) -> Iterator[str]:
     """Start PostgreSQL from a temporary folder; yield its URL without a database name
-    (``postgresql+asyncpg://postgres@127.0.0.1:PORT``); stop it and delete its files."""
+    (``postgresql+asyncpg://postgres@127.0.0.1:PORT``); stop it and delete its files.
+
+    Args:
+        preload: Libraries to load at start (``shared_preload_libraries``), such as
+            ``pg_stat_statements``, which counts each statement's time.
+    """
     bin_folder = _postgres_bin_folder()
     folder = Path(tempfile.mkdtemp(prefix="journey-postgres-"))
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -260,6 +265,8 @@ def postgres_server() -> Iterator[str]:
 
     data, port = folder / "data", free_port()
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    if preload:
+        options += f" -c shared_preload_libraries={','.join(preload)}"
     try:
         run("initdb", "-D", data, "-A", "trust", "-U", "postgres")
         run("pg_ctl", "-D", data, "-l", folder / "log", "-o", options, "-w", "start")

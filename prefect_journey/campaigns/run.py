@@ -27,6 +27,7 @@ from prefect_journey.errors import JourneyValidationError
 from prefect_journey.gate import concurrency_limit_exists
 from prefect_journey.models import display_text
 from prefect_journey.receiver import load_receiver
+from prefect_journey.redis_block import apply_redis_block
 from prefect_journey.storage import Destination
 
 # The Prefect global concurrency limit a campaign uses when it exists (create it once per
@@ -122,6 +123,7 @@ def run_campaign(
         CampaignFailedError: Some items were not stored (unless ``allow_failures``).
     """
     plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
+    apply_redis_block()  # JOURNEY_REDIS_BLOCK: before anything reads the Redis settings
     check_shared_setup()  # fails before spending
     campaign_run = Campaign(
         campaign,
