@@ -18,8 +18,10 @@ $(BIN)/python:
 
 # The whole suite runs on the newest Prefect (constraints/prefect-newest.txt); the lowest
 # supported one has its own target below.
+# --no-compile: Python compiles what a process imports, once, on first use; compiling every
+# module of every package up front (moto's, botocore's, matplotlib's) is a third of the install.
 $(STAMP): pyproject.toml constraints/prefect-newest.txt | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]' -c constraints/prefect-newest.txt
+	$(BIN)/pip install --quiet --no-compile -e '.[dev]' -c constraints/prefect-newest.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -37,7 +39,8 @@ PARALLEL := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 # The whole check: lint, the documentation site, then every test in one run: the default suite,
 # the wheel installed into a fresh environment (marker install) and the long suites (marker
 # slow: the 60-item soak, campaigns killed mid-run and resumed, make ui, make scale).
-test: lint docs system-packages
+test: $(STAMP) system-packages
+	$(MAKE) --no-print-directory -j2 lint docs  # one core each
 	$(BIN)/pytest $(PARALLEL) -m 'slow or install or not slow'
 
 # The documentation site (mkdocs.yml) into site/; --strict: a broken link, a missing page or

@@ -23,9 +23,7 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-# Session scope: the two tests below may run on different workers, each then starting its own;
-# module scope would start it again each time a worker comes back to this file.
-@pytest.fixture(scope="session")
+@pytest.fixture
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`prefect server start` in a subprocess with its own home and database; yields the
     environment that points a CLI or a client at it."""
@@ -131,9 +129,20 @@ def matches_cron(start: str, cron: str, timezone: str) -> bool:
     return ok and (weekday == "*" or local.isoweekday() % 7 == int(weekday))
 
 
-def test_prefect_yaml_deploys_with_its_schedules(prefect_server: dict[str, str]) -> None:
-    """prefect deploy in a subprocess, then a wait for the server's scheduler (every 2 s) to
-    create the scheduled runs."""
+def test_prefect_yaml_and_the_serve_script_deploy_the_same_schedules(
+    prefect_server: dict[str, str],
+) -> None:
+    """Both ways of deploying, one after the other on one real server (a server of its own
+    costs a worker a database migrated from scratch): prefect deploy in a subprocess, then a
+    wait for the server's scheduler (every 2 s) to create the scheduled runs; then
+    deployments/serve.py in a subprocess (it imports Prefect and the flows), and a wait for
+    its deployments to appear."""
+    check_prefect_yaml(prefect_server)
+    check_serve_script(prefect_server)
+
+
+def check_prefect_yaml(prefect_server: dict[str, str]) -> None:
+    """prefect.yaml deploys every deployment with its schedules, parameters and trigger."""
     prefect_cli(prefect_server, "work-pool", "create", "journey-pool", "--type", "process")
     prefect_cli(
         prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)
@@ -161,9 +170,8 @@ def webhook_triggers(env: dict[str, str]) -> list[str]:
     return sorted(event for a in automations for event in a["trigger"].get("expect", []))
 
 
-def test_serve_script_serves_the_same_schedules(prefect_server: dict[str, str]) -> None:
-    """deployments/serve.py in a subprocess (it imports Prefect and the flows), then a wait for
-    its deployments to appear."""
+def check_serve_script(prefect_server: dict[str, str]) -> None:
+    """serve.py serves the same deployments, schedules and parameters, without a work pool."""
     api = prefect_server["PREFECT_API_URL"]
     for deployment in httpx.post(f"{api}/deployments/filter", json={}).json():
         # SQLite answers 503 while the scheduler holds its write lock: try again.
