@@ -18,10 +18,8 @@ $(BIN)/python:
 
 # The whole suite runs on the newest Prefect (constraints/prefect-newest.txt); the lowest
 # supported one has its own target below.
-# --no-compile: Python compiles what a process imports, once, on first use; compiling every
-# module of every package up front (moto's, botocore's, matplotlib's) is a third of the install.
 $(STAMP): pyproject.toml constraints/prefect-newest.txt | $(BIN)/python
-	$(BIN)/pip install --quiet --no-compile -e '.[dev]' -c constraints/prefect-newest.txt
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints/prefect-newest.txt
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -304,8 +304,10 @@ def use_redis(url: str, prefix: str, lease_seconds: float) -> None:
         prefix: The key prefix.
         lease_seconds: The image locks' lease.
     """
-    os.environ.setdefault(REDIS_PREFIX.name, prefix)
-    os.environ.setdefault(LOCK_LEASE_SECONDS.name, str(lease_seconds))
+    if _raw(REDIS_PREFIX) is None:
+        os.environ[REDIS_PREFIX.name] = prefix
+    if _raw(LOCK_LEASE_SECONDS) is None:
+        os.environ[LOCK_LEASE_SECONDS.name] = str(lease_seconds)
     os.environ[REDIS_URL.name] = check_redis_url(url, what="the block's url")
 
 

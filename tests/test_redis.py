@@ -546,8 +546,10 @@ def redis_block(redis_server: str, monkeypatch: pytest.MonkeyPatch, prefect_harn
     prefix = f"block-{uuid.uuid4().hex[:12]}:"
     name = f"redis-{uuid.uuid4().hex[:12]}"
     JourneyRedis(url=redis_server, prefix=prefix, lock_lease_seconds=7).save(name)
+    # Empty reads as unset, and the test's end restores each: the block sets them for the
+    # whole process.
     for variable in (settings.REDIS_URL, settings.REDIS_PREFIX, settings.LOCK_LEASE_SECONDS):
-        monkeypatch.delenv(variable.name, raising=False)
+        monkeypatch.setenv(variable.name, "")
     monkeypatch.setenv("JOURNEY_REDIS_BLOCK", name)
     return prefix
 
