@@ -233,8 +233,7 @@ def main(argv: list[str]) -> None:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    run.RESULTS.write_text(run.merged(run.RESULTS.read_text(), "capacity", measure()))
-    run.render(run.load(run.RESULTS))
+    run.save_and_render("capacity", measure())
 
 
 if __name__ == "__main__":

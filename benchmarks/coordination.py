@@ -169,8 +169,7 @@ def main(argv: list[str]) -> None:
     """Measure the coordination alone, merge it into the saved results, render them again."""
     from benchmarks import run
 
-    run.RESULTS.write_text(run.merged(run.RESULTS.read_text(), "coordination", measure()))
-    run.render(run.load(run.RESULTS))
+    run.save_and_render("coordination", measure())
 
 
 if __name__ == "__main__":

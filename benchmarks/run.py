@@ -334,6 +334,13 @@ def render(results: dict[str, Any]) -> None:
     FIGURES_PAGE.write_text(new_figures_page)
 
 
+def save_and_render(key: str, measured: dict[str, Any]) -> None:
+    """``measured`` in place of the saved results' ``key`` (a module measured alone, as
+    ``python -m benchmarks.capacity``), then every figure rendered again."""
+    RESULTS.write_text(merged(RESULTS.read_text(), key, measured))
+    render(load(RESULTS))
+
+
 def main(argv: list[str]) -> None:
     """Measure, save the raw results, then render them; ``--render`` renders the saved ones
     again (after a change to the report, without the hour of measuring)."""

@@ -180,8 +180,7 @@ def main(argv: list[str]) -> None:
     """Measure the server's load alone, merge it into the saved results, render them again."""
     from benchmarks import run
 
-    run.RESULTS.write_text(run.merged(run.RESULTS.read_text(), "server_load", measure()))
-    run.render(run.load(run.RESULTS))
+    run.save_and_render("server_load", measure())
 
 
 if __name__ == "__main__":

@@ -249,9 +249,7 @@ def main(argv: list[str]) -> None:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    timeline = measure(int(argv[0]) if argv else None)
-    run.RESULTS.write_text(run.merged(run.RESULTS.read_text(), "timeline", timeline))
-    run.render(run.load(run.RESULTS))
+    run.save_and_render("timeline", measure(int(argv[0]) if argv else None))
 
 
 if __name__ == "__main__":
