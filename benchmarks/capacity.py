@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks import orchestration
-from benchmarks.common import RUNS, Figure, commit, emulator_process, median
+from benchmarks.common import RUNS, Figure, commit, emulator_process, measured_since, median
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def measure() -> dict[str, Any]:
     started = datetime.now(UTC)
     shapes = {shape.name: measure_shape(shape) for shape in SHAPES}
     return {
-        "measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC",
+        "measured_at": measured_since(started),
         "machine": machine(),
         "commit": commit(),
         **shapes,

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ import httpx
 
 RUNS = 3  # every figure is the median of at least this many runs
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def measured_since(started: datetime) -> str:
+    """When a measurement ran, from ``started`` to now: ``2026-12-05 14:59-15:21 UTC``."""
+    return f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC"
 
 
 def commit() -> str:

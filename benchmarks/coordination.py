@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RUNS, Figure, commit, median
+from benchmarks.common import RUNS, Figure, commit, measured_since, median
 
 N = 400
 CONCURRENCY = 25
@@ -107,7 +107,7 @@ def measure() -> dict[str, Any]:
                         rounds[kind]["one_at_a_time"].append(per_image_seconds(1))
                         rounds[kind]["at_once"].append(per_image_seconds(CONCURRENCY))
     return {
-        "measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC",
+        "measured_at": measured_since(started),
         "commit": commit(),
         "n": N,
         "concurrency": CONCURRENCY,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, RUNS, Figure, commit, verdict
+from benchmarks.common import ROOT, RUNS, Figure, commit, measured_since, verdict
 
 # BENCHMARKS.md from this line on is the analysis, written by hand: a run keeps it and
 # rewrites only the figures above it.
@@ -207,7 +207,7 @@ def measure() -> dict[str, Any]:
         # the same: `python -m benchmarks.server_load`
         "server_load": server_load.measure(),
     }
-    return {"measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC", **results}
+    return {"measured_at": measured_since(started), **results}
 
 
 def merged(saved: str, key: str, measured: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RUNS, Figure, commit, median
+from benchmarks.common import RUNS, Figure, commit, measured_since, median
 
 N = 40
 CONCURRENCY = 8
@@ -116,7 +116,7 @@ def measure() -> dict[str, Any]:
                     label = f"load-{index}-{workers}"
                     rounds[str(workers)].append(_one_configuration(shape, workers, label))
     return {
-        "measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC",
+        "measured_at": measured_since(started),
         "commit": commit(),
         "n": N,
         "concurrency": CONCURRENCY,

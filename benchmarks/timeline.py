@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import RUNS, commit, emulator_process, median
+from benchmarks.common import RUNS, commit, emulator_process, measured_since, median
 
 # Each grouping measured, by its key in results.json (and in orchestration.GROUPINGS).
 MODES = ("per_image", "grouped")
@@ -142,7 +142,7 @@ def measure(n: int | None = None) -> dict[str, Any]:
                 **runs[len(runs) // 2],
             }
     return {
-        "measured_at": f"{started:%Y-%m-%d %H:%M}-{datetime.now(UTC):%H:%M} UTC",
+        "measured_at": measured_since(started),
         "machine": machine(),
         "commit": commit(),
         "n": n,
