@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     imagine = commands.add_parser(
         "imagine", help="generate one image (key from $JOURNEY_API_KEY) and optionally store it"
     )
-    imagine.add_argument("--prompt", required=True, help="what the image should show")
+    imagine.add_argument("prompt", help="what the image should show (quote it)")
     imagine.add_argument(
         "--reference",
         action="append",

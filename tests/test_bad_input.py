@@ -522,28 +522,28 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         ".csv or .jsonl",
     ),
     # the command line
-    ("cli blank prompt", lambda e, t: cli("imagine", "--prompt", " "), "exit 2", "prompt"),
+    ("cli blank prompt", lambda e, t: cli("imagine", " "), "exit 2", "prompt"),
     (
         "cli repays past the ladder",
-        lambda e, t: cli("imagine", "--prompt", "p", "--repay-possibly-billed", "6"),
+        lambda e, t: cli("imagine", "p", "--repay-possibly-billed", "6"),
         "exit 2",
         "repay_possibly_billed",
     ),
     (
         "cli ratio 5:4",
-        lambda e, t: cli("imagine", "--prompt", "p", "--aspect-ratio", "5:4"),
+        lambda e, t: cli("imagine", "p", "--aspect-ratio", "5:4"),
         "exit 2",
         "--aspect-ratio: invalid choice",
     ),
     (
         "cli ftp reference",
-        lambda e, t: cli("imagine", "--prompt", "p", "--reference", "ftp://h/a.png"),
+        lambda e, t: cli("imagine", "p", "--reference", "ftp://h/a.png"),
         "exit 2",
         "http or https",
     ),
     (
         "cli private reference",
-        lambda e, t: cli("imagine", "--prompt", "p", "--reference", "https://10.1.2.3/a.png"),
+        lambda e, t: cli("imagine", "p", "--reference", "https://10.1.2.3/a.png"),
         "exit 2",
         "10.1.2.3, which is not a public address",
     ),
@@ -551,7 +551,6 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
         "cli unsafe key template",
         lambda e, t: cli(
             "imagine",
-            "--prompt",
             "p",
             "--destination",
             str(t),
@@ -563,7 +562,7 @@ CASES: list[tuple[str, Callable[[E, Path], Outcome], str, str]] = [
     ),
     (
         "cli no api key",
-        lambda e, t: cli("imagine", "--prompt", "p", JOURNEY_API_KEY=""),
+        lambda e, t: cli("imagine", "p", JOURNEY_API_KEY=""),
         "exit 2",
         "JOURNEY_API_KEY",
     ),

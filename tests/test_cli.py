@@ -34,7 +34,7 @@ def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None
     """Five runs of the CLI, each a subprocess that imports the package."""
     done = run(emulator, "balance")
     assert done.returncode == 0 and done.stdout.startswith("10000 credits (2500 images)")
-    made = json.loads(run(emulator, "imagine", "--prompt", "a kite", "--json").stdout)
+    made = json.loads(run(emulator, "imagine", "a kite", "--json").stdout)
     task_id = made["result"]["task_id"]
     fetched = json.loads(run(emulator, "fetch", task_id).stdout)
     assert fetched["status"] == "finished" and fetched["image_url"] == made["result"]["image_url"]
@@ -54,7 +54,7 @@ def test_help_version_and_choices_say_what_to_type(emulator: EmulatorServer) -> 
     for command in ("imagine", "balance", "fetch", "price", "run", "emulator", "webhooks"):
         assert command in top.stdout
     assert run(emulator, "--version").stdout.startswith("prefect-journey 0.1.0")
-    wrong = run(emulator, "imagine", "--prompt", "x", "--aspect-ratio", "5:4")
+    wrong = run(emulator, "imagine", "x", "--aspect-ratio", "5:4")
     assert wrong.returncode == 2 and "16:9" in wrong.stderr  # the choices are listed
 
 
@@ -63,7 +63,7 @@ def test_imagine_checks_the_destination_before_paying_and_names_a_paid_image(
 ) -> None:
     """Two runs of the CLI, each a subprocess that imports the package."""
     (tmp_path / "a-file").write_text("not a folder")
-    done = run(emulator, "imagine", "--prompt", "x", "--destination", str(tmp_path / "a-file/x"))
+    done = run(emulator, "imagine", "x", "--destination", str(tmp_path / "a-file/x"))
     assert done.returncode == 1 and "is not reachable" in done.stderr
     assert emulator.ledger()["calls_total"] == 0  # refused before any call
     # A store that fails after the image was paid names the image, to get it back: here
@@ -73,7 +73,6 @@ def test_imagine_checks_the_destination_before_paying_and_names_a_paid_image(
     done = run(
         emulator,
         "imagine",
-        "--prompt",
         "paid",
         "--destination",
         str(tmp_path / "out"),
@@ -109,7 +108,6 @@ def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_p
     done = run(
         emulator,
         "imagine",
-        "--prompt",
         "a kite",
         "--aspect-ratio",
         "16:9",
@@ -129,11 +127,11 @@ def test_the_command_line_waits_a_retry_after_as_given_and_gives_up_past_the_lim
 ) -> None:
     """Two runs of the CLI: the paid generation of every path, with its Retry-After rule."""
     emulator.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 0.3})
-    done = run(emulator, "imagine", "--prompt", "after a short pause", "--json")
+    done = run(emulator, "imagine", "after a short pause", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"]["attempts"] == 2
     emulator.admin("faults", {"queue": {"api": ["429"]}, "retry_after": 120})
-    done = run(emulator, "imagine", "--prompt", "after a long pause")
+    done = run(emulator, "imagine", "after a long pause")
     assert done.returncode == 1 and "wait 120 s" in done.stderr and "nothing billed" in done.stderr
     assert emulator.ledger()["calls"]["imagine"] == 3 and emulator.ledger()["credits_charged"] == 4
 
@@ -144,16 +142,16 @@ def test_a_lost_answer_is_paid_again_once_by_default_and_never_with_0(
     """Four runs of the CLI, each a subprocess that imports the package; a repay waits the
     generation ladder's first pause (2 s +/- 50 %)."""
     emulator.admin("faults", {"queue": {"api": ["500"]}})
-    done = run(emulator, "imagine", "--prompt", "repaid once", "--json")
+    done = run(emulator, "imagine", "repaid once", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"]["possibly_billed_attempts"] == 1
     assert emulator.ledger()["calls"]["imagine"] == 2
     emulator.admin("faults", {"queue": {"api": ["500", "drop"]}})
-    done = run(emulator, "imagine", "--prompt", "lost twice")
+    done = run(emulator, "imagine", "lost twice")
     assert done.returncode == 1 and "possibly billed" in done.stderr
     assert emulator.ledger()["calls"]["imagine"] == 4
     emulator.admin("faults", {"queue": {"api": ["500"]}})
-    done = run(emulator, "imagine", "--prompt", "never twice", "--repay-possibly-billed", "0")
+    done = run(emulator, "imagine", "never twice", "--repay-possibly-billed", "0")
     assert done.returncode == 1 and emulator.ledger()["calls"]["imagine"] == 5
 
 
@@ -161,11 +159,11 @@ def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
     """Five runs of the CLI, each a subprocess that imports the package."""
     for fault in ["500", "drop", "malformed", "failed"]:
         emulator.admin("faults", {"queue": {"api": [fault]}})
-        done = run(emulator, "imagine", "--prompt", "p", "--repay-possibly-billed", "0")
+        done = run(emulator, "imagine", "p", "--repay-possibly-billed", "0")
         assert done.returncode == 1 and done.stderr.startswith("error: ")
         assert SENTINEL_KEY not in done.stdout + done.stderr
     wrong = subprocess.run(
-        [sys.executable, "-m", "prefect_journey.cli", "imagine", "--prompt", "p"],
+        [sys.executable, "-m", "prefect_journey.cli", "imagine", "p"],
         env={
             **os.environ,
             "JOURNEY_API_KEY": "wrong-" + SENTINEL_KEY,
@@ -182,7 +180,7 @@ def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
 def test_a_person_reads_a_summary_and_a_pipe_gets_no_progress(
     emulator: EmulatorServer, tmp_path: Path
 ) -> None:
-    done = run(emulator, "imagine", "--prompt", "a kite", "--destination", str(tmp_path))
+    done = run(emulator, "imagine", "a kite", "--destination", str(tmp_path))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("image ready in ") and lines[0].endswith(", 4 credits")
@@ -193,7 +191,7 @@ def test_a_person_reads_a_summary_and_a_pipe_gets_no_progress(
 def test_a_terminal_sees_that_it_is_working(emulator: EmulatorServer) -> None:
     emulator.admin("config", {"fixed": 1.5})
     env = {**os.environ, "JOURNEY_API_KEY": SENTINEL_KEY, "JOURNEY_BASE_URL": emulator.url}
-    command = [sys.executable, "-m", "prefect_journey.cli", "imagine", "--prompt", "a kite"]
+    command = [sys.executable, "-m", "prefect_journey.cli", "imagine", "a kite"]
     text = run_in_terminal(command, env, timeout=60)
     assert "generating…" in text and "0:00:01" in text  # the spinner and the time elapsed
     assert "image ready in" in text and SENTINEL_KEY not in text
