@@ -37,9 +37,9 @@ def _fault(value: str) -> tuple[str, float]:
 
 # What the top-level help says, as plain text (the module docstring is for the API docs).
 DESCRIPTION = (
-    "JourneyAPI (nano-banana-2) images from the command line: generate and store one, check "
-    "the balance, fetch a task, price and run a campaign sheet, run the offline emulator or "
-    "the webhook receiver. The key comes from $JOURNEY_API_KEY; 4 credits an image."
+    "JourneyAPI (nano-banana-2) images from the command line: generate and store one, show "
+    "the account's credits, fetch a task, price and run a campaign sheet, run the offline "
+    "emulator or the webhook receiver. The key comes from $JOURNEY_API_KEY; 4 credits an image."
 )
 
 
@@ -126,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
         "image may be made and billed already) is paid again, 0-5 (default: 1)",
     )
 
-    commands.add_parser("balance", help="print the account's credit balance (free)")
+    commands.add_parser(
+        "account", help="print the account's credits, plan and images made so far (free)"
+    )
     fetch = commands.add_parser(
         "fetch", help="print a task's status and image URL by its task id (free)"
     )
@@ -259,13 +261,15 @@ def _summary(result: ImagineResult, stored: StoredImage | None) -> str:
     return "\n".join(lines)
 
 
-def _run_balance(args: argparse.Namespace) -> int:
+def _run_account(args: argparse.Namespace) -> int:
     from prefect_journey.client import JourneyClient
     from prefect_journey.models import CREDITS_PER_IMAGE
 
     with JourneyClient() as client:
-        credits = client.account().credits
-    print(f"{credits} credits ({credits // CREDITS_PER_IMAGE} images)")
+        account = client.account()
+    print(f"{account.credits} credits ({account.credits // CREDITS_PER_IMAGE} images)")
+    print(f"plan: {account.plan or 'not reported'}; images made: {account.total_images}")
+    print(f"account: {account.email}")
     return 0
 
 
@@ -371,7 +375,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
-    "balance": _run_balance,
+    "account": _run_account,
     "emulator": _run_emulator,
     "fetch": _run_fetch,
     "imagine": _run_imagine,

@@ -32,8 +32,9 @@ def run(
 
 def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None:
     """Five runs of the CLI, each a subprocess that imports the package."""
-    done = run(emulator, "balance")
+    done = run(emulator, "account")
     assert done.returncode == 0 and done.stdout.startswith("10000 credits (2500 images)")
+    assert "plan: " in done.stdout and "images made: 0" in done.stdout
     made = json.loads(run(emulator, "imagine", "a kite", "--json").stdout)
     task_id = made["result"]["task_id"]
     fetched = json.loads(run(emulator, "fetch", task_id).stdout)
@@ -51,7 +52,7 @@ def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None
 def test_help_version_and_choices_say_what_to_type(emulator: EmulatorServer) -> None:
     top = run(emulator, "--help")
     assert top.returncode == 0 and "``" not in top.stdout
-    for command in ("imagine", "balance", "fetch", "price", "run", "emulator", "webhooks"):
+    for command in ("imagine", "account", "fetch", "price", "run", "emulator", "webhooks"):
         assert command in top.stdout
     assert run(emulator, "--version").stdout.startswith("prefect-journey 0.1.0")
     wrong = run(emulator, "imagine", "x", "--aspect-ratio", "5:4")
