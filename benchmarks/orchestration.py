@@ -8,9 +8,7 @@ concurrency C = 25 are measured in the same run:
   local folder destination;
 - the hand-written baseline a user would write: asyncio + httpx, a semaphore of C, the same
   calls and the same local writes;
-- Prefect's own floor: a flow of N tasks that only sleep L, at C workers; once plain and
-  once with the tags our tasks carry (Prefect asks the API for tag concurrency slots on
-  every run of a tagged task);
+- Prefect's own floor: a flow of N untagged tasks that only sleep L, at C workers;
 - the floor of our shape, for each grouping: what ``batch_campaign`` asks of Prefect with
   none of our work: untagged task runs of the same size on the flow's event loop, each with a
   persisted result, and per image a sleep of L under the run's C slots, an image artifact,
@@ -142,11 +140,11 @@ def ours(
         return time.perf_counter() - started
 
 
-def prefect_floor(n: int, tags: list[str] | None = None) -> float:
+def prefect_floor(n: int) -> float:
     from prefect import flow, task
     from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-    @task(tags=tags or [])
+    @task
     def sleep() -> None:
         time.sleep(LATENCY)
 
