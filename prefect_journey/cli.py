@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -130,21 +131,30 @@ def _parser() -> argparse.ArgumentParser:
         "account", help="print the account's credits, plan and images made so far (free)"
     )
     fetch = commands.add_parser(
-        "fetch", help="print a task's status and image URL by its task id (free)"
+        "fetch",
+        help="a task's status and image URL by its task id, and with --destination the "
+        "image stored (free: nothing is generated)",
     )
     fetch.add_argument("task_id", help="the task id an imagine call or a webhook returned")
-    for name, what in (
-        ("price", "what a campaign sheet can cost, checked row by row, without a call"),
-        ("run", "run a campaign sheet with the batch-campaign flow"),
-    ):
-        sheet = commands.add_parser(name, help=what)
-        sheet.add_argument("source", help="a .csv or .jsonl file, local or any fsspec URL")
-        sheet.add_argument("--campaign", default="campaign", help="the campaign's name")
-        if name == "run":
-            sheet.add_argument("--destination", help="fsspec URL or folder (default ./outputs)")
-            sheet.add_argument("--max-credits", type=int, help="the campaign's credit budget")
-            sheet.add_argument("--max-concurrency", type=int, default=8, help="calls in flight")
-
+    fetch.add_argument("--destination", help="fsspec URL or folder to store the finished image in")
+    fetch.add_argument(
+        "--key-template", help="object key of the stored image (default: {task_id}.{ext})"
+    )
+    campaign = commands.add_parser(
+        "campaign",
+        help="check, price and run a campaign sheet with the batch-campaign flow",
+        description="Run a campaign sheet with the batch-campaign flow (a live bar on a "
+        "terminal), or with --dry-run check and price it without a call. The options are "
+        "the flow's parameters.",
+    )
+    campaign.add_argument("sheet", help="a .csv or .jsonl file, local or any fsspec URL")
+    campaign.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every row, the destination, the blocks and the budget, look up what "
+        "earlier runs made and print the price; no call, nothing stored",
+    )
+    _add_flow_options(campaign)
     commands.add_parser(
         "new-secret",
         help="print a new webhook secret (64 random hex digits) for JOURNEY_WEBHOOK_SECRET",
@@ -157,23 +167,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The campaign command's options are the flow's parameters, read from the schema Prefect
+# builds for a deployment's form, so the command and the flow cannot drift apart.
+_FLOW_INPUTS = ("items", "source")  # the sheet is the command's positional argument
+_OPTION_TYPES: dict[str, tuple[type, str]] = {
+    "string": (str, "TEXT"),
+    "integer": (int, "N"),
+    "number": (float, "NUMBER"),
+}
+
+
+def _add_flow_options(parser: argparse.ArgumentParser) -> None:
+    from prefect_journey.flows.campaign import batch_campaign
+
+    properties = batch_campaign.parameters.model_dump()["properties"]
+    for name, spec in properties.items():
+        if name in _FLOW_INPUTS:
+            continue
+        kinds = [s["type"] for s in spec.get("anyOf", [spec]) if s.get("type") != "null"]
+        text = " ".join(str(spec.get("description", "")).replace("``", "").split())
+        default = spec.get("default")
+        if default not in (None, "", False) and "default" not in text:
+            text += f" (default: {default})"
+        flag = "--" + name.replace("_", "-")
+        help_text = text.replace("%", "%%")
+        if kinds == ["boolean"]:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            kind, metavar = _OPTION_TYPES[kinds[0]]
+            parser.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
+
+
+def _flow_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow parameters given on the command line; the rest keep the flow's defaults."""
+    from prefect_journey.flows.campaign import batch_campaign
+
+    names = set(batch_campaign.parameters.properties) - set(_FLOW_INPUTS)
+    return {
+        name: value for name, value in vars(args).items() if name in names and value is not None
+    }
+
+
 def _run_imagine(args: argparse.Namespace) -> int:
     from prefect_journey import policy
     from prefect_journey.errors import JourneyError
     from prefect_journey.models import ImagineRequest
-    from prefect_journey.storage import DEFAULT_KEY_TEMPLATE, Destination, render_key
 
-    key_template = args.key_template or DEFAULT_KEY_TEMPLATE
+    key_template = args.key_template or _default_key()
     repay = args.repay_possibly_billed
     # The flows' default: a command-line call is a user's call, not a library's.
     repay = policy.check_repay_possibly_billed(
         policy.DEFAULT_REPAY_POSSIBLY_BILLED if repay is None else repay
     )
-    destination = None
-    if args.destination:  # a bad destination or key must fail before a credit is spent
-        destination = Destination(args.destination)
-        destination.check()  # the folder is writable, the bucket exists
-        render_key(key_template, {"task_id": "task", "ext": "png"})
+    destination = _checked_destination(args.destination, key_template)  # before paying
     request = ImagineRequest(
         prompt=args.prompt,
         image_urls=args.reference,
@@ -189,7 +235,9 @@ def _run_imagine(args: argparse.Namespace) -> int:
     if destination is not None:
         with _working(console, "storing", shown):
             try:
-                stored = asyncio.run(_store(result, destination, key_template))
+                stored = asyncio.run(
+                    _store(result.image_url, result.task_id, destination, key_template)
+                )
             except JourneyError:
                 # The image is paid for: say where it is, so it is not bought again.
                 print(
@@ -220,15 +268,13 @@ async def _generate(request: ImagineRequest, repay: int) -> ImagineResult:
         return await generate(request, calls, key="", logger=_LOGGER)
 
 
-async def _store(result: ImagineResult, destination: Destination, key_template: str) -> StoredImage:
+async def _store(
+    image_url: str, task_id: str, destination: Destination, key_template: str
+) -> StoredImage:
     from prefect_journey.retrying import store_with_retries
 
     return await store_with_retries(
-        result.image_url,
-        destination,
-        logger=_LOGGER,
-        task_id=result.task_id,
-        key_template=key_template,
+        image_url, destination, logger=_LOGGER, task_id=task_id, key_template=key_template
     )
 
 
@@ -275,36 +321,59 @@ def _run_account(args: argparse.Namespace) -> int:
 
 def _run_fetch(args: argparse.Namespace) -> int:
     from prefect_journey.client import JourneyClient
+    from prefect_journey.errors import JourneyValidationError
 
+    destination = _checked_destination(args.destination, args.key_template)
     with JourneyClient() as client:
         task = client.fetch(args.task_id)
-    print(json.dumps(task.model_dump(mode="json"), indent=2))
+    if destination is None:
+        print(json.dumps(task.model_dump(mode="json"), indent=2))
+        return 0
+    if task.image_url is None:
+        raise JourneyValidationError(
+            f"task {task.task_id} is {task.status}, not finished: nothing to store yet"
+        )
+    console = Console(stderr=True)
+    with _working(console, "storing", console.is_terminal):
+        stored = asyncio.run(
+            _store(task.image_url, task.task_id, destination, args.key_template or _default_key())
+        )
+    print(f"stored at {stored.uri} ({stored.format}, {stored.width}x{stored.height})")
     return 0
 
 
-def _run_price(args: argparse.Namespace) -> int:
-    from prefect_journey.campaigns.plan import plan_items, read_items
-    from prefect_journey.models import CREDITS_PER_IMAGE
+def _default_key() -> str:
+    from prefect_journey.storage import DEFAULT_KEY_TEMPLATE
 
-    plan = plan_items(read_items(args.source), campaign=args.campaign)
-    cost = CREDITS_PER_IMAGE * len(plan)
-    print(
-        f"{len(plan)} items, every row valid: up to {cost} credits "
-        f"({CREDITS_PER_IMAGE} an image; images an earlier run made cost nothing)"
-    )
-    return 0
+    return DEFAULT_KEY_TEMPLATE
 
 
-def _run_run(args: argparse.Namespace) -> int:
-    from prefect_journey.flows.campaign import batch_campaign
+def _checked_destination(url: str | None, key_template: str | None) -> Destination | None:
+    """The destination named on the command line, checked writable and with a usable key
+    template before anything is fetched or paid for; None when none is named."""
+    from prefect_journey.storage import Destination, render_key
 
-    report = batch_campaign(
-        source=args.source,
-        campaign=args.campaign,
-        destination=args.destination,
-        max_credits=args.max_credits,
-        max_concurrency=args.max_concurrency,
-    )
+    if not url:
+        return None
+    destination = Destination(url)
+    destination.check()  # the folder is writable, the bucket exists
+    render_key(key_template or _default_key(), {"task_id": "task", "ext": "png"})
+    return destination
+
+
+def _run_campaign(args: argparse.Namespace) -> int:
+    from prefect_journey.flows.campaign import batch_campaign, price_campaign
+
+    options = _flow_options(args)
+    if args.dry_run:
+        accepted = inspect.signature(price_campaign).parameters
+        quote = price_campaign(
+            source=args.sheet, **{k: v for k, v in options.items() if k in accepted}
+        )
+        print(quote.summary())
+        print("dry run: no call made, nothing stored (the account's balance is read by the run)")
+        return 0
+    report = batch_campaign(source=args.sheet, **options)
     print(report.ledger_line())
     return 0
 
@@ -376,12 +445,11 @@ def _run_emulator(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "account": _run_account,
+    "campaign": _run_campaign,
     "emulator": _run_emulator,
     "fetch": _run_fetch,
     "imagine": _run_imagine,
     "new-secret": _run_new_secret,
-    "price": _run_price,
-    "run": _run_run,
     "webhooks": _run_webhooks,
 }
 

@@ -36,21 +36,31 @@ PROGRESS_INTERVAL = 1.0
 Logger = logging.LoggerAdapter[Any] | logging.Logger
 
 
-def flow_run_name(label: str, parameter: str) -> Callable[[], str]:
-    """A ``flow_run_name`` for Prefect: ``label`` and the run's ``parameter``, printable and
-    short, so a run reads as what it does in the UI (not a random "cyber-shark").
+def flow_run_name(label: str, parameter: str, size: str | None = None) -> Callable[[], str]:
+    """A ``flow_run_name`` for Prefect: ``label``, the run's ``parameter`` and its size,
+    printable and short, so a run reads as what it does in the UI (not a random
+    "cyber-shark").
 
     Args:
         label: What the run is ("campaign", "image", ...).
         parameter: The flow parameter that names it.
+        size: The list parameter whose length is the run's size ("12 items"); a campaign
+            read from a file shows the file's name instead. None for no size.
 
     Returns:
         A function Prefect calls when the run starts.
     """
 
     def name() -> str:
-        value = prefect_flow_run.parameters.get(parameter)
-        return f"{label}: {display_text(str(value or '?'), RUN_NAME_PROMPT_CHARS)}"
+        parameters = prefect_flow_run.parameters
+        value = display_text(str(parameters.get(parameter) or "?"), RUN_NAME_PROMPT_CHARS)
+        if size is None:
+            return f"{label}: {value}"
+        items = parameters.get(size)
+        if isinstance(items, list):
+            return f"{label}: {value} · {len(items)} {size}"
+        source = str(parameters.get("source") or "").rstrip("/").rsplit("/", 1)[-1]
+        return f"{label}: {value} · {display_text(source, RUN_NAME_PROMPT_CHARS)}"
 
     return name
 

@@ -107,6 +107,11 @@ def test_hundred_items_stored_exactly_once_and_reported(
     assert image_uris == {f"s3://{bucket.name}/{o}" for o in objects}
     [progress] = [a for a in artifacts if a.type == "progress"]
     assert float(progress.data) == 100.0
+    assert progress.description == (
+        "campaign Spring 100: stored 100 · cache hits 0 · failed 0 · left 0 · 400 credits"
+    )
+    [run] = prefect_api.flow_runs(run_ids)
+    assert run.name == "campaign: Spring 100 · 100 items"  # not a random "cyber-shark"
     # Prefect's "timeout cannot interrupt a worker thread" notice is filtered for our tasks
     # (they are designed around it); other warnings still get through.
     assert not [m for m in prefect_api.logs(run_ids) if "cannot interrupt" in m]

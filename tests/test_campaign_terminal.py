@@ -65,7 +65,9 @@ def test_a_terminal_shows_a_live_bar_beside_the_log_lines(
     # The bar is redrawn as items end (several states of it reach the terminal), and its
     # last state counts every item and the credits the emulator billed.
     assert text.count(f"campaign {name}") >= 3
-    assert "6/6" in text and "stored 6 · cache hits 0 · failed 0 · 24 credits" in text
+    assert "6/6" in text and "stored 6 · cache hits 0 · failed 0 · left 0 · 24 credits" in text, (
+        text[-1500:]
+    )
     assert "Finished in state Completed" in text  # Prefect's log lines still reach it
     assert "credits_charged=24" in text  # the example's own last line
     assert SENTINEL_KEY not in text

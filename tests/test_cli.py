@@ -31,7 +31,7 @@ def run(
 
 
 def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None:
-    """Five runs of the CLI, each a subprocess that imports the package."""
+    """Runs of the CLI, each a subprocess that imports the package."""
     done = run(emulator, "account")
     assert done.returncode == 0 and done.stdout.startswith("10000 credits (2500 images)")
     assert "plan: " in done.stdout and "images made: 0" in done.stdout
@@ -39,21 +39,44 @@ def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None
     task_id = made["result"]["task_id"]
     fetched = json.loads(run(emulator, "fetch", task_id).stdout)
     assert fetched["status"] == "finished" and fetched["image_url"] == made["result"]["image_url"]
+    # The paid image stored later by its task id, free: a second copy of the same bytes.
+    done = run(emulator, "fetch", task_id, "--destination", str(tmp_path / "again"))
+    assert done.returncode == 0 and done.stdout.startswith(f"stored at file://{tmp_path}/again")
+    assert (tmp_path / "again" / f"{task_id}.png").read_bytes()[:4] == b"\x89PNG"
+    assert emulator.ledger()["calls"]["imagine"] == 1
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_dry_run_checks_and_prices_a_sheet_without_a_call(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("prompt,aspect_ratio\na red chair,1:1\na blue chair,16:9\na sofa,3:4\n")
-    done = run(emulator, "price", str(sheet))
-    assert done.returncode == 0 and "3 items" in done.stdout and "up to 12 credits" in done.stdout
+    env = process_env(tmp_path / "results")
+    out = str(tmp_path / "out")
+    dry = ("campaign", str(sheet), "--dry-run", "--destination", out, "--campaign", "chairs")
+    done = run(emulator, *dry, "--max-credits", "40", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "3 items, every row valid" in done.stdout and "to generate: 3, up to 12" in done.stdout
+    assert "40 of max_credits=40 left" in done.stdout and "no call made" in done.stdout
+    refused = run(emulator, *dry, "--max-credits", "8", env=env)
+    assert refused.returncode == 1 and "above the 8 left of max_credits=8" in refused.stderr
     sheet.write_text("prompt,aspect_ratio\na red chair,1:1\na blue chair,5:4\n")
-    done = run(emulator, "price", str(sheet))
+    done = run(emulator, *dry, env=env)
     assert done.returncode == 2 and "row 2: aspect_ratio" in done.stderr
-    assert emulator.ledger()["calls"]["imagine"] == 1  # pricing calls nothing
+    assert emulator.ledger()["calls_total"] == 0  # a dry run calls nothing
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_help_version_and_choices_say_what_to_type(emulator: EmulatorServer) -> None:
     top = run(emulator, "--help")
     assert top.returncode == 0 and "``" not in top.stdout
-    for command in ("imagine", "account", "fetch", "price", "run", "emulator", "webhooks"):
+    for command in ("imagine", "account", "fetch", "campaign", "emulator", "webhooks"):
         assert command in top.stdout
+    # Every parameter of the campaign flow is an option of the campaign command.
+    campaign = run(emulator, "campaign", "--help").stdout
+    for option in ("--max-credits", "--partial-budget", "--webhook-block", "--max-pause"):
+        assert option in campaign
     assert run(emulator, "--version").stdout.startswith("prefect-journey 0.1.0")
     wrong = run(emulator, "imagine", "x", "--aspect-ratio", "5:4")
     assert wrong.returncode == 2 and "16:9" in wrong.stderr  # the choices are listed
@@ -95,14 +118,48 @@ def test_the_emulator_without_its_extra_says_what_to_install(emulator: EmulatorS
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_run_a_sheet(emulator: EmulatorServer, tmp_path: Path) -> None:
+def test_a_sheet_run_through_a_pipe_prints_the_ledger_and_no_bar(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     """The campaign flow from the command line, on the session's Prefect server."""
     sheet = tmp_path / "sheet.jsonl"
     sheet.write_text('{"prompt": "a red chair"}\n{"prompt": "a blue chair"}\n')
     env = process_env(tmp_path / "results")
-    done = run(emulator, "run", str(sheet), "--destination", str(tmp_path / "out"), env=env)
+    out = str(tmp_path / "out")
+    done = run(
+        emulator,
+        "campaign",
+        str(sheet),
+        "--destination",
+        out,
+        "--images-per-task-run",
+        "2",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
-    assert "stored=2" in done.stdout and len(list((tmp_path / "out").rglob("*.png"))) == 2
+    assert done.stdout.splitlines()[-1].startswith("items=2 stored=2 failed=0")
+    assert "images/min" not in done.stdout + done.stderr  # not a terminal: no bar
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 2
+    # Priced again, the sheet costs nothing: an earlier run stored both.
+    done = run(emulator, "campaign", str(sheet), "--destination", out, "--dry-run", env=env)
+    assert "stored by an earlier run: 2" in done.stdout and "up to 0 credits" in done.stdout
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_sheet_run_in_a_terminal_shows_the_rate_the_time_left_and_the_credits(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    emulator.admin("config", {"fixed": 0.4})
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("prompt\n" + "".join(f"poster {i}\n" for i in range(6)))
+    env = {**process_env(tmp_path / "results"), "JOURNEY_API_KEY": SENTINEL_KEY}
+    env["JOURNEY_BASE_URL"] = emulator.url
+    command = [sys.executable, "-m", "prefect_journey.cli", "campaign", str(sheet)]
+    options = ["--destination", str(tmp_path / "out"), "--max-credits", "40"]
+    text = run_in_terminal([*command, *options, "--max-concurrency", "2"], env, timeout=120)
+    assert "images/min" in text and "left" in text  # the rate and the time left
+    assert "24 of max_credits 40 spent" in text  # the credits against the budget
+    assert "items=6 stored=6" in text and SENTINEL_KEY not in text
 
 
 def test_imagine_and_store_from_the_command_line(emulator: EmulatorServer, tmp_path: Path) -> None:

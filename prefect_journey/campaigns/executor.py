@@ -149,17 +149,25 @@ async def _run_groups(
 
         running = asyncio.gather(*(group_run(g) for g in groups), return_exceptions=True)
         # Created while the first items start, not before: their calls do not wait for it.
+        title = f"campaign {display_text(campaign.name)}"
         progress_artifact = await ProgressArtifact(
             progress=100.0 * progress.share,
             key=progress_key(campaign.slug),
-            description=f"campaign {display_text(campaign.name)}",
+            description=f"{title}: {progress.summary()}",
         ).acreate(client=prefect)
         over = False
         while not over:
             await asyncio.wait([running], timeout=PROGRESS_INTERVAL)
             over = running.done()  # read before the update, so the last one says 100
             share = 1.0 if over else progress.share
-            await aupdate_progress_artifact(progress_artifact.id, 100.0 * share, client=prefect)
+            # The counts and the credits read the budget (a file or Redis): off the loop.
+            counts = await asyncio.to_thread(progress.summary)
+            await aupdate_progress_artifact(
+                progress_artifact.id,
+                100.0 * share,
+                description=f"{title}: {counts}",
+                client=prefect,
+            )
         results = running.result()
     outcomes: list[ItemOutcome] = []
     for group, result in zip(groups, results, strict=True):

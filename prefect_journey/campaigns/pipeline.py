@@ -335,6 +335,44 @@ def _as_result(value: Any) -> ImagineResult | None:
     return value if isinstance(value, ImagineResult) else None
 
 
+def price(todo: list[CampaignItem], generated: dict[int, ImagineResult | None]) -> int:
+    """The most ``todo`` can cost: its items with no cached image, at the image's price.
+
+    Args:
+        todo: The items still to run.
+        generated: Each row's cached image, or None (from :func:`look_up`).
+
+    Returns:
+        The credits.
+    """
+    return CREDITS_PER_IMAGE * sum(generated[item.row] is None for item in todo)
+
+
+def check_budget(cost: int, budget: CreditBudget, *, partial_budget: bool) -> int:
+    """Refuse a run that could pass what is left of its campaign's budget.
+
+    Args:
+        cost: The most the run can cost (:func:`price`).
+        budget: The campaign's budget (its earlier runs' spending counts).
+        partial_budget: Run until the budget is spent instead of refusing.
+
+    Returns:
+        The credits the run may spend: ``cost``, or what is left of the budget when less.
+
+    Raises:
+        BudgetExceededError: Over what is left of the budget (unless ``partial_budget``).
+    """
+    left = budget.snapshot()["left"] if cost else None
+    if left is not None and cost > left and not partial_budget:
+        spent = "" if left == budget.limit else f" ({budget.limit - left} spent by earlier runs)"
+        raise BudgetExceededError(
+            f"the campaign can cost {cost} credits ({cost // CREDITS_PER_IMAGE} uncached items "
+            f"x {CREDITS_PER_IMAGE}), above the {left} left of max_credits={budget.limit}"
+            f"{spent}; raise max_credits or pass partial_budget=True"
+        )
+    return min(cost, left) if left is not None else cost
+
+
 def preflight(
     todo: list[CampaignItem],
     generated: dict[int, ImagineResult | None],
@@ -360,25 +398,16 @@ def preflight(
         BudgetExceededError: Over what is left of the budget (unless ``partial_budget``).
         InsufficientCreditsError: Over the account's balance.
     """
-    uncached = [item for item in todo if generated[item.row] is None]
-    cost = CREDITS_PER_IMAGE * len(uncached)
+    cost = price(todo, generated)
     get_run_logger().info(
         "%d items to run, %d cache hits expected, up to %d credits",
         len(todo),
-        len(todo) - len(uncached),
+        len(todo) - cost // CREDITS_PER_IMAGE,
         cost,
     )
-    if cost == 0:
-        return 0
-    left = budget.snapshot()["left"]
-    if left is not None and cost > left and not partial_budget:
-        spent = "" if left == budget.limit else f" ({budget.limit - left} spent by earlier runs)"
-        raise BudgetExceededError(
-            f"the campaign can cost {cost} credits ({len(uncached)} uncached items x "
-            f"{CREDITS_PER_IMAGE}), above the {left} left of max_credits={budget.limit}"
-            f"{spent}; raise max_credits or pass partial_budget=True"
-        )
-    needed = min(cost, left) if left is not None else cost
+    needed = check_budget(cost, budget, partial_budget=partial_budget)
+    if needed == 0:
+        return cost
     with journey_client(credentials) as api:
         balance = api.account().credits
     if needed > balance:

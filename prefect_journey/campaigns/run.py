@@ -4,7 +4,8 @@ after reading its parameters (``batch_campaign``, ``generate_and_store``,
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from prefect import get_run_logger
 
@@ -15,17 +16,20 @@ from prefect_journey.campaigns.executor import log_grouping, run_items
 from prefect_journey.campaigns.pipeline import (
     Campaign,
     CampaignReport,
+    Lookup,
+    check_budget,
     look_up,
     preflight,
+    price,
     report,
     sweep_attempt_records,
 )
-from prefect_journey.campaigns.plan import plan_items
+from prefect_journey.campaigns.plan import CampaignItem, plan_items
 from prefect_journey.campaigns.progress import campaign_progress
 from prefect_journey.credentials import load_credentials
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.gate import concurrency_limit_exists
-from prefect_journey.models import display_text
+from prefect_journey.models import CREDITS_PER_IMAGE, display_text
 from prefect_journey.receiver import load_receiver
 from prefect_journey.redis_block import apply_redis_block
 from prefect_journey.storage import Destination
@@ -122,23 +126,19 @@ def run_campaign(
         InsufficientCreditsError: More than the account's balance.
         CampaignFailedError: Some items were not stored (unless ``allow_failures``).
     """
-    plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
-    apply_redis_block()  # JOURNEY_REDIS_BLOCK: before anything reads the Redis settings
-    check_shared_setup()  # fails before spending
-    campaign_run = Campaign(
-        campaign,
-        destination,
-        key_template,
-        variant,
-        load_credentials(credentials_block),
-        receiver=load_receiver(webhook_block),  # fails before spending
+    plan, campaign_run, found, todo = _prepare(
+        rows,
+        campaign=campaign,
+        destination=destination,
+        key_template=key_template,
+        variant=variant,
+        credentials_block=credentials_block,
+        webhook_block=webhook_block,
         overwrite=overwrite,
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
     )
     logger = get_run_logger()
-    found = look_up(plan, campaign_run)
-    todo = [item for item in plan if item.row not in found.settled]
     if found.finished:
         logger.info("%d of %d items were stored by an earlier run", len(found.finished), len(plan))
     if found.refused:
@@ -182,3 +182,159 @@ def run_campaign(
     if campaign_run.receiver is not None:
         sweep_attempt_records(logger)
     return report(campaign_run, len(plan), outcomes, allow_failures=allow_failures)
+
+
+class _Prepared(NamedTuple):
+    plan: list[CampaignItem]
+    campaign: Campaign
+    found: Lookup
+    todo: list[CampaignItem]
+
+
+def _prepare(
+    rows: list[dict[str, Any]],
+    *,
+    campaign: str,
+    destination: Destination,
+    key_template: str,
+    variant: str,
+    credentials_block: str | None,
+    webhook_block: str | None,
+    overwrite: bool,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
+    max_pause: float = policy.RETRY_AFTER_CAP,
+) -> _Prepared:
+    """A run's plan, its shared parts and what earlier runs did, all before any call: what
+    a run and its quote have in common."""
+    plan = plan_items(rows, campaign=campaign, key_template=key_template, variant=variant)
+    apply_redis_block()  # JOURNEY_REDIS_BLOCK: before anything reads the Redis settings
+    check_shared_setup()  # fails before spending
+    campaign_run = Campaign(
+        campaign,
+        destination,
+        key_template,
+        variant,
+        load_credentials(credentials_block),
+        receiver=load_receiver(webhook_block),  # fails before spending
+        overwrite=overwrite,
+        repay_possibly_billed=repay_possibly_billed,
+        max_pause=max_pause,
+    )
+    found = look_up(plan, campaign_run)
+    todo = [item for item in plan if item.row not in found.settled]
+    return _Prepared(plan, campaign_run, found, todo)
+
+
+@dataclass(frozen=True)
+class CampaignQuote:
+    """What a campaign run would do and cost, found without a call to the API.
+
+    Attributes:
+        campaign: The campaign's name.
+        items: Rows in the sheet, every one valid.
+        stored_before: Items an earlier run stored (free, nothing to do).
+        refused: Items whose keys hold other objects (they would fail before their call).
+        cache_hits: Items to store again from an image an earlier run paid for (free).
+        to_generate: Items that would be paid for.
+        credits: The most the run can cost.
+        budget_limit: ``max_credits``; None for no budget.
+        budget_left: What is left of the budget before the run; None for no budget.
+    """
+
+    campaign: str
+    items: int
+    stored_before: int
+    refused: int
+    cache_hits: int
+    to_generate: int
+    credits: int
+    budget_limit: int | None
+    budget_left: int | None
+
+    def summary(self) -> str:
+        """What a person reads before deciding to run it.
+
+        Returns:
+            A few lines of plain text.
+        """
+        lines = [
+            f"campaign {display_text(self.campaign)}: {self.items} items, every row valid",
+            f"  stored by an earlier run: {self.stored_before}",
+            f"  to store from an image already paid for: {self.cache_hits}",
+            f"  to generate: {self.to_generate}, up to {self.credits} credits "
+            f"({CREDITS_PER_IMAGE} an image)",
+        ]
+        if self.refused:
+            lines.append(
+                f"  refused, their keys hold other objects: {self.refused} "
+                "(overwrite to replace them)"
+            )
+        if self.budget_limit is not None:
+            lines.append(f"  budget: {self.budget_left} of max_credits={self.budget_limit} left")
+        return "\n".join(lines)
+
+
+def quote_campaign(
+    rows: list[dict[str, Any]],
+    *,
+    campaign: str,
+    destination: Destination,
+    key_template: str,
+    variant: str,
+    credentials_block: str | None = None,
+    webhook_block: str | None = None,
+    overwrite: bool = False,
+    max_credits: int | None = None,
+    partial_budget: bool = False,
+    budget_name: str | None = None,
+) -> CampaignQuote:
+    """Check and price a campaign as :func:`run_campaign` would, making no call and storing
+    nothing: every row is checked, the settings, blocks and destination are loaded, earlier
+    runs' images and objects are looked up, and the cost is held against the budget.
+
+    The account's balance is not read (that is a call); the run checks it before paying.
+
+    Args:
+        rows: The items, as mappings.
+        campaign: The campaign's name.
+        destination: Where the images would go (checked reachable by the caller).
+        key_template: Each object's key.
+        variant: The resolved variant.
+        credentials_block: A saved ``JourneyCredentials``, loaded to check it exists.
+        webhook_block: A saved ``JourneyWebhookReceiver``, loaded to check it.
+        overwrite: The run would replace the objects at its keys.
+        max_credits: The campaign's credit budget; None for none.
+        partial_budget: The run would spend what is left instead of refusing.
+        budget_name: The budget's name; None for the campaign's.
+
+    Returns:
+        The quote.
+
+    Raises:
+        CampaignError: Bad rows (every one listed).
+        BudgetExceededError: The run would be refused by its budget.
+    """
+    prepared = _prepare(
+        rows,
+        campaign=campaign,
+        destination=destination,
+        key_template=key_template,
+        variant=variant,
+        credentials_block=credentials_block,
+        webhook_block=webhook_block,
+        overwrite=overwrite,
+    )
+    budget = CreditBudget.for_campaign(budget_name or campaign, max_credits)
+    cost = price(prepared.todo, prepared.found.generated)
+    check_budget(cost, budget, partial_budget=partial_budget)
+    return CampaignQuote(
+        campaign=campaign,
+        items=len(prepared.plan),
+        stored_before=len(prepared.found.finished),
+        refused=len(prepared.found.refused),
+        cache_hits=len(prepared.todo) - cost // CREDITS_PER_IMAGE,
+        to_generate=cost // CREDITS_PER_IMAGE,
+        credits=cost,
+        budget_limit=budget.limit,
+        budget_left=budget.snapshot()["left"] if budget.limit is not None else None,
+    )

@@ -27,18 +27,21 @@ from prefect_journey.campaigns.plan import CAMPAIGN_KEY_TEMPLATE, read_items
 from prefect_journey.campaigns.run import (
     DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_MAX_CONCURRENCY,
+    CampaignQuote,
     check_run_options,
+    quote_campaign,
     run_campaign,
 )
 from prefect_journey.destinations import load_destination
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.publishing import flow_run_name
+from prefect_journey.storage import Destination
 from prefect_journey.variants import check_variant, resolve_variant
 
 R = TypeVar("R")
 
 
-@flow(name="batch-campaign", flow_run_name=flow_run_name("campaign", "campaign"))
+@flow(name="batch-campaign", flow_run_name=flow_run_name("campaign", "campaign", "items"))
 def batch_campaign(
     items: list[dict[str, Any]] | None = None,
     source: str | None = None,
@@ -124,19 +127,17 @@ def batch_campaign(
         print(report.ledger_line())
         ```
     """
-    if (items is None) == (source is None):
-        raise JourneyValidationError("pass either items or source")
     check_run_options(
         max_concurrency=max_concurrency,
         images_per_task_run=images_per_task_run,
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
     )
-    rows = items if items is not None else read_items(source or "")
+    rows, target = _inputs(items, source, destination, destination_block)
     return run_campaign(
         rows,
         campaign=campaign,
-        destination=load_destination(destination, destination_block),  # fails before spending
+        destination=target,
         key_template=key_template,
         variant=resolve_variant(check_variant(variant)),
         credentials_block=credentials_block,
@@ -154,6 +155,76 @@ def batch_campaign(
     )
 
 
+def price_campaign(
+    items: list[dict[str, Any]] | None = None,
+    source: str | None = None,
+    campaign: str = "campaign",
+    key_template: str = CAMPAIGN_KEY_TEMPLATE,
+    destination: str | None = None,
+    destination_block: str | None = None,
+    credentials_block: str | None = None,
+    variant: str = "",
+    max_credits: int | None = None,
+    partial_budget: bool = False,
+    webhook_block: str | None = None,
+    overwrite: bool = False,
+    budget_name: str | None = None,
+) -> CampaignQuote:
+    """What :func:`batch_campaign` would do and cost with the same arguments, found without
+    a call to the API and without a flow run: a dry run.
+
+    Everything the flow checks before its first call is checked the same way (every row, the
+    key template, the destination, the blocks, the budget); earlier runs' images and objects
+    are looked up, so the price leaves out what is already paid for. The account's balance
+    is not read. The arguments mean what they mean for :func:`batch_campaign`;
+    ``"{scheduled_date}"`` in ``variant`` reads as today (UTC).
+
+    Returns:
+        The quote: items, what earlier runs did, what would be paid for, the budget.
+
+    Raises:
+        CampaignError: Bad rows (every one listed).
+        StorageError: The destination cannot be reached or written.
+        BudgetExceededError: The run would be refused by ``max_credits``.
+
+    Example:
+        ```python
+        from prefect_journey.flows.campaign import price_campaign
+
+        quote = price_campaign(items=[{"prompt": "a red chair"}], destination="./outputs")
+        print(quote.summary())
+        ```
+    """
+    rows, target = _inputs(items, source, destination, destination_block)
+    return quote_campaign(
+        rows,
+        campaign=campaign,
+        destination=target,
+        key_template=key_template,
+        variant=resolve_variant(check_variant(variant)),
+        credentials_block=credentials_block,
+        webhook_block=webhook_block,
+        overwrite=overwrite,
+        max_credits=max_credits,
+        partial_budget=partial_budget,
+        budget_name=budget_name,
+    )
+
+
+def _inputs(
+    items: list[dict[str, Any]] | None,
+    source: str | None,
+    destination: str | None,
+    destination_block: str | None,
+) -> tuple[list[dict[str, Any]], Destination]:
+    """A campaign's rows and its destination, the destination checked reachable (before
+    anything is spent)."""
+    if (items is None) == (source is None):
+        raise JourneyValidationError("pass either items or source")
+    rows = items if items is not None else read_items(source or "")
+    return rows, load_destination(destination, destination_block)
+
+
 # ``batch_campaign`` (same parameters, same docstring, so a deployment of either shows the
 # same form; same run) as an async flow, for async callers and deployments. A sync flow run
 # ends by joining Prefect's heartbeat thread, which sleeps in 1 s steps: up to a second per
@@ -162,7 +233,7 @@ def batch_campaign(
 # of their own) and runs on a worker thread, so the flow's event loop stays free. A thread
 # cannot be interrupted: cancelling the awaiting coroutine (not the flow run) leaves the
 # campaign running to its end, within its budget.
-@flow(name="batch-campaign-async", flow_run_name=flow_run_name("campaign", "campaign"))
+@flow(name="batch-campaign-async", flow_run_name=flow_run_name("campaign", "campaign", "items"))
 @wraps(batch_campaign.fn, assigned=("__module__", "__annotations__", "__doc__"))
 async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
     return await asyncio.to_thread(_with_sync_client, batch_campaign.fn, *args, **kwargs)

@@ -25,7 +25,7 @@ from prefect_journey.tasks import presign_references
 from prefect_journey.variants import check_variant, resolve_variant
 
 
-@flow(name="character-series", flow_run_name=flow_run_name("series", "series"))
+@flow(name="character-series", flow_run_name=flow_run_name("series", "series", "scenes"))
 def character_series(
     character_refs: list[str],
     scenes: list[str],
