@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import httpx
+import jsonschema
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
-from .conftest import free_port
+from prefect_journey import JourneyCredentials, settings
+
+from .conftest import SENTINEL_KEY, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -134,10 +149,11 @@ def test_prefect_yaml_and_the_serve_script_deploy_the_same_schedules(
 ) -> None:
     """Both ways of deploying, one after the other on one real server (a server of its own
     costs a worker a database migrated from scratch): prefect deploy in a subprocess, then a
-    wait for the server's scheduler (every 2 s) to create the scheduled runs; then
-    deployments/serve.py in a subprocess (it imports Prefect and the flows), and a wait for
-    its deployments to appear."""
+    wait for the server's scheduler (every 2 s) to create the scheduled runs; then the Docker
+    work pool's file on a pool of type docker; then deployments/serve.py in a subprocess (it
+    imports Prefect and the flows), and a wait for its deployments to appear."""
     check_prefect_yaml(prefect_server)
+    check_docker_deployment(prefect_server)
     check_serve_script(prefect_server)
 
 
@@ -202,3 +218,130 @@ def check_serve_script(prefect_server: dict[str, str]) -> None:
     finally:
         served.terminate()
         served.wait(timeout=30)
+
+
+DOCKER_DIR = ROOT / "deployments" / "docker"
+DOCKER_YAML = DOCKER_DIR / "prefect.yaml"
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+DOCS = ROOT / "docs" / "deployments.md"
+# The variables whose value is a secret: a Block holds each, never a deployment.
+SECRET_VARIABLES = {settings.API_KEY.name, settings.WEBHOOK_SECRET.name, settings.REDIS_URL.name}
+
+
+def docker_deployment() -> dict[str, Any]:
+    [entry] = yaml.safe_load(DOCKER_YAML.read_text())["deployments"]
+    return cast(dict[str, Any], entry)
+
+
+def documented_docker_env() -> dict[str, str]:
+    """The variables the "Docker work pool" section of docs/deployments.md lists in its table
+    of the deployment's `env`: `| `NAME` | `value` | ... |` rows."""
+    section = DOCS.read_text().split("## Docker work pool", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", section, flags=re.MULTILINE))
+
+
+def check_docker_deployment(prefect_server: dict[str, str]) -> None:
+    """deployments/docker/prefect.yaml deploys on a pool of type docker (prefect-docker's base
+    job template); its job variables satisfy that template's schema, carry the variables the
+    docs list and no secret; the Docker worker's own code turns them into a container's
+    configuration without the API key, which stays in its block. No Docker engine: no
+    container is started."""
+    api = prefect_server["PREFECT_API_URL"]
+    prefect_cli(prefect_server, "work-pool", "create", "journey-docker", "--type", "docker")
+    pool = httpx.get(f"{api}/work_pools/journey-docker").json()
+    assert pool["type"] == "docker"
+    assert pool["base_job_template"] == DockerWorker.get_default_base_job_template()
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        JourneyCredentials(api_key=SENTINEL_KEY).save("journey", overwrite=True)
+
+    prefect_cli(
+        prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", str(DOCKER_YAML)
+    )
+    entry = docker_deployment()
+    wanted = entry["work_pool"]["job_variables"]
+    [deployment] = httpx.post(
+        f"{api}/deployments/filter",
+        json={"deployments": {"name": {"any_": [entry["name"]]}}},
+    ).json()
+    assert deployment["work_pool_name"] == "journey-docker"
+    assert deployment["job_variables"] == wanted
+    # The same campaign as the process pool's, in a container.
+    assert deployment["parameters"] == expected()["weekly-campaign"]["parameters"]
+
+    schema = pool["base_job_template"]["variables"]
+    jsonschema.validate(wanted, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the schema does check values
+        jsonschema.validate({**wanted, "image_pull_policy": "Sometimes"}, schema)
+
+    env = wanted["env"]
+    assert env == documented_docker_env()
+    journey = {name for name in env if name.startswith("JOURNEY_")}
+    assert journey <= {variable.name for variable in settings.VARIABLES}
+    assert not journey & SECRET_VARIABLES
+    # A template would be resolved by `prefect deploy` and stored in clear.
+    assert not any("{{" in str(value) for value in wanted.values())
+    assert not any("{{" in value for value in env.values())
+
+    run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).json()
+    container = asyncio.run(container_configuration(api, pool, deployment["id"], run["id"]))
+    assert container.image == wanted["image"]
+    assert container.command == "prefect flow-run execute"
+    assert container.env.items() >= env.items()
+    # On Linux the container reaches a server on loopback through the host's network.
+    assert container.get_network_mode() == "host"
+    assert container.env["PREFECT_API_URL"] == api
+    assert container.env["PREFECT__FLOW_RUN_ID"] == run["id"]
+    assert SENTINEL_KEY not in container.model_dump_json()
+    assert SENTINEL_KEY not in json.dumps(deployment)
+
+
+async def container_configuration(
+    api: str, pool: dict[str, Any], deployment_id: str, flow_run_id: str
+) -> DockerWorkerJobConfiguration:
+    """What a Docker worker would create the flow run's container from: the pool's template
+    filled with the deployment's job variables, prepared for the run (image, command,
+    environment), by prefect-docker's own code."""
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            deployment = await client.read_deployment(UUID(deployment_id))
+            flow_run = await client.read_flow_run(UUID(flow_run_id))
+            flow = await client.read_flow(flow_run.flow_id)
+            configuration = await DockerWorkerJobConfiguration.from_template_and_values(
+                pool["base_job_template"], deployment.job_variables or {}, client=client
+            )
+            configuration.prepare_for_flow_run(flow_run=flow_run, deployment=deployment, flow=flow)
+    return configuration
+
+
+def test_the_dockerfile_installs_the_package_on_a_python_it_supports_as_a_user() -> None:
+    """deployments/docker/Dockerfile, read statically (CI has no Docker engine to build it):
+    an official Prefect image whose Python this package supports, this package with its redis
+    extra at this version, a user other than root, and no secret in its ENV or ARG lines."""
+    dockerfile = DockerfileParser(path=str(DOCKERFILE), cache_content=True)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    base = re.fullmatch(r"prefecthq/prefect:([0-9.]+)-python(3\.[0-9]+)", dockerfile.baseimage)
+    assert base, dockerfile.baseimage
+    prefect_tag, python = base.groups()
+    assert Version(python) in SpecifierSet(project["requires-python"])
+    [prefect] = [Requirement(r) for r in project["dependencies"] if r.startswith("prefect")]
+    # `3` is the newest 3.x; a full release must be one this package supports.
+    assert prefect_tag == "3" or Version(prefect_tag) in prefect.specifier
+
+    package = Requirement(dockerfile.args["PACKAGE"])
+    assert package.name == project["name"]
+    assert package.extras == {"redis"}
+    assert Version(project["version"]) in package.specifier
+    runs = [i["value"] for i in dockerfile.structure if i["instruction"] == "RUN"]
+    assert any('pip install --no-cache-dir "${PACKAGE}"' in run for run in runs)
+
+    instructions = [i["instruction"] for i in dockerfile.structure]
+    last_user = len(instructions) - 1 - instructions[::-1].index("USER")
+    user = dockerfile.structure[last_user]["value"]
+    assert user not in {"root", "0"}
+    assert any(re.search(rf"useradd .*\b{user}\b", run) for run in runs)
+    assert "RUN" not in instructions[last_user:]  # nothing runs as root after it
+
+    names = {*dockerfile.envs, *dockerfile.args}
+    assert not names & SECRET_VARIABLES
+    assert not [name for name in names if re.search("KEY|SECRET|PASSWORD|TOKEN", name)]
