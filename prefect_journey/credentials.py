@@ -40,6 +40,8 @@ class JourneyCredentials(Block):
     """
 
     _block_type_name = "JourneyAPI Credentials"
+    # The card in the UI shows about two lines: one sentence, not the docstring.
+    _description = "The JourneyAPI key (kept secret) the image tasks and flows call with."
     _block_type_slug = "journeyapi-credentials"
     _logo_url = HttpUrl(LOGO_URL)
     _documentation_url = HttpUrl(DOCUMENTATION_URL)

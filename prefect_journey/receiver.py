@@ -50,6 +50,8 @@ class JourneyWebhookReceiver(Block):
     model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "JourneyAPI Webhook Receiver"
+    # The card in the UI shows about two lines: one sentence, not the docstring.
+    _description = "Where finished tasks are delivered, so a lost answer is not paid twice."
     _block_type_slug = "journeyapi-webhook-receiver"
     _logo_url = HttpUrl(LOGO_URL)
     _documentation_url = HttpUrl(DOCUMENTATION_URL)

@@ -38,12 +38,22 @@ class JourneyRedis(Block):
             "shared-redis", overwrite=True
         )
         ```
+
+        Read it back where the settings are needed:
+        ```python
+        from prefect_journey.redis_block import JourneyRedis
+
+        redis = JourneyRedis.load("BLOCK_NAME")
+        print(redis.prefix)
+        ```
     """
 
     # A validation error never echoes what it was given: the URL may hold a password.
     model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "JourneyAPI Redis"
+    # The card in the UI shows about two lines: one sentence, not the docstring.
+    _description = "The Redis that workers share for image locks and credit budgets."
     _block_type_slug = "journeyapi-redis"
     _logo_url = HttpUrl(LOGO_URL)
     _documentation_url = HttpUrl(DOCUMENTATION_URL)

@@ -22,6 +22,7 @@ from prefect_journey.emulator import EmulatorServer
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.models import ImagineRequest
 from prefect_journey.receiver import JourneyWebhookReceiver, load_receiver
+from prefect_journey.redis_block import JourneyRedis
 from prefect_journey.storage import Destination
 
 from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET
@@ -37,6 +38,13 @@ class _OfflineLogoSuite(BlockStandardTestSuite):
         assert str(block._logo_url).endswith("prefect_journey/assets/logo.png")
         with Image.open(LOGO) as logo:
             assert logo.width == logo.height and 45 < logo.width < 1000
+
+
+    def test_the_card_reads_as_one_sentence(self, block: type[Block]) -> None:
+        # The UI's block card shows about two lines of the description.
+        description = block.get_description() or ""
+        assert description.endswith(".") and len(description) <= 80
+        assert "``" not in description
 
 
 class TestJourneyCredentialsStandards(_OfflineLogoSuite):
@@ -55,6 +63,12 @@ class TestJourneyWebhookReceiverStandards(_OfflineLogoSuite):
     @pytest.fixture
     def block(self) -> type[Block]:
         return JourneyWebhookReceiver
+
+
+class TestJourneyRedisStandards(_OfflineLogoSuite):
+    @pytest.fixture
+    def block(self) -> type[Block]:
+        return JourneyRedis
 
 
 def test_webhook_receiver_block_checks_its_fields_and_keeps_the_secret() -> None:
