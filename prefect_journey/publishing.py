@@ -11,18 +11,21 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import ImageArtifact
+from prefect.artifacts import ImageArtifact, create_markdown_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run as prefect_flow_run
 
+from prefect_journey._compat import call_sync
 from prefect_journey.errors import StorageError
 from prefect_journey.models import ImagineResult, display_text
-from prefect_journey.storage import Destination, StoredImage, presign
+from prefect_journey.storage import Destination, StoredImage, presign, slugify
+from prefect_journey.storage.thumbnails import read_thumbnail
 
 # The widths of a prompt where it is shown: a run name, a table cell, an artifact's text, an
 # event payload (data for automations, so longer).
@@ -32,6 +35,10 @@ EVENT_PROMPT_CHARS = 500
 STORED_EVENT = "journey.image.stored"
 # A progress update is one API call: at most one a second, whatever the campaign's size.
 PROGRESS_INTERVAL = 1.0
+# A campaign's gallery: its first images, in a grid; the rest are one link away.
+GALLERY_SIZE = 24
+GALLERY_COLUMNS = 4
+GALLERY_PROMPT_CHARS = 60
 
 Logger = logging.LoggerAdapter[Any] | logging.Logger
 
@@ -181,33 +188,109 @@ def browser_url(stored: StoredImage, destination: Destination, result: ImagineRe
 
 
 def image_artifact(
-    stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
+    stored: StoredImage, link: str, prompt: str, thumbnail: str | None = None
 ) -> ImageArtifact:
     """One stored image's artifact, to ``create()`` (or, in async code, ``acreate()``).
 
     Args:
         stored: The object written.
-        result: The generation that made it.
-        destination: Where it was written (signs the link the UI shows).
+        link: Where a browser opens the image (:func:`browser_url`).
         prompt: The prompt that made it.
+        thumbnail: Its thumbnail (:func:`~prefect_journey.storage.thumbnails.read_thumbnail`),
+            shown in place of a link that expires; None shows the link.
 
     Returns:
-        The artifact, not yet created.
+        The artifact, not yet created: the picture, then the prompt, the object and, with
+        a thumbnail, the link to the full-size image while it lasts.
     """
-    return ImageArtifact(
-        image_url=browser_url(stored, destination, result),
-        description=(
-            f"{display_text(prompt, DESCRIPTION_PROMPT_CHARS)}\n\n"
-            f"{stored.uri} ({stored.width}x{stored.height} {stored.format})"
-        ),
+    description = (
+        f"{display_text(prompt, DESCRIPTION_PROMPT_CHARS)}\n\n"
+        f"{stored.uri} ({stored.width}x{stored.height} {stored.format})"
     )
+    if thumbnail is not None:
+        description += f"\n\n[full size]({link}) (a link that expires; the picture stays)"
+    return ImageArtifact(image_url=thumbnail or link, description=description)
 
 
 def report_image(
     stored: StoredImage, result: ImagineResult, destination: Destination, prompt: str
 ) -> None:
-    """Create the image artifact of one stored image: :func:`image_artifact`, same arguments."""
-    image_artifact(stored, result, destination, prompt).create()
+    """Create the image artifact of one stored image, with its thumbnail
+    (:func:`image_artifact`).
+
+    Args:
+        stored: The object written.
+        result: The generation that made it (its CDN URL is the link's fallback).
+        destination: Where it was written (signs the link, reads the thumbnail).
+        prompt: The prompt that made it.
+    """
+    link = browser_url(stored, destination, result)
+    image_artifact(stored, link, prompt, read_thumbnail(stored, destination)).create()
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    """One picture of a campaign's gallery: its row, prompt, thumbnail and link."""
+
+    row: int
+    prompt: str
+    thumbnail: str
+    link: str
+
+
+def publish_gallery(
+    name: str, entries: Sequence[GalleryEntry], stored: int, rest: str | None
+) -> None:
+    """The campaign's gallery: a markdown artifact (key ``<name>-gallery``, so its history
+    stays across runs) with a thumbnail and a link for each of the first
+    :data:`GALLERY_SIZE` images the run stored, and where to find the rest; none for a run
+    that stored fewer than two.
+
+    Args:
+        name: The campaign's name.
+        entries: The first images the run stored, at most :data:`GALLERY_SIZE`.
+        stored: Images the run stored in all.
+        rest: A link to the run's artifacts in the UI; None when not known.
+    """
+    if stored < 2 or not entries:  # one image is its own artifact
+        return
+    title = f"campaign {display_text(name)}"
+    cells = [
+        f"[![row {e.row}]({e.thumbnail})]({e.link})<br>row {e.row}: "
+        f"{_cell(display_text(e.prompt, GALLERY_PROMPT_CHARS))}"
+        for e in entries
+    ]
+    rows = [cells[i : i + GALLERY_COLUMNS] for i in range(0, len(cells), GALLERY_COLUMNS)]
+    table = "\n".join(
+        ["| " + " | ".join([""] * GALLERY_COLUMNS) + " |"]
+        + ["|" + "---|" * GALLERY_COLUMNS]
+        + ["| " + " | ".join(r + [""] * (GALLERY_COLUMNS - len(r))) + " |" for r in rows]
+    )
+    shown = f"{len(entries)} of the {stored} images this run stored"
+    more = ""
+    if stored > len(entries):
+        where = f"[the run's artifacts]({rest})" if rest else "the run's artifacts"
+        more = f" The rest are in {where} and in the summary table `{slugify(name)}-summary`."
+    markdown = f"### {title}\n\n{shown}; a picture links to the full-size image.{more}\n\n{table}\n"
+    call_sync(
+        create_markdown_artifact,
+        markdown,
+        key=f"{slugify(name)}-gallery",
+        description=f"{title}: {shown}",
+    )
+
+
+def run_artifacts_url() -> str | None:
+    """The current flow run's artifacts in the Prefect UI; None outside a run or without a
+    UI URL (``PREFECT_UI_URL``)."""
+    url = prefect_flow_run.ui_url
+    return f"{url}?tab=Artifacts" if url else None
+
+
+def _cell(text: str) -> str:
+    """``text`` inside a markdown table cell: its pipes and brackets do not end the cell or
+    open a link."""
+    return "".join("\\" + c if c in "|[]()*_`<>" else c for c in text)
 
 
 def declare_assets(images: Sequence[tuple[StoredImage, str]]) -> None:

@@ -54,6 +54,19 @@ SENTINEL_KEY = "sk-SENTINEL-9f8e7d6c5b4a"
 SENTINEL_WEBHOOK_SECRET = "whsec-SENTINEL-0a1b2c3d4e5f60718293a4b5c6d7e8f9fa0b1c2d3e4f5061728394a5"
 
 
+def assert_thumbnail(uri: str, size: tuple[int, int]) -> None:
+    """``uri`` is a JPEG thumbnail carried in a ``data:`` URI, ``size`` pixels."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    prefix = "data:image/jpeg;base64,"
+    assert uri.startswith(prefix), uri[:60]
+    with Image.open(io.BytesIO(base64.b64decode(uri.removeprefix(prefix)))) as image:
+        assert (image.format, image.size) == ("JPEG", size)
+
+
 def run_in_terminal(command: list[str], env: dict[str, str], timeout: float = 120) -> str:
     """Run ``command`` with a pseudo-terminal as its stdin, stdout and stderr, as a person
     would in a shell; fail unless it exits 0 within ``timeout``. Returns everything it

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from prefect_journey.models import ImagineRequest
 from prefect_journey.tasks import imagine
 
 from . import prefect_api
-from .conftest import Bucket
+from .conftest import Bucket, assert_thumbnail
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,6 +113,11 @@ def test_hundred_items_stored_exactly_once_and_reported(
     )
     [run] = prefect_api.flow_runs(run_ids)
     assert run.name == "campaign: Spring 100 · 100 items"  # not a random "cyber-shark"
+    # The gallery is bounded: the first 24, and where the rest are.
+    [gallery] = [a for a in artifacts if a.type == "markdown"]
+    assert gallery.data.count("](data:image/jpeg;base64,") == 24
+    assert "24 of the 100 images this run stored" in gallery.data
+    assert "spring-100-summary" in gallery.data
     # Prefect's "timeout cannot interrupt a worker thread" notice is filtered for our tasks
     # (they are designed around it); other warnings still get through.
     assert not [m for m in prefect_api.logs(run_ids) if "cannot interrupt" in m]
@@ -210,8 +216,15 @@ def test_async_flow_runs_the_same_campaign(
     run_id = prefect_api.flow_run_id(state)
     # The flow-level artifacts are created, not left as coroutines nobody awaits.
     artifacts = prefect_api.artifacts([run_id])
-    assert {a.type for a in artifacts} == {"table", "progress", "image"}
+    assert {a.type for a in artifacts} == {"table", "progress", "image", "markdown"}
     assert sum(a.type == "image" for a in artifacts) == 6
+    # The gallery: every stored image's thumbnail, each linked to the image.
+    [gallery] = [a for a in artifacts if a.type == "markdown"]
+    assert gallery.key == "async-gallery" and "6 of the 6 images this run stored" in gallery.data
+    thumbnails = re.findall(r"\[!\[row \d+\]\((data:[^)]+)\)\]\((http[^)]+)\)", gallery.data)
+    assert len(thumbnails) == 6
+    for thumbnail, _ in thumbnails:
+        assert_thumbnail(thumbnail, (256, 256))
     [progress] = [a for a in artifacts if a.type == "progress"]
     assert float(progress.data) == 100.0
 

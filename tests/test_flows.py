@@ -24,7 +24,7 @@ from prefect_journey.tasks import aimagine, astore_image, imagine, store_image
 from prefect_journey.webhooks import WEBHOOK_PATH, create_webhook_app
 
 from . import prefect_api
-from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket
+from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket, assert_thumbnail
 from .test_storage import local_files
 
 pytestmark = pytest.mark.usefixtures("prefect_harness", "fast_retries")
@@ -66,7 +66,9 @@ def test_generate_and_store_to_a_local_folder(journey_env: EmulatorServer, tmp_p
     # The campaign's own: the image, its progress, the summary table.
     assert sorted(a.type for a in artifacts) == ["image", "progress", "table"]
     picture = next(a for a in artifacts if a.type == "image")
-    assert picture.data.startswith("http")  # a URL a browser can open
+    # A thumbnail carried in the artifact: it shows after every link has expired.
+    assert_thumbnail(picture.data, (256, 143))  # 1376x768, the emulator's 16:9
+    assert "[full size](http" in picture.description  # the full image, while the link lasts
     # The run says what it made, not a random name.
     [run] = prefect_api.flow_runs([run_id])
     assert run.name.startswith("image: a lighthouse at dusk")
@@ -88,7 +90,9 @@ def test_generate_and_store_to_s3(
     image = next(
         a for a in prefect_api.artifacts([prefect_api.flow_run_id(state)]) if a.type == "image"
     )
-    assert image.data.startswith(bucket.endpoint) and "Signature=" in image.data  # presigned
+    assert image.data.startswith("data:image/jpeg;base64,")  # the thumbnail, read back
+    link = image.description.split("[full size](")[1].split(")")[0]
+    assert link.startswith(bucket.endpoint) and "Signature=" in link  # presigned
 
 
 def test_tasks_are_tagged_and_bounded_by_their_whole_ladder() -> None:

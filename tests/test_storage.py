@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from prefect_journey.client import JourneyClient
 from prefect_journey.emulator import EmulatorServer
@@ -21,6 +23,7 @@ from prefect_journey.storage import (
     UPLOAD_PART_SIZE,
     Destination,
     Occupant,
+    StoredImage,
     astore_image,
     check_object_key,
     presign,
@@ -454,3 +457,37 @@ def test_an_upload_in_parts_records_its_origin_and_is_described_by_reading_it(
     assert stored.bytes > UPLOAD_PART_SIZE
     found = destination.occupant("{task_id}.{ext}", {"task_id": result.task_id}, "origin-4k")
     assert found == Occupant(stored.uri, "origin-4k", stored.model_copy(update={"created": False}))
+
+
+def test_a_thumbnail_is_read_back_from_its_object_and_carried_as_a_data_uri(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """A JPEG and a PNG in a moto bucket and in a folder, each read back and shrunk; what
+    cannot be read, or is too large to read back, has no thumbnail (its artifact links)."""
+    from prefect_journey.storage.thumbnails import THUMBNAIL_SOURCE_MAX_BYTES, read_thumbnail
+
+    from .conftest import assert_thumbnail
+
+    for kind, size in (("PNG", (1536, 1024)), ("JPEG", (600, 900))):
+        picture = io.BytesIO()
+        Image.new("RGB", size, "teal").save(picture, kind)
+        data = picture.getvalue()
+        places = (Destination(bucket.url, bucket.storage_options), Destination(str(tmp_path)))
+        for destination in places:
+            fs, root = destination.filesystem()
+            fs.pipe_file(f"{root}/x.{kind.lower()}", data)
+            stored = StoredImage(
+                uri=f"{destination.canonical_url}/x.{kind.lower()}",
+                sha256=hashlib.sha256(data).hexdigest(),
+                bytes=len(data),
+                format=kind.lower(),
+                width=size[0],
+                height=size[1],
+                task_id="t",
+            )
+            expected = (256, 171) if kind == "PNG" else (171, 256)
+            assert_thumbnail(read_thumbnail(stored, destination) or "", expected)
+    gone = stored.model_copy(update={"uri": f"{destination.canonical_url}/missing.png"})
+    assert read_thumbnail(gone, destination) is None
+    huge = stored.model_copy(update={"bytes": THUMBNAIL_SOURCE_MAX_BYTES + 1})
+    assert read_thumbnail(huge, destination) is None

@@ -34,8 +34,10 @@ from prefect_journey.publishing import (
     RUN_NAME_PROMPT_CHARS,
     declare_assets,
     progress_key,
+    publish_gallery,
+    run_artifacts_url,
 )
-from prefect_journey.storage import StoredImage, async_download_client
+from prefect_journey.storage import async_download_client
 from prefect_journey.tasks import imagine
 
 # A task run per image while the run keeps at most this many calls in flight, or has at most
@@ -95,11 +97,13 @@ def run_items(
     Returns:
         One outcome per item, in row order.
     """
-    outcomes, new_objects = asyncio.run(
+    outcomes, shared = asyncio.run(
         _run_groups(todo, campaign, max_concurrency, images_per_task_run, progress)
     )
     # After the loop has ended: the asset task run is sync, and nothing waits for it.
-    declare_assets(new_objects)  # one task run for the whole campaign
+    declare_assets(shared.new_objects)  # one task run for the whole campaign
+    gallery = sorted(shared.gallery, key=lambda entry: entry.row)
+    publish_gallery(campaign.name, gallery, len(shared.new_objects), run_artifacts_url())
     return sorted(outcomes, key=lambda o: o.row)
 
 
@@ -109,7 +113,7 @@ async def _run_groups(
     max_concurrency: int,
     size: int,
     progress: CampaignProgress,
-) -> tuple[list[ItemOutcome], list[tuple[StoredImage, str]]]:
+) -> tuple[list[ItemOutcome], SharedRun]:
     # Images another run is generating right now go last: their task runs would wait for
     # that run's locks while holding places under way, and by the time they start they are
     # most likely cache hits.
@@ -178,7 +182,7 @@ async def _run_groups(
             outcomes += broken
         else:
             outcomes += result
-    return outcomes, shared.new_objects
+    return outcomes, shared
 
 
 def _images_run_name() -> str:

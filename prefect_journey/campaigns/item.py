@@ -33,10 +33,18 @@ from prefect_journey.campaigns.pipeline import Campaign, ItemOutcome, outcome
 from prefect_journey.campaigns.plan import CampaignItem
 from prefect_journey.generation import PaidCalls, generate
 from prefect_journey.models import ImagineResult
-from prefect_journey.publishing import emit_stored_event, image_artifact, log_stored
+from prefect_journey.publishing import (
+    GALLERY_SIZE,
+    GalleryEntry,
+    browser_url,
+    emit_stored_event,
+    image_artifact,
+    log_stored,
+)
 from prefect_journey.recovery import settle_image
 from prefect_journey.retrying import store_with_retries
 from prefect_journey.storage import StoredImage
+from prefect_journey.storage.thumbnails import read_thumbnail
 from prefect_journey.tasks import astore_image, imagine
 
 
@@ -50,7 +58,8 @@ class SharedRun:
     generation: twice the slots keeps the next image for every slot looked up and waiting,
     while the others neither hold cache locks nor crowd the loop and its threads.
     ``finished`` is told about every item as it ends (progress); ``new_objects`` collects
-    what this run stored (declared as assets at the end).
+    what this run stored (declared as assets at the end), ``gallery`` the first pictures of
+    it (the campaign's gallery).
     """
 
     calls: PaidCalls
@@ -61,6 +70,7 @@ class SharedRun:
     window: asyncio.Semaphore
     finished: Callable[[ItemOutcome], None] = field(default=lambda outcome: None)
     new_objects: list[tuple[StoredImage, str]] = field(default_factory=list)
+    gallery: list[GalleryEntry] = field(default_factory=list)
 
 
 async def run_item(item: CampaignItem, campaign: Campaign, shared: SharedRun) -> ItemOutcome:
@@ -178,8 +188,13 @@ async def _store(
         )
     await asyncio.to_thread(cache_result, astore_image, key, stored)
     log_stored(stored)
-    artifact = image_artifact(stored, generated, campaign.destination, item.request.prompt)
-    await artifact.acreate(client=shared.prefect)
+    # Read back and shrunk in a thread (Pillow decodes without the GIL).
+    thumbnail = await asyncio.to_thread(read_thumbnail, stored, campaign.destination)
+    prompt = item.request.prompt
+    link = browser_url(stored, campaign.destination, generated)
+    await image_artifact(stored, link, prompt, thumbnail).acreate(client=shared.prefect)
+    if thumbnail is not None and len(shared.gallery) < GALLERY_SIZE:
+        shared.gallery.append(GalleryEntry(item.row, prompt, thumbnail, link))
     emit_stored_event(stored, item.request.prompt, campaign.name)
     shared.new_objects.append((stored, item.request.prompt))
     return stored

@@ -19,6 +19,8 @@ The package's modules, each importing only those listed before it (``keys`` and
   whole store, and the list of its guarantees.
 - :mod:`~prefect_journey.storage.links`: time-limited links to stored objects
   (:func:`presign`).
+- :mod:`~prefect_journey.storage.thumbnails`: a stored object's thumbnail as a ``data:``
+  URI, for what shows it after its links expire.
 
 The names below are the package's public surface; everything else stays in its module.
 No module of the package imports Prefect.
