@@ -110,7 +110,8 @@ class JourneyError(Exception):
 
 
 class ConfigurationError(JourneyError, ValueError):
-    """The client cannot be built: no API key, a malformed base URL, a bad timeout."""
+    """The client or a part it relies on cannot be set up: no API key, a malformed base URL,
+    a bad timeout, a budget file that cannot be locked."""
 
 
 class JourneyValidationError(JourneyError, ValueError):

@@ -182,7 +182,11 @@ class LeasedFileSystemLockManager(LeaseRenewal, RenewableFileSystemLockManager):
         renewed.write_bytes(
             pydantic_core.to_json({"holder": holder, "expiration": str(expiration)})
         )
-        os.replace(renewed, path)  # readers see the old lease or the new one, never half
+        try:
+            os.replace(renewed, path)  # readers see the old lease or the new one, never half
+        except PermissionError:  # Windows: another process is reading it this instant
+            renewed.unlink()
+            return None
         self.remember_expiration(key, expiration)
         return True
 

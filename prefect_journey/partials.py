@@ -8,11 +8,12 @@ lease (``JOURNEY_PARTIAL_LEASE_SECONDS``), whichever key it was for.
 
 Nothing a live writer owns is removed:
 
-- A local partial file is locked (``flock``) by its writer from its creation until it is
-  published or discarded. The kernel drops a dead process's locks, so a partial file whose
-  lock can be taken has no live writer. Where there is no ``flock`` (Windows), a file open in
-  another process cannot be deleted either, and the removal fails harmlessly. On a
-  filesystem that refuses locks, no partial file is removed.
+- A local partial file is locked (``flock``, through :func:`filelock.lock_descriptor`) by
+  its writer from its creation until it is published or discarded. The kernel drops a dead
+  process's locks, so a partial file whose lock can be taken has no live writer. On Windows
+  no lock is needed: a file open in any process cannot be deleted, so the removal of a live
+  writer's file fails harmlessly. On a filesystem that refuses locks, no partial file is
+  removed.
 - S3 shows no owner of an upload, only when it began: one begun less than a lease ago may be
   another run's, storing the same image right now, and is left alone.
 
@@ -24,21 +25,22 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
-try:
-    import fcntl
-except ImportError:  # Windows: an open file cannot be deleted, which protects it as well
-    fcntl = None  # type: ignore[assignment]
+from filelock import lock_descriptor
 
 logger = logging.getLogger("prefect_journey.storage")
 
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.part$")
 # Stores whose unfinished writes are multipart uploads, listed and aborted by key.
 MULTIPART_PROTOCOLS = frozenset({"s3", "s3a"})
+# Whether a writer locks its partial file: elsewhere than on Windows an open file can be
+# deleted, and the lock is what tells a cleaner that its writer lives.
+LOCKED = sys.platform != "win32"
 
 
 def open_partial(folder: str, name: str) -> tuple[str, BinaryIO]:
@@ -54,10 +56,10 @@ def open_partial(folder: str, name: str) -> tuple[str, BinaryIO]:
     while True:
         path = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.part")
         handle = open(path, "xb")  # noqa: SIM115 - the caller closes it
-        if fcntl is None:
+        if not LOCKED:
             return path, handle
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            lock_descriptor(handle.fileno())  # waits out a cleaner's look at it
         except OSError:  # a filesystem without locks: no cleaner can lock it either
             return path, handle
         # Removed as a dead writer's between its creation and the lock: start again.
@@ -104,15 +106,16 @@ def _remove_unowned(path: str) -> bool:
     Returns:
         Whether it was removed.
     """
-    if fcntl is None:
+    if not LOCKED:
         os.unlink(path)  # fails if a process has it open
         return True
     # Read-write: NFS emulates flock with a write lock, which a read-only handle cannot take.
     descriptor = os.open(path, os.O_RDWR)
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held (BlockingIOError), or a filesystem without locks: leave it
+            if not lock_descriptor(descriptor, blocking=False):
+                return False  # held by its live writer
+        except OSError:  # a filesystem without locks: leave it
             return False
         os.unlink(path)
         return True

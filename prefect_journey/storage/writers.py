@@ -102,6 +102,7 @@ class _LocalAtomicFile:
         try:
             if self.record:
                 _write_local_record(self.temp, self.record)
+            self._close_if_unlocked()
             if self.overwrite:
                 os.replace(self.temp, self.path)
                 return
@@ -113,11 +114,18 @@ class _LocalAtomicFile:
             self._handle.close()  # releases the lock once the partial name is gone
 
     def discard(self) -> None:
+        self._close_if_unlocked()
         try:
             if os.path.exists(self.temp):
                 os.unlink(self.temp)
         finally:
             self._handle.close()  # no fsync needed: these bytes are thrown away
+
+    def _close_if_unlocked(self) -> None:
+        """Close the partial file before it is renamed or deleted where it is not locked:
+        Windows renames and deletes no open file, this writer's own included."""
+        if not partials.LOCKED:
+            self._handle.close()
 
 
 class _ObjectWriter:
