@@ -37,7 +37,7 @@ STORED_EVENT = "journey.image.stored"
 PROGRESS_INTERVAL = 1.0
 # A campaign's gallery: its first images, in a grid; the rest are one link away.
 GALLERY_SIZE = 24
-GALLERY_COLUMNS = 4
+GALLERY_COLUMNS = 3
 GALLERY_PROMPT_CHARS = 60
 
 Logger = logging.LoggerAdapter[Any] | logging.Logger
@@ -255,8 +255,9 @@ def publish_gallery(
     if stored < 2 or not entries:  # one image is its own artifact
         return
     title = f"campaign {display_text(name)}"
+    # A picture inside a link is not drawn by the UI's markdown: the link is the caption.
     cells = [
-        f"[![row {e.row}]({e.thumbnail})]({e.link})<br>row {e.row}: "
+        f"![row {e.row}]({e.thumbnail})<br>[row {e.row}]({e.link}): "
         f"{_cell(display_text(e.prompt, GALLERY_PROMPT_CHARS))}"
         for e in entries
     ]
@@ -271,7 +272,7 @@ def publish_gallery(
     if stored > len(entries):
         where = f"[the run's artifacts]({rest})" if rest else "the run's artifacts"
         more = f" The rest are in {where} and in the summary table `{slugify(name)}-summary`."
-    markdown = f"### {title}\n\n{shown}; a picture links to the full-size image.{more}\n\n{table}\n"
+    markdown = f"### {title}\n\n{shown}; a row links to its full-size image.{more}\n\n{table}\n"
     call_sync(
         create_markdown_artifact,
         markdown,

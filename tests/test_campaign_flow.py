@@ -221,7 +221,9 @@ def test_async_flow_runs_the_same_campaign(
     # The gallery: every stored image's thumbnail, each linked to the image.
     [gallery] = [a for a in artifacts if a.type == "markdown"]
     assert gallery.key == "async-gallery" and "6 of the 6 images this run stored" in gallery.data
-    thumbnails = re.findall(r"\[!\[row \d+\]\((data:[^)]+)\)\]\((http[^)]+)\)", gallery.data)
+    thumbnails = re.findall(
+        r"!\[row \d+\]\((data:[^)]+)\)<br>\[row \d+\]\((http[^)]+)\)", gallery.data
+    )
     assert len(thumbnails) == 6
     for thumbnail, _ in thumbnails:
         assert_thumbnail(thumbnail, (256, 256))

@@ -72,8 +72,10 @@ def test_make_ui_shows_the_runs_until_ctrl_c(tmp_path: Path) -> None:
             assert run["state"]["type"] == "COMPLETED", label
         image_id = shown["its image"].rsplit("/", 1)[1]
         artifact = httpx.get(f"{api}/artifacts/{image_id}", timeout=10).json()
-        # The picture the artifact shows is served while the UI runs.
-        picture = httpx.get(artifact["data"], timeout=10)
+        # The picture is in the artifact; the full-size image is served while the UI runs.
+        assert artifact["data"].startswith("data:image/jpeg;base64,")
+        link = artifact["description"].split("[full size](")[1].split(")")[0]
+        picture = httpx.get(link, timeout=10)
         assert picture.headers["content-type"] == "image/png"
         deployment_id = shown["the scheduled deployment"].rsplit("/", 1)[1]
         deployment = httpx.get(f"{api}/deployments/{deployment_id}", timeout=10).json()

@@ -72,13 +72,14 @@ class Runs:
     campaign_run: str
     summary_artifact: str
     progress_artifact: str
+    gallery_artifact: str
     deployment: str
 
 
 def image_loaded(page: Page) -> None:
     """Wait until the page shows a picture (not a placeholder icon)."""
     page.wait_for_function(
-        "() => [...document.images].some(i => i.complete && i.naturalWidth > 256)"
+        "() => [...document.images].some(i => i.complete && i.naturalWidth >= 200)"
     )
 
 
@@ -101,7 +102,13 @@ PICTURES = (
     ),
     Shot("ui-campaign-run.png", "/runs/flow-run/{campaign_run}", "items to run"),
     Shot("ui-campaign-summary.png", "/artifacts/artifact/{summary_artifact}", "credits_charged="),
-    Shot("ui-campaign-progress.png", "/artifacts/artifact/{progress_artifact}", "Progress: 100%"),
+    Shot("ui-campaign-progress.png", "/artifacts/artifact/{progress_artifact}", "stored 6"),
+    Shot(
+        "ui-campaign-gallery.png",
+        "/artifacts/artifact/{gallery_artifact}",
+        "6 of the 6 images",
+        image_loaded,
+    ),
     Shot("ui-block-form.png", "/blocks/catalog/journeyapi-credentials/create", "API Key"),
     Shot("ui-deployment.png", "/deployments/deployment/{deployment}", "every day"),
 )
@@ -151,6 +158,7 @@ def run_flows(api: str, outputs: Path) -> Runs:
         campaign_run=campaign_run,
         summary_artifact=artifact_id(api, campaign_run, "table"),
         progress_artifact=artifact_id(api, campaign_run, "progress"),
+        gallery_artifact=artifact_id(api, campaign_run, "markdown"),
         deployment=httpx.get(f"{api}/deployments/name/generate-and-store/daily-postcard")
         .raise_for_status()
         .json()["id"],
