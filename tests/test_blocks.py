@@ -42,7 +42,6 @@ class _OfflineLogoSuite(BlockStandardTestSuite):
         with Image.open(LOGO) as logo:
             assert logo.width == logo.height and 45 < logo.width < 1000
 
-
     def test_the_card_reads_as_one_sentence(self, block: type[Block]) -> None:
         # The UI's block card shows about two lines of the description.
         description = block.get_description() or ""

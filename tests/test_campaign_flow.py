@@ -21,7 +21,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect_journey import ImageDestination, JourneyClient
 from prefect_journey.cache import cache_result, imagine_cache_key, record_store
 from prefect_journey.emulator import EmulatorServer
-from prefect_journey.flows.campaign import CampaignReport, abatch_campaign, batch_campaign
+from prefect_journey.flows.campaign import (
+    CampaignReport,
+    abatch_campaign,
+    batch_campaign,
+    price_campaign,
+)
 from prefect_journey.models import ImagineRequest
 from prefect_journey.tasks import imagine
 
@@ -668,10 +673,13 @@ def s3_bucket_block(
 def test_a_campaign_into_an_s3_bucket_block_reads_its_sheet_with_the_block(
     journey_env: EmulatorServer, bucket: Bucket, s3_bucket_block: str, tmp_path: Path
 ) -> None:
-    """Three campaign runs on a real Prefect server: into the block, its sheet read with the
-    destination's options; the same sheet refused with the ambient configuration (a local
-    destination); and read with the block named as ``source_block``."""
+    """A dry run and three campaign runs on a real Prefect server: into the block, its sheet
+    read with the destination's options; the same sheet refused with the ambient
+    configuration (a local destination); and read with the block named as
+    ``source_block``."""
     source = put_sheet(bucket, "sheets/spring.jsonl")
+    quote = price_campaign(source=source, campaign="Spring", destination_block=s3_bucket_block)
+    assert (quote.items, quote.to_generate) == (3, 3)
     report = batch_campaign(source=source, campaign="Spring", destination_block=s3_bucket_block)
     assert report.stored == 3 and report.calls == 3
     assert sorted(o.uri for o in report.outcomes) == [
