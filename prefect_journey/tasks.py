@@ -263,8 +263,9 @@ async def astore_image(
 
     Args:
         result: The generation to store.
-        destination: An fsspec URL or folder, an ``ImageDestination``, a ``RemoteFileSystem``
-            / ``LocalFileSystem`` or a prefect-aws ``S3Bucket`` block.
+        destination: An fsspec URL or folder, an ``ImageDestination``, or a storage block
+            :func:`~prefect_journey.destinations.resolve_destination` reads (prefect-aws
+            ``S3Bucket``, prefect-gcp ``GcsBucket``, ``RemoteFileSystem``, ...).
         storage_options: fsspec options for a plain URL (blocks carry their own).
         key_template: The object key, from ``task_id``, ``ext`` and ``key_fields``.
         key_fields: More fields for the key template.

@@ -5,27 +5,30 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 from prefect.blocks.core import Block
+from prefect.blocks.system import Secret
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
-from pydantic import SecretStr
+from prefect.types import SecretDict
+from pydantic import Field, SecretStr
 
 import prefect_journey
 from prefect_journey import ImageDestination, JourneyCredentials
-from prefect_journey.destinations import resolve_destination
+from prefect_journey.destinations import load_block, load_destination, resolve_destination
 from prefect_journey.emulator import EmulatorServer
-from prefect_journey.errors import JourneyValidationError
+from prefect_journey.errors import JourneyValidationError, StorageError
 from prefect_journey.models import ImagineRequest
 from prefect_journey.receiver import JourneyWebhookReceiver, load_receiver
 from prefect_journey.redis_block import JourneyRedis
 from prefect_journey.storage import Destination
 
-from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET
+from .conftest import SENTINEL_KEY, SENTINEL_WEBHOOK_SECRET, Bucket, free_port
 
 LOGO = Path(prefect_journey.__file__).parent / "assets" / "logo.png"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -134,30 +137,224 @@ def test_destinations_from_every_supported_form(tmp_path: Path) -> None:
         resolve_destination(42)
 
 
-class _AwsCredentialsLike(Block):
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: SecretStr | None = None
+def test_real_s3_bucket_blocks_map_to_s3fs_options(tmp_path: Path) -> None:
+    """prefect-aws's own classes: ``S3Bucket`` also has a ``basepath`` (its folder), which
+    must not be taken for a URL."""
+    from prefect_aws import AwsCredentials, MinIOCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
 
-
-class _S3BucketLike(Block):
-    """Shaped like prefect-aws ``S3Bucket`` (not installed here), read duck-typed."""
-
-    bucket_name: str
-    bucket_folder: str = ""
-    credentials: Any = None
-
-
-def test_s3_bucket_block_is_read_duck_typed() -> None:
-    block = _S3BucketLike(
-        bucket_name="brand",
-        bucket_folder="/images/",
-        credentials=_AwsCredentialsLike(
-            aws_access_key_id="AKIA", aws_secret_access_key=SecretStr("s")
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    aws = AwsCredentials(
+        aws_access_key_id="AKIA",
+        aws_secret_access_key=SecretStr("s3cr3t-value"),
+        aws_session_token="session",
+        profile_name="brand",
+        region_name="eu-west-3",
+        aws_client_parameters=AwsClientParameters(
+            endpoint_url="http://127.0.0.1:9", verify_cert_path=bundle
         ),
     )
-    assert resolve_destination(block) == Destination(
-        "s3://brand/images", {"key": "AKIA", "secret": "s"}
+    bucket = S3Bucket(bucket_name="brand", bucket_folder="images/", credentials=aws)
+    assert resolve_destination(bucket) == Destination(
+        "s3://brand/images",
+        {
+            "key": "AKIA",
+            "secret": "s3cr3t-value",
+            "token": "session",
+            "profile": "brand",
+            "endpoint_url": "http://127.0.0.1:9",
+            "client_kwargs": {"region_name": "eu-west-3", "verify": str(bundle)},
+        },
     )
+    minio = MinIOCredentials(
+        minio_root_user="minio",
+        minio_root_password=SecretStr("minio-password"),
+        aws_client_parameters=AwsClientParameters(endpoint_url="http://minio:9000", verify=False),
+    )
+    assert resolve_destination(S3Bucket(bucket_name="b", credentials=minio)) == Destination(
+        "s3://b",
+        {
+            "key": "minio",
+            "secret": "minio-password",
+            "endpoint_url": "http://minio:9000",
+            "client_kwargs": {"verify": False},
+        },
+    )
+    assert resolve_destination(S3Bucket(bucket_name="b")) == Destination("s3://b")
+    role = AwsCredentials(assume_role_arn="arn:aws:iam::123456789012:role/images")
+    with pytest.raises(JourneyValidationError, match="assume a role"):
+        resolve_destination(S3Bucket(bucket_name="b", credentials=role))
+
+
+class _GcpCredentialsLike(Block):
+    """The fields of prefect-gcp 0.6.21's ``GcpCredentials`` (not installed here: its
+    dependencies bring grpcio and the Google API client)."""
+
+    service_account_file: Path | None = None
+    service_account_info: SecretDict | None = None
+    project: str | None = None
+
+
+class _GcsBucketLike(Block):
+    """The fields of prefect-gcp 0.6.21's ``GcsBucket``, with its ``basepath`` property."""
+
+    bucket: str
+    gcp_credentials: _GcpCredentialsLike = Field(default_factory=_GcpCredentialsLike)
+    bucket_folder: str = ""
+
+    @property
+    def basepath(self) -> str:
+        return self.bucket_folder
+
+
+def test_gcs_bucket_block_maps_to_gcsfs_options(tmp_path: Path) -> None:
+    info = {"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----sentinel"}
+    block = _GcsBucketLike(
+        bucket="assets",
+        bucket_folder="brand/",
+        gcp_credentials=_GcpCredentialsLike(service_account_info=info, project="p-1"),
+    )
+    assert "sentinel" not in repr(block) + str(block.model_dump())
+    assert resolve_destination(block) == Destination(
+        "gs://assets/brand", {"token": info, "project": "p-1"}
+    )
+    keyfile = tmp_path / "key.json"
+    with_file = _GcsBucketLike(
+        bucket="assets", gcp_credentials=_GcpCredentialsLike(service_account_file=keyfile)
+    )
+    assert resolve_destination(with_file) == Destination("gs://assets", {"token": str(keyfile)})
+    # No credentials: gcsfs finds Google's default ones.
+    assert resolve_destination(_GcsBucketLike(bucket="assets")) == Destination("gs://assets")
+
+
+class _AzureBlobStorageCredentialsLike(Block):
+    """The fields of prefect-azure 0.4.12's ``AzureBlobStorageCredentials`` (not installed
+    here: its dependencies bring the Azure management SDKs and prefect-docker)."""
+
+    connection_string: SecretStr | None = None
+    account_url: str | None = None
+    client_id: str | None = None
+    tenant_id: str | None = None
+    client_secret: SecretStr | None = None
+
+
+class _AzureBlobStorageContainerLike(Block):
+    """The fields of prefect-azure 0.4.12's ``AzureBlobStorageContainer``."""
+
+    container_name: str
+    credentials: _AzureBlobStorageCredentialsLike
+    base_folder: str | None = None
+
+
+def test_azure_container_block_maps_to_adlfs_options() -> None:
+    def container(**credentials: Any) -> Destination:
+        return resolve_destination(
+            _AzureBlobStorageContainerLike(
+                container_name="assets",
+                base_folder="brand",
+                credentials=_AzureBlobStorageCredentialsLike(**credentials),
+            )
+        )
+
+    account = "https://brandstore.blob.core.windows.net"
+    assert container(connection_string=SecretStr("AccountKey=k")) == Destination(
+        "az://assets/brand", {"connection_string": "AccountKey=k"}
+    )
+    spn = {"client_id": "c", "tenant_id": "t", "client_secret": SecretStr("spn-secret")}
+    assert container(account_url=account, **spn) == Destination(
+        "az://assets/brand",
+        {
+            "account_name": "brandstore",
+            "client_id": "c",
+            "tenant_id": "t",
+            "client_secret": "spn-secret",
+        },
+    )
+    # The account alone: adlfs asks Azure's default credentials, not anonymous access.
+    assert container(account_url=account).storage_options == {
+        "account_name": "brandstore",
+        "anon": False,
+    }
+    china = "https://brandstore.blob.core.chinacloudapi.cn"
+    assert container(account_url=china).storage_options == {
+        "account_name": "brandstore",
+        "account_host": "brandstore.blob.core.chinacloudapi.cn",
+        "anon": False,
+    }
+    with pytest.raises(JourneyValidationError, match="account URL"):
+        container(account_url="http://127.0.0.1:10000/devstoreaccount1")
+
+
+def test_destination_blocks_load_by_name_or_by_type_slug(bucket: Bucket, tmp_path: Path) -> None:
+    """Saved to and loaded from a real Prefect server: an ``ImageDestination`` by its plain
+    name, every block by ``<block-type-slug>/<name>``."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    name = f"blocks-{bucket.name}"
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key=SecretStr("testing"),
+        aws_client_parameters=AwsClientParameters(endpoint_url=bucket.endpoint),
+    )
+    S3Bucket(bucket_name=bucket.name, bucket_folder="brand", credentials=credentials).save(name)
+    assert load_destination(block_name=f"s3-bucket/{name}") == Destination(
+        f"{bucket.url}/brand", bucket.storage_options
+    )
+    RemoteFileSystem(basepath=f"{bucket.url}/remote", settings=bucket.storage_options).save(name)
+    assert load_destination(block_name=f"remote-file-system/{name}").url == f"{bucket.url}/remote"
+    LocalFileSystem(basepath=str(tmp_path / "local")).save(name)
+    assert load_destination(block_name=f"local-file-system/{name}").url == str(tmp_path / "local")
+    ImageDestination(url=str(tmp_path / "images")).save(name)
+    for saved in (name, f"journeyapi-image-destination/{name}"):
+        assert load_destination(block_name=saved) == Destination(str(tmp_path / "images"))
+
+    Secret(value="not a destination").save(name)
+    with pytest.raises(JourneyValidationError, match="unsupported destination Secret"):
+        load_destination(block_name=f"secret/{name}")
+    with pytest.raises(JourneyValidationError, match="expected '<block-type-slug>/<name>'"):
+        load_destination(block_name="s3-bucket/")
+    with pytest.raises(ValueError, match="Unable to find block document"):
+        load_destination(block_name="s3-bucket/no-such-block")
+
+
+def test_a_block_type_not_installed_names_its_package() -> None:
+    for slug, package in (
+        ("gcs-bucket", "prefect-gcp"),
+        ("azure-blob-storage-container", "prefect-azure"),
+    ):
+        if find_spec(package.replace("-", "_")):
+            continue  # installed here: the block type is known
+        with pytest.raises(JourneyValidationError, match=f"pip install {package}"):
+            load_block(f"{slug}/assets")
+    with pytest.raises(JourneyValidationError, match="'no-such-type' is not installed"):
+        load_block("no-such-type/assets")
+
+
+def test_an_unreachable_bucket_block_fails_without_its_secret(
+    moto_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The secret reaches the filesystem, and no error: neither for a closed endpoint (s3fs
+    retries it for several seconds before it gives up) nor for a bucket that does not
+    exist."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    for variable in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(variable, raising=False)
+    closed = f"http://127.0.0.1:{free_port()}"
+    for endpoint, bucket in ((closed, "any-bucket"), (moto_server, "no-such-bucket")):
+        credentials = AwsCredentials(
+            aws_access_key_id="testing",
+            aws_secret_access_key=SecretStr(SENTINEL_KEY),
+            aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
+        )
+        S3Bucket(bucket_name=bucket, credentials=credentials).save("unreachable", overwrite=True)
+        with pytest.raises(StorageError) as failed:
+            load_destination(block_name="s3-bucket/unreachable")
+        assert bucket in str(failed.value)
+        assert SENTINEL_KEY not in str(failed.value) + repr(failed.value)
 
 
 def test_collection_registers_against_a_real_prefect_server() -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-import os
 import re
 import threading
 import time
 import uuid
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect_journey import ImageDestination, JourneyClient
 from prefect_journey.cache import cache_result, imagine_cache_key, record_store
 from prefect_journey.emulator import EmulatorServer
-from prefect_journey.flows.campaign import CampaignReport, abatch_campaign, batch_campaign
+from prefect_journey.flows.campaign import (
+    CampaignReport,
+    abatch_campaign,
+    batch_campaign,
+    price_campaign,
+)
 from prefect_journey.models import ImagineRequest
 from prefect_journey.tasks import imagine
 
@@ -633,26 +638,102 @@ def test_bad_campaign_input_is_reported_before_any_call(
     assert journey_env.ledger()["calls_total"] == 0
 
 
-def test_campaign_from_a_file_in_a_bucket(
-    journey_env: EmulatorServer, bucket: Bucket, destination_block: str
+def put_sheet(bucket: Bucket, key: str) -> str:
+    """A three-item JSONL campaign sheet at ``key`` in ``bucket``; returns its URL."""
+    lines = "\n".join(f'{{"prompt": "jsonl item {i} {uuid.uuid4().hex[:6]}"}}' for i in range(3))
+    bucket.fs().pipe(f"{bucket.name}/{key}", lines.encode())
+    return f"{bucket.url}/{key}"
+
+
+def test_campaign_from_a_file_in_a_bucket_with_the_ambient_credentials(
+    journey_env: EmulatorServer, bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A campaign run whose items are read from a bucket on the moto server, with s3fs started
-    for it."""
-    lines = "\n".join(f'{{"prompt": "jsonl item {i} {uuid.uuid4().hex[:6]}"}}' for i in range(3))
-    bucket.fs().pipe(f"{bucket.name}/input/c.jsonl", lines.encode())
-    # The campaign file is read with the same s3fs options as the env would give.
-    os.environ["AWS_ENDPOINT_URL_S3"] = bucket.endpoint
-    os.environ["AWS_ACCESS_KEY_ID"] = os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
-    try:
-        report = batch_campaign(
-            source=f"{bucket.url}/input/c.jsonl", destination_block=destination_block
-        )
-    finally:
-        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            os.environ.pop(var)
-    assert (
-        report.stored == 3 and len([o for o in bucket.objects() if o.startswith("campaign/")]) == 3
+    for it: the destination is a local folder, so the sheet is read with what the
+    environment gives."""
+    source = put_sheet(bucket, "input/c.jsonl")
+    for variable, value in bucket.env().items():
+        monkeypatch.setenv(variable, value)
+    report = batch_campaign(source=source, destination=str(tmp_path))
+    assert report.stored == 3 and len(list((tmp_path / "campaign").iterdir())) == 3
+
+
+@pytest.fixture
+def s3_bucket_block(
+    bucket: Bucket, emulator_server: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A prefect-aws ``S3Bucket`` block (with ``AwsCredentials``) for the bucket's ``brand``
+    folder, saved on the Prefect server; the ambient AWS configuration points at the
+    emulator, which holds no bucket, so only the block's options reach the bucket. Returns
+    ``s3-bucket/<name>``."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+    from pydantic import SecretStr
+
+    for variable in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", emulator_server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ambient")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ambient")
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key=SecretStr("testing"),
+        aws_client_parameters=AwsClientParameters(endpoint_url=bucket.endpoint),
     )
+    name = f"brand-{bucket.name}"
+    S3Bucket(bucket_name=bucket.name, bucket_folder="brand", credentials=credentials).save(name)
+    return f"s3-bucket/{name}"
+
+
+def test_a_campaign_into_an_s3_bucket_block_reads_its_sheet_with_the_block(
+    journey_env: EmulatorServer, bucket: Bucket, s3_bucket_block: str, tmp_path: Path
+) -> None:
+    """A dry run and three campaign runs on a real Prefect server: into the block, its sheet
+    read with the destination's options; the same sheet refused with the ambient
+    configuration (a local destination); and read with the block named as
+    ``source_block``."""
+    source = put_sheet(bucket, "sheets/spring.jsonl")
+    quote = price_campaign(source=source, campaign="Spring", destination_block=s3_bucket_block)
+    assert (quote.items, quote.to_generate) == (3, 3)
+    report = batch_campaign(source=source, campaign="Spring", destination_block=s3_bucket_block)
+    assert report.stored == 3 and report.calls == 3
+    assert sorted(o.uri for o in report.outcomes) == [
+        f"{bucket.url}/{key}" for key in bucket.objects() if key.startswith("brand/spring/")
+    ]
+
+    # Without a block for it, a sheet on S3 beside a local destination is read with the
+    # ambient configuration, which reaches no bucket here: the block's options did the work.
+    state = batch_campaign(source=source, destination=str(tmp_path), return_state=True)
+    assert state.is_failed() and "cannot read campaign file" in str(state.message)
+
+    report = batch_campaign(
+        source=source,
+        source_block=s3_bucket_block,
+        campaign="Spring",
+        destination=str(tmp_path),
+    )
+    assert report.stored == 3 and len(list((tmp_path / "spring").iterdir())) == 3
+    assert imagine_calls(journey_env) == 3  # the images are cached; the sheet cost nothing
+
+
+def test_blocks_that_cannot_serve_are_refused_before_any_call(
+    journey_env: EmulatorServer, s3_bucket_block: str, tmp_path: Path
+) -> None:
+    state = batch_campaign(
+        source=str(tmp_path / "sheet.csv"),
+        source_block=s3_bucket_block,
+        destination=str(tmp_path),
+        return_state=True,
+    )
+    assert state.is_failed() and "is for s3://, the campaign file is file://" in str(state.message)
+    state = batch_campaign(items=items(2), source_block=s3_bucket_block, return_state=True)
+    assert state.is_failed() and "pass it with source" in str(state.message)
+    if not find_spec("prefect_gcp"):
+        state = batch_campaign(
+            items=items(2), destination_block="gcs-bucket/assets", return_state=True
+        )
+        assert state.is_failed() and "pip install prefect-gcp" in str(state.message)
+    assert journey_env.ledger()["calls_total"] == 0
 
 
 @BOTH_MODES

@@ -32,7 +32,7 @@ from prefect_journey.campaigns.run import (
     quote_campaign,
     run_campaign,
 )
-from prefect_journey.destinations import load_destination
+from prefect_journey.destinations import load_destination, source_storage_options
 from prefect_journey.errors import JourneyValidationError
 from prefect_journey.publishing import flow_run_name
 from prefect_journey.storage import Destination
@@ -45,6 +45,7 @@ R = TypeVar("R")
 def batch_campaign(
     items: list[dict[str, Any]] | None = None,
     source: str | None = None,
+    source_block: str | None = None,
     campaign: str = "campaign",
     key_template: str = CAMPAIGN_KEY_TEMPLATE,
     destination: str | None = None,
@@ -69,10 +70,17 @@ def batch_campaign(
         items: The items, as mappings (``prompt``; optional ``references``,
             ``aspect_ratio``, ``resolution``; other fields feed the key template).
         source: Instead of ``items``: a ``.csv`` or ``.jsonl`` file, local or any fsspec URL.
+        source_block: A saved block, named as ``destination_block``, whose credentials read
+            ``source``. Without it, a ``source`` on the same kind of store as the
+            destination (both ``s3://``, ...) is read with the destination's storage options
+            (credentials, endpoint); any other with the ambient credentials (environment,
+            profile, instance role).
         campaign: The campaign's name (``{campaign}`` in the key template, artifact keys).
         key_template: Each object's key; default ``{campaign}/{index:04d}-{slug}.{ext}``.
         destination: An fsspec URL or folder; default ``JOURNEY_DESTINATION`` or ./outputs.
-        destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        destination_block: A saved block (wins over ``destination``): an
+            ``ImageDestination``'s name, or ``"<block-type-slug>/<name>"`` for any storage
+            block docs/blocks.md lists, such as ``s3-bucket/brand-assets``.
         credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
         variant: Part of every cache key; ``"{scheduled_date}"`` buys new images each day.
         max_concurrency: Calls (and stores) in flight in this run.
@@ -133,7 +141,7 @@ def batch_campaign(
         repay_possibly_billed=repay_possibly_billed,
         max_pause=max_pause,
     )
-    rows, target = _inputs(items, source, destination, destination_block)
+    rows, target = _inputs(items, source, source_block, destination, destination_block)
     return run_campaign(
         rows,
         campaign=campaign,
@@ -158,6 +166,7 @@ def batch_campaign(
 def price_campaign(
     items: list[dict[str, Any]] | None = None,
     source: str | None = None,
+    source_block: str | None = None,
     campaign: str = "campaign",
     key_template: str = CAMPAIGN_KEY_TEMPLATE,
     destination: str | None = None,
@@ -195,7 +204,7 @@ def price_campaign(
         print(quote.summary())
         ```
     """
-    rows, target = _inputs(items, source, destination, destination_block)
+    rows, target = _inputs(items, source, source_block, destination, destination_block)
     return quote_campaign(
         rows,
         campaign=campaign,
@@ -214,15 +223,21 @@ def price_campaign(
 def _inputs(
     items: list[dict[str, Any]] | None,
     source: str | None,
+    source_block: str | None,
     destination: str | None,
     destination_block: str | None,
 ) -> tuple[list[dict[str, Any]], Destination]:
     """A campaign's rows and its destination, the destination checked reachable (before
-    anything is spent)."""
+    anything is spent); a sheet is read as ``batch_campaign``'s ``source_block`` says."""
     if (items is None) == (source is None):
         raise JourneyValidationError("pass either items or source")
-    rows = items if items is not None else read_items(source or "")
-    return rows, load_destination(destination, destination_block)
+    if source_block and source is None:
+        raise JourneyValidationError("source_block reads source: pass it with source")
+    target = load_destination(destination, destination_block)
+    if items is None:
+        sheet = source or ""
+        items = read_items(sheet, source_storage_options(sheet, target, source_block))
+    return items, target
 
 
 # ``batch_campaign`` (same parameters, same docstring, so a deployment of either shows the

@@ -56,7 +56,9 @@ def character_series(
         resolution: 1K, 2K or 4K.
         variant: Part of every cache key (``"{scheduled_date}"``: new images each day).
         credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
-        destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        destination_block: A saved block (wins over ``destination``): an
+            ``ImageDestination``'s name, or ``"<block-type-slug>/<name>"`` for any storage
+            block docs/blocks.md lists, such as ``s3-bucket/brand-assets``.
         webhook_block: A saved ``JourneyWebhookReceiver``: a lost answer is recovered from
             its webhook delivery instead of being bought again; default
             ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.

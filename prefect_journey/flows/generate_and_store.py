@@ -52,7 +52,9 @@ def generate_and_store(
         variant: Part of the cache key only: ``"{scheduled_date}"`` (the run's scheduled
             date) gives a new image each day while a re-run of the same day costs nothing.
         credentials_block: A saved ``JourneyCredentials``; default ``JOURNEY_API_KEY``.
-        destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        destination_block: A saved block (wins over ``destination``): an
+            ``ImageDestination``'s name, or ``"<block-type-slug>/<name>"`` for any storage
+            block docs/blocks.md lists, such as ``s3-bucket/brand-assets``.
         webhook_block: A saved ``JourneyWebhookReceiver``: a lost answer is recovered from
             its webhook delivery instead of being bought again; default
             ``JOURNEY_WEBHOOK_URL`` and ``JOURNEY_WEBHOOK_SECRET``, else no recovery.

@@ -48,7 +48,9 @@ def store_finished_task(
         image_url: The finished image's URL (from the event's payload).
         signature: The receiver's signature (from the event's payload); None is refused.
         destination: An fsspec URL or folder; default ``JOURNEY_DESTINATION`` or ./outputs.
-        destination_block: A saved ``ImageDestination`` (wins over ``destination``).
+        destination_block: A saved block (wins over ``destination``): an
+            ``ImageDestination``'s name, or ``"<block-type-slug>/<name>"`` for any storage
+            block docs/blocks.md lists, such as ``s3-bucket/brand-assets``.
         credentials_block: A saved ``JourneyCredentials`` (asks the provider about the
             task); default ``JOURNEY_API_KEY``.
         webhook_block: A saved ``JourneyWebhookReceiver`` whose secret checks the signature;
