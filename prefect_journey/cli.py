@@ -403,21 +403,13 @@ def _run_new_secret(args: argparse.Namespace) -> int:
 
 def _run_emulator(args: argparse.Namespace) -> int:
     from prefect_journey import settings
-    from prefect_journey.errors import ConfigurationError
-
-    try:
-        from prefect_journey.emulator import (
-            DEFAULT_API_KEY,
-            EmulatorConfig,
-            FaultPlan,
-            LatencyModel,
-            serve_forever,
-        )
-    except ImportError as exc:  # the emulator's own dependencies come with its extra
-        raise ConfigurationError(
-            f"the emulator needs {exc.name or 'its dependencies'}: "
-            "pip install 'prefect-journey[emulator]'"
-        ) from None
+    from prefect_journey.emulator import (
+        DEFAULT_API_KEY,
+        EmulatorConfig,
+        FaultPlan,
+        LatencyModel,
+        serve_forever,
+    )
 
     keys = tuple(args.api_key or [settings.api_key() or DEFAULT_API_KEY])
     config = EmulatorConfig(

@@ -12,7 +12,13 @@ import pytest
 
 from prefect_journey.emulator import EmulatorServer
 
-from .conftest import SENTINEL_KEY, process_env, run_in_terminal
+from .conftest import (
+    SENTINEL_KEY,
+    SENTINEL_WEBHOOK_SECRET,
+    free_port,
+    process_env,
+    run_in_terminal,
+)
 
 
 def run(
@@ -107,14 +113,21 @@ def test_imagine_checks_the_destination_before_paying_and_names_a_paid_image(
     assert done.returncode == 1 and f"prefect-journey fetch {task_id}" in done.stderr
 
 
-def test_the_emulator_without_its_extra_says_what_to_install(emulator: EmulatorServer) -> None:
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_missing_extra_says_what_to_install(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """The receiver told to share its memory through Redis, without the ``redis`` extra."""
+    env = process_env(tmp_path / "results", JOURNEY_REDIS_URL="redis://127.0.0.1:1/0")
+    env["JOURNEY_WEBHOOK_SECRET"] = SENTINEL_WEBHOOK_SECRET
     done = run(
         emulator,
-        "emulator",
-        code="sys_modules = __import__('sys').modules; sys_modules['PIL'] = None",
+        "webhooks",
+        "--port",
+        str(free_port()),
+        env=env,
+        code="sys_modules = __import__('sys').modules; sys_modules['prefect_redis'] = None",
     )
-    assert done.returncode == 2 and "prefect-journey[emulator]" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.returncode == 2 and "pip install 'prefect-journey[redis]'" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.usefixtures("prefect_harness")
