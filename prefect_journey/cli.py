@@ -44,7 +44,9 @@ DESCRIPTION = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(flow_options: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser; ``flow_options=False`` leaves out the campaign command's
+    options, which come from the flow's schema and so cost Prefect's import."""
     from prefect_journey import __version__
     from prefect_journey.models import ASPECT_RATIOS, RESOLUTIONS
 
@@ -154,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         help="check every row, the destination, the blocks and the budget, look up what "
         "earlier runs made and print the price; no call, nothing stored",
     )
-    _add_flow_options(campaign)
+    if flow_options:
+        _add_flow_options(campaign)
     commands.add_parser(
         "new-secret",
         help="print a new webhook secret (64 random hex digits) for JOURNEY_WEBHOOK_SECRET",
@@ -457,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from prefect_journey.errors import JourneyError, failure_text
 
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the campaign command needs Prefect to parse its options; the others start fast.
+    parser = _parser(flow_options="campaign" in argv)
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

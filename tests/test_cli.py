@@ -38,7 +38,10 @@ def run(
 
 def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None:
     """Runs of the CLI, each a subprocess that imports the package."""
-    done = run(emulator, "account")
+    # A plain command answers without importing Prefect (a second of start-up).
+    said = "import atexit, sys; atexit.register(lambda: print(*sorted(sys.modules)))"
+    done = run(emulator, "account", code=said)
+    assert " prefect " not in done.stdout and " prefect_journey.client " in done.stdout
     assert done.returncode == 0 and done.stdout.startswith("10000 credits (2500 images)")
     assert "plan: " in done.stdout and "images made: 0" in done.stdout
     made = json.loads(run(emulator, "imagine", "a kite", "--json").stdout)
