@@ -34,12 +34,17 @@ lint: $(STAMP)
 TEST_WORKERS ?= 4
 PARALLEL := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
-# The whole check: lint, the documentation site, then every test in one run: the default suite,
+# The whole check: lint, the documentation site and every test in one run: the default suite,
 # the wheel installed into a fresh environment (marker install) and the long suites (marker
 # slow: the 60-item soak, campaigns killed mid-run and resumed, make ui, make scale).
+# Lint and the site build run beside the tests, in the time the test workers spend starting
+# their Prefect servers; the check fails if either part does.
 test: $(STAMP) system-packages
-	$(MAKE) --no-print-directory -j2 lint docs  # one core each
-	$(BIN)/pytest $(PARALLEL) -m 'slow or install or not slow'
+	@$(MAKE) --no-print-directory -j2 lint docs > .checks.log 2>&1 & checks=$$!; \
+	$(BIN)/pytest $(PARALLEL) -m 'slow or install or not slow'; tests=$$?; \
+	wait $$checks; checked=$$?; cat .checks.log; rm -f .checks.log; \
+	[ $$checked -eq 0 ] || echo "lint or the docs site failed (above)"; \
+	[ $$tests -eq 0 ] && [ $$checked -eq 0 ]
 
 # The documentation site (mkdocs.yml) into site/; --strict: a broken link, a missing page or
 # an API reference that does not resolve fails the build. CI builds it on every submission.
