@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from prefect_journey.cli import main
 from prefect_journey.emulator import EmulatorServer
 
 from .conftest import (
@@ -57,23 +58,23 @@ def test_the_everyday_commands(emulator: EmulatorServer, tmp_path: Path) -> None
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_dry_run_checks_and_prices_a_sheet_without_a_call(
-    emulator: EmulatorServer, tmp_path: Path
+    journey_env: EmulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The command in this process (the subprocess runs are the other tests'), on the
+    session's Prefect server."""
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("prompt,aspect_ratio\na red chair,1:1\na blue chair,16:9\na sofa,3:4\n")
-    env = process_env(tmp_path / "results")
     out = str(tmp_path / "out")
-    dry = ("campaign", str(sheet), "--dry-run", "--destination", out, "--campaign", "chairs")
-    done = run(emulator, *dry, "--max-credits", "40", env=env)
-    assert done.returncode == 0, done.stderr
-    assert "3 items, every row valid" in done.stdout and "to generate: 3, up to 12" in done.stdout
-    assert "40 of max_credits=40 left" in done.stdout and "no call made" in done.stdout
-    refused = run(emulator, *dry, "--max-credits", "8", env=env)
-    assert refused.returncode == 1 and "above the 8 left of max_credits=8" in refused.stderr
+    dry = ["campaign", str(sheet), "--dry-run", "--destination", out, "--campaign", "chairs"]
+    assert main([*dry, "--max-credits", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 items, every row valid" in printed and "to generate: 3, up to 12" in printed
+    assert "40 of max_credits=40 left" in printed and "no call made" in printed
+    assert main([*dry, "--max-credits", "8"]) == 1
+    assert "above the 8 left of max_credits=8" in capsys.readouterr().err
     sheet.write_text("prompt,aspect_ratio\na red chair,1:1\na blue chair,5:4\n")
-    done = run(emulator, *dry, env=env)
-    assert done.returncode == 2 and "row 2: aspect_ratio" in done.stderr
-    assert emulator.ledger()["calls_total"] == 0  # a dry run calls nothing
+    assert main(dry) == 2 and "row 2: aspect_ratio" in capsys.readouterr().err
+    assert journey_env.ledger()["calls_total"] == 0  # a dry run calls nothing
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
