@@ -13,15 +13,18 @@ from prefect_journey.emulator import EmulatorConfig, EmulatorServer, LatencyMode
 from prefect_journey.flows import generate_and_store
 
 PROMPT = "a lighthouse on a cliff at dusk, watercolor, warm light"
+# The demo's emulator: not the README's 8765, so both can run at once.
+DEMO_PORT = 8766
 
 
 def main() -> None:
     with ExitStack() as stack:
         if not os.environ.get("JOURNEY_API_KEY"):
-            # A tenth of the realistic latency: about a second for this image.
-            emulator = stack.enter_context(
-                EmulatorServer(EmulatorConfig(latency=LatencyModel(time_scale=0.1)))
-            )
+            # A tenth of the realistic latency: about a second for this image. Always the
+            # same port: the API's address is part of an image's cache key, so a second demo
+            # finds the first one's image instead of refusing to store over it.
+            config = EmulatorConfig(latency=LatencyModel(time_scale=0.1))
+            emulator = stack.enter_context(EmulatorServer(config, port=DEMO_PORT))
             os.environ["JOURNEY_API_KEY"] = emulator.api_key
             os.environ["JOURNEY_BASE_URL"] = emulator.url
             print(f"JourneyAPI emulator running on {emulator.url}")
