@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from functools import wraps
+from functools import partial
 from typing import Any, TypeVar
 
 from prefect import flow
@@ -39,6 +39,7 @@ from prefect_journey.storage import Destination
 from prefect_journey.variants import check_variant, resolve_variant
 
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @flow(name="batch-campaign", flow_run_name=flow_run_name("campaign", "campaign", "items"))
@@ -240,6 +241,17 @@ def _inputs(
     return items, target
 
 
+def _docstring_of(source: Callable[..., Any]) -> Callable[[F], F]:
+    """Give the decorated function ``source``'s docstring (read by Prefect for the
+    parameters' descriptions)."""
+
+    def apply(function: F) -> F:
+        function.__doc__ = source.__doc__
+        return function
+
+    return apply
+
+
 # ``batch_campaign`` (same parameters, same docstring, so a deployment of either shows the
 # same form; same run) as an async flow, for async callers and deployments. A sync flow run
 # ends by joining Prefect's heartbeat thread, which sleeps in 1 s steps: up to a second per
@@ -249,9 +261,36 @@ def _inputs(
 # cannot be interrupted: cancelling the awaiting coroutine (not the flow run) leaves the
 # campaign running to its end, within its budget.
 @flow(name="batch-campaign-async", flow_run_name=flow_run_name("campaign", "campaign", "items"))
-@wraps(batch_campaign.fn, assigned=("__module__", "__annotations__", "__doc__"))
-async def abatch_campaign(*args: Any, **kwargs: Any) -> CampaignReport:
-    return await asyncio.to_thread(_with_sync_client, batch_campaign.fn, *args, **kwargs)
+@_docstring_of(batch_campaign.fn)
+async def abatch_campaign(
+    items: list[dict[str, Any]] | None = None,
+    source: str | None = None,
+    source_block: str | None = None,
+    campaign: str = "campaign",
+    key_template: str = CAMPAIGN_KEY_TEMPLATE,
+    destination: str | None = None,
+    destination_block: str | None = None,
+    credentials_block: str | None = None,
+    variant: str = "",
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    concurrency_limit: str | None = DEFAULT_CONCURRENCY_LIMIT,
+    max_credits: int | None = None,
+    partial_budget: bool = False,
+    allow_failures: bool = False,
+    images_per_task_run: int | None = None,
+    webhook_block: str | None = None,
+    overwrite: bool = False,
+    repay_possibly_billed: int = policy.DEFAULT_REPAY_POSSIBLY_BILLED,
+    max_pause: float = policy.RETRY_AFTER_CAP,
+    budget_name: str | None = None,
+) -> CampaignReport:
+    """:func:`batch_campaign` as an async flow: the same parameters (written out, so that
+    type checkers and the API reference show them; a test keeps them equal), run and report.
+    At run time this docstring is ``batch_campaign``'s, so both deployments' forms describe
+    every parameter alike."""
+    arguments = locals()  # exactly the parameters: nothing else is defined yet
+    run = partial(batch_campaign.fn, **arguments)
+    return await asyncio.to_thread(_with_sync_client, run)
 
 
 def _with_sync_client(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
