@@ -296,7 +296,7 @@ class _ClientCore:
             "verify": shared_ssl_context(),
             "limits": httpx.Limits(
                 max_connections=self.max_connections,
-                max_keepalive_connections=self.max_connections,
+                max_keepalive_connections=policy.KEEPALIVE_CONNECTIONS,
             ),
             "timeout": self._timeout(METADATA_READ_TIMEOUT),
         }

@@ -34,6 +34,12 @@ WRITE_TIMEOUT = 30.0
 # Waiting for a free pooled connection. Pools are sized to the caller's concurrency
 # (see ``JourneyClient(max_connections=...)``), so a wait here means a sizing bug.
 POOL_TIMEOUT = 30.0
+# Connections a pool keeps open once their call is over (httpx's default): the rest close
+# and a later call opens a new one. httpcore's pool looks at every connection it keeps, for
+# each one idle, whenever a request starts or ends: with a hundred kept alive and a hundred
+# calls in flight, that bookkeeping costs more than connecting again (a TLS handshake, a
+# few milliseconds beside a generation's 30 s; BENCHMARKS.md, capacity).
+KEEPALIVE_CONNECTIONS = 20
 
 # No bytes arrive until the image exists, so the read timeout is the whole generation time.
 # Public reports: p95 33-98 s for Nano Banana via resellers, 50-120 s at 4K with many

@@ -141,7 +141,9 @@ def async_download_client(
     Raises:
         ConfigurationError: A variable of the address rules is malformed.
     """
-    limits = httpx.Limits(max_connections=max_connections)
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=policy.KEEPALIVE_CONNECTIONS
+    )
     return httpx.AsyncClient(
         transport=transport
         or AsyncCheckedTransport(rules, verify=shared_ssl_context(), limits=limits),
