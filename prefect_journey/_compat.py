@@ -9,6 +9,7 @@ test by name instead of misbehaving in a user's run.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -151,21 +152,41 @@ def quiet_worker_thread_timeout_notice(task_name_prefix: str) -> None:
 # ``._lock_path_for_key(key)`` and its in-memory ``._locks`` cache of lock infos.
 # Why: a lock held as a renewable lease rewrites its own lock file (the public API has no
 # renewal), and Prefect writes a lock file in two steps (create, then fill), so a reader can
-# see it empty for an instant and must read again rather than fail the task run.
+# see it empty for an instant and must read again rather than fail the task run; a writer
+# killed between the two steps leaves it empty for good, and a lock nobody can read would
+# fail every later run of its image.
 _TORN_READ_RETRIES = 50
+# An empty lock file this old was left by a writer that died between creating and filling
+# it (a live one fills it at once): it is removed, and the image is free again.
+ABANDONED_EMPTY_LOCK_SECONDS = 10.0
 
 
 class RenewableFileSystemLockManager(FileSystemLockManager):
     """Prefect's file lock manager plus the two things a lease needs: where a key's lock file
-    is and how to record a renewed expiration, and reads that survive a half-written file."""
+    is and how to record a renewed expiration, and reads that survive a half-written file
+    (or remove one abandoned empty)."""
 
     def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
         for _ in range(_TORN_READ_RETRIES):
             try:
                 return super()._get_lock_info(key, use_cache)
             except ValueError:
+                if self._remove_if_abandoned(key):
+                    return None
                 time.sleep(0.01)
         return super()._get_lock_info(key, use_cache)
+
+    def _remove_if_abandoned(self, key: str) -> bool:
+        path = self._lock_path_for_key(key)
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if status.st_size or time.time() - status.st_mtime < ABANDONED_EMPTY_LOCK_SECONDS:
+            return False
+        path.unlink(missing_ok=True)
+        self._locks.pop(key, None)
+        return True
 
     def lock_file(self, key: str) -> Any:
         """The path of ``key``'s lock file."""

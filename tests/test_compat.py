@@ -169,3 +169,25 @@ def test_prefect_prints_its_log_lines_on_the_console_handlers_rich_console() -> 
     with console.capture() as captured:
         logging.getLogger("prefect.journey-test").warning("a line for the progress bar's console")
     assert "a line for the progress bar's console" in captured.get()
+
+
+def test_a_lock_file_left_empty_by_a_killed_writer_frees_its_image(tmp_path: Path) -> None:
+    """Prefect creates a lock file, then fills it: a writer killed in between leaves it empty
+    for good. Once old enough to be nobody's, it is removed and the key can be locked."""
+    import os
+    import time
+
+    manager = _compat.RenewableFileSystemLockManager(lock_files_directory=tmp_path)
+    abandoned = manager.lock_file("abandoned")
+    abandoned.touch()
+    past = time.time() - _compat.ABANDONED_EMPTY_LOCK_SECONDS - 1
+    os.utime(abandoned, (past, past))
+    assert not manager.is_locked("abandoned") and not abandoned.exists()
+    assert manager.acquire_lock("abandoned", holder="next run", hold_timeout=30)
+    assert manager.is_lock_holder("abandoned", "next run")
+    # A lock file being written right now is read again, never taken for abandoned.
+    fresh = manager.lock_file("fresh")
+    fresh.touch()
+    with pytest.raises(ValueError):
+        manager.is_locked("fresh")
+    assert fresh.exists()

@@ -284,7 +284,7 @@ async def abatch_campaign(
     max_pause: float = policy.RETRY_AFTER_CAP,
     budget_name: str | None = None,
 ) -> CampaignReport:
-    """:func:`batch_campaign` as an async flow: the same parameters (written out, so that
+    """:func:`batch_campaign` as an async flow, with the same arguments (written out, so that
     type checkers and the API reference show them; a test keeps them equal), run and report.
     At run time this docstring is ``batch_campaign``'s, so both deployments' forms describe
     every parameter alike."""
