@@ -212,37 +212,43 @@ def test_the_command_line_waits_a_retry_after_as_given_and_gives_up_past_the_lim
 
 
 def test_a_lost_answer_is_paid_again_once_by_default_and_never_with_0(
-    emulator: EmulatorServer,
+    journey_env: EmulatorServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Four runs of the CLI, each a subprocess that imports the package; a repay waits the
-    generation ladder's first pause (2 s +/- 50 %)."""
-    emulator.admin("faults", {"queue": {"api": ["500"]}})
-    done = run(emulator, "imagine", "repaid once", "--json")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["result"]["possibly_billed_attempts"] == 1
-    assert emulator.ledger()["calls"]["imagine"] == 2
-    emulator.admin("faults", {"queue": {"api": ["500", "drop"]}})
-    done = run(emulator, "imagine", "lost twice")
-    assert done.returncode == 1 and "possibly billed" in done.stderr
-    assert emulator.ledger()["calls"]["imagine"] == 4
-    emulator.admin("faults", {"queue": {"api": ["500"]}})
-    done = run(emulator, "imagine", "never twice", "--repay-possibly-billed", "0")
-    assert done.returncode == 1 and emulator.ledger()["calls"]["imagine"] == 5
+    """The command in this process; a repay waits the generation ladder's first pause
+    (2 s +/- 50 %)."""
+    journey_env.admin("faults", {"queue": {"api": ["500"]}})
+    assert main(["imagine", "repaid once", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["result"]["possibly_billed_attempts"] == 1
+    assert journey_env.ledger()["calls"]["imagine"] == 2
+    journey_env.admin("faults", {"queue": {"api": ["500", "drop"]}})
+    assert main(["imagine", "lost twice"]) == 1
+    assert "possibly billed" in capsys.readouterr().err
+    assert journey_env.ledger()["calls"]["imagine"] == 4
+    journey_env.admin("faults", {"queue": {"api": ["500"]}})
+    assert main(["imagine", "never twice", "--repay-possibly-billed", "0"]) == 1
+    assert journey_env.ledger()["calls"]["imagine"] == 5
 
 
-def test_cli_failures_never_print_the_key(emulator: EmulatorServer) -> None:
-    """Five runs of the CLI, each a subprocess that imports the package."""
+def test_cli_failures_never_print_the_key(
+    journey_env: EmulatorServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four failures in this process, and a wrong key in a subprocess that imports the
+    package."""
+    monkeypatch.setenv("JOURNEY_API_KEY", SENTINEL_KEY)
     for fault in ["500", "drop", "malformed", "failed"]:
-        emulator.admin("faults", {"queue": {"api": [fault]}})
-        done = run(emulator, "imagine", "p", "--repay-possibly-billed", "0")
-        assert done.returncode == 1 and done.stderr.startswith("error: ")
-        assert SENTINEL_KEY not in done.stdout + done.stderr
+        journey_env.admin("faults", {"queue": {"api": [fault]}})
+        assert main(["imagine", "p", "--repay-possibly-billed", "0"]) == 1
+        printed = capsys.readouterr()
+        assert printed.err.startswith("error: ")
+        assert SENTINEL_KEY not in printed.out + printed.err
     wrong = subprocess.run(
         [sys.executable, "-m", "prefect_journey.cli", "imagine", "p"],
         env={
             **os.environ,
             "JOURNEY_API_KEY": "wrong-" + SENTINEL_KEY,
-            "JOURNEY_BASE_URL": emulator.url,
+            "JOURNEY_BASE_URL": journey_env.url,
         },
         capture_output=True,
         text=True,
