@@ -14,12 +14,16 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# uv installs what pip would, from the same index, in a fifth of pip's time on 2 cores (the
+# environment was most of a clean clone's set-up).
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet uv
 
 # The whole suite runs on the newest Prefect (constraints/prefect-newest.txt); the lowest
 # supported one has its own target below.
-$(STAMP): pyproject.toml constraints/prefect-newest.txt | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]' -c constraints/prefect-newest.txt
+$(STAMP): pyproject.toml constraints/prefect-newest.txt | $(BIN)/uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]' -c constraints/prefect-newest.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -60,7 +64,7 @@ ui: $(STAMP)
 # the pictures the docs show. Not part of `make test`: it installs a browser.
 screenshots: $(STAMP)
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
-	$(BIN)/pip install --quiet -e '.[dev,screenshots]' -c constraints/prefect-newest.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,screenshots]' -c constraints/prefect-newest.txt
 	$(BIN)/python -m tools.showcase --capture docs/images
 
 # The Prefect-layer tests again on the lowest supported Prefect, in .venv-prefect-lowest
