@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pty
 import select
@@ -275,14 +276,39 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
-    """A moto S3 server on a loopback port (s3fs cannot see moto's in-process mock)."""
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server on a loopback port (s3fs cannot see moto's in-process mock), in a
+    thread of this process, as moto's ``ThreadedMotoServer`` runs it but for two costs: moto
+    finds the backend of a request's host by listing its own package folder and trying every
+    service's URL patterns, at every request, and werkzeug logs every request at INFO, which
+    Prefect's console handler renders. Together they were a fifth of an S3 test's CPU."""
+    import functools
+    import threading
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    class Dispatcher(DomainDispatcherApplication):
+        @functools.cache  # noqa: B019 (one dispatcher, kept for the session)
+        def get_backend_for_host(self, host: str | None) -> Any:
+            return super().get_backend_for_host(host)
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = make_server(
+        "127.0.0.1",
+        0,
+        Dispatcher(create_backend_app),
+        threaded=True,
+        request_handler=MotoRequestHandler,
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
 
 
 @dataclass
