@@ -147,6 +147,14 @@ class EmulatorServer(BackgroundServer):
         app = create_app(self.config)
         self.state: EmulatorState = app.state.emulator
         super().__init__(app, host=host, port=port, log_level=log_level)
+        # One client for the admin endpoints, which tests poll: a new httpx client loads the
+        # system's CA certificates each time, plain http or not.
+        self._admin = httpx.Client(base_url=f"{self.url}/_emulator", timeout=10)
+
+    def stop(self) -> None:
+        """Stop serving and close the admin endpoints' client."""
+        self._admin.close()
+        super().stop()
 
     @property
     def api_key(self) -> str:
@@ -159,8 +167,7 @@ class EmulatorServer(BackgroundServer):
         Returns:
             The ledger, as :meth:`EmulatorState.ledger` describes it.
         """
-        response = httpx.get(f"{self.url}/_emulator/ledger", timeout=10)
-        return response.json()  # type: ignore[no-any-return]
+        return self._admin.get("/ledger").json()  # type: ignore[no-any-return]
 
     def admin(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """POST to an admin endpoint: ``reset``, ``faults`` or ``config``.
@@ -179,7 +186,7 @@ class EmulatorServer(BackgroundServer):
             httpx.HTTPStatusError: The endpoint refused the request (a bad fault plan or
                 quota).
         """
-        response = httpx.post(f"{self.url}/_emulator/{action}", json=body or {}, timeout=10)
+        response = self._admin.post(f"/{action}", json=body or {})
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
