@@ -14,12 +14,25 @@ from pydantic import Field, HttpUrl, SecretStr
 
 from prefect_journey._compat import call_sync
 from prefect_journey.client import AsyncJourneyClient, JourneyClient, resolve_base_url
-from prefect_journey.settings import DEFAULT_BASE_URL
+from prefect_journey.settings import DEFAULT_BASE_URL, block_logo_url
 
 REPOSITORY_URL = "https://github.com/journeyapi/prefect-journey"
 DOCUMENTATION_URL = f"{REPOSITORY_URL}#readme"
-# Served from the repository so the Prefect UI can show it; the file ships in the package.
-LOGO_URL = "https://raw.githubusercontent.com/journeyapi/prefect-journey/main/prefect_journey/assets/logo.png"
+
+
+class BlockLogoUrl:
+    """The Blocks' ``_logo_url``: where the Prefect UI loads their logo from.
+
+    ``JOURNEY_BLOCK_LOGO_URL``, else the repository's copy, read each time Prefect registers
+    a block type (``prefect block register``, or saving a block), as every setting is read
+    when it is needed: a process may set it after importing the package.
+    """
+
+    def __get__(self, instance: object, owner: type | None = None) -> HttpUrl:
+        return HttpUrl(block_logo_url())
+
+
+LOGO_URL = BlockLogoUrl()
 
 
 class JourneyCredentials(Block):
@@ -43,7 +56,7 @@ class JourneyCredentials(Block):
     # The card in the UI shows about two lines: one sentence, not the docstring.
     _description = "The JourneyAPI key (kept secret) the image tasks and flows call with."
     _block_type_slug = "journeyapi-credentials"
-    _logo_url = HttpUrl(LOGO_URL)
+    _logo_url = LOGO_URL
     _documentation_url = HttpUrl(DOCUMENTATION_URL)
 
     api_key: SecretStr = Field(

@@ -55,7 +55,7 @@ class ImageDestination(Block):
     # The card in the UI shows about two lines: one sentence, not the docstring.
     _description = "Where images are stored: an fsspec URL (s3://, a folder) and its options."
     _block_type_slug = "journeyapi-image-destination"
-    _logo_url = HttpUrl(LOGO_URL)
+    _logo_url = LOGO_URL
     _documentation_url = HttpUrl(DOCUMENTATION_URL)
 
     url: str = Field(

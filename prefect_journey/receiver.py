@@ -53,7 +53,7 @@ class JourneyWebhookReceiver(Block):
     # The card in the UI shows about two lines: one sentence, not the docstring.
     _description = "Where finished tasks are delivered, so a lost answer is not paid twice."
     _block_type_slug = "journeyapi-webhook-receiver"
-    _logo_url = HttpUrl(LOGO_URL)
+    _logo_url = LOGO_URL
     _documentation_url = HttpUrl(DOCUMENTATION_URL)
 
     url: str = Field(

@@ -55,7 +55,7 @@ class JourneyRedis(Block):
     # The card in the UI shows about two lines: one sentence, not the docstring.
     _description = "The Redis that workers share for image locks and credit budgets."
     _block_type_slug = "journeyapi-redis"
-    _logo_url = HttpUrl(LOGO_URL)
+    _logo_url = LOGO_URL
     _documentation_url = HttpUrl(DOCUMENTATION_URL)
 
     url: SecretStr = Field(

@@ -121,6 +121,13 @@ PARTIAL_LEASE_SECONDS = Variable(
     "Age after which a store removes an unfinished write no live writer holds: a local "
     ".part file anywhere in its folder, a pending S3 multipart upload of its key.",
 )
+BLOCK_LOGO_URL = Variable(
+    "JOURNEY_BLOCK_LOGO_URL",
+    "(the project's repository)",
+    "The http(s) address the Blocks' logo is registered with (prefect block register): one "
+    "the browsers of a Prefect server without internet reach, such as the webhook receiver's "
+    "/logo.png, which serves the logo shipped in the package.",
+)
 
 VARIABLES: tuple[Variable, ...] = (
     API_KEY,
@@ -138,9 +145,13 @@ VARIABLES: tuple[Variable, ...] = (
     REDIS_URL,
     REDIS_BLOCK,
     REDIS_PREFIX,
+    BLOCK_LOGO_URL,
 )
 
 DEFAULT_BASE_URL = BASE_URL.default
+# The logo file ships in the package (prefect_journey/assets/logo.png); Prefect's API takes a
+# block logo only as an http(s) address, and this one needs internet in the browser.
+DEFAULT_BLOCK_LOGO_URL = "https://raw.githubusercontent.com/journeyapi/prefect-journey/main/prefect_journey/assets/logo.png"
 DEFAULT_DESTINATION = DESTINATION.default
 # A killed run's images wait this long before another run may generate them; renewing every
 # 20 s costs nothing next to calls that take minutes.
@@ -205,6 +216,25 @@ def lock_lease_seconds() -> float:
     """
     seconds = _positive_seconds(LOCK_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS, inclusive=True)
     return DEFAULT_LEASE_SECONDS if seconds is None else seconds
+
+
+def block_logo_url() -> str:
+    """``JOURNEY_BLOCK_LOGO_URL``, else :data:`DEFAULT_BLOCK_LOGO_URL`; read whenever Prefect
+    registers one of the package's block types.
+
+    Raises:
+        ConfigurationError: Not an http(s) URL with a host.
+    """
+    url = _raw(BLOCK_LOGO_URL)
+    if url is None:
+        return DEFAULT_BLOCK_LOGO_URL
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"{BLOCK_LOGO_URL.name}: {url!r} is not an http(s) address (Prefect shows a block "
+            "logo only from one), e.g. http://receiver.internal:8780/logo.png"
+        )
+    return url.strip()
 
 
 def webhook_secret() -> str:

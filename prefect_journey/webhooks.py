@@ -28,7 +28,9 @@ webhook secret and uses only keys derived from it (:mod:`prefect_journey.signing
   write events to the Prefect API still cannot make one a run or the webhook-triggered
   store believes;
 - answers 2xx only once the Prefect API has accepted the event, else 503, so that the
-  provider retries instead of dropping the delivery.
+  provider retries instead of dropping the delivery;
+- serves the Blocks' logo, shipped in the package, at ``/logo.png`` for Prefect servers
+  whose browsers have no internet (``JOURNEY_BLOCK_LOGO_URL``).
 
 Run it with ``JOURNEY_WEBHOOK_SECRET=... prefect-journey webhooks --port 8780`` and
 ``PREFECT_API_URL`` naming the Prefect API; it refuses to start without a reachable one.
@@ -45,6 +47,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -73,6 +76,10 @@ DEDUP_CAPACITY = 100_000
 # The provider waits 10 s for an answer; the event must be accepted, or refused, before then.
 EMIT_DEADLINE = 8.0
 _EVENT_NAMESPACE = uuid.UUID("1b671a64-40d5-491e-99b0-da01ff1f3341")
+# The Blocks' logo as shipped in the package, for a Prefect server whose browsers have no
+# internet: JOURNEY_BLOCK_LOGO_URL names this route when the blocks are registered.
+LOGO_PATH = "/logo.png"
+LOGO_HEADERS = {"cache-control": "public, max-age=86400"}
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -329,7 +336,7 @@ def create_webhook_app(
     used for another task, or a task already delivered under another token; 200
     ``{"duplicate": true}`` to a delivery already emitted; 503 when the event was not
     accepted by the Prefect API, so that the provider retries; else 200 ``{"event": name}``.
-    ``GET /health`` answers 200 ``{"ok": true}``.
+    ``GET /health`` answers 200 ``{"ok": true}``; ``GET /logo.png``, the Blocks' logo.
 
     Args:
         secret: The webhook secret; the provider secret (sent in ``x-webhook-secret``),
@@ -455,11 +462,17 @@ def create_webhook_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    logo_png = (resources.files("prefect_journey") / "assets" / "logo.png").read_bytes()
+
+    async def logo(request: Request) -> Response:
+        return Response(logo_png, media_type="image/png", headers=LOGO_HEADERS)
+
     base = path.rstrip("/")
     return Starlette(
         routes=[
             Route(base, receive, methods=["POST"]),
             Route(base + "/{token}", receive_for_attempt, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
+            Route(LOGO_PATH, logo, methods=["GET"]),
         ]
     )

@@ -9,8 +9,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
+from prefect import get_client
 from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
@@ -360,29 +362,38 @@ def test_an_unreachable_bucket_block_fails_without_its_secret(
 
 def test_collection_registers_against_a_real_prefect_server() -> None:
     """prefect block register runs in a subprocess, which imports Prefect and the package's
-    Blocks."""
+    Blocks. The logo is registered at the address JOURNEY_BLOCK_LOGO_URL names, here the
+    receiver's, which serves the file shipped in the package: what a Prefect server whose
+    browsers have no internet shows."""
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    prefect = [sys.executable, "-m", "prefect"]
-    registered = subprocess.run(
-        [*prefect, "block", "register", "-m", "prefect_journey"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert registered.returncode == 0, registered.stdout + registered.stderr
-    listing = subprocess.run(
-        [*prefect, "block", "type", "ls"],
-        env={**env, "COLUMNS": "250"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "journeyapi-credentials" in listing.stdout
-    assert "journeyapi-image-destination" in listing.stdout
-    assert "journeyapi-webhook-receiver" in listing.stdout
+    from prefect_journey.emulator.server import BackgroundServer
+    from prefect_journey.webhooks import LOGO_PATH, create_webhook_app
+
+    api = str(PREFECT_API_URL.value())
+    with BackgroundServer(create_webhook_app(SENTINEL_WEBHOOK_SECRET, api_url=api)) as receiver:
+        logo_url = f"{receiver.url}{LOGO_PATH}"
+        registered = subprocess.run(
+            [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_journey"],
+            env={**os.environ, "PREFECT_API_URL": api, "JOURNEY_BLOCK_LOGO_URL": logo_url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        with get_client(sync_client=True) as client:
+            for block in (
+                JourneyCredentials,
+                ImageDestination,
+                JourneyWebhookReceiver,
+                JourneyRedis,
+            ):
+                block_type = client.read_block_type_by_slug(block.get_block_type_slug())
+                assert str(block_type.logo_url) == logo_url, block_type.slug
+                assert block_type.description == block.get_description()
+        served = httpx.get(logo_url, timeout=10)
+    assert served.headers["content-type"] == "image/png"
+    assert served.content == LOGO.read_bytes()
 
 
 def test_prefect_finds_the_blocks_through_the_collection_entry_point() -> None:

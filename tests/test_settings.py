@@ -46,8 +46,11 @@ def test_values_are_read_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.lock_lease_seconds() == 60
     assert settings.read_timeout() is None
     assert settings.api_key() is None and settings.webhook_secret() == ""
+    assert settings.block_logo_url() == settings.DEFAULT_BLOCK_LOGO_URL
     monkeypatch.setenv("JOURNEY_BUDGET_DIR", "/var/budgets")
     monkeypatch.setenv("JOURNEY_READ_TIMEOUT", "240")
+    monkeypatch.setenv("JOURNEY_BLOCK_LOGO_URL", "http://receiver.internal:8780/logo.png")
+    assert settings.block_logo_url() == "http://receiver.internal:8780/logo.png"
     assert settings.budget_dir(Path("/home")) == Path("/var/budgets")
     assert settings.read_timeout() == 240
 
@@ -59,6 +62,8 @@ def test_values_are_read_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None
         ("JOURNEY_READ_TIMEOUT", "-5", settings.read_timeout),
         ("JOURNEY_LOCK_LEASE_SECONDS", "0.5", settings.lock_lease_seconds),
         ("JOURNEY_LOCK_LEASE_SECONDS", "inf", settings.lock_lease_seconds),
+        ("JOURNEY_BLOCK_LOGO_URL", "assets/logo.png", settings.block_logo_url),
+        ("JOURNEY_BLOCK_LOGO_URL", "data:image/png;base64,iVBORw0KGgo=", settings.block_logo_url),
     ],
 )
 def test_a_bad_value_names_its_variable(

@@ -81,6 +81,11 @@ def test_make_ui_shows_the_runs_until_ctrl_c(tmp_path: Path) -> None:
         deployment = httpx.get(f"{api}/deployments/{deployment_id}", timeout=10).json()
         assert deployment["schedules"][0]["schedule"]["cron"] == "0 8 * * *"
         assert len(list((tmp_path / "outputs").rglob("*.png"))) == 7  # the flow and 6 items
+        # The Blocks' logo is registered at the receiver make ui runs, which serves the file
+        # shipped in the package: the UI shows it without internet.
+        block_type = httpx.get(f"{api}/block_types/slug/journeyapi-credentials", timeout=10)
+        logo = httpx.get(block_type.json()["logo_url"], timeout=10)
+        assert logo.content == (ROOT / "prefect_journey" / "assets" / "logo.png").read_bytes()
     finally:
         ui.send_signal(signal.SIGINT)
         status = ui.wait(timeout=60)

@@ -1,8 +1,9 @@
 """The package as a Prefect user sees it: ``make ui`` shows it live, ``make screenshots``
 takes the pictures the docs show.
 
-Both start a real ``prefect server`` (its own home and database in a temporary folder) and the
-JourneyAPI emulator, register and save the package's Blocks, deploy
+Both start a real ``prefect server`` (its own home and database in a temporary folder), the
+JourneyAPI emulator and the webhook receiver (which serves the Blocks' logo, so the UI shows
+it without internet: ``JOURNEY_BLOCK_LOGO_URL``), register and save the package's Blocks, deploy
 ``deployments/prefect.yaml``, and run the example flow and a campaign. Then:
 
 - ``python -m tools.showcase`` (``make ui``) keeps them up and prints where to look in the
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,6 +84,27 @@ def image_loaded(page: Page) -> None:
     )
 
 
+def logos_loaded(count: int) -> Callable[[Page], None]:
+    """A wait until the page shows the Blocks' logo ``count`` times, loaded from the
+    receiver."""
+
+    def wait(page: Page) -> None:
+        page.wait_for_function(
+            "count => [...document.images].filter(i => i.src.endsWith('/logo.png')"
+            " && i.complete && i.naturalWidth > 0).length >= count",
+            arg=count,
+        )
+
+    return wait
+
+
+def package_blocks_listed(page: Page) -> None:
+    """Search the catalog for the package's Blocks, and wait until their logos show."""
+    page.get_by_placeholder("Search blocks").fill("JourneyAPI")
+    page.get_by_text("AWS Credentials").wait_for(state="detached")
+    logos_loaded(4)(page)
+
+
 @dataclass(frozen=True)
 class Shot:
     """One picture: its file, the UI page (``{...}`` from :class:`Runs`), and what shows it
@@ -109,7 +131,13 @@ PICTURES = (
         "6 of the 6 images",
         image_loaded,
     ),
-    Shot("ui-block-form.png", "/blocks/catalog/journeyapi-credentials/create", "API Key"),
+    Shot(
+        "ui-block-form.png",
+        "/blocks/catalog/journeyapi-credentials/create",
+        "API Key",
+        logos_loaded(1),
+    ),
+    Shot("ui-block-catalog.png", "/blocks/catalog", "JourneyAPI Redis", package_blocks_listed),
     Shot("ui-deployment.png", "/deployments/deployment/{deployment}", "every day"),
 )
 
@@ -244,17 +272,33 @@ def main(argv: list[str] | None = None) -> None:
                 JOURNEY_API_KEY=emulator.api_key,
                 JOURNEY_BASE_URL=emulator.url,
             )
-            # A folder per run: a campaign's keys hold the last run's images otherwise, and
-            # this run's emulator makes other requests of them (refused, as they should be).
-            run_folder = f"ui-{time.strftime('%Y%m%d-%H%M%S')}"
-            outputs = home / "outputs" if args.capture else args.outputs.resolve() / run_folder
-            runs = run_flows(f"{base}/api", outputs)
-            flush_run_logs()
-            if args.capture:
-                for path in capture(base, runs, args.capture, args.chromium):
-                    print(path)
-            else:
-                show(base, runs, outputs)
+            with webhook_receiver(f"{base}/api") as logo_url:
+                os.environ["JOURNEY_BLOCK_LOGO_URL"] = logo_url
+                # A folder per run: a campaign's keys hold the last run's images otherwise,
+                # and this run's emulator makes other requests of them (refused, as they
+                # should be).
+                run_folder = f"ui-{time.strftime('%Y%m%d-%H%M%S')}"
+                outputs = home / "outputs" if args.capture else args.outputs.resolve() / run_folder
+                runs = run_flows(f"{base}/api", outputs)
+                flush_run_logs()
+                if args.capture:
+                    for path in capture(base, runs, args.capture, args.chromium):
+                        print(path)
+                else:
+                    show(base, runs, outputs)
+
+
+@contextlib.contextmanager
+def webhook_receiver(api: str) -> Iterator[str]:
+    """The webhook receiver in this process, which serves the Blocks' logo as well; yields
+    the logo's address."""
+    # Imported here: Prefect reads its settings from the environment when first imported.
+    from prefect_journey.emulator.server import BackgroundServer
+    from prefect_journey.signing import new_secret
+    from prefect_journey.webhooks import LOGO_PATH, create_webhook_app
+
+    with BackgroundServer(create_webhook_app(new_secret(), api_url=api)) as server:
+        yield f"{server.url}{LOGO_PATH}"
 
 
 def flush_run_logs() -> None:
@@ -275,7 +319,7 @@ The Prefect UI: {base}
   its summary table ............. {base}/artifacts/artifact/{runs.summary_artifact}
   its progress .................. {base}/artifacts/artifact/{runs.progress_artifact}
   the scheduled deployment ...... {base}/deployments/deployment/{runs.deployment}
-  the package's Blocks .......... {base}/blocks
+  the package's Blocks .......... {base}/blocks/catalog?search=JourneyAPI
 The images are in {outputs}. Ctrl-C stops the server and the emulator.""",
         flush=True,
     )
