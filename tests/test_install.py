@@ -92,7 +92,8 @@ def test_the_wheel_runs_the_campaign_flow_outside_the_checkout(
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
     # uv (the installer of `make test`'s own environment) resolves the wheel's requirements as
-    # pip does, from the packages that environment already fetched.
+    # pip does, from the packages that environment already fetched. Not compiled: the one run
+    # compiles what it imports, not all of Prefect ahead.
     run(sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python", python,
         f"{wheel}[emulator]", "-c", constraints, cwd=tmp_path)  # fmt: skip
 
