@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-prefect-lowest lint docs ui screenshots demo soak scale bench bench-recheck profile emulator clean system-packages
 
+# Compiled modules are cached in __pycache__ (Python's default, which some machines turn off
+# with PYTHONDONTWRITEBYTECODE): the suite's hundred-odd subprocesses import the package and
+# the tools again, and would compile them each time.
+unexport PYTHONDONTWRITEBYTECODE
 # Offline by default: no telemetry calls from the ephemeral Prefect server.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A fresh Prefect home migrates its database before the ephemeral server answers; on a busy

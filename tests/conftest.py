@@ -172,6 +172,7 @@ def emulator_server() -> Iterator[EmulatorServer]:
     config = EmulatorConfig(
         api_keys=("test-key", SENTINEL_KEY),
         latency=LatencyModel(time_scale=TEST_TIME_SCALE),
+        plain_images=True,
     )
     with EmulatorServer(config) as server:
         yield server

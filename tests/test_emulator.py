@@ -19,6 +19,7 @@ import pytest
 
 from prefect_journey.client import JourneyClient
 from prefect_journey.emulator import EmulatorServer, FaultPlan, LatencyModel
+from prefect_journey.emulator.images import EncodedAs, render_image
 from prefect_journey.imageformat import inspect_bytes
 
 from .conftest import free_port
@@ -187,7 +188,9 @@ def test_webhook_is_delivered_with_the_secret(emulator: EmulatorServer, hook_url
         delivery["body"]["status"] == "finished"
         and delivery["body"]["image_url"] == result.image_url
     )
-    ledger = emulator.ledger()
+    # The emulator records the answer once it has read it, a moment after the hook has the body.
+    while not (ledger := emulator.ledger())["webhooks"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert ledger["webhooks_sent"] == 1 and ledger["webhooks"][0]["status_code"] == 204
     assert "whsec-1" not in json.dumps(ledger)
 
@@ -254,3 +257,17 @@ def test_a_quota_refuses_calls_past_its_window_until_the_window_ends(
     finally:
         emulator.admin("config", {"quota": None})
     assert emulator.state.config.quota is None and emulator.state.config.credits != 8
+
+
+@pytest.mark.parametrize("encode_as", ["png", "jpeg"])
+def test_plain_images_keep_their_size_and_format_and_differ_by_task(encode_as: EncodedAs) -> None:
+
+    first, again, other = (
+        render_image("a kite", task, (1376, 768), encode_as=encode_as, plain=True)
+        for task in ("task-1", "task-1", "task-2")
+    )
+    assert first == again and first != other  # the task id is in each image's metadata
+    found = inspect_bytes(first)
+    assert (found.format, found.width, found.height) == (encode_as, 1376, 768)
+    drawn = render_image("a kite", "task-1", (1376, 768), encode_as=encode_as)
+    assert len(first) < len(drawn)

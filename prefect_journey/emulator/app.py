@@ -264,6 +264,7 @@ class EmulatorState:
             task.request.output_size,
             encode_as=encode_as,
             noise=self.config.realistic_sizes,
+            plain=self.config.plain_images,
         )
         if task.task_id not in self.renders:  # the state was reset meanwhile
             return data

@@ -220,6 +220,9 @@ class EmulatorConfig:
             URL, as the real CDN does; 0 by default.
         realistic_sizes: Adds photo-like grain so that PNG sizes match real outputs
             (slower to render); False by default.
+        plain_images: Images of one flat colour (the prompt's) with no text, of the same
+            sizes and formats: a twentieth of the render's CPU, for a test suite that counts and
+            stores thousands of them; ignored with ``realistic_sizes``. False by default.
         cdn_chunk_delay: Seconds the CDN waits before each 64 KB piece of an image, to
             serve slow downloads (a test kills a run while they stream); 0 by default.
         webhook_delay: Seconds between a generation's end and its webhook delivery; 0 by
@@ -251,6 +254,7 @@ class EmulatorConfig:
     jpeg_as_png_rate: float = 0.0
     # Photo-like grain so PNG sizes match real outputs (slower to render).
     realistic_sizes: bool = False
+    plain_images: bool = False
     cdn_chunk_delay: float = 0.0
     webhook_delay: float = 0.0
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 90.0)
