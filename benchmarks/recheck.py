@@ -1,6 +1,6 @@
 """A quick re-check of the figures a code change can move, against the last full ``make bench``.
 
-    python -m benchmarks.recheck            # N=200 orchestration rows (SQLite) and transfers
+    python -m benchmarks.recheck            # N=200 orchestration rows (SQLite), transfers, memory
 
 Measures, in this run, the N=200 rows of the orchestration table on the test harness's
 SQLite server (the campaign in both groupings, the hand-written script, Prefect's floors)
@@ -67,6 +67,14 @@ def main() -> None:
     for figure in transfer.figures(now["transfer"]):
         print(f"{figure.name:<45} {saved_transfer.get(figure.name, math.nan):>8.3f} "
               f"{figure.ratio:>8.3f}")  # fmt: skip
+    # Memory: store_image's peak growth for the smallest and the largest object, in MiB.
+    saved_memory = {v["destination"]: v for v in transfer.memory_growth(saved["transfer"])}
+    for verdict in transfer.memory_growth(now["transfer"]):
+        before = saved_memory[verdict["destination"]]["growth_mib"]
+        small, large = verdict["growth_mib"]
+        print(f"{'memory growth -> ' + verdict['destination'] + ' (small, large MiB)':<45} "
+              f"{before[0]:>4.0f},{before[1]:<3.0f} {small:>4.0f},{large:<3.0f} "
+              f"{'met' if verdict['met'] else 'NOT met'}")  # fmt: skip
 
 
 if __name__ == "__main__":
