@@ -79,10 +79,12 @@ def render_image(
 def _encoded(image: Image.Image, encode_as: EncodedAs, *, note: str = "") -> bytes:
     buffer = io.BytesIO()
     if encode_as == "jpeg":
-        image.convert("RGB").save(buffer, "JPEG", quality=90, comment=note)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb.save(buffer, "JPEG", quality=90, comment=note)  # an empty note writes none
     else:
-        text = PngImagePlugin.PngInfo()
-        text.add_text("Comment", note)
+        info = PngImagePlugin.PngInfo()
+        if note:
+            info.add_text("Comment", note)
         # Level 1: rendering speed matters more than a few percent of size in an emulator.
-        image.save(buffer, "PNG", compress_level=1, pnginfo=text if note else None)
+        image.save(buffer, "PNG", compress_level=1, pnginfo=info)
     return buffer.getvalue()
