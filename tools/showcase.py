@@ -319,7 +319,7 @@ The Prefect UI: {base}
   its summary table ............. {base}/artifacts/artifact/{runs.summary_artifact}
   its progress .................. {base}/artifacts/artifact/{runs.progress_artifact}
   the scheduled deployment ...... {base}/deployments/deployment/{runs.deployment}
-  the package's Blocks .......... {base}/blocks/catalog?search=JourneyAPI
+  the package's Blocks .......... {base}/blocks/catalog (search "JourneyAPI")
 The images are in {outputs}. Ctrl-C stops the server and the emulator.""",
         flush=True,
     )
