@@ -15,7 +15,6 @@ two kinds interleaved; each figure is a median of its kind's rounds.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -69,24 +68,18 @@ def per_image_seconds(concurrency: int) -> float:
 def parts(kind: str, folder: Path, redis_url: str) -> Iterator[None]:
     """The settings of one kind: a Prefect home and budget folder of its own (files), or
     ``JOURNEY_REDIS_URL`` with a prefix of its own (redis)."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
+    from tools.services import this_process
 
     home = folder / f"{kind}-{uuid.uuid4().hex[:8]}"
-    env = {"JOURNEY_BUDGET_DIR": str(home / "budgets")}
+    env: dict[str, str | None] = {
+        "PREFECT_HOME": str(home),
+        "JOURNEY_BUDGET_DIR": str(home / "budgets"),
+        "JOURNEY_REDIS_URL": None,
+    }
     if kind == "redis":
         env |= {"JOURNEY_REDIS_URL": redis_url, "JOURNEY_REDIS_PREFIX": f"{home.name}:"}
-    saved = {name: os.environ.get(name) for name in (*env, "JOURNEY_REDIS_URL")}
-    os.environ.pop("JOURNEY_REDIS_URL", None)
-    os.environ.update(env)
-    try:
-        with temporary_settings(updates={PREFECT_HOME: home}):
-            yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with this_process(env):
+        yield
 
 
 def measure() -> dict[str, Any]:

@@ -19,6 +19,9 @@ from benchmarks.common import ROOT, RUNS, Figure, commit, measured_since, verdic
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by make bench -->"
 # What the last `make bench` measured, so the report can be rendered again without measuring.
 RESULTS = ROOT / "benchmarks" / "results.json"
+# What a run has measured so far, written after each module: a module that fails an hour in
+# leaves the others' figures to read. Removed when the run completes.
+PARTIAL = ROOT / "benchmarks" / "results.partial.json"
 # The docs' figure table (FIGURES_PAGE) sits between these lines; a run rewrites it, so it
 # cannot drift. (The names say README: the table lived there before the docs/ pages.)
 README_FIGURES_START = "<!-- figures: written by make bench from benchmarks/results.json -->"
@@ -190,23 +193,27 @@ def measure() -> dict[str, Any]:
 
     sizes = tuple(int(n) for n in os.environ.get("BENCH_SIZES", "200").split(","))
     started = datetime.now(UTC)
-    results = {
-        "machine": machine(),
-        "commit": commit(),
-        "startup": startup.measure(),
-        "transfer": transfer.measure(),
+    steps: dict[str, Callable[[], Any]] = {
+        "startup": startup.measure,
+        "transfer": transfer.measure,
         # on fresh Prefect servers, one per figure
-        "orchestration": orchestration.measure(sizes),
+        "orchestration": lambda: orchestration.measure(sizes),
         # with its own time and commit: `python -m benchmarks.timeline` measures it alone
-        "timeline": timeline.measure(),
+        "timeline": timeline.measure,
         # the same: `python -m benchmarks.capacity`
-        "capacity": capacity.measure(),
-        "quota": quota.measure(),
+        "capacity": capacity.measure,
+        "quota": quota.measure,
         # the same: `python -m benchmarks.coordination`
-        "coordination": coordination.measure(),
+        "coordination": coordination.measure,
         # the same: `python -m benchmarks.server_load`
-        "server_load": server_load.measure(),
+        "server_load": server_load.measure,
     }
+    results: dict[str, Any] = {"machine": machine(), "commit": commit()}
+    for key, step in steps.items():
+        results[key] = step()
+        # default=sorted: the modules an import loaded are a set
+        PARTIAL.write_text(json.dumps(results, indent=1, default=sorted) + "\n")
+    PARTIAL.unlink()
     return {"measured_at": measured_since(started), **results}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tools.scale import Report, Tally
+from tools.services import this_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,24 @@ def test_a_report_reads_its_counts_from_the_ledger_line() -> None:
     report = Report([], "items=7 stored=3 skipped=4 recovered=0 budget_left=0")
     assert report.count("skipped") == 4 and report.count("budget_left") == 0
     assert report.count("possibly_billed_not_repaid") is None
+
+
+def test_the_shape_s_settings_reach_this_process_s_prefect_and_go_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefect read its settings when the suite imported it: the shape's server must reach
+    this process's clients (run_deployment, Block.save) all the same, and nothing stays."""
+    from prefect.settings import get_current_settings
+
+    monkeypatch.setenv("JOURNEY_SCALE_GONE", "before")
+    before = get_current_settings().api.url, os.environ.get("PREFECT_API_URL")
+    api = "http://127.0.0.1:1/api"
+    with this_process({"PREFECT_API_URL": api, "JOURNEY_SCALE_GONE": None, "JOURNEY_NEW": "x"}):
+        assert get_current_settings().api.url == api
+        assert os.environ["PREFECT_API_URL"] == api and os.environ["JOURNEY_NEW"] == "x"
+        assert "JOURNEY_SCALE_GONE" not in os.environ
+    assert (get_current_settings().api.url, os.environ.get("PREFECT_API_URL")) == before
+    assert os.environ["JOURNEY_SCALE_GONE"] == "before" and "JOURNEY_NEW" not in os.environ
 
 
 @pytest.mark.slow

@@ -67,6 +67,7 @@ from tools.services import (
     prefect_server,
     redis_server,
     running,
+    this_process,
     wait_until,
 )
 
@@ -559,8 +560,16 @@ def production_shape(
         # This process: the team's laptop, which deploys, starts runs and reads reports.
         home = folder / "harness"
         home.mkdir()
-        os.environ.update(AWS, PREFECT_HOME=str(home), PREFECT_API_URL=api)
-        os.environ["AWS_ENDPOINT_URL_S3"] = s3.url
+        stack.enter_context(
+            this_process(
+                {
+                    **AWS,
+                    "PREFECT_HOME": str(home),
+                    "PREFECT_API_URL": api,
+                    "AWS_ENDPOINT_URL_S3": s3.url,
+                }
+            )
+        )
         import boto3
 
         boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket=BUCKET)

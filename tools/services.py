@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +80,40 @@ def wait_until(
             raise SystemExit(f"gave up waiting for {what} after {timeout:.0f} s")
         time.sleep(0.5)
     return value
+
+
+@contextlib.contextmanager
+def this_process(env: Mapping[str, str | None]) -> Iterator[None]:
+    """``env`` in this process's environment until the block ends (``None``: unset), the
+    ``PREFECT_*`` names also as Prefect's settings.
+
+    Prefect reads the environment into its settings once, when it is first imported, so a
+    variable set later reaches only the subprocesses; this process's clients (a benchmark that
+    imported Prefect earlier in the same run) see the temporary settings.
+    """
+    import prefect.settings
+    from prefect.settings import temporary_settings
+
+    saved = {name: os.environ.get(name) for name in env}
+    prefect_names = [name for name in env if name.startswith("PREFECT_")]
+    try:
+        for name, value in env.items():
+            _set_variable(name, value)
+        with temporary_settings(
+            updates={getattr(prefect.settings, n): env[n] for n in prefect_names if env[n]},
+            restore_defaults={getattr(prefect.settings, n) for n in prefect_names if not env[n]},
+        ):
+            yield
+    finally:
+        for name, value in saved.items():
+            _set_variable(name, value)
+
+
+def _set_variable(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def process_tree(pid: int) -> list[int]:
