@@ -52,6 +52,17 @@ def test_the_core_and_the_emulator_import_without_prefect() -> None:
     assert _from_prefect(loaded) == set()
 
 
+def test_neither_layer_imports_a_heavy_module_until_it_is_used() -> None:
+    """What the start-up benchmark says of both imports: no Prefect server, Dask, s3fs, moto
+    or Pillow (a thumbnail imports Pillow when it is made)."""
+    from benchmarks.startup import CORE, HEAVY, PREFECT_LAYER
+
+    for statement in (CORE, PREFECT_LAYER):
+        loaded = _modules_loaded_by(statement)
+        assert {name.split(".")[0] for name in loaded} & set(HEAVY) == set(), statement
+        assert "prefect.server.api" not in loaded
+
+
 def test_a_block_loads_prefect_when_first_asked_for() -> None:
     loaded = _modules_loaded_by("from prefect_journey import JourneyCredentials")
     assert {"prefect_journey.credentials", "prefect.blocks.core"} <= loaded

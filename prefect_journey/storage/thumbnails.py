@@ -14,7 +14,6 @@ import io
 import logging
 
 import fsspec
-from PIL import Image
 
 from prefect_journey.storage.destination import Destination
 from prefect_journey.storage.records import StoredImage
@@ -54,6 +53,10 @@ def thumbnail_uri(data: bytes, side: int = THUMBNAIL_SIDE) -> str:
         print(thumbnail_uri(png.getvalue())[:30])
         ```
     """
+    # Imported here: Pillow takes longer to import than the rest of a task's imports, and
+    # only a run that stores an image needs it.
+    from PIL import Image
+
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (side, side))  # a JPEG decodes at a fraction of its size
         small = image.convert("RGB")
