@@ -261,7 +261,6 @@ def test_a_quota_refuses_calls_past_its_window_until_the_window_ends(
 
 @pytest.mark.parametrize("encode_as", ["png", "jpeg"])
 def test_plain_images_keep_their_size_and_format_and_differ_by_task(encode_as: EncodedAs) -> None:
-
     first, again, other = (
         render_image("a kite", task, (1376, 768), encode_as=encode_as, plain=True)
         for task in ("task-1", "task-1", "task-2")
